@@ -1,0 +1,24 @@
+"""Where shipped configs and caches live (no hard-coded machine paths)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def config_path(*parts: str) -> str | None:
+    """Path of a shipped config (``configs/...``), or None when not shipped with this install."""
+    for base in (os.environ.get("ZOO_AUDIT_CONFIGS"), REPO_ROOT / "configs", Path.cwd() / "configs"):
+        if base and (Path(base) / Path(*parts)).exists():
+            return str(Path(base) / Path(*parts))
+    return None
+
+
+def cache_dir(*parts: str) -> str:
+    """``$ZOO_AUDIT_CACHE`` (default ``~/.cache/zoo-audit``) joined with ``parts``, created."""
+    root = os.environ.get("ZOO_AUDIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "zoo-audit")
+    p = os.path.join(root, *parts)
+    os.makedirs(p, exist_ok=True)
+    return p

@@ -1,0 +1,211 @@
+"""The run directory: the product's only I/O layer.
+
+Every stage reads and writes its artefacts through :class:`RunStore`, which talks to a
+local path or any URI that ``pyarrow.fs`` understands (``s3://``, ``gs://``), so a Ray
+cluster can share one run. Writes are atomic: a file is written under a temporary name
+and renamed into place, so a killed worker never leaves a half-written Parquet file that
+a resumed run would mistake for finished work.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import threading
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+ERROR_SCHEMA = pa.schema(
+    [
+        ("stage", pa.string()),
+        ("item", pa.string()),
+        ("reason", pa.string()),
+        ("time", pa.string()),
+    ]
+)
+
+_LOCK = threading.Lock()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def content_hash(*parts: Any) -> str:
+    """A short, stable hash of JSON-able parts, bytes or strings (for cache keys)."""
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, bytes | bytearray | memoryview):
+            h.update(bytes(p))
+        elif isinstance(p, str):
+            h.update(p.encode())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def file_hash(path: str, chunk: int = 1 << 20) -> str:
+    """sha256 (16 hex chars) of a local file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()[:16]
+
+
+class RunStore:
+    """A run directory on a local disk or a ``pyarrow.fs`` URI.
+
+    Paths given to the methods are relative to the run root and use ``/``.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        root = str(root)
+        if "://" in root:
+            self.fs, self.root = pafs.FileSystem.from_uri(root)
+            self.local = False
+        else:
+            self.fs = pafs.LocalFileSystem()
+            self.root = os.path.abspath(root)
+            self.local = True
+        self.uri = root
+        self.fs.create_dir(self.root, recursive=True)
+
+    # -- paths -------------------------------------------------------------------------
+    def path(self, rel: str = "") -> str:
+        rel = rel.strip("/")
+        if rel.startswith("..") or "/../" in f"/{rel}/":
+            raise ValueError(f"path {rel!r} escapes the run directory")
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def listdir(self, rel: str = "") -> list[str]:
+        """Names (not paths) directly under ``rel``; empty if it does not exist."""
+        if not self.exists(rel):
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), recursive=False))
+        return sorted(os.path.basename(i.path) for i in infos)
+
+    def delete(self, rel: str) -> None:
+        info = self.fs.get_file_info(self.path(rel))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(rel))
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(self.path(rel))
+
+    # -- atomic bytes ------------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        final = self.path(rel)
+        parent = final.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, final)
+        return final
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    # -- tables ------------------------------------------------------------------------
+    def write_table(self, rel: str, table: pa.Table) -> str:
+        """Write ``table`` as one Parquet file at ``rel``, atomically."""
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        return self.write_bytes(rel, buf.getvalue())
+
+    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        """Read a Parquet file, or every ``*.parquet`` under a directory (hidden temps skipped)."""
+        p = self.path(rel)
+        info = self.fs.get_file_info(p)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{rel} not found in run directory {self.uri}")
+        if info.type == pafs.FileType.File:
+            with self.fs.open_input_file(p) as f:
+                return pq.read_table(f, columns=columns)
+        files = [
+            i.path
+            for i in self.fs.get_file_info(pafs.FileSelector(p, recursive=True))
+            if i.type == pafs.FileType.File
+            and i.path.endswith(".parquet")
+            and not os.path.basename(i.path).startswith(".")
+        ]
+        tables = []
+        for fp in sorted(files):
+            with self.fs.open_input_file(fp) as f:
+                tables.append(pq.read_table(f, columns=columns))
+        if not tables:
+            raise FileNotFoundError(f"no Parquet files under {rel} in {self.uri}")
+        return pa.concat_tables(tables, promote_options="default")
+
+    # -- json --------------------------------------------------------------------------
+    def write_json(self, rel: str, obj: Any) -> str:
+        return self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, rel: str, default: Any = None) -> Any:
+        if not self.exists(rel):
+            return default
+        return json.loads(self.read_bytes(rel))
+
+    # -- errors ------------------------------------------------------------------------
+    def record_errors(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Append rows (stage, item, reason) to ``errors.parquet``; returns how many."""
+        rows = [
+            {
+                "stage": str(r["stage"]),
+                "item": str(r["item"]),
+                "reason": str(r["reason"]),
+                "time": str(r.get("time") or _now()),
+            }
+            for r in rows
+        ]
+        if not rows:
+            return 0
+        with _LOCK:
+            new = pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
+            if self.exists("errors.parquet"):
+                new = pa.concat_tables([self.read_table("errors.parquet").cast(ERROR_SCHEMA), new])
+            self.write_table("errors.parquet", new)
+        return len(rows)
+
+    def errors(self) -> pa.Table:
+        if not self.exists("errors.parquet"):
+            return ERROR_SCHEMA.empty_table()
+        return self.read_table("errors.parquet")
+
+    # -- manifest ----------------------------------------------------------------------
+    def manifest(self) -> dict:
+        return self.read_json("manifest.json", default={}) or {}
+
+    def update_manifest(self, **fields: Any) -> dict:
+        """Shallow-merge ``fields`` into ``manifest.json`` (dict values merge one level)."""
+        with _LOCK:
+            m = self.manifest()
+            for k, v in fields.items():
+                if isinstance(v, dict) and isinstance(m.get(k), dict):
+                    m[k] = {**m[k], **v}
+                else:
+                    m[k] = v
+            m["updated"] = _now()
+            self.write_json("manifest.json", m)
+        return m
+
+    def set_stage(self, stage: str, status: str, **info: Any) -> None:
+        """Record a stage's status (``running``/``done``/``failed``) in the manifest."""
+        self.update_manifest(stages={stage: {"status": status, "time": _now(), **info}})
+
+    def stage_done(self, stage: str, key: str | None = None) -> bool:
+        s = self.manifest().get("stages", {}).get(stage, {})
+        return s.get("status") == "done" and (key is None or s.get("key") == key)

