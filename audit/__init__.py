@@ -6,3 +6,17 @@ faiss, openai) load inside the functions that need them, so ``import audit`` is 
 """
 
 __version__ = "0.1.0"
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that shape results (recorded in every run manifest)."""
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version(), "zoo-audit": __version__}
+    for pkg in ("torch", "timm", "numpy", "scikit-learn", "pyarrow", "ray", "open_clip_torch", "faiss-cpu", "diffusers"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

@@ -87,6 +87,37 @@ def build_model(spec: ModelSpec, classes: Sequence[str], weights_path: str | Non
     return loaded
 
 
+def create_timm(spec: ModelSpec, num_classes: int, pretrained: bool = False, pretrained_cfg_overlay: dict | None = None):
+    """``timm.create_model`` for a registered name, or a timm model class by dotted path.
+
+    A class path (``timm.models.mlp_mixer.MlpMixer``) lets a spec set arguments that the
+    registered variants fix (such as a Mixer's patch size); such models are built untrained.
+    """
+    import importlib
+
+    import timm
+
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.kwargs.items()}
+    overlay = {**_timm_overlay(spec), **(pretrained_cfg_overlay or {})}
+    if spec.arch.startswith("timm.models."):
+        if pretrained:
+            raise ValueError(f"model {spec.name!r}: a class path ({spec.arch}) cannot load pretrained weights; use a registered name")
+        module, _, cls = spec.arch.rpartition(".")
+        try:
+            model = getattr(importlib.import_module(module), cls)(num_classes=num_classes, **kwargs)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"model {spec.name!r}: cannot import timm class {spec.arch!r}: {e}") from e
+        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **overlay}
+        return model
+    if not timm.is_model(spec.arch.split(".")[0]):
+        import difflib
+
+        close = difflib.get_close_matches(spec.arch, timm.list_models(), n=5)
+        raise ValueError(f"model {spec.name!r}: timm has no architecture {spec.arch!r}; close matches: {close}")
+    extra = {} if pretrained else {"num_classes": num_classes}
+    return timm.create_model(spec.arch, pretrained=pretrained, pretrained_cfg_overlay=overlay, **extra, **kwargs)
+
+
 def _timm_input_config(model, spec: ModelSpec) -> InputConfig:
     import timm.data
 
@@ -108,13 +139,10 @@ def _timm_overlay(spec: ModelSpec) -> dict:
 
 @register_builder("timm")
 def _build_timm(spec: ModelSpec, classes: list[str], weights_path: str | None) -> LoadedModel:
-    import timm
     import torch
 
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.kwargs.items()}
-    overlay = _timm_overlay(spec)
     if spec.weights == "train":
-        model = timm.create_model(spec.arch, pretrained=False, num_classes=len(classes), pretrained_cfg_overlay=overlay, **kwargs)
+        model = create_timm(spec, len(classes))
         if weights_path is None:
             raise WeightsUnavailable(f"model {spec.name!r} is trained by this project: run `zoo-audit zoo train` first")
         from safetensors.torch import load_file
@@ -134,7 +162,7 @@ def _build_timm(spec: ModelSpec, classes: list[str], weights_path: str | None) -
         ok, why = weights_status(spec)
         if not ok:
             raise WeightsUnavailable(f"model {spec.name!r}: {why}")
-        model = timm.create_model(spec.arch, pretrained=True, pretrained_cfg_overlay={**pretrained_cfg, **overlay}, **kwargs)
+        model = create_timm(spec, 0, pretrained=True, pretrained_cfg_overlay=pretrained_cfg)
         n = model.num_classes
     head = None
     if spec.pretrained and spec.weights != "train":  # a linear-probe head for a headless backbone

@@ -72,18 +72,16 @@ class TrainResult:
 def train_model(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, classes: list[str],
                 device: str = "cpu", progress: bool = True) -> dict:  # fmt: skip
     """Train ``spec`` from scratch on uint8 images ``[N, H, W, 3]``; returns its state dict."""
-    import timm
     import torch
     from tqdm.auto import tqdm
 
-    from audit.zoo.models import _timm_input_config, _timm_overlay, preprocess
+    from audit.zoo.models import _timm_input_config, create_timm, preprocess
 
     if spec.builder != "timm" or spec.weights != "train":
         raise ValueError(f"model {spec.name!r} is not trained here (builder={spec.builder}, weights={spec.weights})")
     hp = {**TRAIN_DEFAULTS, **spec.train}
     torch.manual_seed(int(hp["seed"]))
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.kwargs.items()}
-    model = timm.create_model(spec.arch, pretrained=False, num_classes=len(classes), pretrained_cfg_overlay=_timm_overlay(spec), **kwargs).to(device)
+    model = create_timm(spec, len(classes)).to(device)
     cfg = _timm_input_config(model, spec)
     x_all = torch.cat([preprocess(images[i : i + 1024], cfg, "cpu") for i in range(0, len(images), 1024)])
     y_all = torch.as_tensor(labels, dtype=torch.long)

@@ -1,0 +1,161 @@
+"""The ``zoo-audit`` command line.
+
+Each subcommand imports what it needs when it runs, so ``zoo-audit --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _world_build(a):
+    from audit.data.world import build_world
+
+    t = build_world(a.spec, a.out, fmnist_dir=a.fashion_mnist, force=a.force)
+    print(f"world: {len(t)} examples, classes {t.classes} -> {os.path.join(a.out, 'examples.parquet')}")
+
+
+def _world_render(a):
+    from PIL import Image
+
+    from audit.data.world import WorldRenderer
+
+    imgs = WorldRenderer.from_world_dir(a.world).render(a.caption, seed=a.seed, n=a.n)
+    grid = imgs.transpose(1, 0, 2, 3).reshape(imgs.shape[1], -1, 3)
+    Image.fromarray(grid).save(a.out)
+    print(f"{a.n} image(s) of {a.caption!r} -> {a.out}")
+
+
+def _zoo_list(a):
+    from audit.zoo.models import weights_status
+    from audit.zoo.spec import ZooSpec
+
+    zoo = ZooSpec.from_toml(a.zoo)
+    print(f"zoo {zoo.name!r}: {len(zoo)} models ({zoo.path})")
+    print(f"  {'name':28s} {'family':16s} {'builder':22s} available")
+    n_ok = 0
+    for m in zoo:
+        ok, why = weights_status(m)
+        n_ok += ok
+        print(f"  {m.name:28s} {m.family:16s} {m.builder:22s} {'yes' if ok else 'NO '}  {why}")
+    print(f"{n_ok}/{len(zoo)} models have weights available here")
+
+
+def _zoo_train(a):
+    from audit.data.readers import read_dataset
+    from audit.zoo.spec import ZooSpec
+    from audit.zoo.train import train_zoo
+
+    data = read_dataset(a.data)
+    zoo = ZooSpec.from_toml(a.zoo)
+    for r in train_zoo(zoo, data, device=a.device, names=a.models.split(",") if a.models else None):
+        print(f"  {r.name:24s} {'trained' if r.trained else 'cached':8s} {r.seconds:6.1f}s  {r.path}")
+
+
+def _demo(a):
+    from audit.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=a.out, world_spec=a.spec, world_dir=a.world_dir, zoo=a.zoo, device=a.device,
+                        models=a.models.split(",") if a.models else None))  # fmt: skip
+
+
+def _run(a):
+    try:
+        from cluster.pipeline import run_audit
+    except ImportError as e:
+        sys.exit(f"zoo-audit run needs the cluster package: {e}")
+    run_audit(a.config, a.out, address=a.address, resume=a.resume)
+
+
+def _embed_train(a):
+    from audit.embed.world_encoder import train_cli
+
+    train_cli(a)
+
+
+def _serve(a):
+    from serve.app import serve_main
+
+    serve_main(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zoo-audit", description="Audit a zoo of image classifiers.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    w = sub.add_parser("world", help="the planted benchmark world").add_subparsers(dest="world_cmd", required=True)
+    b = w.add_parser("build", help="build a world from a TOML spec")
+    b.add_argument("--spec", required=True)
+    b.add_argument("--out", required=True)
+    b.add_argument("--fashion-mnist", default=None, help="directory with the Fashion-MNIST IDX files")
+    b.add_argument("--force", action="store_true", help="rebuild even if DIR holds this spec's world")
+    b.set_defaults(fn=_world_build)
+    r = w.add_parser("render", help="render images for a caption (the offline generator)")
+    r.add_argument("--world", required=True, help="a world directory (its spec.toml is used)")
+    r.add_argument("--caption", required=True)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--n", type=int, default=4)
+    r.add_argument("--out", default="render.png")
+    r.set_defaults(fn=_world_render)
+
+    z = sub.add_parser("zoo", help="model zoos").add_subparsers(dest="zoo_cmd", required=True)
+    zl = z.add_parser("list", help="list a zoo's models and whether their weights are here")
+    zl.add_argument("--zoo", default="demo")
+    zl.set_defaults(fn=_zoo_list)
+    zt = z.add_parser("train", help="train a zoo's from-scratch members on a dataset's train split")
+    zt.add_argument("--zoo", default="demo")
+    zt.add_argument("--data", required=True, help="world directory, Parquet manifest or ImageFolder")
+    zt.add_argument("--models", default=None, help="comma-separated subset")
+    zt.add_argument("--device", default="cpu")
+    zt.set_defaults(fn=_zoo_train)
+
+    d = sub.add_parser("demo", help="run the audit on the embedded default (world + demo zoo)")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--spec", default=None, help="world spec (default: configs/world/default.toml)")
+    d.add_argument("--world-dir", default=None)
+    d.add_argument("--zoo", default="demo")
+    d.add_argument("--models", default=None, help="comma-separated subset of the zoo")
+    d.add_argument("--device", default="cpu")
+    d.set_defaults(fn=_demo)
+
+    rn = sub.add_parser("run", help="run an audit from a TOML config (Ray sweep and statistics)")
+    rn.add_argument("config")
+    rn.add_argument("--out", required=True)
+    rn.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    rn.add_argument("--resume", action="store_true", help="skip models whose outputs already exist")
+    rn.set_defaults(fn=_run)
+
+    e = sub.add_parser("embed", help="joint image/text embedders").add_subparsers(dest="embed_cmd", required=True)
+    et = e.add_parser("train", help="train the world encoder on a captioned table")
+    et.add_argument("--data", required=True)
+    et.add_argument("--device", default="cpu")
+    et.set_defaults(fn=_embed_train)
+
+    s = sub.add_parser("serve", help="serve the generation app over HTTP (Ray Serve)")
+    s.add_argument("--backend", default="world", help="world | diffusers:MODEL")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--store", default="runs/serve")
+    s.add_argument("--token-file", default=None)
+    s.add_argument("--config", default=None, help="serve config TOML/YAML")
+    s.set_defaults(fn=_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.fn(args)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"zoo-audit: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

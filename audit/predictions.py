@@ -1,0 +1,118 @@
+"""Predictions tables and per-group accuracy (pure functions over arrays/Arrow tables)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        ("example_id", pa.string()),
+        ("label", pa.int32()),
+        ("pred", pa.int32()),
+        ("confidence", pa.float32()),
+        ("correct", pa.bool_()),
+        ("top5", pa.list_(pa.int32())),
+    ]
+)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def predictions_table(example_ids: np.ndarray, labels: np.ndarray, logits: np.ndarray,
+                      label_map: np.ndarray | None = None) -> pa.Table:  # fmt: skip
+    """Predictions of one model: ``logits [N, C]`` against ``labels [N]``.
+
+    ``label_map`` (optional, ``[C]`` int) maps the model's output index to the dataset's
+    class index (-1 for outputs that are no dataset class), e.g. ImageNet logits on a
+    dataset of a subset of ImageNet classes.
+    """
+    logits = np.asarray(logits, np.float32)
+    if len(example_ids) != len(logits) or len(labels) != len(logits):
+        raise ValueError(f"example_ids ({len(example_ids)}), labels ({len(labels)}) and logits ({len(logits)}) differ in length")
+    probs = softmax(logits)
+    k = min(5, logits.shape[1]) if logits.ndim == 2 and logits.shape[1] else 0
+    top = np.argsort(-logits, axis=1)[:, :k] if k else np.zeros((len(logits), 0), int)
+    pred = top[:, 0] if k else np.full(len(logits), -1)
+    conf = probs[np.arange(len(logits)), pred] if k else np.zeros(len(logits))
+    if label_map is not None:
+        label_map = np.asarray(label_map)
+        pred = label_map[pred]
+        top = label_map[top]
+    labels = np.asarray(labels, np.int64)
+    return pa.table(
+        {
+            "example_id": pa.array(np.asarray(example_ids).astype(str), pa.string()),
+            "label": pa.array(labels.astype(np.int32)),
+            "pred": pa.array(pred.astype(np.int32)),
+            "confidence": pa.array(conf.astype(np.float32)),
+            "correct": pa.array(pred == labels),
+            "top5": pa.array([list(map(int, r)) for r in top], pa.list_(pa.int32())),
+        },
+        schema=PREDICTION_SCHEMA,
+    )
+
+
+def wilson_interval(k: np.ndarray, n: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval for k successes in n trials (vectorised; n=0 gives (0, 1))."""
+    k = np.asarray(k, float)
+    n = np.asarray(n, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = np.where(n > 0, k / np.maximum(n, 1), 0.0)
+        denom = 1 + z**2 / np.maximum(n, 1)
+        centre = (p + z**2 / (2 * np.maximum(n, 1))) / denom
+        half = z * np.sqrt(p * (1 - p) / np.maximum(n, 1) + z**2 / (4 * np.maximum(n, 1) ** 2)) / denom
+    lo = np.where(n > 0, np.clip(centre - half, 0, 1), 0.0)
+    hi = np.where(n > 0, np.clip(centre + half, 0, 1), 1.0)
+    return lo, hi
+
+
+def group_accuracy(model: str, correct: np.ndarray, labels: np.ndarray, classes: list[str],
+                   attributes: dict[str, np.ndarray]) -> pa.Table:  # fmt: skip
+    """Accuracy of one model per class and per (class, attribute, value).
+
+    Rows: ``attribute == "*"`` for the whole class, ``class == "*"`` for the whole split.
+    Columns: model, class, attribute, value, n, accuracy, ci_low, ci_high, class_accuracy, gap.
+    """
+    correct = np.asarray(correct, bool)
+    labels = np.asarray(labels)
+    rows = {k: [] for k in ("model", "class", "attribute", "value", "n", "n_correct", "class_accuracy")}
+
+    def add(cls, attr, value, mask, cls_acc):
+        rows["model"].append(model)
+        rows["class"].append(cls)
+        rows["attribute"].append(attr)
+        rows["value"].append(value)
+        rows["n"].append(int(mask.sum()))
+        rows["n_correct"].append(int(correct[mask].sum()))
+        rows["class_accuracy"].append(cls_acc)
+
+    overall = float(correct.mean()) if len(correct) else float("nan")
+    add("*", "*", "*", np.ones(len(correct), bool), overall)
+    for ci, cname in enumerate(classes):
+        in_c = labels == ci
+        if not in_c.any():
+            continue
+        acc_c = float(correct[in_c].mean())
+        add(cname, "*", "*", in_c, acc_c)
+        for attr, values in attributes.items():
+            values = np.asarray(values).astype(str)
+            for v in np.unique(values[in_c]):
+                if v == "":
+                    continue
+                add(cname, attr, str(v), in_c & (values == v), acc_c)
+    n = np.asarray(rows["n"])
+    k = np.asarray(rows["n_correct"])
+    acc = np.where(n > 0, k / np.maximum(n, 1), np.nan)
+    lo, hi = wilson_interval(k, n)
+    t = pa.table(rows)
+    return (
+        t.append_column("accuracy", pa.array(acc, pa.float64()))
+        .append_column("ci_low", pa.array(lo, pa.float64()))
+        .append_column("ci_high", pa.array(hi, pa.float64()))
+        .append_column("gap", pa.array(acc - np.asarray(rows["class_accuracy"], float), pa.float64()))
+    )
