@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 _BUILDERS: dict[str, Callable] = {}
 
 
+def local_path(path: str) -> str:
+    """Expand ``~`` and ``$VARS``; ``$ZOO_AUDIT_WEIGHTS`` defaults to ``~/.cache/zoo-audit/weights``."""
+    import string
+
+    env = {"ZOO_AUDIT_WEIGHTS": os.path.join(os.path.expanduser("~"), ".cache", "zoo-audit", "weights"), **os.environ}
+    return os.path.expanduser(string.Template(path).safe_substitute(env))
+
+
 def register_builder(name: str):
     def deco(fn):
         _BUILDERS[name] = fn
@@ -156,6 +164,7 @@ def _build_timm(spec: ModelSpec, classes: list[str], weights_path: str | None) -
         elif source.startswith("hf-hub:"):
             pretrained_cfg = {"hf_hub_id": source[len("hf-hub:"):], "source": "hf-hub"}
         else:
+            source = local_path(source)
             if not os.path.exists(source):
                 raise WeightsUnavailable(f"model {spec.name!r}: weights file {source!r} does not exist")
             pretrained_cfg = {"file": source}
@@ -166,7 +175,7 @@ def _build_timm(spec: ModelSpec, classes: list[str], weights_path: str | None) -
         n = model.num_classes
     head = None
     if spec.pretrained and spec.weights != "train":  # a linear-probe head for a headless backbone
-        state = torch.load(spec.pretrained, map_location="cpu", weights_only=True)
+        state = torch.load(local_path(spec.pretrained), map_location="cpu", weights_only=True)
         head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
         head.load_state_dict(state)
         n = head.out_features
@@ -255,12 +264,13 @@ def _build_open_clip(spec: ModelSpec, classes: list[str], weights_path: str | No
 def _build_local(spec: ModelSpec, classes: list[str], weights_path: str | None) -> LoadedModel:
     import torch
 
-    if not os.path.exists(spec.weights):
-        raise WeightsUnavailable(f"model {spec.name!r}: local model file {spec.weights!r} does not exist")
+    path = local_path(spec.weights)
+    if not os.path.exists(path):
+        raise WeightsUnavailable(f"model {spec.name!r}: local model file {path!r} does not exist")
     try:
-        module = torch.jit.load(spec.weights, map_location="cpu")
+        module = torch.jit.load(path, map_location="cpu")
     except RuntimeError:
-        module = torch.load(spec.weights, map_location="cpu", weights_only=False)
+        module = torch.load(path, map_location="cpu", weights_only=False)
     cfg = InputConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.input.items()})
     return LoadedModel(spec, _zoo_model_class()(module, None, "module"), cfg, len(classes))
 
@@ -303,15 +313,18 @@ def weights_status(spec: ModelSpec) -> tuple[bool, str]:
         if spec.builder == "open_clip":
             return _open_clip_status(spec.arch, spec.pretrained)
         if spec.builder == "local":
-            ok = os.path.exists(spec.weights)
+            ok = os.path.exists(local_path(spec.weights))
             return ok, f"local file {spec.weights}" if ok else f"local file {spec.weights!r} not found"
         if spec.weights == "train":
             return True, "trained here by `zoo-audit zoo train` (cached by content hash)"
-        if spec.pretrained and not os.path.exists(spec.pretrained):
-            return False, f"linear-probe head file {spec.pretrained!r} not found (this backbone has no ImageNet head)"
         if spec.weights not in ("timm",) and not spec.weights.startswith("hf-hub:"):
-            ok = os.path.exists(spec.weights)
-            return ok, f"local file {spec.weights}" if ok else f"weights file {spec.weights!r} not found"
+            p = local_path(spec.weights)
+            if not os.path.exists(p):
+                return False, f"backbone weights file {p!r} not found"
+        if spec.pretrained and not os.path.exists(local_path(spec.pretrained)):
+            return False, f"linear-probe head file {local_path(spec.pretrained)!r} not found (this backbone has no ImageNet head)"
+        if spec.weights not in ("timm",) and not spec.weights.startswith("hf-hub:"):
+            return True, f"local files {local_path(spec.weights)}"
         import timm
 
         if spec.weights.startswith("hf-hub:"):
