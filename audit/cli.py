@@ -56,7 +56,8 @@ def _zoo_train(a):
 
 
 def _demo(a):
-    from audit.demo import DemoConfig, run_demo
+    from audit.demo import DemoConfig
+    from cluster.demo import run_demo
 
     run_demo(DemoConfig(out=a.out, world_spec=a.spec, world_dir=a.world_dir, zoo=a.zoo, device=a.device,
                         models=a.models.split(",") if a.models else None))  # fmt: skip

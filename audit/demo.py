@@ -1,15 +1,11 @@
-"""The embedded default: build the world, train the demo zoo, audit it, print what it found.
+"""Pure parts of the demo: the default world, accuracy tables, the printed summary.
 
-Everything here runs offline on a laptop CPU. Stages that later issues add (the Ray sweep,
-overlap and clustering, failure directions and captions) plug in through
-``audit.pipeline`` hooks so this module stays the single place that wires the demo.
+The demo itself (which runs the Ray sweep) lives in ``cluster/demo.py``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +13,7 @@ import pyarrow as pa
 
 from audit.data.table import ImageTable
 from audit.paths import cache_dir, config_path
-from audit.store import RunStore, content_hash, file_hash
+from audit.store import RunStore, content_hash
 
 log = logging.getLogger(__name__)
 
@@ -82,51 +78,6 @@ def planted_summary(acc: pa.Table, threshold: float = 0.15) -> list[dict]:
         {**g, "group_acc": float(np.mean(g["group_acc"])), "class_acc": float(np.mean(g["class_acc"]))}
         for g in sorted(out.values(), key=lambda g: g["group"])
     ]
-
-
-def run_demo(cfg: DemoConfig) -> RunStore:
-    """The foundation demo: world -> trained zoo -> per-model predictions -> accuracy tables."""
-    from audit import versions
-    from audit.evaluate import evaluate_zoo
-    from audit.zoo.spec import ZooSpec
-    from audit.zoo.train import train_zoo, trained_weights
-
-    t0 = time.perf_counter()
-    store = RunStore(cfg.out)
-    data, world_dir = prepare_world(cfg.world_spec, cfg.world_dir)
-    zoo = ZooSpec.from_toml(cfg.zoo).select(cfg.models)
-    store.update_manifest(
-        kind="demo",
-        config={"world_spec": cfg.world_spec or config_path("world", "default.toml"), "zoo": zoo.path, "split": cfg.split, "device": cfg.device},
-        data={"world_dir": os.path.abspath(world_dir), "examples_hash": file_hash(os.path.join(world_dir, "examples.parquet")), "classes": data.classes},
-        zoo={"name": zoo.name, "models": zoo.names, "families": {m.name: m.family for m in zoo}},
-        versions=versions(),
-    )
-    print(f"world: {len(data)} images in {world_dir} ({time.perf_counter() - t0:.1f}s)")
-
-    t1 = time.perf_counter()
-    results = train_zoo(zoo, data, device=cfg.device, progress=cfg.progress)
-    n_trained = sum(r.trained for r in results)
-    print(f"zoo: {len(zoo)} models, {n_trained} trained now, {len(results) - n_trained} from cache ({time.perf_counter() - t1:.1f}s)")
-    store.set_stage("train", "done", trained=[r.name for r in results if r.trained])
-
-    split = data.split(cfg.split)
-    images, ok, errors = split.decode()
-    store.record_errors(e.as_row() for e in errors)
-    split = split.take(ok)
-    weights = trained_weights(zoo, data)
-    t2 = time.perf_counter()
-    done = evaluate_zoo(zoo, data.classes, images, split.example_ids, split.labels, store, weights, cfg.device, progress=cfg.progress)
-    store.set_stage("predict", "done", models=done)
-    print(f"evaluated {len(done)}/{len(zoo)} models on {len(split)} {cfg.split} images ({time.perf_counter() - t2:.1f}s)")
-
-    acc = accuracy_tables(store, split, done)
-    store.write_table("accuracy.parquet", acc)
-    store.set_stage("accuracy", "done")
-    print_summary(acc, zoo)
-    store.update_manifest(seconds=round(time.perf_counter() - t0, 1))
-    print(f"\nrun directory: {store.uri}  ({time.perf_counter() - t0:.1f}s)")
-    return store
 
 
 def print_summary(acc: pa.Table, zoo) -> None:

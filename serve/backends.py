@@ -159,7 +159,8 @@ class NullBackend(Backend):
 class DiffusersBackend(Backend):
     """Stable Diffusion (any diffusers text-to-image pipeline) from the HF cache or a directory.
 
-    fp16 with attention slicing on CUDA, fp32 on CPU. ``scheduler`` names a diffusers
+    fp16 with attention slicing on CUDA, fp32 on CPU. ``local_files_only`` (default True:
+    these machines have no internet) resolves a model id in the HF cache only. ``scheduler`` names a diffusers
     scheduler class (e.g. ``"DPMSolverMultistepScheduler"``) built from the pipeline's
     scheduler config. Random latents come from per-image CPU generators, so an image
     depends only on its own (prompt, seed, steps, guidance, size).
@@ -177,6 +178,7 @@ class DiffusersBackend(Backend):
         max_batch: int = 8,
         local_files_only: bool = True,
         attention_slicing: bool | None = None,
+        num_threads: int | None = None,
     ):
         if not model:
             raise ValueError("diffusers backend needs a model: 'diffusers:MODEL_ID' (from the HF cache) or 'diffusers:/path/to/dir'")
@@ -186,18 +188,17 @@ class DiffusersBackend(Backend):
         except ImportError as e:  # pragma: no cover - diffusers is a dependency
             raise ImportError(f"the diffusers backend needs `pip install diffusers transformers torch`: {e}") from e
 
+        if num_threads:  # CPU replicas sharing a machine: oversubscribed intra-op threads crawl
+            torch.set_num_threads(int(num_threads))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         cuda = self.device.startswith("cuda")
         self.dtype = getattr(torch, dtype) if dtype else (torch.float16 if cuda else torch.float32)
         local = os.path.isdir(model)
-        if local_files_only or os.environ.get("HF_HUB_OFFLINE") == "1":
-            local_files_only = True
+        offline = bool(local_files_only or local or os.environ.get("HF_HUB_OFFLINE") == "1")
         try:
-            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
-                model, torch_dtype=self.dtype, local_files_only=local_files_only or local
-            )
+            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(model, dtype=self.dtype, local_files_only=offline)
         except (OSError, ValueError) as e:
-            where = "directory" if local else "Hugging Face cache (local_files_only: no download)"
+            where = "directory" if local else "Hugging Face cache (local_files_only: no download)" if offline else "Hugging Face hub"
             raise FileNotFoundError(f"diffusers backend: could not load {model!r} from the {where}: {e}") from e
         if getattr(pipe, "safety_checker", None) is not None:
             pipe.safety_checker = None  # the audit generates benign product photos; the checker blanks false positives
@@ -259,6 +260,14 @@ def _diffusers(arg: str | None = None, **options: Any) -> Backend:
     return DiffusersBackend(arg or options.pop("model", ""), **options)
 
 
+def _byte_chars() -> list[str]:
+    """The 256 printable characters that byte-level BPE (GPT-2, CLIP) uses for the 256 bytes."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    mapping = {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(extra)}
+    return [mapping[b] for b in range(256)]
+
+
 def build_tiny_sd_pipeline(out_dir: str, seed: int = 0) -> str:
     """Save a tiny randomly initialised StableDiffusionPipeline to ``out_dir`` (offline).
 
@@ -269,9 +278,13 @@ def build_tiny_sd_pipeline(out_dir: str, seed: int = 0) -> str:
     import json
 
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
     if os.path.exists(os.path.join(out_dir, "model_index.json")):
         return out_dir
@@ -292,14 +305,14 @@ def build_tiny_sd_pipeline(out_dir: str, seed: int = 0) -> str:
     # A byte-level vocabulary without merges: every character is a token (no download).
     tok_dir = os.path.join(out_dir, "_tok_src")
     os.makedirs(tok_dir, exist_ok=True)
-    chars = list(bytes_to_unicode().values())
+    chars = _byte_chars()
     vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
     with open(os.path.join(tok_dir, "vocab.json"), "w") as f:
         json.dump(vocab, f)
     with open(os.path.join(tok_dir, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"), model_max_length=77)
-    scheduler = PNDMScheduler(skip_prk_steps=True)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+    scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1)
     pipe = StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -1,0 +1,199 @@
+"""Ray zoo sweep versus the plain single-process loop, and the speed of the overlap statistics.
+
+Same models (random weights; speed does not depend on them), same decoded images, same
+total threads, measured in one run:
+
+- plain loop (``audit.evaluate.evaluate_zoo``: one model after another, each re-reading
+  and preprocessing the decoded data, as timm's validate.py does) with T torch threads;
+- the Ray sweep (``cluster.sweep.run_sweep``) with W CPU shard actors of T/W threads.
+
+at T = 1 (1 worker) and T = 2 (1 and 2 workers); then the overlap statistics on a
+synthetic 40 models x 1,000,000 examples failure matrix.
+
+    python benchmarks/bench_sweep.py                       # demo-zoo architectures, 32x32
+    python benchmarks/bench_sweep.py --n-images 512 --repeats 1   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+DEFAULT_MODELS = "resnet10-w16,resnet18-w16,resnet10-w24,densenet-g12,convnext-atto-s,vit-p4-d4"
+
+
+def random_weights(specs, n_classes: int, directory: str) -> dict[str, str]:
+    import torch
+    from safetensors.torch import save_file
+
+    from audit.zoo.models import create_timm
+
+    out = {}
+    for i, spec in enumerate(specs):
+        torch.manual_seed(i)
+        model = create_timm(spec, n_classes)
+        out[spec.name] = os.path.join(directory, f"{spec.name}.safetensors")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out[spec.name])
+    return out
+
+
+def plain_loop(specs, classes, images, ids, labels, weights, threads: int, batch_size: int) -> float:
+    import torch
+
+    from audit.evaluate import evaluate_zoo
+    from audit.store import RunStore
+    from audit.zoo.spec import ZooSpec
+
+    torch.set_num_threads(threads)
+    d = tempfile.mkdtemp(prefix="bench-plain-")
+    try:
+        t = time.perf_counter()
+        done = evaluate_zoo(ZooSpec("bench", list(specs)), classes, images, ids, labels, RunStore(d), weights,
+                            batch_size=batch_size, progress=False)  # fmt: skip
+        dt = time.perf_counter() - t
+        assert len(done) == len(specs), f"plain loop stored {done}"
+        return dt
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def ray_sweep(specs, classes, images, ids, labels, weights, workers: int, threads: int, batch_size: int) -> float:
+    from audit.store import RunStore
+    from cluster.sweep import run_sweep
+
+    d = tempfile.mkdtemp(prefix="bench-ray-")
+    try:
+        t = time.perf_counter()
+        res = run_sweep(RunStore(d), images, ids, labels, classes, specs, weights, data_key="bench",
+                        num_workers=workers, threads_per_worker=threads, gpus=False, batch_size=batch_size,
+                        progress=False)  # fmt: skip
+        dt = time.perf_counter() - t
+        assert sorted(res.done) == sorted(s.name for s in specs), f"sweep failed: {res.failed}"
+        return dt, dt - res.load_seconds
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def best_of(fn, repeats: int) -> tuple[float, float]:
+    """(best wall time, best time without actor start/model load) over ``repeats`` runs."""
+    runs = [fn() for _ in range(repeats)]
+    runs = [r if isinstance(r, tuple) else (r, r) for r in runs]
+    return min(r[0] for r in runs), min(r[1] for r in runs)
+
+
+def bench_sweep(args) -> None:
+    import ray
+    import torch
+
+    from audit.zoo.spec import ZooSpec
+
+    zoo = ZooSpec.from_toml(args.zoo).select(args.models.split(",") if args.models else None)
+    specs = list(zoo)
+    classes = [f"c{i}" for i in range(6)]
+    rng = np.random.default_rng(0)
+    size = int(specs[0].input.get("input_size", 32))
+    images = rng.integers(0, 256, (args.n_images, size, size, 3), dtype=np.uint8)
+    ids = np.asarray([f"ex{i}" for i in range(args.n_images)])
+    labels = rng.integers(0, len(classes), args.n_images)
+    wdir = tempfile.mkdtemp(prefix="bench-weights-")
+    weights = random_weights(specs, len(classes), wdir)
+    total = args.threads
+    ray.init(num_cpus=total, include_dashboard=False, log_to_driver=False)
+    work = args.n_images * len(specs)
+    print(f"{len(specs)} models x {args.n_images} images ({size}x{size}), batch {args.batch_size}, "
+          f"best of {args.repeats}; {work} model-images per run")  # fmt: skip
+    try:
+        # warm-up: imports, allocator, one Ray actor start
+        plain_loop(specs[:1], classes, images[: args.batch_size], ids[: args.batch_size], labels[: args.batch_size], weights, 1, args.batch_size)
+        ray_sweep(specs[:1], classes, images[: args.batch_size], ids[: args.batch_size], labels[: args.batch_size], weights, 1, 1, args.batch_size)
+        r = {}
+        r["plain T=1"] = best_of(lambda: plain_loop(specs, classes, images, ids, labels, weights, 1, args.batch_size), args.repeats)
+        r["ray 1x1"] = best_of(lambda: ray_sweep(specs, classes, images, ids, labels, weights, 1, 1, args.batch_size), args.repeats)
+        if total >= 2:
+            r[f"plain T={total}"] = best_of(lambda: plain_loop(specs, classes, images, ids, labels, weights, total, args.batch_size), args.repeats)
+            r[f"ray 1x{total}"] = best_of(lambda: ray_sweep(specs, classes, images, ids, labels, weights, 1, total, args.batch_size), args.repeats)
+            r[f"ray {total}x1"] = best_of(lambda: ray_sweep(specs, classes, images, ids, labels, weights, total, 1, args.batch_size), args.repeats)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(wdir, ignore_errors=True)
+        torch.set_num_threads(total)
+    print(f"\n{'setup':12s} {'wall s':>7s} {'img/s':>7s} {'steady s':>9s} {'img/s':>7s}")
+    for k, (wall, steady) in r.items():
+        print(f"{k:12s} {wall:7.2f} {work / wall:7.0f} {steady:9.2f} {work / steady:7.0f}")
+    print("(img/s = model-images per second; wall includes starting the Ray actors and loading the models,")
+    print(" steady leaves those out; for the plain loop both include its (in-process) model loading)")
+    print("\nratios of throughput (wall / steady):")
+
+    def ratio(a, b):
+        return f"{r[b][0] / r[a][0]:5.2f}x / {r[b][1] / r[a][1]:5.2f}x"
+
+    print(f"  ray 1 worker vs plain loop, 1 thread           {ratio('ray 1x1', 'plain T=1')}   (target >= 0.9)")
+    if total >= 2:
+        print(f"  ray 1 worker vs plain loop, {total} threads          {ratio(f'ray 1x{total}', f'plain T={total}')}   (target >= 0.9)")
+        print(f"  ray {total} workers x 1 vs plain loop, {total} threads    {ratio(f'ray {total}x1', f'plain T={total}')}")
+        print(f"  ray {total} workers x 1 thread vs 1 worker x 1     {ratio(f'ray {total}x1', 'ray 1x1')}   (target >= 1.8)")
+
+
+def bench_overlap(n_models: int = 40, n_examples: int = 1_000_000, repeats: int = 3) -> None:
+    from audit.failures import (
+        FailureMatrix,
+        cluster_models,
+        overlap_statistics,
+        pair_rates,
+        similarity_matrix,
+    )
+
+    rng = np.random.default_rng(0)
+    base = rng.random((8, n_examples)) < 0.1  # 8 planted families of 5 models
+    fails = base[np.arange(n_models) % 8] ^ (rng.random((n_models, n_examples)) < 0.02)
+    t = time.perf_counter()
+    fm = FailureMatrix.from_dense(fails, [f"m{i}" for i in range(n_models)])
+    t_pack = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        n_fail, n_both = fm.counts()
+        pair_rates(n_fail, n_both)
+        times.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    st = overlap_statistics(fm, n_boot=1000)
+    t_all = time.perf_counter() - t
+    t = time.perf_counter()
+    labels = cluster_models(similarity_matrix(st, "jaccard"), n_clusters=8)
+    t_cl = time.perf_counter() - t
+    ok = len(set(zip(labels, np.arange(n_models) % 8, strict=True))) == 8
+    print(f"\noverlap statistics, {n_models} models x {n_examples:,} examples:")
+    print(f"  pack bool -> bits                          {t_pack:7.3f} s")
+    print(f"  all pairwise Jaccard + conditional rates   {min(times):7.3f} s   (target < 1 s)")
+    print(f"  + error consistency, 1000-draw bootstrap   {t_all:7.3f} s")
+    print(f"  clustering (average linkage, 8 clusters)   {t_cl:7.3f} s   planted families recovered: {ok}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--zoo", default="demo")
+    p.add_argument("--models", default=DEFAULT_MODELS)
+    p.add_argument("--n-images", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="total threads / Ray CPUs")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--skip-sweep", action="store_true")
+    args = p.parse_args()
+    import ray
+    import torch
+
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores; python "
+          f"{platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}, numpy {np.__version__}")  # fmt: skip
+    if not args.skip_sweep:
+        bench_sweep(args)
+    bench_overlap()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""``zoo-audit demo``: the whole audit on the embedded default, offline, on a laptop CPU.
+
+World -> demo zoo (trained once, cached) -> Ray sweep over the debug split -> accuracy per
+planted group -> failure overlap and architecture clustering -> failure directions named
+by captions and checked on the nearest images. Every stage is skipped when its outputs in
+the run directory are current, so a second run only prints the summary.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from audit.demo import DemoConfig, accuracy_tables, prepare_world, print_summary
+from audit.paths import config_path
+from audit.store import RunStore, file_hash
+
+
+def run_demo(cfg: DemoConfig) -> RunStore:
+    from audit import versions
+    from audit.zoo.spec import ZooSpec
+    from audit.zoo.train import train_zoo, trained_weights
+    from cluster.pipeline import connect, stats_stage, sweep_stage
+
+    t0 = time.perf_counter()
+    store = RunStore(cfg.out)
+    data, world_dir = prepare_world(cfg.world_spec, cfg.world_dir)
+    zoo = ZooSpec.from_toml(cfg.zoo).select(cfg.models)
+    families = {m.name: m.family for m in zoo}
+    store.update_manifest(
+        kind="demo",
+        config={"world_spec": cfg.world_spec or config_path("world", "default.toml"), "zoo": zoo.path,
+                "split": cfg.split, "device": cfg.device},  # fmt: skip
+        data={"world_dir": os.path.abspath(world_dir), "examples_hash": file_hash(os.path.join(world_dir, "examples.parquet")),
+              "classes": data.classes},  # fmt: skip
+        zoo={"name": zoo.name, "models": zoo.names, "families": families},
+        versions=versions(),
+    )
+    print(f"world: {len(data)} images in {world_dir} ({time.perf_counter() - t0:.1f}s)")
+
+    t = time.perf_counter()
+    results = train_zoo(zoo, data, device=cfg.device, progress=cfg.progress)
+    n_trained = sum(r.trained for r in results)
+    print(f"zoo: {len(zoo)} models, {n_trained} trained now, {len(results) - n_trained} from cache ({time.perf_counter() - t:.1f}s)")
+    store.set_stage("train", "done", trained=[r.name for r in results if r.trained])
+    weights = trained_weights(zoo, data)
+
+    t = time.perf_counter()
+    started = connect(None, num_cpus=os.cpu_count())
+    try:
+        res = sweep_stage(store, data, cfg.split, zoo, weights, num_cpu_workers=max(1, min(2, os.cpu_count() or 1)),
+                          with_features=True, progress=cfg.progress)  # fmt: skip
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    print(f"sweep: {len(res.done)} run, {len(res.skipped)} up to date, {len(res.failed)} failed ({time.perf_counter() - t:.1f}s)")
+    for name, reason in res.failed.items():
+        print(f"  FAILED {name}: {reason.splitlines()[0]}")
+    done = sorted(res.done + res.skipped)
+
+    split = data.split(cfg.split)
+    acc = accuracy_tables(store, split, done)
+    store.write_table("accuracy.parquet", acc)
+    store.set_stage("accuracy", "done")
+    print_summary(acc, zoo)
+
+    stats = stats_stage(store, families, models=done)
+    print("\n" + stats.summary)
+    store.update_manifest(seconds=round(time.perf_counter() - t0, 1))
+    print(f"\nrun directory: {store.uri}  ({time.perf_counter() - t0:.1f}s)")
+    return store

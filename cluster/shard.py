@@ -1,0 +1,180 @@
+"""ZooShard: one Ray actor holding a subset of the zoo, and the plan that assigns models to shards.
+
+The actor class is a plain Python class (wrapped with ``ray.remote`` by the sweep), so it
+can also be used in-process. It loads its models in ``__init__`` (a model that fails to
+load is remembered, not raised), then ``run_batch`` takes one decoded uint8 batch, shared
+through the object store, preprocesses it once per distinct input config and runs every
+model of the shard on it in ``torch.inference_mode`` (fp16 autocast on CUDA).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from audit.zoo.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
+
+
+class ZooShard:
+    """Runs all of its models on each batch it is sent.
+
+    specs: the shard's models; weights: ``{name: checkpoint path}`` for trained members;
+    device: ``cpu``, ``cuda`` or ``auto``; threads: torch intra-op threads (CPU shards get
+    their Ray ``num_cpus`` so that shards together do not oversubscribe the cores).
+    """
+
+    def __init__(self, specs: Sequence[ModelSpec], classes: Sequence[str], weights: Mapping[str, str | None],
+                 device: str = "auto", threads: int | None = None, batch_size: int = 256,
+                 with_features: bool = False):  # fmt: skip
+        import torch
+
+        from audit.zoo.models import build_model
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.with_features = with_features
+        self.classes = list(classes)
+        self.models = {}
+        self.failed: dict[str, str] = {}
+        self.batch_size: dict[str, int] = {}
+        for spec in specs:
+            try:
+                self.models[spec.name] = build_model(spec, self.classes, weights.get(spec.name), device)
+                self.batch_size[spec.name] = int(batch_size)
+            except Exception as e:  # noqa: BLE001 - a model that cannot load costs that model only
+                log.warning("model %s failed to load: %s", spec.name, e)
+                self.failed[spec.name] = _reason(e)
+        self.groups: dict[object, list[str]] = {}
+        for name, m in self.models.items():
+            self.groups.setdefault(m.input_config, []).append(name)
+
+    def info(self) -> dict:
+        import torch
+
+        return {"loaded": sorted(self.models), "failed": dict(self.failed), "device": self.device,
+                "threads": torch.get_num_threads(), "pid": os.getpid()}  # fmt: skip
+
+    def _forward(self, model, x, batch: int) -> dict:
+        import torch
+
+        logits, feats = [], []
+        amp = self.device.startswith("cuda")
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            for i in range(0, len(x), batch):
+                out, f = model.module(x[i : i + batch])
+                logits.append(out.float().cpu().numpy())
+                if self.with_features:
+                    feats.append(f.float().cpu().numpy())
+        res = {"logits": np.concatenate(logits)}
+        if self.with_features:
+            res["features"] = np.concatenate(feats)
+        return res
+
+    def run_batch(self, images: np.ndarray, start: int) -> dict:
+        """Run every model of the shard on uint8 ``images [B, H, W, 3]``.
+
+        Returns ``{"start", "n", "outputs": {model: {"logits" [B, C], "features"?}},
+        "failed": {model: reason}}``; a model that raises here is dropped from later batches.
+        """
+        import torch
+
+        from audit.evaluate import predict_with_retry
+        from audit.zoo.models import preprocess
+
+        outputs = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # object-store arrays are read-only
+            for cfg, names in self.groups.items():
+                live = [n for n in names if n not in self.failed]
+                if not live:
+                    continue
+                with torch.inference_mode():
+                    x = preprocess(images, cfg, self.device)
+                for name in live:
+                    model = self.models[name]
+                    try:
+                        out, bs = predict_with_retry(lambda b, m=model, xb=x: self._forward(m, xb, b), self.batch_size[name])
+                        self.batch_size[name] = bs
+                        if out["logits"].shape[1] != len(self.classes):
+                            raise ValueError(
+                                f"model outputs {out['logits'].shape[1]} classes but the dataset has "
+                                f"{len(self.classes)}; give the spec a label map or use a dataset in its label space"
+                            )
+                        outputs[name] = out
+                    except Exception as e:  # noqa: BLE001
+                        log.warning("model %s failed on batch at %d: %s", name, start, e)
+                        self.failed[name] = _reason(e)
+        return {"start": int(start), "n": len(images), "outputs": outputs, "failed": dict(self.failed)}
+
+
+# -- planning ------------------------------------------------------------------------------
+def estimate_cost(spec: ModelSpec, num_classes: int) -> float | None:
+    """Forward FLOPs of one image at the spec's input size, counted on the ``meta`` device
+    (no memory, no weights); parameter count when FLOPs cannot be counted; None for builders
+    that cannot be built without their weights (the caller substitutes the median)."""
+    if spec.builder != "timm":
+        return None
+    try:
+        import timm.data
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from audit.zoo.models import create_timm
+
+        with torch.device("meta"):
+            model = create_timm(spec, num_classes)
+        model.eval()
+        size = spec.input.get("input_size") or timm.data.resolve_model_data_config(model)["input_size"][-1]
+        size = int(size[-1] if isinstance(size, list | tuple) else size)
+        params = float(sum(p.numel() for p in model.parameters()))
+        try:
+            with FlopCounterMode(display=False) as fc, torch.no_grad():
+                model(torch.empty(1, 3, size, size, device="meta"))
+            return float(fc.get_total_flops()) or params
+        except Exception:  # noqa: BLE001 - some ops have no meta/flop rule
+            return params
+    except Exception as e:  # noqa: BLE001
+        log.debug("cannot estimate cost of %s: %s", spec.name, e)
+        return None
+
+
+def model_costs(specs: Sequence[ModelSpec], num_classes: int) -> dict[str, float]:
+    """``{name: cost}``, unknown costs replaced by the median of the known ones (or 1)."""
+    raw = {s.name: estimate_cost(s, num_classes) for s in specs}
+    known = [c for c in raw.values() if c]
+    fill = float(np.median(known)) if known else 1.0
+    return {k: (v if v else fill) for k, v in raw.items()}
+
+
+def plan_shards(costs: Mapping[str, float], n_shards: int) -> list[list[str]]:
+    """Assign each model to exactly one of ``n_shards`` shards, balancing total cost.
+
+    Longest-processing-time first: models by decreasing cost (ties by name), each to the
+    currently lightest shard. Deterministic. Empty shards are dropped.
+    """
+    if n_shards < 1:
+        raise ValueError(f"n_shards must be >= 1, got {n_shards}")
+    bad = {k: v for k, v in costs.items() if not np.isfinite(v) or v < 0}
+    if bad:
+        raise ValueError(f"model costs must be finite and >= 0: {bad}")
+    shards: list[list[str]] = [[] for _ in range(n_shards)]
+    load = [0.0] * n_shards
+    for name in sorted(costs, key=lambda k: (-costs[k], k)):
+        i = min(range(n_shards), key=lambda j: (load[j], len(shards[j]), j))
+        shards[i].append(name)
+        load[i] += float(costs[name])
+    return [s for s in shards if s]

@@ -1,0 +1,243 @@
+"""Typed configuration of the generation app and the request/response schemas.
+
+The app is built from one :class:`ServeAppConfig` (from ``serve run`` args, a YAML/TOML
+file, or Python). Nothing here imports Ray, so the client and tests can use the schemas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Any
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# One path component: no separators, no leading dot (so no "..", no hidden temp names).
+SET_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+def check_set_id(set_id: str) -> str:
+    """Return ``set_id`` if it is a safe single path component, else raise ValueError."""
+    if not isinstance(set_id, str) or not SET_ID_RE.fullmatch(set_id) or ".." in set_id:
+        raise ValueError(
+            f"set_id {set_id!r} is invalid: use 1-96 characters from [A-Za-z0-9_.-], starting with a "
+            "letter or digit, without '..' (it names a directory under synthetic/)"
+        )
+    return set_id
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Limits(_Strict):
+    """Bounds on one request; a request beyond any of them is answered 422 naming the bound."""
+
+    max_prompt_chars: int = Field(300, ge=1)
+    max_prompts: int = Field(64, ge=1)
+    max_images_per_prompt: int = Field(16, ge=1)
+    max_images: int = Field(256, ge=1, description="prompts x images_per_prompt")
+    max_steps: int = Field(100, ge=1)
+    max_size: int = Field(1024, ge=8)
+    min_size: int = Field(8, ge=1)
+    size_multiple: int = Field(8, ge=1)
+    max_guidance: float = Field(30.0, ge=0)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
+
+class GeneratorOptions(_Strict):
+    """The generator deployment: resources, replicas and batching."""
+
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    max_ongoing_requests: int = Field(16, ge=1, description="per replica: the batch in flight plus the next one (>= 2 x max_batch_size keeps the backend busy)")
+    max_queued_requests: int = Field(16, ge=0, description="per caller (ingress replica); beyond it 503")
+    max_batch_size: int = Field(8, ge=1, description="requests merged by @serve.batch")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="wait for more requests once one arrives (queued requests batch anyway)")
+    max_batch_images: int | None = Field(None, ge=1, description="images per backend call (default: the backend's)")
+
+    def deployment_options(self, retry_after_s: float) -> dict:
+        opts: dict[str, Any] = {
+            "ray_actor_options": {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus},
+            "max_ongoing_requests": max(self.max_ongoing_requests, self.max_batch_size),
+            "max_queued_requests": self.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
+        }
+        if self.max_replicas > max(self.min_replicas, 1) or self.min_replicas == 0:
+            opts["autoscaling_config"] = {
+                "min_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            }
+        else:
+            opts["num_replicas"] = self.max_replicas
+        return opts
+
+
+class IngressOptions(_Strict):
+    """The FastAPI ingress deployment (cheap: parses, validates, stores)."""
+
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(64, ge=0)
+
+    def deployment_options(self, retry_after_s: float) -> dict:
+        return {
+            "num_replicas": self.num_replicas,
+            "ray_actor_options": {"num_cpus": self.num_cpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
+        }
+
+
+class ServeAppConfig(_Strict):
+    """Everything ``build_app`` needs. ``backend``: ``world`` | ``null`` | ``diffusers:MODEL``."""
+
+    backend: str = "world"
+    backend_options: dict[str, Any] = Field(default_factory=dict)
+    store: str = "runs/serve"
+    token_env: str = "ZOO_AUDIT_SERVE_TOKEN"
+    token_file: str | None = None
+    retry_after_s: float = Field(1.0, ge=0)
+    limits: Limits = Field(default_factory=Limits)
+    generator: GeneratorOptions = Field(default_factory=GeneratorOptions)
+    ingress: IngressOptions = Field(default_factory=IngressOptions)
+
+    def resolve_token_hash(self) -> str | None:
+        """sha256 of the bearer token (file first, then ``$token_env``), or None for no auth."""
+        token = None
+        if self.token_file:
+            if not os.path.exists(self.token_file):
+                raise FileNotFoundError(f"token_file {self.token_file!r} does not exist; create it or drop token_file")
+            with open(self.token_file) as f:
+                token = f.read().strip()
+            if not token:
+                raise ValueError(f"token_file {self.token_file!r} is empty; write the bearer token into it")
+        elif os.environ.get(self.token_env):
+            token = os.environ[self.token_env].strip()
+        return hashlib.sha256(token.encode()).hexdigest() if token else None
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"generator.num_gpus": "1"} -> {"generator": {"num_gpus": "1"}} (``serve run`` args)."""
+    out: dict[str, Any] = {}
+    for k, v in flat.items():
+        node = out
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        if isinstance(v, dict) and isinstance(node.get(leaf), dict):
+            node[leaf] = {**node[leaf], **v}
+        else:
+            node[leaf] = v
+    return out
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """An app config from YAML or TOML. A Serve config file (``applications:``) gives its first app's args."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"serve config {path!r} not found")
+    if path.endswith(".toml"):
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+    else:
+        import yaml
+
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+    if "applications" in d:
+        apps = d["applications"] or [{}]
+        d = apps[0].get("args") or {}
+    return d
+
+
+def load_config(args: ServeAppConfig | dict[str, Any] | None = None) -> ServeAppConfig:
+    """``ServeAppConfig`` from an instance, a dict (``config=FILE`` plus dotted overrides) or None."""
+    if isinstance(args, ServeAppConfig):
+        return args
+    args = dict(args or {})
+    base = read_config_file(args.pop("config")) if args.get("config") else {}
+    for key in ("backend_options",):  # `serve run ... backend_options='{"steps": 2}'`
+        if isinstance(args.get(key), str):
+            args[key] = json.loads(args[key])
+    return ServeAppConfig.model_validate(_deep_merge(_nest(base), _nest(args)))
+
+
+class GenerateRequest(_Strict):
+    """Body of ``POST /v1/generate``. Unset steps/guidance/size take the backend's defaults."""
+
+    prompts: list[str] = Field(..., min_length=1)
+    images_per_prompt: int = Field(1, ge=1)
+    seed: int = Field(0, ge=0, lt=2**48)
+    steps: int | None = Field(None, ge=1)
+    guidance: float | None = Field(None, ge=0)
+    size: int | list[int] | None = None
+    set_id: str | None = None
+    return_images: bool = False
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v):
+        if isinstance(v, list) and len(v) != 2:
+            raise ValueError("size is an int (square) or [height, width]")
+        return v
+
+    @field_validator("set_id")
+    @classmethod
+    def _set_id(cls, v):
+        return None if v is None else check_set_id(v)
+
+    def check_limits(self, limits: Limits) -> None:
+        """Raise ValueError naming the first bound of ``limits`` that this request exceeds."""
+        if len(self.prompts) > limits.max_prompts:
+            raise ValueError(f"limits.max_prompts={limits.max_prompts}: got {len(self.prompts)} prompts")
+        for i, p in enumerate(self.prompts):
+            if not p.strip():
+                raise ValueError(f"prompts[{i}] is empty")
+            if len(p) > limits.max_prompt_chars:
+                raise ValueError(f"limits.max_prompt_chars={limits.max_prompt_chars}: prompts[{i}] has {len(p)} characters")
+        if self.images_per_prompt > limits.max_images_per_prompt:
+            raise ValueError(f"limits.max_images_per_prompt={limits.max_images_per_prompt}: got images_per_prompt={self.images_per_prompt}")
+        n = len(self.prompts) * self.images_per_prompt
+        if n > limits.max_images:
+            raise ValueError(f"limits.max_images={limits.max_images}: {len(self.prompts)} prompts x {self.images_per_prompt} images = {n}")
+        if self.steps is not None and self.steps > limits.max_steps:
+            raise ValueError(f"limits.max_steps={limits.max_steps}: got steps={self.steps}")
+        if self.guidance is not None and self.guidance > limits.max_guidance:
+            raise ValueError(f"limits.max_guidance={limits.max_guidance}: got guidance={self.guidance}")
+        if self.size is not None:
+            for s in [self.size] * 2 if isinstance(self.size, int) else self.size:
+                if s > limits.max_size:
+                    raise ValueError(f"limits.max_size={limits.max_size}: got size={self.size}")
+                if s < limits.min_size:
+                    raise ValueError(f"limits.min_size={limits.min_size}: got size={self.size}")
+                if s % limits.size_multiple:
+                    raise ValueError(f"limits.size_multiple={limits.size_multiple}: size={self.size} is not a multiple")
+
+    def resolved(self, defaults: dict) -> dict:
+        """The parameters that determine the images (defaults filled in, size as [H, W])."""
+        size = self.size if self.size is not None else defaults["size"]
+        size = [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
+        return {
+            "prompts": list(self.prompts),
+            "images_per_prompt": int(self.images_per_prompt),
+            "seed": int(self.seed),
+            "steps": int(self.steps if self.steps is not None else defaults["steps"]),
+            "guidance": float(self.guidance if self.guidance is not None else defaults["guidance"]),
+            "size": size,
+        }
