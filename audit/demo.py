@@ -57,9 +57,11 @@ def accuracy_tables(store: RunStore, data: ImageTable, models: list[str]) -> pa.
     attrs = [a for a in attrs if a != "item"]
     tables = []
     for name, preds in load_predictions(store, models).items():
-        idx = np.asarray([pos[e] for e in preds["example_id"].to_pylist()])
-        correct = preds["correct"].to_numpy(zero_copy_only=False)
-        labels = preds["label"].to_numpy()
+        pids = preds["example_id"].to_pylist()
+        keep = np.asarray([e in pos for e in pids])  # predictions may cover other splits too
+        idx = np.asarray([pos[e] for e, k in zip(pids, keep, strict=True) if k], dtype=np.int64)
+        correct = preds["correct"].to_numpy(zero_copy_only=False)[keep]
+        labels = preds["label"].to_numpy()[keep]
         tables.append(group_accuracy(name, correct, labels, data.classes, {a: data.column(a)[idx] for a in attrs}))
     return pa.concat_tables(tables)
 

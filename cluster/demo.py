@@ -20,6 +20,7 @@ def run_demo(cfg: DemoConfig) -> RunStore:
     from audit import versions
     from audit.zoo.spec import ZooSpec
     from audit.zoo.train import train_zoo, trained_weights
+    from cluster.directions_stage import DirectionsConfig, directions_stage, format_directions
     from cluster.pipeline import connect, stats_stage, sweep_stage
 
     t0 = time.perf_counter()
@@ -48,26 +49,32 @@ def run_demo(cfg: DemoConfig) -> RunStore:
     t = time.perf_counter()
     started = connect(None, num_cpus=os.cpu_count())
     try:
-        res = sweep_stage(store, data, cfg.split, zoo, weights, num_cpu_workers=max(1, min(2, os.cpu_count() or 1)),
+        # debug: where failures are found; test: where captions are checked on nearest images
+        res = sweep_stage(store, data, [cfg.split, "test"], zoo, weights, num_cpu_workers=max(1, min(2, os.cpu_count() or 1)),
                           with_features=True, progress=cfg.progress)  # fmt: skip
+        print(f"sweep: {len(res.done)} run, {len(res.skipped)} up to date, {len(res.failed)} failed ({time.perf_counter() - t:.1f}s)")
+        for name, reason in res.failed.items():
+            print(f"  FAILED {name}: {reason.splitlines()[0]}")
+        done = sorted(res.done + res.skipped)
+
+        split = data.split(cfg.split)
+        acc = accuracy_tables(store, split, done)
+        store.write_table("accuracy.parquet", acc)
+        store.set_stage("accuracy", "done")
+        print_summary(acc, zoo)
+
+        stats = stats_stage(store, families, models=done, example_ids=split.example_ids.astype(str))
+        print("\n" + stats.summary)
+
+        t = time.perf_counter()
+        d = directions_stage(store, data, done, DirectionsConfig(fit_split=cfg.split), world_dir=world_dir, progress=cfg.progress)
+        print(f"\ndirections: {d.directions.num_rows} rows, {d.captions.num_rows} captions ({time.perf_counter() - t:.1f}s)")
+        print(format_directions(d.directions, d.captions, d.subpopulations, d.planted, families))
     finally:
         if started:
             import ray
 
             ray.shutdown()
-    print(f"sweep: {len(res.done)} run, {len(res.skipped)} up to date, {len(res.failed)} failed ({time.perf_counter() - t:.1f}s)")
-    for name, reason in res.failed.items():
-        print(f"  FAILED {name}: {reason.splitlines()[0]}")
-    done = sorted(res.done + res.skipped)
-
-    split = data.split(cfg.split)
-    acc = accuracy_tables(store, split, done)
-    store.write_table("accuracy.parquet", acc)
-    store.set_stage("accuracy", "done")
-    print_summary(acc, zoo)
-
-    stats = stats_stage(store, families, models=done)
-    print("\n" + stats.summary)
     store.update_manifest(seconds=round(time.perf_counter() - t0, 1))
     print(f"\nrun directory: {store.uri}  ({time.perf_counter() - t0:.1f}s)")
     return store

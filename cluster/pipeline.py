@@ -196,10 +196,12 @@ class StatsResult:
 
 def stats_stage(store: RunStore, families: Mapping[str, str], models: Sequence[str] | None = None, *,
                 similarity: str = "jaccard", threshold: float | None = None, n_clusters: int | None = None,
-                method: str = "average", n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> StatsResult:  # fmt: skip
+                method: str = "average", n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
+                example_ids: Sequence[str] | None = None) -> StatsResult:  # fmt: skip
     """Failure matrix, overlap and clustering from the stored predictions (no Ray).
 
-    ``models`` defaults to those the sweep stored in this run. Without ``threshold`` and
+    ``models`` defaults to those the sweep stored in this run; ``example_ids`` restricts the
+    failure matrix to those examples (e.g. the debug split of a sweep over several). Without ``threshold`` and
     ``n_clusters`` the models are cut into as many clusters as there are families. Writes
     ``overlap.parquet``, ``clusters.parquet`` and ``family_similarity.parquet``.
     """
@@ -223,7 +225,7 @@ def stats_stage(store: RunStore, families: Mapping[str, str], models: Sequence[s
     if len(preds) < 2:
         raise ValueError(f"failure overlap needs predictions of at least 2 models; the run has {sorted(preds)}")
     names = sorted(preds)
-    fm = failure_matrix({m: preds[m] for m in names})
+    fm = failure_matrix({m: preds[m] for m in names}, example_ids=None if example_ids is None else list(example_ids))
     stats = overlap_statistics(fm, n_boot=n_boot, ci=ci, seed=seed)
     sim = similarity_matrix(stats, similarity)
     if threshold is None and n_clusters is None:

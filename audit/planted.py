@@ -1,0 +1,98 @@
+"""Checking an audit against planted ground truth (the world's ``group`` column).
+
+Two checks from Jain et al. (Section 4): does the top hard caption of a failure direction
+name the planted attribute, and does ranking a class's images by the direction's decision
+value find the planted group more precisely than ranking by the model's confidence.
+Pure functions over tables and arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pyarrow as pa
+
+
+def parse_group(group: str) -> tuple[str, str, str, bool]:
+    """``"pullover:color=blue"`` -> (class, attribute, value, negated=False)."""
+    cls, _, cond = group.partition(":")
+    neg = "!=" in cond
+    attr, value = cond.split("!=" if neg else "=", 1)
+    return cls, attr, value, neg
+
+
+def caption_names(caption: str, value: str, negated: bool) -> bool:
+    """Whether a caption names a planted group: it mentions ``value`` (e.g. "blue"), or, for a
+    negated group ("not on grass"), it names a background and not that one."""
+    padded = f" {caption.lower().rstrip('.')} "
+    if negated:
+        return " on " in padded and f" {value} " not in padded
+    return f" {value} " in padded
+
+
+def precision_at_errors(score: np.ndarray, in_group: np.ndarray, n: int) -> float:
+    """Share of the planted group among the ``n`` lowest-scoring examples."""
+    if n <= 0:
+        return float("nan")
+    order = np.argsort(score, kind="stable")[:n]
+    return float(np.mean(in_group[order]))
+
+
+def planted_evaluation(accuracy: pa.Table, captions: pa.Table, decisions: Mapping[tuple[str, str], np.ndarray],
+                       confidence: Mapping[str, np.ndarray], correct: Mapping[str, np.ndarray],
+                       labels: np.ndarray, groups: np.ndarray, classes: list[str],
+                       min_gap: float = 0.15) -> pa.Table:  # fmt: skip
+    """One row per (model, planted group) whose group really fails (>= ``min_gap`` below class).
+
+    ``decisions[(model, class)]`` are mode-0 decision values of the class's debug images (in
+    the order of ``labels == class``); ``confidence``/``correct`` are the model's on all debug
+    images. Columns: model, group, gap, top_hard_caption, caption_names_group,
+    precision_svm, precision_confidence, n_errors.
+    """
+    rows = []
+    acc = [r for r in accuracy.to_pylist() if r["attribute"] == "group"]
+    top_hard = {}
+    for r in captions.to_pylist():
+        if r["polarity"] == "hard" and r["rank"] == 1 and r["mode"] == 0:
+            top_hard[(r["scope"], r["class"])] = r["caption"]
+    for r in acc:
+        gap = r["class_accuracy"] - r["accuracy"]
+        if gap < min_gap:
+            continue
+        model, group = r["model"], r["value"]
+        cls, attr, value, neg = parse_group(group)
+        cap = top_hard.get((model, cls))
+        names = None if cap is None else caption_names(cap, value, neg)
+        ci = classes.index(cls)
+        in_c = labels == ci
+        member = np.array([group in str(g).split("|") for g in groups[in_c]])
+        n_err = int((~correct[model][in_c]).sum())
+        dec = decisions.get((model, cls))
+        rows.append({
+            "model": model, "group": group, "gap": float(gap), "top_hard_caption": cap,
+            "caption_names_group": names,
+            "precision_svm": precision_at_errors(dec, member, n_err) if dec is not None else float("nan"),
+            "precision_confidence": precision_at_errors(confidence[model][in_c], member, n_err),
+            "n_errors": n_err,
+        })  # fmt: skip
+    schema = pa.schema([("model", pa.string()), ("group", pa.string()), ("gap", pa.float64()),
+                        ("top_hard_caption", pa.string()), ("caption_names_group", pa.bool_()),
+                        ("precision_svm", pa.float64()), ("precision_confidence", pa.float64()),
+                        ("n_errors", pa.int64())])  # fmt: skip
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def summarize_planted(table: pa.Table) -> dict:
+    """Headline numbers: share of failing (model, group) pairs named by the top hard caption,
+    and mean precision at the number of errors for SVM vs confidence ranking."""
+    rows = table.to_pylist()
+    named = [r["caption_names_group"] for r in rows if r["caption_names_group"] is not None]
+    psvm = [r["precision_svm"] for r in rows if not np.isnan(r["precision_svm"])]
+    pconf = [r["precision_confidence"] for r in rows if not np.isnan(r["precision_confidence"])]
+    return {
+        "pairs": len(rows),
+        "named_share": float(np.mean(named)) if named else float("nan"),
+        "precision_svm": float(np.mean(psvm)) if psvm else float("nan"),
+        "precision_confidence": float(np.mean(pconf)) if pconf else float("nan"),
+    }
