@@ -271,9 +271,42 @@ def score_captions(row: Mapping, caption_emb: np.ndarray, reference_emb: np.ndar
     return float(row["weight_norm"]) * (diff @ w) + float(row["intercept"])
 
 
+class CaptionGrounding:
+    """Image-grounded caption scores: a caption's score is the mean decision value of its
+    ``k`` nearest images of the class (``X [N, D]`` image embeddings with ``labels``).
+
+    The paper scores the caption's *text* embedding with an SVM fitted on *image*
+    embeddings, which leans on the two modalities being aligned (the reference caption
+    subtracts the modality gap). Grounding reads the same direction where it was fitted:
+    on images, retrieved by the caption. Neighbours are found once per class and shared by
+    every scope; decision values once per direction row.
+    """
+
+    def __init__(self, X: np.ndarray, labels: np.ndarray, classes: Sequence[str], k: int = 25):
+        from audit.index import ClassIndex
+
+        self.X = np.asarray(X, np.float32)
+        self.classes = list(classes)
+        self.index = ClassIndex(self.X, np.asarray(labels))
+        self.k = int(k)
+        self._neighbours: dict[tuple[str, int], np.ndarray] = {}
+
+    def scores(self, row: Mapping, cls: str, caption_emb: np.ndarray) -> np.ndarray:
+        from audit.directions import decision_from_row
+
+        key = (cls, len(caption_emb))
+        if key not in self._neighbours:
+            _, ids = self.index.search(np.asarray(caption_emb, np.float32), self.k, self.classes.index(cls))
+            self._neighbours[key] = ids
+        ids = self._neighbours[key]
+        dec = decision_from_row(row, self.X)
+        vals = np.where(ids >= 0, dec[np.maximum(ids, 0)], np.nan)
+        return np.nanmean(vals, axis=1)
+
+
 def captions_table(directions: pa.Table, candidates: Mapping[str, Sequence[tuple[str, str]]],
                    encode_text: EncodeText, references: Mapping[str, str] | None = None,
-                   top_k: int | None = 5) -> pa.Table:  # fmt: skip
+                   top_k: int | None = 5, grounding: CaptionGrounding | None = None) -> pa.Table:  # fmt: skip
     """``captions.parquet``: the hardest and easiest captions per scope x class x mode.
 
     Rows with a direction are scored when their status is ``ok`` (or for mode 0 whatever it
@@ -282,6 +315,9 @@ def captions_table(directions: pa.Table, candidates: Mapping[str, Sequence[tuple
     :func:`reference_caption`). Each class's texts are embedded once for all scopes.
     ``top_k`` hard and ``top_k`` easy captions per direction (None: all, split at the middle);
     ``rank`` 1 is the hardest (hard) or easiest (easy).
+
+    With ``grounding`` a caption is scored on the image side instead (see
+    :class:`CaptionGrounding`); the text-side score of the paper is the default.
     """
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None; got {top_k}")
@@ -303,7 +339,7 @@ def captions_table(directions: pa.Table, candidates: Mapping[str, Sequence[tuple
                 raise ValueError(f"encode_text returned {E.shape[0]} rows for {len(texts) + 1} texts")
             emb_cache[cls] = (E[:-1], E[-1])
         T, ref_e = emb_cache[cls]
-        scores = score_captions(r, T, ref_e)
+        scores = grounding.scores(r, cls, T) if grounding is not None else score_captions(r, T, ref_e)
         order = np.argsort(scores, kind="stable")
         k = len(order) // 2 if top_k is None or 2 * top_k > len(order) else top_k
         hard = order[: max(k, 1)]

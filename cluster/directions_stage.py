@@ -31,6 +31,8 @@ class DirectionsConfig:
     eval_split: str = "test"
     k: int = 50  # nearest test images per caption
     top_k: int = 5  # hard and easy captions kept per direction
+    caption_scoring: str = "images"  # "images": mean decision value of the caption's nearest images; "text": the paper's
+    grounding_k: int = 50  # nearest fit-split images per caption for "images" scoring
     max_modes: int = 2
     n_permutations: int = 20
     llm_model: str = ""  # an OpenAI-compatible model name; empty = grammar captions only
@@ -90,6 +92,7 @@ def directions_stage(store: RunStore, data: ImageTable, models: Sequence[str], c
                      world_dir: str | None = None, progress: bool = True) -> DirectionsResult:  # fmt: skip
     """Fit, name and check failure directions for every model and every cluster in the run."""
     from audit.captions import (
+        CaptionGrounding,
         LLMConfig,
         candidate_captions,
         captions_table,
@@ -141,7 +144,10 @@ def directions_stage(store: RunStore, data: ImageTable, models: Sequence[str], c
         llm = LLMConfig(model=cfg.llm_model, base_url=cfg.llm_base_url or os.environ.get("OPENAI_BASE_URL") or None)
     cands = candidate_captions(classes, world_spec=spec, llm=llm)
     refs = {c: world_reference(spec, c) if spec is not None and c in spec.items else reference_caption(c) for c in classes}
-    caps = captions_table(dirs, cands, emb.encode_text, refs, top_k=cfg.top_k)
+    if cfg.caption_scoring not in ("images", "text"):
+        raise ValueError(f"caption_scoring must be 'images' or 'text', got {cfg.caption_scoring!r}")
+    grounding = CaptionGrounding(X, fit.labels, classes, cfg.grounding_k) if cfg.caption_scoring == "images" else None
+    caps = captions_table(dirs, cands, emb.encode_text, refs, top_k=cfg.top_k, grounding=grounding)
     store.write_table("captions.parquet", caps)
 
     correct_eval, _ = _correct_for(store, list(correct), ev.example_ids.astype(str))
@@ -159,8 +165,15 @@ def directions_stage(store: RunStore, data: ImageTable, models: Sequence[str], c
             if row["mode"] == 0 and row["direction"] is not None and row["scope"] in correct:
                 in_c = fit.labels == classes.index(row["class"])
                 decisions[(row["scope"], row["class"])] = decision_from_row(row, X[in_c])
-        planted = planted_evaluation(store.read_table("accuracy.parquet"), caps, decisions, confidence, correct,
-                                     fit.labels, fit.column("group"), classes)  # fmt: skip
+        acc = store.read_table("accuracy.parquet")
+        # both caption scorings are checked against the truth, so the report compares them
+        other = captions_table(dirs, cands, emb.encode_text, refs, top_k=1,
+                               grounding=None if grounding is not None else CaptionGrounding(X, fit.labels, classes, cfg.grounding_k))  # fmt: skip
+        tables = []
+        for scoring, c in ((cfg.caption_scoring, caps), ("text" if grounding is not None else "images", other)):
+            t = planted_evaluation(acc, c, decisions, confidence, correct, fit.labels, fit.column("group"), classes)
+            tables.append(t.append_column("caption_scoring", pa.array([scoring] * t.num_rows, pa.string())))
+        planted = pa.concat_tables(tables)
         store.write_table("planted.parquet", planted)
     store.set_stage("directions", "done", embedder=emb.name, n_directions=dirs.num_rows, n_captions=caps.num_rows)
     return DirectionsResult(dirs, caps, subs, planted, format_directions(dirs, caps, subs, planted, families=None))
@@ -192,12 +205,19 @@ def format_directions(dirs: pa.Table, caps: pa.Table, subs: pa.Table, planted: p
                     acc = f"  nearest {s['accuracy_on_nearest']:.0%} vs class {s['class_accuracy']:.0%}" if s else ""
                     lines.append(f"      {pol:4s}: {c['caption']!r}{acc}")
     if planted is not None and planted.num_rows:
+        import pyarrow.compute as pc
+
         from audit.planted import summarize_planted
 
-        s = summarize_planted(planted)
+        lines.append("\nAgainst the planted truth (groups at least 15 points below their class):")
+        for scoring in dict.fromkeys(planted["caption_scoring"].to_pylist()):
+            s = summarize_planted(planted.filter(pc.equal(planted["caption_scoring"], scoring)))
+            lines.append(
+                f"  captions scored on {scoring:6s}: the top-1 hard caption names the planted attribute for "
+                f"{s['named_share']:.1%} of {s['pairs']} (model, group) pairs"
+            )
         lines.append(
-            f"\nPlanted groups that really fail ({s['pairs']} model x group pairs): top-1 hard caption names the planted "
-            f"attribute in {s['named_share']:.0%}; precision at #errors, SVM ranking {s['precision_svm']:.2f} vs "
-            f"confidence ranking {s['precision_confidence']:.2f}"
+            f"  ranking a class's images by the direction finds the planted group with precision {s['precision_svm']:.2f} "
+            f"at the number of errors, vs {s['precision_confidence']:.2f} ranking by the model's confidence"
         )
     return "\n".join(lines)

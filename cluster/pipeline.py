@@ -71,12 +71,19 @@ class StatsConfig:
     seed: int = 0
 
 
+def _directions_config():
+    from cluster.directions_stage import DirectionsConfig
+
+    return DirectionsConfig()
+
+
 @dataclass
 class AuditConfig:
     data: DataConfig = field(default_factory=DataConfig)
     zoo: ZooConfig = field(default_factory=ZooConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
+    directions: object = field(default_factory=_directions_config)  # cluster.directions_stage.DirectionsConfig
     path: str | None = None
 
     @classmethod
@@ -90,12 +97,15 @@ class AuditConfig:
             path = shipped
         with open(path, "rb") as f:
             d = tomllib.load(f)
-        unknown = set(d) - {"data", "zoo", "ray", "stats"}
+        from cluster.directions_stage import DirectionsConfig
+
+        sections = {"data": DataConfig, "zoo": ZooConfig, "ray": RayConfig, "stats": StatsConfig, "directions": DirectionsConfig}
+        unknown = set(d) - set(sections)
         if unknown:
-            raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; known: data, zoo, ray, stats")
+            raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; known: {', '.join(sections)}")
         base = os.path.dirname(os.path.abspath(path))
         parts = {}
-        for name, klass in (("data", DataConfig), ("zoo", ZooConfig), ("ray", RayConfig), ("stats", StatsConfig)):
+        for name, klass in sections.items():
             try:
                 parts[name] = klass(**d.get(name, {}))
             except TypeError as e:
@@ -280,7 +290,7 @@ def run_audit(config_path: str, out: str, address: str | None = None, resume: bo
     store = RunStore(out)
     m = store.manifest()
     stages = m.get("stages", {})
-    if stages.get("stats", {}).get("status") == "done" and m.get("config_key") == key:
+    if stages.get("audit", {}).get("status") == "done" and m.get("config_key") == key:
         print(f"run {store.uri} is finished for this config; nothing to do")
         return store
     if stages and not resume:
@@ -301,25 +311,48 @@ def run_audit(config_path: str, out: str, address: str | None = None, resume: bo
         store.set_stage("train", "done", trained=[r.name for r in results if r.trained])
     weights = trained_weights(zoo, data, cache=cache)
 
+    dcfg = cfg.directions
+    run_directions = bool(dcfg.embedder) and len(data.split(dcfg.eval_split)) > 0
+    # the fit split finds failures; the eval split checks captions on its nearest images
+    splits = [cfg.data.split, dcfg.eval_split] if run_directions and dcfg.eval_split != cfg.data.split else cfg.data.split
     started = connect(address, cfg.ray.num_cpus or None)
     try:
-        res = sweep_stage(store, data, cfg.data.split, zoo, weights, num_cpu_workers=cfg.ray.num_cpu_workers,
+        res = sweep_stage(store, data, splits, zoo, weights, num_cpu_workers=cfg.ray.num_cpu_workers,
                           threads_per_worker=cfg.ray.threads_per_worker or None, gpus=cfg.ray.gpus,
                           batch_size=cfg.ray.batch_size, with_features=cfg.ray.with_features,
                           max_restarts=cfg.ray.max_restarts, limit=cfg.data.limit)  # fmt: skip
+        print(f"sweep: {len(res.done)} model(s) run, {len(res.skipped)} up to date, {len(res.failed)} failed "
+              f"({res.seconds:.1f}s; shards {res.shards})")  # fmt: skip
+        for name, reason in res.failed.items():
+            print(f"  FAILED {name}: {reason.splitlines()[0]}")
+        done = sorted(res.done + res.skipped)
+        fit_part = data.split(cfg.data.split)
+        fit_ids = fit_part.example_ids.astype(str)
+        if cfg.data.limit:
+            fit_ids = fit_ids[: int(cfg.data.limit)]
+        from audit.demo import accuracy_tables
+
+        store.write_table("accuracy.parquet", accuracy_tables(store, fit_part, done))
+        s = cfg.stats
+        stats = stats_stage(store, families, models=done, similarity=s.similarity, threshold=s.threshold,
+                            n_clusters=s.n_clusters, method=s.method, n_boot=s.n_boot, ci=s.ci, seed=s.seed,
+                            example_ids=fit_ids)  # fmt: skip
+        print(stats.summary)
+        if not run_directions:
+            print(f"directions skipped: no embedder configured or the {dcfg.eval_split!r} split is empty")
+        else:
+            from cluster.directions_stage import directions_stage, format_directions
+
+            dcfg.fit_split = cfg.data.split
+            world_dir = cfg.data.path or (_default_world_dir(cfg.data.world_spec) if cfg.data.world_spec else None)
+            d = directions_stage(store, data, done, dcfg, world_dir=world_dir)
+            print(format_directions(d.directions, d.captions, d.subpopulations, d.planted, families))
     finally:
         if started:
             import ray
 
             ray.shutdown()
-    print(f"sweep: {len(res.done)} model(s) run, {len(res.skipped)} up to date, {len(res.failed)} failed "
-          f"({res.seconds:.1f}s; shards {res.shards})")  # fmt: skip
-    for name, reason in res.failed.items():
-        print(f"  FAILED {name}: {reason.splitlines()[0]}")
-    s = cfg.stats
-    stats = stats_stage(store, families, similarity=s.similarity, threshold=s.threshold, n_clusters=s.n_clusters,
-                        method=s.method, n_boot=s.n_boot, ci=s.ci, seed=s.seed)  # fmt: skip
-    print(stats.summary)
+    store.set_stage("audit", "done")
     store.update_manifest(seconds=round(time.perf_counter() - t0, 1))
     print(f"\nrun directory: {store.uri}")
     return store

@@ -182,3 +182,31 @@ def test_planted_caption_ranks_hardest():
     assert "blue" in hard[0]["caption"]
     assert all("blue" not in r["caption"] for r in easy)
     assert hard[0]["score"] < 0 < easy[0]["score"] and hard[0]["score"] <= hard[1]["score"]
+
+
+def test_image_grounded_scoring_ranks_the_caption_of_the_failing_cluster_hardest():
+    from audit.captions import CaptionGrounding, captions_table
+    from audit.directions import FailureDirections, directions_table
+
+    rng = np.random.default_rng(0)
+    d = 16
+    centres = {name: v / np.linalg.norm(v) for name, v in zip("abc", rng.normal(size=(3, d)), strict=True)}
+    X, labels, correct = [], [], []
+    for name, fails in (("a", True), ("b", False), ("c", False)):
+        X.append(centres[name] + 0.15 * rng.normal(size=(60, d)))
+        labels += [0] * 60
+        correct += [not fails] * 60
+    X = np.concatenate(X).astype(np.float32)
+    labels, correct = np.asarray(labels), np.asarray(correct)
+    est = FailureDirections(n_permutations=5, max_modes=1).fit(X, correct, labels)
+    dirs = directions_table({"m": est}, ["thing"])
+    texts = {"caption a": centres["a"], "caption b": centres["b"], "caption c": centres["c"]}
+
+    def encode(ts):
+        return np.stack([texts.get(t, np.zeros(d)) for t in ts])
+
+    caps = captions_table(dirs, {"thing": [(t, "grammar") for t in texts]}, encode, {"thing": "ref"}, top_k=1,
+                          grounding=CaptionGrounding(X, labels, ["thing"], k=20))  # fmt: skip
+    rows = {r["polarity"]: r for r in caps.to_pylist()}
+    assert rows["hard"]["caption"] == "caption a"
+    assert rows["easy"]["caption"] in ("caption b", "caption c") and rows["hard"]["score"] < rows["easy"]["score"]

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from audit.planted import caption_names, parse_group, planted_evaluation, precision_at_errors, summarize_planted
+from audit.planted import (
+    caption_names,
+    parse_group,
+    planted_evaluation,
+    precision_at_errors,
+    summarize_planted,
+)
 
 
 def test_parse_group_and_caption_names():

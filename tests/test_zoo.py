@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from audit.data.readers import read_world
-from audit.zoo.models import InputConfig, WeightsUnavailable, build_model, predict_arrays, preprocess, weights_status
+from audit.zoo.models import (
+    InputConfig,
+    WeightsUnavailable,
+    build_model,
+    predict_arrays,
+    preprocess,
+    weights_status,
+)
 from audit.zoo.spec import ModelSpec, ZooSpec
 from audit.zoo.train import train_zoo, trained_weights
 

@@ -21,12 +21,12 @@ import io
 import os
 import re
 import shutil
-import tomllib
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
+import tomllib
 
 from audit.data.readers import FASHION_MNIST_CLASSES, load_fashion_mnist_arrays
 from audit.data.table import SPLITS, ImageTable

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import difflib
 import os
-import tomllib
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import tomllib
 
 BUILDERS = ("timm", "open_clip", "local", "efficientnet_lite0_pkg")
 

@@ -41,10 +41,10 @@ def data_hash(table: ImageTable) -> str:
 
 
 def _code_hash() -> str:
-    from audit.zoo import models
-
     import timm
     import torch
+
+    from audit.zoo import models
 
     src = inspect.getsource(inspect.getmodule(_code_hash)) + inspect.getsource(models)
     return content_hash(src, timm.__version__, torch.__version__.split("+")[0])
