@@ -82,14 +82,16 @@ def planted_summary(acc: pa.Table, threshold: float = 0.15) -> list[dict]:
     ]
 
 
-def print_summary(acc: pa.Table, zoo) -> None:
+def format_summary(acc: pa.Table, zoo) -> str:
+    """Per-model debug accuracy and the planted groups' accuracy against their class."""
     rows = acc.to_pylist()
     overall = {r["model"]: r["accuracy"] for r in rows if r["class"] == "*"}
     fam = {m.name: m.family for m in zoo}
-    print("\nDebug accuracy per model:")
+    lines = ["Debug accuracy per model:"]
     for name, a in overall.items():
-        print(f"  {name:22s} {fam.get(name, ''):10s} {a:6.1%}")
-    print("\nPlanted failure modes (mean over models; 'shows' = models with group >= 15 points below class):")
-    print(f"  {'group':32s} {'group acc':>9s} {'class acc':>9s}  shows")
+        lines.append(f"  {name:22s} {fam.get(name, ''):10s} {a:6.1%}")
+    lines.append("\nPlanted failure modes (mean over models; 'shows' = models with group >= 15 points below class):")
+    lines.append(f"  {'group':32s} {'group acc':>9s} {'class acc':>9s}  shows")
     for g in planted_summary(acc):
-        print(f"  {g['group']:32s} {g['group_acc']:9.1%} {g['class_acc']:9.1%}  {g['shows']}/{g['models']}")
+        lines.append(f"  {g['group']:32s} {g['group_acc']:9.1%} {g['class_acc']:9.1%}  {g['shows']}/{g['models']}")
+    return "\n".join(lines)

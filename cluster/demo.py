@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict
 
-from audit.demo import DemoConfig, accuracy_tables, prepare_world, print_summary
+from audit.demo import DemoConfig, accuracy_tables, format_summary, prepare_world
 from audit.paths import config_path
-from audit.store import RunStore, file_hash
+from audit.store import RunStore, content_hash, file_hash
 
 
 def run_demo(cfg: DemoConfig) -> RunStore:
@@ -22,6 +23,7 @@ def run_demo(cfg: DemoConfig) -> RunStore:
     from audit.zoo.train import train_zoo, trained_weights
     from cluster.directions_stage import DirectionsConfig, directions_stage, format_directions
     from cluster.pipeline import connect, stats_stage, sweep_stage
+    from cluster.sweep import sweep_records
 
     t0 = time.perf_counter()
     store = RunStore(cfg.out)
@@ -47,29 +49,41 @@ def run_demo(cfg: DemoConfig) -> RunStore:
     weights = trained_weights(zoo, data)
 
     t = time.perf_counter()
-    started = connect(None, num_cpus=os.cpu_count())
+    dcfg = DirectionsConfig(fit_split=cfg.split)
+    started = False
     try:
         # debug: where failures are found; test: where captions are checked on nearest images
-        res = sweep_stage(store, data, [cfg.split, "test"], zoo, weights, num_cpu_workers=max(1, min(2, os.cpu_count() or 1)),
+        res = sweep_stage(store, data, [cfg.split, dcfg.eval_split], zoo, weights, num_cpu_workers=max(1, min(2, os.cpu_count() or 1)),
                           with_features=True, progress=cfg.progress)  # fmt: skip
         print(f"sweep: {len(res.done)} run, {len(res.skipped)} up to date, {len(res.failed)} failed ({time.perf_counter() - t:.1f}s)")
         for name, reason in res.failed.items():
             print(f"  FAILED {name}: {reason.splitlines()[0]}")
         done = sorted(res.done + res.skipped)
 
-        split = data.split(cfg.split)
-        acc = accuracy_tables(store, split, done)
-        store.write_table("accuracy.parquet", acc)
-        store.set_stage("accuracy", "done")
-        print_summary(acc, zoo)
-
-        stats = stats_stage(store, families, models=done, example_ids=split.example_ids.astype(str))
-        print("\n" + stats.summary)
-
-        t = time.perf_counter()
-        d = directions_stage(store, data, done, DirectionsConfig(fit_split=cfg.split), world_dir=world_dir, progress=cfg.progress)
-        print(f"\ndirections: {d.directions.num_rows} rows, {d.captions.num_rows} captions ({time.perf_counter() - t:.1f}s)")
-        print(format_directions(d.directions, d.captions, d.subpopulations, d.planted, families))
+        # the report depends only on the models' stored outputs and the stage configs
+        records = sweep_records(store)
+        key = content_hash("report", {m: records.get(m, {}).get("key") for m in done}, asdict(dcfg), cfg.split)
+        if store.stage_done("report", key) and store.exists("summary.txt"):
+            print("\n" + store.read_bytes("summary.txt").decode())
+            print("(statistics and directions are current: nothing recomputed)")
+        else:
+            split = data.split(cfg.split)
+            acc = accuracy_tables(store, split, done)
+            store.write_table("accuracy.parquet", acc)
+            store.set_stage("accuracy", "done")
+            parts = [format_summary(acc, zoo)]
+            print("\n" + parts[-1])
+            stats = stats_stage(store, families, models=done, example_ids=split.example_ids.astype(str))
+            parts.append(stats.summary)
+            print("\n" + parts[-1])
+            t = time.perf_counter()
+            started = connect(None, num_cpus=os.cpu_count())  # directions of the models fit in parallel Ray tasks
+            d = directions_stage(store, data, done, dcfg, world_dir=world_dir, progress=cfg.progress)
+            parts.append(format_directions(d.directions, d.captions, d.subpopulations, d.planted, families))
+            print(f"\ndirections: {d.directions.num_rows} rows, {d.captions.num_rows} captions ({time.perf_counter() - t:.1f}s)")
+            print(parts[-1])
+            store.write_bytes("summary.txt", "\n\n".join(parts).encode())
+            store.set_stage("report", "done", key=key)
     finally:
         if started:
             import ray

@@ -167,7 +167,7 @@ def sweep_stage(store: RunStore, data_table: ImageTable, split: str, zoo: ZooSpe
     embedded one (and shuts down what it started). Returns a :class:`cluster.sweep.SweepResult`.
     """
     from audit.zoo.train import data_hash
-    from cluster.sweep import run_sweep
+    from cluster.sweep import SweepResult, is_current, model_key, run_sweep
 
     part = data_table.split(split)
     if limit:
@@ -179,10 +179,16 @@ def sweep_stage(store: RunStore, data_table: ImageTable, split: str, zoo: ZooSpe
     store.record_errors(e.as_row() for e in errors)
     part = part.take(ok)
     specs = list(zoo)
+    dkey = data_hash(part)
+    keys = {s.name: model_key(s, weights.get(s.name), dkey, data_table.classes, split, with_features) for s in specs}
+    if all(is_current(store, name, key, with_features) for name, key in keys.items()):
+        # nothing to run: do not start (or join) Ray at all
+        store.set_stage("sweep", "done", split=split, models=sorted(keys), failed=[], seconds=0.0)
+        return SweepResult(skipped=sorted(keys), n_images=len(part))
     started = connect(address)
     try:
         res = run_sweep(store, images, part.example_ids.astype(str), part.labels, data_table.classes, specs, weights,
-                        data_key=data_hash(part), split=split, num_workers=num_cpu_workers,
+                        data_key=dkey, split=split, num_workers=num_cpu_workers,
                         threads_per_worker=threads_per_worker or None, gpus=gpus, batch_size=batch_size,
                         with_features=with_features, max_restarts=max_restarts, on_batch=on_batch,
                         progress=progress)  # fmt: skip
