@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-DEFAULT_MODELS = "resnet10-w16,resnet18-w16,resnet10-w24,densenet-g12,convnext-atto-s,vit-p4-d4"
+DEFAULT_MODELS = "resnet10-w16,resnet18-w16,resnet10-w24,densenet-g12,convnext-atto-s,mixer-p4"
 
 
 def random_weights(specs, n_classes: int, directory: str) -> dict[str, str]:
