@@ -261,22 +261,16 @@ def stats_stage(store: RunStore, families: Mapping[str, str], models: Sequence[s
 # -- the entry point -----------------------------------------------------------------------
 def load_data(cfg: DataConfig) -> ImageTable:
     from audit.data.readers import read_dataset
+    from audit.demo import default_world_dir
 
     if cfg.path and os.path.exists(cfg.path):
         return read_dataset(cfg.path)
     if cfg.world_spec:
         from audit.data.world import build_world
 
-        out = cfg.path or _default_world_dir(cfg.world_spec)
+        out = cfg.path or default_world_dir(cfg.world_spec)
         return build_world(cfg.world_spec, out)
     raise FileNotFoundError(f"dataset {cfg.path!r} not found; give an existing [data] path or a world_spec to build")
-
-
-def _default_world_dir(spec_path: str) -> str:
-    from audit.paths import cache_dir
-
-    with open(spec_path, "rb") as f:
-        return cache_dir("worlds", content_hash(f.read()))
 
 
 def run_audit(config_path: str, out: str, address: str | None = None, resume: bool = False) -> RunStore:
@@ -350,7 +344,9 @@ def run_audit(config_path: str, out: str, address: str | None = None, resume: bo
             from cluster.directions_stage import directions_stage, format_directions
 
             dcfg.fit_split = cfg.data.split
-            world_dir = cfg.data.path or (_default_world_dir(cfg.data.world_spec) if cfg.data.world_spec else None)
+            from audit.demo import default_world_dir
+
+            world_dir = cfg.data.path or (default_world_dir(cfg.data.world_spec) if cfg.data.world_spec else None)
             d = directions_stage(store, data, done, dcfg, world_dir=world_dir)
             print(format_directions(d.directions, d.captions, d.subpopulations, d.planted, families))
     finally:

@@ -260,14 +260,21 @@ class Ingress:
             if not self._users[set_id]:
                 del self._users[set_id], self._locks[set_id]
 
-    @api.get("/v1/sets/{set_id}")
-    async def get_set(self, set_id: str, request: Request):
+    def _check_read(self, request: Request, set_id: str):
+        """The error response for a read of ``set_id`` (401 without the token, 422 for a bad
+        id), or None when the read may go on."""
         if (denied := self._auth(request)) is not None:
             return denied
         try:
             check_set_id(set_id)
         except ValueError as e:
             return _error(422, str(e))
+        return None
+
+    @api.get("/v1/sets/{set_id}")
+    async def get_set(self, set_id: str, request: Request):
+        if (denied := self._check_read(request, set_id)) is not None:
+            return denied
         meta = await self._set_meta(set_id)
         if meta is None:
             return _error(404, f"no set {set_id!r} in {self.store.uri}")
@@ -275,12 +282,8 @@ class Ingress:
 
     @api.get("/v1/sets/{set_id}/images/{n}.png")
     async def get_image(self, set_id: str, n: int, request: Request):
-        if (denied := self._auth(request)) is not None:
+        if (denied := self._check_read(request, set_id)) is not None:
             return denied
-        try:
-            check_set_id(set_id)
-        except ValueError as e:
-            return _error(422, str(e))
         png = await asyncio.to_thread(read_set_image, self.store, set_id, n)
         if png is None:
             return _error(404, f"no image {n} in set {set_id!r}")
