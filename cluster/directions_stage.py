@@ -34,7 +34,7 @@ class DirectionsConfig:
     caption_scoring: str = "images"  # "images": mean decision value of the caption's nearest images; "text": the paper's
     grounding_k: int = 50  # nearest fit-split images per caption for "images" scoring
     max_modes: int = 2
-    n_permutations: int = 20
+    n_permutations: int = 50  # smallest p-value 1/51, small enough to survive the FDR control over a zoo
     llm_model: str = ""  # an OpenAI-compatible model name; empty = grammar captions only
     llm_base_url: str = ""  # default: $OPENAI_BASE_URL
 
@@ -88,6 +88,20 @@ def _fit_models(X, correct: Mapping[str, np.ndarray], labels, X_stats, estimator
     return {m: ray.get(f) for m, f in futures.items()}
 
 
+def with_q_values(dirs: pa.Table) -> pa.Table:
+    """Add Benjamini-Hochberg q-values over every direction of the run: with many models
+    and classes, some permutation p-values are small by chance; the q-value bounds the
+    share of false discoveries among the directions reported at or below it."""
+    from scipy.stats import false_discovery_control
+
+    p = np.asarray(dirs["p_value"].to_numpy(zero_copy_only=False), float)
+    q = np.full(len(p), np.nan)
+    ok = ~np.isnan(p)
+    if ok.any():
+        q[ok] = false_discovery_control(p[ok], method="bh")
+    return dirs.append_column("q_value", pa.array(q, pa.float64()))
+
+
 def directions_stage(store: RunStore, data: ImageTable, models: Sequence[str], cfg: DirectionsConfig | None = None,
                      world_dir: str | None = None, progress: bool = True) -> DirectionsResult:  # fmt: skip
     """Fit, name and check failure directions for every model and every cluster in the run."""
@@ -135,7 +149,7 @@ def directions_stage(store: RunStore, data: ImageTable, models: Sequence[str], c
         fitted.update(fit_collective(X, correct, clusters, fit.labels, X_stats=X_train, estimator=est))
     else:
         clusters = {}
-    dirs = directions_table(fitted, classes)
+    dirs = with_q_values(directions_table(fitted, classes))
     store.write_table("directions.parquet", dirs)
     store.write_table("direction_similarity.parquet", direction_similarity(dirs))
 
@@ -197,7 +211,8 @@ def format_directions(dirs: pa.Table, caps: pa.Table, subs: pa.Table, planted: p
     for g in sorted(by_group):
         lines.append(f"  {g}:")
         for r in sorted(by_group[g], key=lambda r: -r["cv_score"])[:per_family]:
-            lines.append(f"    {r['scope']:18s} {r['class']:10s} mode {r['mode']}  cv {r['cv_score']:.2f}  p={r['p_value']:.3f}")
+            lines.append(f"    {r['scope']:18s} {r['class']:10s} mode {r['mode']}  cv {r['cv_score']:.2f}  "
+                         f"p={r['p_value']:.3f} q={r.get('q_value', float('nan')):.3f}")  # fmt: skip
             for pol in ("hard", "easy"):
                 top = sorted(caps_by.get((r["scope"], r["class"], r["mode"], pol), []), key=lambda c: c["rank"])[:1]
                 for c in top:
