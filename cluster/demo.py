@@ -79,7 +79,7 @@ def run_demo(cfg: DemoConfig) -> RunStore:
             t = time.perf_counter()
             started = connect(None, num_cpus=os.cpu_count())  # directions of the models fit in parallel Ray tasks
             d = directions_stage(store, data, done, dcfg, world_dir=world_dir, progress=cfg.progress)
-            parts.append(format_directions(d.directions, d.captions, d.subpopulations, d.planted, families))
+            parts.append(format_directions(d.directions, d.captions, d.subpopulations, d.planted, families, sim=d.similarity))
             print(f"\ndirections: {d.directions.num_rows} rows, {d.captions.num_rows} captions ({time.perf_counter() - t:.1f}s)")
             print(parts[-1])
             store.write_bytes("summary.txt", "\n\n".join(parts).encode())

@@ -45,6 +45,7 @@ class DirectionsResult:
     captions: pa.Table
     subpopulations: pa.Table
     planted: pa.Table | None
+    similarity: pa.Table
     summary: str
 
 
@@ -151,7 +152,8 @@ def directions_stage(store: RunStore, data: ImageTable, models: Sequence[str], c
         clusters = {}
     dirs = with_q_values(directions_table(fitted, classes))
     store.write_table("directions.parquet", dirs)
-    store.write_table("direction_similarity.parquet", direction_similarity(dirs))
+    sim = direction_similarity(dirs)
+    store.write_table("direction_similarity.parquet", sim)
 
     llm = None
     if cfg.llm_model:
@@ -190,11 +192,27 @@ def directions_stage(store: RunStore, data: ImageTable, models: Sequence[str], c
         planted = pa.concat_tables(tables)
         store.write_table("planted.parquet", planted)
     store.set_stage("directions", "done", embedder=emb.name, n_directions=dirs.num_rows, n_captions=caps.num_rows)
-    return DirectionsResult(dirs, caps, subs, planted, format_directions(dirs, caps, subs, planted, families=None))
+    return DirectionsResult(dirs, caps, subs, planted, sim, format_directions(dirs, caps, subs, planted, sim=sim))
+
+
+def format_direction_similarity(sim: pa.Table, families: Mapping[str, str]) -> str:
+    """Mean cosine between two models' mode-0 directions for the same class, within vs
+    between families: how much of a failure mode the zoo shares."""
+    within, between = [], []
+    for r in sim.to_pylist():
+        a, b = r["scope_a"], r["scope_b"]
+        if a.startswith("cluster:") or b.startswith("cluster:") or a == b or a not in families or b not in families:
+            continue
+        (within if families[a] == families[b] else between).append(r["cosine"])
+    if not within or not between:
+        return ""
+    return (f"Failure directions shared across the zoo: mean cosine between two models' directions for the same "
+            f"class {np.mean(within):.2f} within a family vs {np.mean(between):.2f} between families")  # fmt: skip
 
 
 def format_directions(dirs: pa.Table, caps: pa.Table, subs: pa.Table, planted: pa.Table | None,
-                      families: Mapping[str, str] | None = None, per_family: int = 2) -> str:  # fmt: skip
+                      families: Mapping[str, str] | None = None, per_family: int = 2,
+                      sim: pa.Table | None = None) -> str:  # fmt: skip
     """The strongest failure modes per family (or scope), with captions and nearest-image accuracy."""
     families = families or {}
     sub = {(r["scope"], r["class"], r["caption"]): r for r in subs.to_pylist()}
@@ -219,6 +237,10 @@ def format_directions(dirs: pa.Table, caps: pa.Table, subs: pa.Table, planted: p
                     s = sub.get((r["scope"], r["class"], c["caption"]))
                     acc = f"  nearest {s['accuracy_on_nearest']:.0%} vs class {s['class_accuracy']:.0%}" if s else ""
                     lines.append(f"      {pol:4s}: {c['caption']!r}{acc}")
+    if sim is not None and families:
+        line = format_direction_similarity(sim, families)
+        if line:
+            lines.append("\n" + line)
     if planted is not None and planted.num_rows:
         import pyarrow.compute as pc
 

@@ -348,7 +348,7 @@ def run_audit(config_path: str, out: str, address: str | None = None, resume: bo
 
             world_dir = cfg.data.path or (default_world_dir(cfg.data.world_spec) if cfg.data.world_spec else None)
             d = directions_stage(store, data, done, dcfg, world_dir=world_dir)
-            print(format_directions(d.directions, d.captions, d.subpopulations, d.planted, families))
+            print(format_directions(d.directions, d.captions, d.subpopulations, d.planted, families, sim=d.similarity))
     finally:
         if started:
             import ray
