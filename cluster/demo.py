@@ -22,6 +22,7 @@ def run_demo(cfg: DemoConfig) -> RunStore:
     from audit.zoo.spec import ZooSpec
     from audit.zoo.train import train_zoo, trained_weights
     from cluster.directions_stage import DirectionsConfig, directions_stage, format_directions
+    from cluster.generate_stage import GenerateConfig, format_sets, generate_stage
     from cluster.pipeline import connect, stats_stage, sweep_stage
     from cluster.sweep import sweep_records
 
@@ -82,6 +83,10 @@ def run_demo(cfg: DemoConfig) -> RunStore:
             parts.append(format_directions(d.directions, d.captions, d.subpopulations, d.planted, families, sim=d.similarity))
             print(f"\ndirections: {d.directions.num_rows} rows, {d.captions.num_rows} captions ({time.perf_counter() - t:.1f}s)")
             print(parts[-1])
+            t = time.perf_counter()
+            sets = generate_stage(store, d.captions, d.directions, key, GenerateConfig(backend=f"world:{world_dir}"))
+            parts.append(format_sets(sets))
+            print(f"\ngeneration ({time.perf_counter() - t:.1f}s)\n" + parts[-1])
             store.write_bytes("summary.txt", "\n\n".join(parts).encode())
             store.set_stage("report", "done", key=key)
     finally:

@@ -77,6 +77,12 @@ def _directions_config():
     return DirectionsConfig()
 
 
+def _generate_config():
+    from cluster.generate_stage import GenerateConfig
+
+    return GenerateConfig()
+
+
 @dataclass
 class AuditConfig:
     data: DataConfig = field(default_factory=DataConfig)
@@ -84,6 +90,7 @@ class AuditConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     directions: object = field(default_factory=_directions_config)  # cluster.directions_stage.DirectionsConfig
+    generate: object = field(default_factory=_generate_config)  # cluster.generate_stage.GenerateConfig
     path: str | None = None
 
     @classmethod
@@ -98,8 +105,10 @@ class AuditConfig:
         with open(path, "rb") as f:
             d = tomllib.load(f)
         from cluster.directions_stage import DirectionsConfig
+        from cluster.generate_stage import GenerateConfig
 
-        sections = {"data": DataConfig, "zoo": ZooConfig, "ray": RayConfig, "stats": StatsConfig, "directions": DirectionsConfig}
+        sections = {"data": DataConfig, "zoo": ZooConfig, "ray": RayConfig, "stats": StatsConfig,
+                    "directions": DirectionsConfig, "generate": GenerateConfig}  # fmt: skip
         unknown = set(d) - set(sections)
         if unknown:
             raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; known: {', '.join(sections)}")
@@ -349,6 +358,13 @@ def run_audit(config_path: str, out: str, address: str | None = None, resume: bo
             world_dir = cfg.data.path or (default_world_dir(cfg.data.world_spec) if cfg.data.world_spec else None)
             d = directions_stage(store, data, done, dcfg, world_dir=world_dir)
             print(format_directions(d.directions, d.captions, d.subpopulations, d.planted, families, sim=d.similarity))
+            if cfg.generate.enabled:
+                from cluster.generate_stage import format_sets, generate_stage
+
+                g = cfg.generate
+                if not g.url and g.backend == "world" and world_dir:
+                    g.backend = f"world:{world_dir}"
+                print(format_sets(generate_stage(store, d.captions, d.directions, key, g)))
     finally:
         if started:
             import ray

@@ -15,7 +15,7 @@ def test_demo_end_to_end_and_rerun(tmp_path, tiny_world, tiny_spec_path, tiny_zo
     cfg = DemoConfig(out=str(tmp_path / "run"), world_spec=tiny_spec_path, world_dir=tiny_world, zoo=tiny_zoo_path, progress=False)
     store = run_demo(cfg)
     for name in ("manifest.json", "accuracy.parquet", "overlap.parquet", "clusters.parquet", "directions.parquet",
-                 "captions.parquet", "subpopulations.parquet"):  # fmt: skip
+                 "captions.parquet", "subpopulations.parquet", "synthetic_sets.parquet"):  # fmt: skip
         assert store.exists(name), name
     m = store.manifest()
     assert m["data"]["world_dir"] == tiny_world
@@ -31,6 +31,13 @@ def test_demo_end_to_end_and_rerun(tmp_path, tiny_world, tiny_spec_path, tiny_zo
     assert set(dirs["scope"].to_pylist()) >= {"tiny-resnet", "tiny-vit"}
     caps = store.read_table("captions.parquet")
     assert caps.num_rows > 0 and set(caps["polarity"].to_pylist()) <= {"hard", "easy"}
+    # every cluster with a significant direction got a shared synthetic set over HTTP
+    from serve.sets import load_set
+
+    for r in store.read_table("synthetic_sets.parquet").to_pylist():
+        images, table = load_set(store, r["set_id"])
+        assert len(images) == r["n_images"] == 3 * len(r["captions"])
+        assert sorted(set(table["prompt"].to_pylist())) == sorted(r["captions"])
     out = capsys.readouterr().out
     assert "Planted failure modes" in out and "Within- vs between-family" in out
 
