@@ -138,6 +138,8 @@ def bench_sweep(args) -> None:
         print(f"  ray 1 worker vs plain loop, {total} threads          {ratio(f'ray 1x{total}', f'plain T={total}')}   (target >= 0.9)")
         print(f"  ray {total} workers x 1 vs plain loop, {total} threads    {ratio(f'ray {total}x1', f'plain T={total}')}")
         print(f"  ray {total} workers x 1 thread vs 1 worker x 1     {ratio(f'ray {total}x1', 'ray 1x1')}   (target >= 1.8)")
+        # what this machine gives at all: the same models in one process, 1 -> N threads
+        print(f"  plain loop {total} threads vs 1 thread (machine's own scaling) {ratio(f'plain T={total}', 'plain T=1')}")
 
 
 def bench_overlap(n_models: int = 40, n_examples: int = 1_000_000, repeats: int = 3) -> None:
