@@ -49,12 +49,10 @@ class DirectionsResult:
     summary: str
 
 
-def _correct_for(store: RunStore, models: Sequence[str], ids: np.ndarray) -> tuple[dict, dict]:
+def _correct_for(preds: Mapping[str, pa.Table], ids: np.ndarray) -> tuple[dict, dict]:
     """``({model: correct bool [N]}, {model: confidence [N]})`` aligned with ``ids``."""
-    from audit.evaluate import load_predictions
-
     correct, conf = {}, {}
-    for m, t in load_predictions(store, models).items():
+    for m, t in preds.items():
         pos = {e: i for i, e in enumerate(t["example_id"].to_pylist())}
         idx = np.array([pos.get(e, -1) for e in ids])
         if (idx < 0).any():
@@ -140,7 +138,10 @@ def directions_stage(store: RunStore, data: ImageTable, models: Sequence[str], c
     fit, ev, train = data.split(cfg.fit_split), data.split(cfg.eval_split), data.split("train")
     X, X_eval, X_train = (E.align(t.example_ids.astype(str)) for t in (fit, ev, train))
 
-    correct, confidence = _correct_for(store, models, fit.example_ids.astype(str))
+    from audit.evaluate import load_predictions
+
+    preds = load_predictions(store, models)  # read once: the fit split and the eval split both come from it
+    correct, confidence = _correct_for(preds, fit.example_ids.astype(str))
     if not correct:
         raise ValueError(f"no model has predictions for the {cfg.fit_split!r} split; run the sweep over it first")
     est = FailureDirections(max_modes=cfg.max_modes, n_permutations=cfg.n_permutations)
@@ -166,7 +167,7 @@ def directions_stage(store: RunStore, data: ImageTable, models: Sequence[str], c
     caps = captions_table(dirs, cands, emb.encode_text, refs, top_k=cfg.top_k, grounding=grounding)
     store.write_table("captions.parquet", caps)
 
-    correct_eval, _ = _correct_for(store, list(correct), ev.example_ids.astype(str))
+    correct_eval, _ = _correct_for({m: preds[m] for m in correct}, ev.example_ids.astype(str))
     index = ClassIndex(X_eval, ev.labels)
     scopes = {f"cluster:{cid}": members for cid, members in clusters.items()}
     subs = subpopulations_table(caps, correct_eval, emb, index, classes, k=cfg.k, scopes=scopes)

@@ -32,9 +32,12 @@ def test_demo_end_to_end_and_rerun(tmp_path, tiny_world, tiny_spec_path, tiny_zo
     caps = store.read_table("captions.parquet")
     assert caps.num_rows > 0 and set(caps["polarity"].to_pylist()) <= {"hard", "easy"}
     # every cluster with a significant direction got a shared synthetic set over HTTP
+    from cluster.generate_stage import cluster_hard_captions
     from serve.sets import load_set
 
-    for r in store.read_table("synthetic_sets.parquet").to_pylist():
+    sets = store.read_table("synthetic_sets.parquet")
+    assert sets.num_rows == len(cluster_hard_captions(caps, dirs))  # one set per cluster with a significant direction
+    for r in sets.to_pylist():
         images, table = load_set(store, r["set_id"])
         assert len(images) == r["n_images"] == 3 * len(r["captions"])
         assert sorted(set(table["prompt"].to_pylist())) == sorted(r["captions"])
