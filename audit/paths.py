@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from audit.cache import cache_dir  # noqa: F401 - re-exported
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -14,11 +16,3 @@ def config_path(*parts: str) -> str | None:
         if base and (Path(base) / Path(*parts)).exists():
             return str(Path(base) / Path(*parts))
     return None
-
-
-def cache_dir(*parts: str) -> str:
-    """``$ZOO_AUDIT_CACHE`` (default ``~/.cache/zoo-audit``) joined with ``parts``, created."""
-    root = os.environ.get("ZOO_AUDIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "zoo-audit")
-    p = os.path.join(root, *parts)
-    os.makedirs(p, exist_ok=True)
-    return p

@@ -10,7 +10,6 @@ a resumed run would mistake for finished work.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import io
 import json
 import os
@@ -22,6 +21,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from audit.cache import content_hash, file_hash  # noqa: F401 - re-exported for callers
 
 ERROR_SCHEMA = pa.schema(
     [
@@ -37,29 +38,6 @@ _LOCK = threading.Lock()
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def content_hash(*parts: Any) -> str:
-    """A short, stable hash of JSON-able parts, bytes or strings (for cache keys)."""
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, bytes | bytearray | memoryview):
-            h.update(bytes(p))
-        elif isinstance(p, str):
-            h.update(p.encode())
-        else:
-            h.update(json.dumps(p, sort_keys=True, default=str).encode())
-        h.update(b"\x00")
-    return h.hexdigest()[:16]
-
-
-def file_hash(path: str, chunk: int = 1 << 20) -> str:
-    """sha256 (16 hex chars) of a local file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()[:16]
 
 
 class RunStore:
@@ -110,9 +88,17 @@ class RunStore:
         parent = final.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, final)
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, final)
+        except BaseException:
+            # a failed write (full disk, killed worker) must not leave its temporary behind
+            try:
+                self.fs.delete_file(tmp)
+            except OSError:
+                pass
+            raise
         return final
 
     def read_bytes(self, rel: str) -> bytes:
