@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from audit.cache import write_atomic_bytes
 from audit.store import content_hash
 
 log = logging.getLogger(__name__)
@@ -220,11 +221,9 @@ def llm_proposal(noun: str, cfg: LLMConfig, client=None) -> Proposal | None:
     except Exception as e:  # noqa: BLE001 - any failure of the optional LLM path falls back
         log.warning("LLM proposals for %r failed (%s: %s); using the grammar only", noun, type(e).__name__, e)
         return None
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"model": cfg.model, "prompt": prompt, "answer": text, "proposal": proposal.model_dump(),
-                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=2)  # fmt: skip
-    os.replace(tmp, path)
+    record = {"model": cfg.model, "prompt": prompt, "answer": text, "proposal": proposal.model_dump(),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    write_atomic_bytes(path, json.dumps(record, indent=2).encode())
     return proposal
 
 

@@ -122,7 +122,7 @@ TINY_HP = {"epochs": 2, "width": 4, "dim": 16, "batch_size": 8, "proj_hidden": 1
 
 
 def test_caption_vocabulary_omits_attribute_words():
-    from audit.embed.world_encoder import CaptionVocab, omit_value, omittable_attributes
+    from audit.embed.vocab import CaptionVocab, omit_value, omittable_attributes
 
     table = _captioned_table(n_per=1)
     assert omittable_attributes(table) == ["color", "background"]

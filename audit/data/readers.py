@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from audit.cache import write_atomic_bytes
 from audit.data.table import SPLITS, ImageTable
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -181,9 +182,7 @@ def _download_fashion_mnist(dest: str) -> None:
             if not os.path.exists(target):
                 with urllib.request.urlopen(FASHION_MNIST_URL + stem + ".gz", timeout=30) as r:
                     data = r.read()
-                with open(target + ".part", "wb") as f:
-                    f.write(data)
-                os.replace(target + ".part", target)
+                write_atomic_bytes(target, data)
 
 
 def load_fashion_mnist_arrays(directory: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from audit.cache import atomic_write
+
 SPLITS = ("train", "debug", "test", "pool")
 CORE_COLUMNS = ("example_id", "split", "label", "image", "path")
 
@@ -61,10 +63,8 @@ class ImageTable:
         return table_from_labels(t, root=root or os.path.dirname(os.path.abspath(path)))
 
     def to_parquet(self, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        pq.write_table(self.with_metadata().table, tmp, compression="zstd")
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:  # creates the parent directory
+            pq.write_table(self.with_metadata().table, tmp, compression="zstd")
 
     def with_metadata(self) -> ImageTable:
         meta = dict(self.table.schema.metadata or {})

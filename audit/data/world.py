@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import tomllib
 
+from audit.cache import atomic_write
 from audit.data.readers import FASHION_MNIST_CLASSES, load_fashion_mnist_arrays
 from audit.data.table import SPLITS, ImageTable
 
@@ -380,9 +381,8 @@ def build_world(spec_path: str, out_dir: str, fmnist_dir: str | None = None, for
     table = WorldBuilder(spec, fm).build()
     os.makedirs(out_dir, exist_ok=True)
     table.to_parquet(out_examples)
-    tmp = out_spec + ".tmp"
-    shutil.copyfile(spec_path, tmp)
-    os.replace(tmp, out_spec)
+    with atomic_write(out_spec) as tmp:
+        shutil.copyfile(spec_path, tmp)
     return table
 
 

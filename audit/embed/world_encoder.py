@@ -16,30 +16,35 @@ Training (:func:`train_world_encoder`):
   multi-positive in-batch images on the text side, averaged over levels (full caption,
   caption without colour, ...), so "a photo of a blue pullover" and "a photo of a pullover
   on grass" both land near the right images.
+- The caption vocabulary lives in :mod:`audit.embed.vocab`, the training loop in
+  :mod:`audit.zoo.loop`.
 - The checkpoint is cached under ``$ZOO_AUDIT_CACHE/embedders/`` by a content hash of the
-  data, the captions, this code, the text model and the hyper-parameters.
+  data, the captions, the code's declared version (:data:`VERSION`), the torch/timm and
+  text-model versions and the hyper-parameters.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import combinations
 
 import numpy as np
 
+from audit.cache import atomic_write, cache_dir, code_version, content_hash
 from audit.data.table import ImageTable
 from audit.embed.base import Embedder, register_embedder
-from audit.paths import cache_dir
-from audit.store import content_hash
+from audit.embed.vocab import CaptionVocab, omittable_attributes
 
 log = logging.getLogger(__name__)
+
+# Bump when what a checkpoint holds changes for the same data and hyper-parameters: this
+# module's towers, loss or augmentation, the caption vocabulary (audit/embed/vocab.py), the
+# training loop (audit/zoo/loop.py) or the text side (audit/embed/text.py).
+VERSION = 1
 
 HPARAMS: dict = {
     "dim": 128,
@@ -54,99 +59,6 @@ HPARAMS: dict = {
     "max_examples": 0,  # 0 = all rows of the training splits
     "proj_hidden": 512,
 }
-
-_PREFIX = re.compile(r"^\s*(?:a |an |the )?(?:photo|picture|image|close-up photo)\s+of\s+", re.I)
-_PREPS = r"(?:on|in|at|with|under|over|near|by|against|beside|inside|behind)"
-SKIP_COLUMNS = {"example_id", "split", "label", "image", "path", "caption", "group"}
-
-
-# -- caption vocabulary ---------------------------------------------------------------------
-def caption_body(caption: str) -> str:
-    """``"a photo of a blue pullover on grass"`` -> ``"a blue pullover on grass"``."""
-    return _PREFIX.sub("", caption.strip().rstrip("."))
-
-
-def fix_articles(text: str) -> str:
-    return re.sub(r"\b(a|an)\s+(\w)", lambda m: ("an " if m.group(2).lower() in "aeiou" else "a ") + m.group(2), text)
-
-
-def omit_value(text: str, value: str) -> str:
-    """Drop one attribute word from a caption: its prepositional phrase, else the word itself."""
-    v = re.escape(value)
-    out = re.sub(rf"\s+{_PREPS}\s+(?:(?:a|an|the)\s+)?{v}\b", "", text, count=1, flags=re.I)
-    if out == text:
-        out = re.sub(rf"\b{v}\s+", "", text, count=1, flags=re.I)
-    if out == text:
-        out = re.sub(rf"\s*\b{v}\b", "", text, count=1, flags=re.I)
-    return re.sub(r"\s+", " ", fix_articles(out)).strip()
-
-
-def omittable_attributes(table: ImageTable, min_share: float = 0.9) -> list[str]:
-    """Attribute columns whose value is a word of the caption in at least ``min_share`` of rows."""
-    if "caption" not in table.columns:
-        raise ValueError(f"the world encoder trains on a table with a 'caption' column; this table has {table.columns}")
-    captions = [str(c).lower() for c in table.column("caption")]
-    classes = {c.lower() for c in table.classes}
-    out = []
-    for col in table.columns:
-        if col in SKIP_COLUMNS:
-            continue
-        vals = [str(v).lower() for v in table.column(col)]
-        if set(vals) <= classes:  # a copy of the label (e.g. the world's `item`)
-            continue
-        hits = sum(bool(v) and re.search(rf"\b{re.escape(v)}\b", c) is not None for v, c in zip(vals, captions, strict=True))
-        if captions and hits >= min_share * len(captions):
-            out.append(col)
-    return out
-
-
-@dataclass
-class CaptionVocab:
-    """Distinct caption strings per level (which attributes are omitted) and template.
-
-    ``levels[l]`` is a tuple of omitted attribute names; ``keys[l]`` the distinct
-    (label, kept attribute values...) tuples of that level; ``texts[l][t][j]`` the string for
-    key ``j`` in template ``t``; ``targets[l][i]`` the key index of table row ``i``.
-    """
-
-    attributes: list[str]
-    templates: list[str]
-    levels: list[tuple[str, ...]] = field(default_factory=list)
-    keys: list[list[tuple]] = field(default_factory=list)
-    texts: list[list[list[str]]] = field(default_factory=list)
-    targets: list[np.ndarray] = field(default_factory=list)
-
-    @classmethod
-    def build(cls, table: ImageTable, templates: Sequence[str], attributes: Sequence[str] | None = None) -> CaptionVocab:
-        attrs = list(omittable_attributes(table) if attributes is None else attributes)
-        voc = cls(attrs, list(templates))
-        captions = [str(c) for c in table.column("caption")]
-        labels = table.labels
-        values = {a: [str(v) for v in table.column(a)] for a in attrs}
-        levels = [tuple(s) for r in range(len(attrs) + 1) for s in combinations(attrs, r)]
-        for omit in levels:
-            kept = [a for a in attrs if a not in omit]
-            # with no omittable attributes the one level is keyed by the caption itself
-            index: dict[tuple, int] = {}
-            bodies: list[str] = []
-            target = np.empty(len(captions), np.int64)
-            for i, cap in enumerate(captions):
-                key = (int(labels[i]), *(values[a][i] for a in kept)) if attrs else (int(labels[i]), cap)
-                if key not in index:
-                    body = caption_body(cap)
-                    for a in omit:
-                        body = omit_value(body, values[a][i])
-                    index[key] = len(bodies)
-                    bodies.append(body)
-                target[i] = index[key]
-            voc.levels.append(omit)
-            voc.keys.append(list(index))
-            voc.texts.append([[fix_articles(t.format(b)) for b in bodies] for t in templates])
-            voc.targets.append(target)
-        return voc
-
-    def all_texts(self) -> list[str]:
-        return sorted({s for lvl in self.texts for tpl in lvl for s in tpl})
 
 
 # -- the model ------------------------------------------------------------------------------
@@ -197,14 +109,6 @@ def table_hash(table: ImageTable) -> str:
     return content_hash(data_hash(table), *extra)
 
 
-def _code_hash() -> str:
-    import torch
-
-    from audit.embed import text
-
-    return content_hash(inspect.getsource(inspect.getmodule(_code_hash)), inspect.getsource(text), torch.__version__.split("+")[0])
-
-
 def resolve_hparams(hparams: Mapping | None = None) -> dict:
     hp = {**HPARAMS, **dict(hparams or {})}
     unknown = set(hp) - set(HPARAMS)
@@ -217,7 +121,8 @@ def checkpoint_key(table: ImageTable, hparams: Mapping | None = None) -> str:
     from audit.embed.text import minilm_version
 
     hp = resolve_hparams(hparams)
-    return content_hash(table_hash(training_rows(table, hp)), _code_hash(), minilm_version(), hp)
+    code = code_version("embed.world", VERSION, torch_stack=True)
+    return content_hash(table_hash(training_rows(table, hp)), code, minilm_version(), hp)
 
 
 def training_rows(table: ImageTable, hp: Mapping) -> ImageTable:
@@ -256,6 +161,7 @@ def train_world_encoder(table: ImageTable, hparams: Mapping | None = None, devic
     from tqdm.auto import tqdm
 
     from audit.embed.text import load_minilm
+    from audit.zoo.loop import train_loop, usable_cores
     from audit.zoo.models import preprocess
 
     hp = resolve_hparams(hparams)
@@ -268,7 +174,7 @@ def train_world_encoder(table: ImageTable, hparams: Mapping | None = None, devic
 
     t0 = time.perf_counter()
     torch.manual_seed(int(hp["seed"]))
-    torch.set_num_threads(_usable_cores())
+    torch.set_num_threads(usable_cores())
     rows = training_rows(table, hp)
     vocab = CaptionVocab.build(rows, hp["templates"])
     timings = {}
@@ -294,41 +200,30 @@ def train_world_encoder(table: ImageTable, hparams: Mapping | None = None, devic
 
     towers = _build_towers(hp, minilm.dim).to(device)
     x_all = torch.cat([preprocess(images[i : i + 2048], cfg, "cpu") for i in range(0, len(images), 2048)])
-    n, bs, epochs = len(x_all), min(int(hp["batch_size"]), len(x_all)), int(hp["epochs"])
-    steps_per_epoch = max(1, n // bs)
-    steps = epochs * steps_per_epoch
-    opt = torch.optim.AdamW(towers.parameters(), lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(hp["lr"]), total_steps=steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(int(hp["seed"]))
     n_tpl = len(vocab.templates)
+
+    def step_loss(idx, gen):
+        xb = _augment(x_all[idx], gen).to(device)
+        img = F.normalize(towers["image"](xb), dim=-1)
+        scale = towers.logit_scale.clamp(max=np.log(100.0)).exp()
+        loss = 0.0
+        for feats, targets in zip(level_feats, level_targets, strict=True):
+            t = int(torch.randint(n_tpl, (1,), generator=gen))
+            txt = F.normalize(towers["text"](feats[t]), dim=-1)  # [V, D]
+            y = targets[idx.to(device)]
+            logits = scale * img @ txt.T  # [B, V]: the whole level's vocabulary as negatives
+            uniq, inv = torch.unique(y, return_inverse=True)
+            pos = inv.unsqueeze(0) == torch.arange(len(uniq), device=device).unsqueeze(1)  # [U, B]
+            t2i = logits[:, uniq].T  # [U, B]: each caption in the batch against the batch's images
+            t2i_loss = -(torch.logsumexp(t2i.masked_fill(~pos, -1e4), 1) - torch.logsumexp(t2i, 1)).mean()
+            loss = loss + 0.5 * (F.cross_entropy(logits, y) + t2i_loss)
+        return loss / len(level_feats)
+
+    n = len(x_all)
     towers.train()
-    bar = tqdm(total=steps, desc="train world encoder", disable=not progress, leave=False)
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        for s in range(steps_per_epoch):
-            idx = perm[s * bs : (s + 1) * bs]
-            xb = _augment(x_all[idx], gen).to(device)
-            img = F.normalize(towers["image"](xb), dim=-1)
-            scale = towers.logit_scale.clamp(max=np.log(100.0)).exp()
-            loss = 0.0
-            for feats, targets in zip(level_feats, level_targets, strict=True):
-                t = int(torch.randint(n_tpl, (1,), generator=gen))
-                txt = F.normalize(towers["text"](feats[t]), dim=-1)  # [V, D]
-                y = targets[idx.to(device)]
-                logits = scale * img @ txt.T  # [B, V]: the whole level's vocabulary as negatives
-                uniq, inv = torch.unique(y, return_inverse=True)
-                pos = inv.unsqueeze(0) == torch.arange(len(uniq), device=device).unsqueeze(1)  # [U, B]
-                t2i = logits[:, uniq].T  # [U, B]: each caption in the batch against the batch's images
-                t2i_loss = -(torch.logsumexp(t2i.masked_fill(~pos, -1e4), 1) - torch.logsumexp(t2i, 1)).mean()
-                loss = loss + 0.5 * (F.cross_entropy(logits, y) + t2i_loss)
-            loss = loss / len(level_feats)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-    bar.close()
+    train_loop(towers.parameters(), step_loss, n=n, batch_size=int(hp["batch_size"]), epochs=int(hp["epochs"]),
+               lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]), pct_start=0.1, seed=int(hp["seed"]),
+               drop_last=True, progress=progress, desc="train world encoder")  # fmt: skip
     towers.eval()
     seconds = time.perf_counter() - t0
     timings["train"] = seconds - sum(timings.values())
@@ -344,17 +239,9 @@ def train_world_encoder(table: ImageTable, hparams: Mapping | None = None, devic
         log.info("world encoder zero-shot accuracy on debug: %s", metrics)
     log.info("world encoder trained in %.1fs (%s)", seconds, meta["timings"])
     meta["metrics"] = metrics
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(state, tmp, metadata={"world_encoder": json.dumps(meta)})
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(state, tmp, metadata={"world_encoder": json.dumps(meta)})
     return TrainResult(path, key, True, seconds, metrics)
-
-
-def _usable_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))  # respects taskset / container CPU sets
-    except AttributeError:  # pragma: no cover - not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _augment(x, gen):
@@ -448,7 +335,7 @@ def zero_shot_accuracy(embedder: Embedder, table: ImageTable, attributes: Sequen
 
 # -- registry and CLI -----------------------------------------------------------------------
 def _default_world() -> ImageTable:
-    from audit.demo import prepare_world
+    from audit.data.default_world import prepare_world
 
     table, _ = prepare_world(None, None)
     return table

@@ -1,14 +1,18 @@
 """Training zoo members from scratch (the demo zoo), cached by content hash.
 
-A checkpoint's key hashes the model spec, the training data and this training code, so
+A checkpoint's key hashes the model spec and its training hyper-parameters, the training
+data, this code's declared version (:data:`TRAIN_VERSION`) and the torch/timm versions, so
 changing any of them retrains exactly the affected models and a second run trains nothing.
 Weights are stored as safetensors under ``$ZOO_AUDIT_CACHE/zoo/``.
+
+:func:`train_zoo` trains the members in turn, each through :func:`train_member`; a runner that
+trains them in parallel workers asks :func:`pending_members` what is left and dispatches
+:func:`train_member` calls itself (``threads=1`` per worker).
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import os
 import time
@@ -16,12 +20,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from audit.cache import atomic_write, cache_dir, code_version, content_hash
 from audit.data.table import ImageTable
-from audit.paths import cache_dir
-from audit.store import content_hash
 from audit.zoo.spec import ModelSpec, ZooSpec
 
 log = logging.getLogger(__name__)
+
+# Bump when what a checkpoint holds changes for the same spec and data: this module, the
+# training loop (audit/zoo/loop.py), or the builders and preprocessing in audit/zoo/models.py.
+TRAIN_VERSION = 1
 
 TRAIN_DEFAULTS = {"epochs": 4, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.05, "seed": 0, "label_smoothing": 0.0}
 
@@ -40,18 +47,16 @@ def data_hash(table: ImageTable) -> str:
     return h.hexdigest()[:16]
 
 
-def _code_hash() -> str:
-    import timm
-    import torch
-
-    from audit.zoo import models
-
-    src = inspect.getsource(inspect.getmodule(_code_hash)) + inspect.getsource(models)
-    return content_hash(src, timm.__version__, torch.__version__.split("+")[0])
+def resolve_train_hparams(spec: ModelSpec) -> dict:
+    """The training hyper-parameters of ``spec``: :data:`TRAIN_DEFAULTS` overridden by ``spec.train``."""
+    return {**TRAIN_DEFAULTS, **spec.train}
 
 
 def checkpoint_key(spec: ModelSpec, dhash: str) -> str:
-    return content_hash(spec.to_dict(), dhash, _code_hash())
+    """Key of ``spec``'s checkpoint: its spec and resolved hyper-parameters, the data hash, the
+    training code's version and the torch/timm versions."""
+    code = code_version("zoo.train", TRAIN_VERSION, torch_stack=True)
+    return content_hash(spec.to_dict(), resolve_train_hparams(spec), dhash, code)
 
 
 def checkpoint_path(spec: ModelSpec, dhash: str, cache: str | None = None) -> str:
@@ -70,89 +75,116 @@ class TrainResult:
 
 
 def train_model(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, classes: list[str],
-                device: str = "cpu", progress: bool = True) -> dict:  # fmt: skip
-    """Train ``spec`` from scratch on uint8 images ``[N, H, W, 3]``; returns its state dict."""
+                device: str = "cpu", progress: bool = True, threads: int | None = None) -> dict:  # fmt: skip
+    """Train ``spec`` from scratch on uint8 images ``[N, H, W, 3]`` with int labels ``[N]``;
+    returns its state dict (CPU tensors). ``threads``: torch intra-op threads to train with
+    (None: leave the process's setting as is), restored afterwards."""
     import torch
-    from tqdm.auto import tqdm
 
+    from audit.zoo.loop import torch_threads, train_loop
     from audit.zoo.models import _timm_input_config, create_timm, preprocess
 
     if spec.builder != "timm" or spec.weights != "train":
         raise ValueError(f"model {spec.name!r} is not trained here (builder={spec.builder}, weights={spec.weights})")
-    hp = {**TRAIN_DEFAULTS, **spec.train}
-    torch.manual_seed(int(hp["seed"]))
-    model = create_timm(spec, len(classes)).to(device)
-    cfg = _timm_input_config(model, spec)
-    x_all = torch.cat([preprocess(images[i : i + 1024], cfg, "cpu") for i in range(0, len(images), 1024)])
-    y_all = torch.as_tensor(labels, dtype=torch.long)
-    n, bs, epochs = len(x_all), int(hp["batch_size"]), int(hp["epochs"])
-    steps = epochs * ((n + bs - 1) // bs)
-    opt = torch.optim.AdamW(model.parameters(), lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(hp["lr"]), total_steps=steps, pct_start=0.15)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=float(hp["label_smoothing"]))
-    gen = torch.Generator().manual_seed(int(hp["seed"]))
-    model.train()
-    bar = tqdm(total=steps, desc=f"train {spec.name}", disable=not progress, leave=False)
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n, bs):
-            idx = perm[i : i + bs]
+    if len(images) != len(labels):
+        raise ValueError(f"images [N, H, W, 3] and labels [N] disagree on N: {len(images)} vs {len(labels)}")
+    hp = resolve_train_hparams(spec)
+    with torch_threads(threads):
+        torch.manual_seed(int(hp["seed"]))
+        model = create_timm(spec, len(classes)).to(device)
+        cfg = _timm_input_config(model, spec)
+        x_all = torch.cat([preprocess(images[i : i + 1024], cfg, "cpu") for i in range(0, len(images), 1024)])
+        y_all = torch.as_tensor(labels, dtype=torch.long)
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=float(hp["label_smoothing"]))
+
+        def step_loss(idx, gen):
             xb, yb = x_all[idx].to(device), y_all[idx].to(device)
-            flip = torch.rand(len(idx), generator=gen) < 0.5
+            flip = torch.rand(len(idx), generator=gen) < 0.5  # horizontal flip per image
             xb = torch.where(flip.view(-1, 1, 1, 1).to(device), xb.flip(-1), xb)
-            loss = loss_fn(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    model.eval()
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            return loss_fn(model(xb), yb)
+
+        model.train()
+        train_loop(model.parameters(), step_loss, n=len(x_all), batch_size=int(hp["batch_size"]),
+                   epochs=int(hp["epochs"]), lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]),
+                   pct_start=0.15, seed=int(hp["seed"]), progress=progress, desc=f"train {spec.name}")  # fmt: skip
+        model.eval()
+        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
-def train_zoo(zoo: ZooSpec, data: ImageTable, device: str = "cpu", cache: str | None = None,
-              progress: bool = True, names: list[str] | None = None) -> list[TrainResult]:  # fmt: skip
-    """Train every ``weights = "train"`` member of ``zoo`` on ``data``'s train split.
+@dataclass(frozen=True)
+class TrainSet:
+    """A decoded train split: uint8 ``images [N, H, W, 3]``, int ``labels [N]``, the class
+    names and the split's :func:`data_hash` (recorded in each checkpoint's metadata)."""
 
-    Members whose checkpoint for this (spec, data, code) exists are loaded from the cache.
-    """
-    import torch
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    dhash: str
+
+    @classmethod
+    def decode(cls, train: ImageTable) -> TrainSet:
+        """Decode ``train`` once; undecodable rows are left out with a warning."""
+        images, ok, errors = train.decode()
+        if errors:
+            log.warning("%d training images could not be decoded and are skipped", len(errors))
+        return cls(images, train.labels[ok], list(train.classes), data_hash(train))
+
+
+def trainable_members(zoo: ZooSpec, names: list[str] | None = None) -> list[ModelSpec]:
+    """The members of ``zoo`` (or of its ``names``) that this module trains (``weights = "train"``)."""
+    return [m for m in zoo.select(names) if m.builder == "timm" and m.weights == "train"]
+
+
+def member_checkpoints(zoo: ZooSpec, data: ImageTable, cache: str | None = None,
+                       names: list[str] | None = None) -> list[tuple[ModelSpec, str]]:  # fmt: skip
+    """``(spec, checkpoint path)`` of every trainable member for ``data``'s train split."""
+    dhash = data_hash(data.split("train"))
+    return [(spec, checkpoint_path(spec, dhash, cache)) for spec in trainable_members(zoo, names)]
+
+
+def pending_members(zoo: ZooSpec, data: ImageTable, cache: str | None = None,
+                    names: list[str] | None = None) -> list[tuple[ModelSpec, str]]:  # fmt: skip
+    """``(spec, checkpoint path)`` of the trainable members whose checkpoint does not exist yet."""
+    return [(spec, path) for spec, path in member_checkpoints(zoo, data, cache, names) if not os.path.exists(path)]
+
+
+def train_member(spec: ModelSpec, train: ImageTable | TrainSet, path: str, device: str = "cpu",
+                 threads: int | None = None, progress: bool = True) -> TrainResult:  # fmt: skip
+    """Train ``spec`` on the train split ``train`` (a table, decoded here, or a decoded
+    :class:`TrainSet`) and write its checkpoint to ``path`` atomically."""
     from safetensors.torch import save_file
 
+    t0 = time.perf_counter()
+    data = train if isinstance(train, TrainSet) else TrainSet.decode(train)
+    state = train_model(spec, data.images, data.labels, data.classes, device=device, progress=progress, threads=threads)
+    with atomic_write(path) as tmp:
+        save_file(state, tmp, metadata={"model": spec.name, "data": data.dhash})
+    seconds = time.perf_counter() - t0
+    log.info("trained %s in %.1fs", spec.name, seconds)
+    return TrainResult(spec.name, path, True, seconds)
+
+
+def train_zoo(zoo: ZooSpec, data: ImageTable, device: str = "cpu", cache: str | None = None, progress: bool = True,
+              names: list[str] | None = None, threads: int | None = None) -> list[TrainResult]:  # fmt: skip
+    """Train every ``weights = "train"`` member of ``zoo`` on ``data``'s train split, in turn.
+
+    Members whose checkpoint for this (spec, data, code version) exists come from the cache.
+    ``threads``: torch intra-op threads per member (None: all of the machine's cores).
+    """
+    threads = threads if threads is not None else max(1, os.cpu_count() or 1)
     train = data.split("train")
-    dhash = data_hash(train)
-    todo = [m for m in zoo.select(names) if m.builder == "timm" and m.weights == "train"]
-    results, images, labels = [], None, None
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    for spec in todo:
-        path = checkpoint_path(spec, dhash, cache)
+    decoded = None  # decoded once, and only when a member needs training
+    results = []
+    for spec, path in member_checkpoints(zoo, data, cache, names):
         if os.path.exists(path):
             results.append(TrainResult(spec.name, path, False, 0.0))
             continue
-        if images is None:
-            images, ok, errors = train.decode()
-            if errors:
-                log.warning("%d training images could not be decoded and are skipped", len(errors))
-            labels = train.labels[ok]
-        t0 = time.perf_counter()
-        state = train_model(spec, images, labels, data.classes, device=device, progress=progress)
-        tmp = path + f".tmp-{os.getpid()}"
-        save_file(state, tmp, metadata={"model": spec.name, "data": dhash})
-        os.replace(tmp, path)
-        results.append(TrainResult(spec.name, path, True, time.perf_counter() - t0))
-        log.info("trained %s in %.1fs", spec.name, results[-1].seconds)
+        if decoded is None:
+            decoded = TrainSet.decode(train)
+        results.append(train_member(spec, decoded, path, device=device, threads=threads, progress=progress))
     return results
 
 
 def trained_weights(zoo: ZooSpec, data: ImageTable, cache: str | None = None) -> dict[str, str]:
     """``{model name: checkpoint path}`` for trained members whose checkpoint exists."""
-    dhash = data_hash(data.split("train"))
-    out = {}
-    for spec in zoo:
-        if spec.builder == "timm" and spec.weights == "train":
-            p = checkpoint_path(spec, dhash, cache)
-            if os.path.exists(p):
-                out[spec.name] = p
-    return out
+    return {spec.name: path for spec, path in member_checkpoints(zoo, data, cache) if os.path.exists(path)}
