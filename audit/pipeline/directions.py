@@ -1,0 +1,177 @@
+"""The embed and directions stages.
+
+- ``embed``: the joint image/text embedder (for ``world``, the world encoder is trained
+  here, explicitly, and cached by content hash) embeds the train, fit and eval splits once
+  into ``embeddings/``; every model shares them.
+- ``directions``: per model (in parallel through the executor) and per cluster of models,
+  failure directions on the fit split; captions named by the grammar (+ LLM); each hard
+  and easy caption checked on its nearest eval images; on a world, the planted truth.
+  Writes ``directions.parquet``, ``direction_similarity.parquet``, ``captions.parquet``,
+  ``subpopulations.parquet`` and (with a ``group`` column) ``planted.parquet``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+import numpy as np
+import pyarrow as pa
+
+from audit.pipeline.stats import align_ids
+from audit.store import RunStore
+
+log = logging.getLogger(__name__)
+
+
+def embedder_for(inputs, train: bool):
+    """The configured embedder; ``world`` trains (or loads from the cache) on the data's train split."""
+    from audit.embed import create_embedder
+
+    name = inputs.config.directions.embedder
+    if name != "world":
+        return create_embedder(name), None
+    from audit.embed.world_encoder import WorldEncoder, train_world_encoder
+
+    if not train:
+        from audit.embed.world_encoder import load_or_train
+
+        return load_or_train(inputs.data, train=False), None
+    res = train_world_encoder(inputs.data, progress=inputs.services.progress)
+    return WorldEncoder.load(res.path), res
+
+
+def embed_splits(inputs) -> list[str]:
+    return list(dict.fromkeys(["train", inputs.fit_split, inputs.eval_split]))
+
+
+def embed_stage(store: RunStore, inputs, cfg) -> str:
+    """Stage: train/load the embedder and embed the splits the directions use."""
+    from audit.embed import embed_table
+
+    emb, res = embedder_for(inputs, train=True)
+    table = inputs.data.split(embed_splits(inputs))
+    E = embed_table(store, emb, table, progress=inputs.services.progress)
+    how = "" if res is None else f"world encoder {'trained' if res.trained else 'cached'}"
+    if res is not None and res.trained:
+        how += f" in {res.seconds:.0f}s"
+    return f"{emb.name}: {len(E):,} images embedded" + (f" ({how})" if how else "")
+
+
+def correct_for(preds: Mapping[str, pa.Table], ids) -> tuple[dict, dict]:
+    """``({model: correct bool [N]}, {model: confidence [N]})`` aligned with ``ids``; a model
+    missing some of them is left out with a warning."""
+    correct, conf = {}, {}
+    for m, t in preds.items():
+        idx = align_ids(t["example_id"].to_numpy(zero_copy_only=False), ids)
+        if (idx < 0).any():
+            log.warning("model %s has no prediction for %d of %d examples; skipped", m, int((idx < 0).sum()), len(ids))
+            continue
+        correct[m] = t["correct"].to_numpy(zero_copy_only=False)[idx]
+        conf[m] = t["confidence"].to_numpy(zero_copy_only=False)[idx]
+    return correct, conf
+
+
+def _fit_one(name, *, X, X_stats, labels, correct, estimator):
+    from audit.directions import fit_directions
+
+    return fit_directions(X, {name: correct[name]}, labels, X_stats=X_stats, estimator=estimator)[name]
+
+
+class _Split:
+    """One split's rows that have an embedding and a prediction of every model."""
+
+    def __init__(self, table, E, preds):
+        ids = table.example_ids.astype(str)
+        have = np.isin(ids, E.example_ids.astype(str))
+        for t in preds.values():
+            have &= np.isin(ids, t["example_id"].to_numpy(zero_copy_only=False).astype(str))
+        self.table = table.take(np.flatnonzero(have))
+        self.ids = self.table.example_ids.astype(str)
+        self.X = E.align(self.ids)
+        self.labels = self.table.labels
+        self.correct, self.confidence = correct_for(preds, self.ids)
+
+
+def directions_stage(store: RunStore, inputs, cfg) -> str:
+    """Stage: fit, name and check failure directions (``[directions]`` section)."""
+    from audit.directions import FailureDirections, clusters_from_table, direction_similarity, directions_table, fit_collective, with_q_values
+    from audit.embed import embed_table
+    from audit.evaluate import load_predictions
+    from audit.pipeline.sweep import swept_models
+
+    emb, _ = embedder_for(inputs, train=False)
+    data = inputs.data
+    E = embed_table(store, emb, data.split(embed_splits(inputs)), progress=False)  # cached by the embed stage
+    preds = load_predictions(store, swept_models(store, inputs.zoo))
+    fit = _Split(data.split(inputs.fit_split), E, preds)
+    if not fit.correct:
+        raise ValueError(f"no model has predictions for the {inputs.fit_split!r} split; run the sweep over it first")
+    train_ids = data.split("train").example_ids.astype(str)
+    X_train = E.align(train_ids[np.isin(train_ids, E.example_ids.astype(str))])
+    est = FailureDirections(max_modes=cfg.max_modes, n_permutations=cfg.n_permutations)
+    names = sorted(fit.correct)
+    fits = inputs.services.executor.map(_fit_one, names, shared={"X": fit.X, "X_stats": X_train, "labels": fit.labels,
+                                                                 "correct": fit.correct, "estimator": est})  # fmt: skip
+    fitted = dict(zip(names, fits, strict=True))
+    clusters = clusters_from_table(store.read_table("clusters.parquet")) if store.exists("clusters.parquet") else {}
+    fitted.update(fit_collective(fit.X, fit.correct, clusters, fit.labels, X_stats=X_train, estimator=est))
+    dirs = with_q_values(directions_table(fitted, data.classes))
+    store.write_table("directions.parquet", dirs)
+    store.write_table("direction_similarity.parquet", direction_similarity(dirs))
+
+    caps, cands, refs, grounding = _captions(inputs, cfg, dirs, emb, fit)
+    store.write_table("captions.parquet", caps)
+
+    from audit.index import ClassIndex, subpopulations_table
+
+    ev = _Split(data.split(inputs.eval_split), E, {m: preds[m] for m in fit.correct})
+    scopes = {f"cluster:{cid}": members for cid, members in clusters.items()}
+    subs = subpopulations_table(caps, ev.correct, emb, ClassIndex(ev.X, ev.labels), data.classes, k=cfg.k, scopes=scopes)
+    store.write_table("subpopulations.parquet", subs)
+    if "group" in data.columns and store.exists("accuracy.parquet"):
+        store.write_table("planted.parquet", _planted(store, inputs, cfg, dirs, caps, cands, refs, emb, fit, grounding))
+    n_ok = sum(s == "ok" for s in dirs["status"].to_pylist())
+    return f"{dirs.num_rows} directions ({n_ok} significant), {caps.num_rows:,} captions, {subs.num_rows:,} nearest-image checks"
+
+
+def _captions(inputs, cfg, dirs, emb, fit):
+    from audit.captions import CaptionGrounding, LLMConfig, candidate_captions, captions_table, reference_caption, world_reference
+
+    spec = None
+    if inputs.world_dir:
+        from audit.data.world import WorldSpec
+
+        spec = WorldSpec.from_toml(os.path.join(inputs.world_dir, "spec.toml"))
+    classes = inputs.data.classes
+    llm = None
+    if cfg.llm_model:
+        llm = LLMConfig(model=cfg.llm_model, base_url=cfg.llm_base_url or os.environ.get("OPENAI_BASE_URL") or None)
+    cands = candidate_captions(classes, world_spec=spec, llm=llm)
+    refs = {c: world_reference(spec, c) if spec is not None and c in spec.items else reference_caption(c) for c in classes}
+    grounding = CaptionGrounding(fit.X, fit.labels, classes, cfg.grounding_k) if cfg.caption_scoring == "images" else None
+    caps = captions_table(dirs, cands, emb.encode_text, refs, top_k=cfg.top_k, grounding=grounding)
+    return caps, cands, refs, grounding
+
+
+def _planted(store, inputs, cfg, dirs, caps, cands, refs, emb, fit, grounding) -> pa.Table:
+    """Both caption scorings checked against the planted truth, so the summary compares them."""
+    from audit.captions import CaptionGrounding, captions_table
+    from audit.directions import decision_from_row
+    from audit.planted import planted_evaluation
+
+    classes = inputs.data.classes
+    decisions = {}
+    for row in dirs.to_pylist():
+        if row["mode"] == 0 and row["direction"] is not None and row["scope"] in fit.correct:
+            in_c = fit.labels == classes.index(row["class"])
+            decisions[(row["scope"], row["class"])] = decision_from_row(row, fit.X[in_c])
+    other_grounding = None if grounding is not None else CaptionGrounding(fit.X, fit.labels, classes, cfg.grounding_k)
+    other = captions_table(dirs, cands, emb.encode_text, refs, top_k=1, grounding=other_grounding)
+    acc = store.read_table("accuracy.parquet")
+    tables = []
+    for scoring, c in ((cfg.caption_scoring, caps), ("text" if grounding is not None else "images", other)):
+        t = planted_evaluation(acc, c, decisions, fit.confidence, fit.correct, fit.labels, fit.table.column("group"), classes)
+        tables.append(t.append_column("caption_scoring", pa.array([scoring] * t.num_rows, pa.string())))
+    return pa.concat_tables(tables)

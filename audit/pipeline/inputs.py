@@ -1,0 +1,103 @@
+"""What every stage reads besides the run directory: the dataset, the zoo, the world (if
+the data is one) and the injected services. Built once per run, never mutated."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from audit.data.table import ImageTable
+from audit.pipeline.config import AuditConfig
+from audit.pipeline.executor import Executor, SerialExecutor
+from audit.zoo.spec import ZooSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Services:
+    """Parallel work and services a stage may use, injected by the composition root
+    (``cluster.runner``: Ray; tests: threads and in-process fakes)."""
+
+    executor: Executor = field(default_factory=SerialExecutor)
+    sweeper: Any = None  # audit.pipeline.sweep.Sweeper
+    generator: Any = None  # audit.pipeline.generate.SetGenerator
+    progress: bool = False  # progress bars (only on a terminal)
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    config: AuditConfig
+    data: ImageTable
+    data_key: str  # content hash of the dataset (ids, labels, image bytes, attributes)
+    world_dir: str | None  # the world directory (with spec.toml) when the data is a world
+    zoo: ZooSpec
+    services: Services = field(default_factory=Services)
+
+    @property
+    def families(self) -> dict[str, str]:
+        return {m.name: m.family for m in self.zoo}
+
+    @property
+    def fit_split(self) -> str:
+        return self.config.data.split
+
+    @property
+    def eval_split(self) -> str:
+        return self.config.data.eval_split
+
+    def sweep_splits(self) -> list[str]:
+        """The splits every model runs on: the fit split, and the eval split when directions are checked on it."""
+        splits = [self.fit_split]
+        if self.config.directions.enabled and self.eval_split != self.fit_split and len(self.data.split(self.eval_split)):
+            splits.append(self.eval_split)
+        return splits
+
+    def fit_ids(self) -> list[str]:
+        ids = self.data.split(self.fit_split).example_ids.astype(str)
+        limit = self.config.data.limit
+        return list(ids[:limit] if limit else ids)
+
+
+def load_data(cfg: AuditConfig) -> tuple[ImageTable, str | None]:
+    """The dataset of ``[data]`` and its world directory (None when it is not a world).
+
+    ``path`` must exist when given: a typo is an error, never a silently built new world.
+    """
+    from audit.data.default_world import default_world_dir
+    from audit.data.readers import read_dataset
+    from audit.data.world import build_world
+
+    d = cfg.data
+    if d.path:
+        if not os.path.exists(d.path):
+            raise FileNotFoundError(f"[data] path {d.path!r} does not exist; give an existing world directory, "
+                                    "Parquet manifest or ImageFolder (or leave it empty to build [data] world_spec)")  # fmt: skip
+        world = d.path if os.path.isfile(os.path.join(d.path, "spec.toml")) else None
+        return read_dataset(d.path), world
+    if not os.path.isfile(d.world_spec):
+        raise FileNotFoundError(f"[data] world_spec {d.world_spec!r} does not exist")
+    out = default_world_dir(d.world_spec)
+    return build_world(d.world_spec, out), out
+
+
+def table_key(table: ImageTable) -> str:
+    from audit.cache import content_hash
+    from audit.zoo.train import data_hash
+
+    attrs = [table.column(c).astype(str).tobytes() for c in sorted(table.attributes)]
+    return content_hash(data_hash(table), *attrs)
+
+
+def load_inputs(cfg: AuditConfig, services: Services | None = None) -> RunInputs:
+    from audit.zoo.spec import ZooSpec
+
+    data, world_dir = load_data(cfg)
+    for split in {cfg.data.split, cfg.data.eval_split}:
+        if cfg.data.split == split and not len(data.split(split)):
+            raise ValueError(f"[data] split {split!r} of the dataset is empty; choose a split it has "
+                             f"({sorted(set(data.column('split').tolist()))})")  # fmt: skip
+    zoo = ZooSpec.from_toml(cfg.zoo.manifest).select(cfg.zoo.models or None)
+    return RunInputs(cfg, data, table_key(data), world_dir, zoo, services or Services())

@@ -1,0 +1,81 @@
+"""Generation services for the generate stage: the Ray Serve app over HTTP, either a
+running ``zoo-audit serve`` at a URL or the app started in-process for the run (its
+store is the run directory, so the sets land in ``RUN/synthetic/``)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Mapping
+
+import pyarrow as pa
+
+from audit.pipeline.generate import SETS_SCHEMA
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request_sets(url: str, wanted: Mapping[str, list[str]], set_ids: Mapping[str, str], k: int, seed: int,
+                 token: str | None = None) -> pa.Table:  # fmt: skip
+    """Ask the service at ``url`` for one set per scope; rows of ``synthetic_sets.parquet``."""
+    from serve.client import GenerationClient
+
+    rows = []
+    with GenerationClient(url, token=token) as client:
+        for scope, caps in wanted.items():
+            s = client.request_set(caps, k=k, seed=seed, set_id=set_ids[scope])
+            rows.append({"scope": scope, "set_id": s.set_id, "captions": caps, "n_images": len(s.image_ids),
+                         "generator": s.generator})  # fmt: skip
+    return pa.Table.from_pylist(rows, schema=SETS_SCHEMA)
+
+
+class HttpSetGenerator:
+    """A running generation service (``zoo-audit serve``); token from ``$ZOO_AUDIT_SERVE_TOKEN``."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def request_sets(self, wanted, set_ids, k, seed):
+        return request_sets(self.url, wanted, set_ids, k, seed)
+
+
+class ServeSetGenerator:
+    """Starts the Serve app in this Ray for the request, on a free loopback port, then stops it."""
+
+    def __init__(self, backend: str, store_uri: str, world_dir: str | None):
+        self.backend, self.store_uri, self.world_dir = backend, store_uri, world_dir
+
+    def resolved_backend(self) -> str:
+        if self.backend == "world":
+            if not self.world_dir:
+                raise ValueError("[generate] backend = 'world' renders the data's world, but this dataset is not a "
+                                 "world; set [generate] backend = 'diffusers:MODEL', url = a running zoo-audit serve, "
+                                 "or enabled = false")  # fmt: skip
+            return f"world:{self.world_dir}"
+        return self.backend
+
+    def request_sets(self, wanted, set_ids, k, seed):
+        from ray import serve
+
+        from serve.app import build_app
+        from serve.config import ServeAppConfig
+
+        app = build_app(ServeAppConfig(backend=self.resolved_backend(), store=self.store_uri))
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            serve.run(app, name="zoo-audit-generate", route_prefix="/")
+            return request_sets(f"http://127.0.0.1:{port}", wanted, set_ids, k, seed)
+        finally:
+            serve.shutdown()
+
+
+def set_generator(cfg, store_uri: str, world_dir: str | None):
+    """The generator for the ``[generate]`` section."""
+    return HttpSetGenerator(cfg.url) if cfg.url else ServeSetGenerator(cfg.backend, store_uri, world_dir)

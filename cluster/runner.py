@@ -1,0 +1,158 @@
+"""The composition root: ``run_audit`` builds the services (Ray executor, Ray shard
+sweeper, the Serve generation app) and runs the one audit pipeline of ``audit.pipeline``.
+
+``zoo-audit demo`` is ``zoo-audit run configs/audit/demo.toml --out runs/demo``; both land
+here. Ray is connected once per run, and only when a stage has work for it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from audit.pipeline.config import AuditConfig, load_config
+from audit.pipeline.inputs import RunInputs, Services, load_inputs
+from audit.pipeline.runner import RunOutcome, StageFailed, run_pipeline
+from audit.store import RunStore
+
+
+class _LazyRay:
+    """Connects to Ray the first time a stage asks for parallel work; shuts down at the end."""
+
+    def __init__(self, cfg: AuditConfig, address: str | None, verbose: bool, log_dir: str | None):
+        self.cfg, self.address, self.verbose, self.log_dir = cfg, address, verbose, log_dir
+        self.connected = self.owned = False
+
+    def ensure(self) -> None:
+        from cluster.runtime import connect
+
+        if not self.connected:
+            self.owned = connect(self.address, self.cfg.ray.num_cpus or None, verbose=self.verbose, log_dir=self.log_dir)
+            self.connected = True
+
+    def close(self) -> None:
+        if self.owned:
+            from cluster.runtime import shutdown
+
+            shutdown()
+
+
+class _OnRay:
+    """Wraps an executor / sweeper / generator so that Ray starts only when it is used."""
+
+    def __init__(self, ray: _LazyRay, make: Callable[[], Any]):
+        self._ray, self._make, self._obj = ray, make, None
+
+    def _get(self):
+        if self._obj is None:
+            self._ray.ensure()
+            self._obj = self._make()
+        return self._obj
+
+    @property
+    def parallelism(self) -> int:
+        return self._get().parallelism
+
+    def map(self, *a, **k):
+        return self._get().map(*a, **k)
+
+    def run(self, *a, **k):
+        return self._get().run(*a, **k)
+
+    def request_sets(self, *a, **k):
+        return self._get().request_sets(*a, **k)
+
+
+def ray_services(cfg: AuditConfig, store: RunStore, world_dir: str | None, ray: _LazyRay, progress: bool) -> Services:
+    from cluster.executor import RayExecutor
+    from cluster.generate import set_generator
+    from cluster.sweep import RaySweeper
+
+    r = cfg.ray
+    sweeper = lambda: RaySweeper(r.num_cpu_workers, r.threads_per_worker or None, r.gpus, r.max_restarts, progress=progress)  # noqa: E731
+    return Services(executor=_OnRay(ray, RayExecutor), sweeper=_OnRay(ray, sweeper),
+                    generator=_OnRay(ray, lambda: set_generator(cfg.generate, store.uri, world_dir)),
+                    progress=progress)  # fmt: skip
+
+
+def check_run_dir(store: RunStore, key: str, resume: bool) -> str:
+    """``"new"``, ``"finished"`` or ``"resume"``; a run of another config needs ``--resume``."""
+    m = store.manifest()
+    if not m.get("stages"):
+        return "new"
+    if m.get("config_key") != key and not resume:
+        raise ValueError(f"run directory {store.uri} holds a run of another config; rerun with --resume to reuse what "
+                         "still matches (only changed stages run), or choose a new --out")  # fmt: skip
+    return "finished" if m.get("status") == "done" and m.get("config_key") == key else "resume"
+
+
+def check_out(out: str) -> str:
+    """``--out`` must name a directory we can write (checked before any work starts)."""
+    if not out or not out.strip():
+        raise ValueError("--out is empty; name a run directory, e.g. --out runs/audit")
+    if "://" in out:
+        return out
+    if os.path.isfile(out):
+        raise ValueError(f"--out {out!r} is an existing file; name a directory")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out!r}: {parent} is not writable; choose a directory you can write")
+    return out
+
+
+def run_audit(config: str, out: str, *, address: str | None = None, resume: bool = False, force: Sequence[str] = (),
+              verbose: bool = False, overrides: dict | None = None, services: Services | None = None,
+              console: Callable[[str], None] = print) -> tuple[RunStore, RunOutcome]:  # fmt: skip
+    """Run the audit of ``config`` into ``out``; returns the store and what happened.
+
+    ``services`` replaces the Ray services (tests inject threads and in-process fakes).
+    Raises :class:`StageFailed` after recording a failed stage (the CLI prints one line).
+    """
+    from audit import versions
+
+    t0 = time.perf_counter()
+    cfg = load_config(config, overrides)
+    store = RunStore(check_out(out))
+    key = _config_key(cfg)
+    state = check_run_dir(store, key, resume)
+    progress = sys.stderr.isatty()
+    shown = os.path.relpath(cfg.source) if not os.path.relpath(cfg.source).startswith("..") else cfg.source
+    console(f"zoo-audit run {shown} -> {store.uri}" + {"new": "", "finished": " (finished before: only what changed runs)",
+                                                                           "resume": " (resuming)"}[state])  # fmt: skip
+    ray = _LazyRay(cfg, address, verbose, store.path("logs") if store.local else None)
+    try:
+        inputs = load_inputs(cfg)
+        if services is None:
+            services = ray_services(cfg, store, inputs.world_dir, ray, progress)
+        inputs = RunInputs(cfg, inputs.data, inputs.data_key, inputs.world_dir, inputs.zoo, services)
+        store.update_manifest(kind="audit", config=cfg.model_dump(), config_key=key, versions=versions(), status="running",
+                              data={"source": cfg.data.path or cfg.data.world_spec, "world_dir": inputs.world_dir,
+                                    "key": inputs.data_key, "n": len(inputs.data), "classes": inputs.data.classes},
+                              zoo={"name": inputs.zoo.name, "path": inputs.zoo.path, "models": inputs.zoo.names,
+                                   "families": inputs.families})  # fmt: skip
+        splits = sorted(set(inputs.data.column("split").tolist()))
+        console(f"  {'data':<11s} {len(inputs.data):,} images, {len(inputs.data.classes)} classes, splits "
+                f"{'/'.join(splits)}{' (world)' if inputs.world_dir else ''}; zoo {inputs.zoo.name!r}: {len(inputs.zoo)} models")  # fmt: skip
+        outcome = run_pipeline(store, inputs, force=force, console=console)
+    finally:
+        ray.close()
+    if outcome.summary:
+        console("\n" + outcome.summary)
+    console(f"\nrun directory: {store.uri} (summary.txt, manifest.json)  total {time.perf_counter() - t0:.1f}s")
+    if outcome.failed:
+        raise outcome.failed
+    return store, outcome
+
+
+def _config_key(cfg: AuditConfig) -> str:
+    from audit.cache import content_hash
+
+    return content_hash({n: cfg.section(n).key_fields() for n in ("data", "zoo", "ray", "stats", "directions", "generate")})
+
+
+__all__ = ["StageFailed", "run_audit"]
