@@ -3,9 +3,9 @@
 Same models (random weights; speed does not depend on them), same decoded images, same
 total threads, measured in one run:
 
-- plain loop (``audit.evaluate.evaluate_zoo``: one model after another, each re-reading
-  and preprocessing the decoded data, as timm's validate.py does) with T torch threads;
-- the Ray sweep (``cluster.sweep.run_sweep``) with W CPU shard actors of T/W threads.
+- plain loop (one model after another, each preprocessing the decoded data itself with
+  ``audit.zoo.inference.predict_arrays``, as timm's validate.py does) with T torch threads;
+- the Ray sweep (``cluster.sweep.RaySweeper``) with W CPU shard actors of T/W threads.
 
 at T = 1 (1 worker) and T = 2 (1 and 2 workers); then the overlap statistics on a
 synthetic 40 models x 1,000,000 examples failure matrix.
@@ -46,45 +46,44 @@ def random_weights(specs, n_classes: int, directory: str) -> dict[str, str]:
 def plain_loop(specs, classes, images, ids, labels, weights, threads: int, batch_size: int) -> float:
     import torch
 
-    from audit.evaluate import evaluate_zoo
-    from audit.store import RunStore
-    from audit.zoo.spec import ZooSpec
+    from audit.zoo.inference import predict_arrays
+    from audit.zoo.models import build_model
 
     torch.set_num_threads(threads)
-    d = tempfile.mkdtemp(prefix="bench-plain-")
-    try:
-        t = time.perf_counter()
-        done = evaluate_zoo(ZooSpec("bench", list(specs)), classes, images, ids, labels, RunStore(d), weights,
-                            batch_size=batch_size, progress=False)  # fmt: skip
-        dt = time.perf_counter() - t
-        assert len(done) == len(specs), f"plain loop stored {done}"
-        return dt
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    t = time.perf_counter()
+    for spec in specs:
+        out = predict_arrays(build_model(spec, classes, weights.get(spec.name)), images, batch_size)
+        assert out["logits"].shape == (len(images), len(classes))
+    return time.perf_counter() - t
+
+
+class _Count:
+    def __init__(self):
+        self.done, self.failed = [], {}
+
+    def model_done(self, name, logits, features, shard):
+        self.done.append(name)
+
+    def model_failed(self, name, reason):
+        self.failed[name] = reason
 
 
 def ray_sweep(specs, classes, images, ids, labels, weights, workers: int, threads: int, batch_size: int) -> float:
-    from audit.store import RunStore
-    from cluster.sweep import run_sweep
+    from audit.pipeline.sweep import SweepJob
+    from cluster.sweep import RaySweeper
 
-    d = tempfile.mkdtemp(prefix="bench-ray-")
-    try:
-        t = time.perf_counter()
-        res = run_sweep(RunStore(d), images, ids, labels, classes, specs, weights, data_key="bench",
-                        num_workers=workers, threads_per_worker=threads, gpus=False, batch_size=batch_size,
-                        progress=False)  # fmt: skip
-        dt = time.perf_counter() - t
-        assert sorted(res.done) == sorted(s.name for s in specs), f"sweep failed: {res.failed}"
-        return dt, dt - res.load_seconds
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    sink = _Count()
+    t = time.perf_counter()
+    RaySweeper(num_workers=workers, threads_per_worker=threads, gpus="no").run(
+        SweepJob(images, ids, labels, list(classes), list(specs), weights, batch_size), sink)
+    dt = time.perf_counter() - t
+    assert sorted(sink.done) == sorted(s.name for s in specs), f"sweep failed: {sink.failed}"
+    return dt
 
 
-def best_of(fn, repeats: int) -> tuple[float, float]:
-    """(best wall time, best time without actor start/model load) over ``repeats`` runs."""
-    runs = [fn() for _ in range(repeats)]
-    runs = [r if isinstance(r, tuple) else (r, r) for r in runs]
-    return min(r[0] for r in runs), min(r[1] for r in runs)
+def best_of(fn, repeats: int) -> float:
+    """Best wall time over ``repeats`` runs."""
+    return min(fn() for _ in range(repeats))
 
 
 def bench_sweep(args) -> None:
@@ -123,15 +122,14 @@ def bench_sweep(args) -> None:
         ray.shutdown()
         shutil.rmtree(wdir, ignore_errors=True)
         torch.set_num_threads(total)
-    print(f"\n{'setup':12s} {'wall s':>7s} {'img/s':>7s} {'steady s':>9s} {'img/s':>7s}")
-    for k, (wall, steady) in r.items():
-        print(f"{k:12s} {wall:7.2f} {work / wall:7.0f} {steady:9.2f} {work / steady:7.0f}")
-    print("(img/s = model-images per second; wall includes starting the Ray actors and loading the models,")
-    print(" steady leaves those out; for the plain loop both include its (in-process) model loading)")
-    print("\nratios of throughput (wall / steady):")
+    print(f"\n{'setup':12s} {'wall s':>7s} {'img/s':>7s}")
+    for k, wall in r.items():
+        print(f"{k:12s} {wall:7.2f} {work / wall:7.0f}")
+    print("(img/s = model-images per second; wall includes loading the models, and for Ray starting the actors)")
+    print("\nratios of throughput:")
 
     def ratio(a, b):
-        return f"{r[b][0] / r[a][0]:5.2f}x / {r[b][1] / r[a][1]:5.2f}x"
+        return f"{r[b] / r[a]:5.2f}x"
 
     print(f"  ray 1 worker vs plain loop, 1 thread           {ratio('ray 1x1', 'plain T=1')}   (target >= 0.9)")
     if total >= 2:

@@ -120,3 +120,13 @@ def tiny_zoo_path(tmp_path_factory) -> str:
     p = tmp_path_factory.mktemp("zoo") / "tiny.toml"
     p.write_text(TINY_ZOO)
     return str(p)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray (2 CPUs) for the whole test session; every Ray test shares it."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,7 +1,8 @@
-"""The Ray zoo sweep with tiny timm models on random 16x16 images and a local 2-CPU Ray.
+"""The zoo sweep with tiny timm models on random 16x16 images: in-process (LocalSweeper)
+and on Ray shard actors (RaySweeper, the session's embedded 2-CPU Ray).
 
-One embedded Ray (module fixture) serves every test but the end-to-end one, which starts
-its own ``ray start --head`` cluster with token auth and submits ``zoo-audit run``.
+The end-to-end test (slow) starts its own ``ray start --head`` cluster with token auth and
+submits ``zoo-audit run``.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def read_model(store: RunStore, name: str) -> dict:
 
 # -- pure planning (no Ray) ----------------------------------------------------------------
 def test_plan_shards_assigns_each_model_once_and_balances_cost():
-    from cluster.shard import plan_shards
+    from audit.zoo.shard import plan_shards
 
     costs = {"big": 10.0, "m1": 4.0, "m2": 3.0, "m3": 3.0, "s1": 1.0, "s2": 1.0}
     plan = plan_shards(costs, 2)
@@ -146,7 +147,7 @@ def test_plan_shards_assigns_each_model_once_and_balances_cost():
 
 
 def test_cost_estimate_counts_flops_of_wider_models_higher(tmp_path):
-    from cluster.shard import estimate_cost, model_costs
+    from audit.zoo.shard import estimate_cost, model_costs
 
     zoo = tiny_zoo(str(tmp_path))
     a, b = estimate_cost(zoo.get("res-a"), 3), estimate_cost(zoo.get("res-b"), 3)
@@ -159,7 +160,7 @@ def test_shard_retries_a_model_at_half_batch_on_out_of_memory(tmp_path):
     """In-process ZooShard (no Ray): a model that runs out of memory above 4 images per batch."""
     import torch
 
-    from cluster.shard import ZooShard
+    from audit.zoo.shard import ZooShard
 
     class Oom(torch.nn.Module):
         def forward(self, x):
@@ -180,39 +181,7 @@ def test_shard_retries_a_model_at_half_batch_on_out_of_memory(tmp_path):
     np.testing.assert_allclose(out["outputs"]["oom"]["logits"][:, 0], (images[..., 0] / 255.0 - 0.5).mean((1, 2)) / 0.25, rtol=1e-4, atol=1e-5)
 
 
-def test_audit_config_validation(tmp_path):
-    from cluster.pipeline import AuditConfig, run_audit
-
-    cfg = AuditConfig.from_toml("demo")  # the shipped configs/audit/demo.toml
-    assert cfg.data.split == "debug" and cfg.ray.num_cpu_workers >= 1 and os.path.exists(cfg.data.world_spec)
-    bad = tmp_path / "bad.toml"
-    bad.write_text("[ray]\nnum_workers = 2\n[data]\npath = 'x'\n")
-    with pytest.raises(ValueError, match="known keys"):
-        AuditConfig.from_toml(str(bad))
-    bad.write_text("[data]\nsplit = 'debug'\n")
-    with pytest.raises(ValueError, match="needs a 'path'"):
-        AuditConfig.from_toml(str(bad))
-    # a run directory holding a killed run needs --resume
-    ok = tmp_path / "ok.toml"
-    ok.write_text("[data]\npath = 'nowhere'\n")
-    store = RunStore(str(tmp_path / "run"))
-    store.set_stage("sweep", "running")
-    with pytest.raises(ValueError, match="--resume"):
-        run_audit(str(ok), store.uri)
-
-
 # -- Ray -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("sweep"))
@@ -222,17 +191,18 @@ def setup(tmp_path_factory):
             "data": random_images(), "good": zoo.names}  # fmt: skip
 
 
-def sweep(store, setup, specs=None, **kw):
-    from cluster.sweep import run_sweep
+def sweep(store, setup, specs=None, sweeper=None, **kw):
+    from audit.pipeline.sweep import sweep_arrays
+    from cluster.sweep import RaySweeper
 
     images, ids, labels = setup["data"]
-    return run_sweep(store, images, ids, labels, CLASSES, specs or setup["specs"], setup["weights"],
-                     data_key="random-80", num_workers=2, batch_size=BATCH, with_features=True,
-                     progress=False, **kw)  # fmt: skip
+    sweeper = sweeper or RaySweeper(num_workers=2, **kw)
+    return sweep_arrays(store, images, ids, labels, CLASSES, specs or setup["specs"], setup["weights"], sweeper,
+                        data_key="random-80", split="debug", batch_size=BATCH, with_features=True)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def reference(ray_local, setup, tmp_path_factory):
+def reference(ray_session, setup, tmp_path_factory):
     store = RunStore(str(tmp_path_factory.mktemp("ref")))
     return store, sweep(store, setup)
 
@@ -241,8 +211,8 @@ def reference(ray_local, setup, tmp_path_factory):
 def test_sweep_covers_every_model_once_and_records_errors(reference, setup):
     store, res = reference
     names = [s.name for s in setup["specs"]]
-    flat = [m for shard in res.shards for m in shard]
-    assert sorted(flat) == sorted(names) and len(res.shards) == 2
+    flat = [m for shard in res.info["shards"] for m in shard]
+    assert sorted(flat) == sorted(names) and len(res.info["shards"]) == 2
     assert sorted(res.done) == sorted(setup["good"])
     assert sorted(res.failed) == ["no-weights", "raises"]
     errors = store.errors().to_pylist()
@@ -263,16 +233,19 @@ def test_sweep_covers_every_model_once_and_records_errors(reference, setup):
 
 @pytest.mark.ray
 def test_sweep_matches_the_plain_loop(reference, setup, tmp_path):
-    """Same predictions as audit.evaluate.run_model, one model at a time in this process."""
-    from audit.evaluate import run_model
+    """Ray shards give the predictions and features of the in-process LocalSweeper, and
+    both record the same failures."""
+    from audit.zoo.shard import LocalSweeper
 
-    store, _ = reference
-    images, ids, labels = setup["data"]
-    spec = next(s for s in setup["specs"] if s.name == "res-b")
-    r = run_model(spec, CLASSES, images, ids, labels, setup["weights"]["res-b"], batch_size=BATCH)
-    got = store.read_table(prediction_path("res-b"))
-    assert got["pred"].to_pylist() == r.predictions["pred"].to_pylist()
-    np.testing.assert_allclose(got["confidence"].to_numpy(), r.predictions["confidence"].to_numpy(), rtol=1e-4)
+    ref_store, ref = reference
+    store = RunStore(str(tmp_path / "local"))
+    res = sweep(store, setup, sweeper=LocalSweeper(threads=1))
+    assert sorted(res.done) == sorted(ref.done) and sorted(res.failed) == sorted(ref.failed)
+    for name in setup["good"]:
+        got, want = read_model(store, name), read_model(ref_store, name)
+        assert got["predictions"]["pred"] == want["predictions"]["pred"], name
+        np.testing.assert_allclose(got["predictions"]["confidence"], want["predictions"]["confidence"], rtol=1e-4)
+        np.testing.assert_allclose(np.asarray(got["features"]["vector"]), np.asarray(want["features"]["vector"]), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.ray
@@ -297,7 +270,7 @@ def test_killing_a_shard_mid_sweep_gives_the_uninterrupted_result(reference, set
 
 @pytest.mark.ray
 def test_resume_redoes_only_unfinished_models(reference, setup, tmp_path):
-    from cluster.sweep import _record
+    from audit.pipeline.sweep import record_model
 
     ref_store, _ = reference
     good = [s for s in setup["specs"] if s.name in setup["good"]]
@@ -307,7 +280,7 @@ def test_resume_redoes_only_unfinished_models(reference, setup, tmp_path):
     # a run killed before "res-a" was written: no outputs, manifest says running
     store.delete("predictions/model=res-a")
     store.delete("features/model=res-a")
-    _record(store, "res-a", {**store.manifest()["sweep"]["models"]["res-a"], "status": "running"})
+    record_model(store, "res-a", {**store.manifest()["sweep"]["models"]["res-a"], "status": "running"})
     before = {m: os.path.getmtime(store.path(prediction_path(m))) for m in ("res-b", "vit-a")}
     res = sweep(store, setup, specs=good)
     assert res.done == ["res-a"] and sorted(res.skipped) == ["res-b", "vit-a"]
@@ -365,6 +338,8 @@ num_cpu_workers = 2
 batch_size = 16
 [stats]
 n_boot = 200
+[directions]
+enabled = false
 """)
     out = str(tmp_path / "run")
 
@@ -420,8 +395,9 @@ n_boot = 200
     assert sorted(clusters["model"]) == sorted(zoo.names) and set(clusters["family"]) == {"resnet", "vit"}
     assert store.read_table(prediction_path("res-a")).num_rows == 40
     # a rerun of the finished run does nothing (and needs no Ray)
-    from cluster.pipeline import run_audit
+    from cluster.runner import run_audit
 
     mtime = os.path.getmtime(store.path("overlap.parquet"))
-    run_audit(str(job / "audit.toml"), out)
+    _, outcome = run_audit(str(job / "audit.toml"), out)
+    assert outcome.ran == [] and "sweep" in outcome.skipped
     assert os.path.getmtime(store.path("overlap.parquet")) == mtime

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 
-from cluster.generate_stage import cluster_hard_captions, set_id_for
+from audit.pipeline.generate import cluster_hard_captions, set_id_for
 from serve.config import check_set_id
 
 
@@ -23,3 +24,23 @@ def test_cluster_hard_captions_take_the_top_hard_caption_of_significant_directio
     ])  # fmt: skip
     assert cluster_hard_captions(caps, dirs) == {"cluster:0": ["a photo of a green bag"]}
     assert check_set_id(set_id_for("cluster:0", "0123456789abcdef")) == "cluster-0-hard-01234567"
+
+
+@pytest.mark.ray
+def test_serve_generator_makes_one_set_per_cluster_in_the_run(ray_session, tiny_world, tmp_path):
+    """The in-process Serve app (world renderer) stores k images per caption under RUN/synthetic/."""
+    from audit.store import RunStore
+    from cluster.generate import ServeSetGenerator
+    from serve.sets import load_set
+
+    store = RunStore(str(tmp_path / "run"))
+    wanted = {"cluster:0": ["a photo of a blue t-shirt", "a photo of a sandal on brick"], "cluster:1": ["a photo of a red trouser"]}
+    ids = {s: set_id_for(s, "feedbeef00") for s in wanted}
+    table = ServeSetGenerator("world", store.uri, tiny_world).request_sets(wanted, ids, 3, 0)
+    assert table["scope"].to_pylist() == ["cluster:0", "cluster:1"]
+    for r in table.to_pylist():
+        images, meta = load_set(store, r["set_id"])
+        assert len(images) == r["n_images"] == 3 * len(wanted[r["scope"]])
+        assert sorted(set(meta["prompt"].to_pylist())) == sorted(wanted[r["scope"]])
+    with pytest.raises(ValueError, match="not a world"):
+        ServeSetGenerator("world", store.uri, None).request_sets(wanted, ids, 3, 0)

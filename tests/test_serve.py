@@ -89,8 +89,7 @@ def tiny_sd(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
-    ray = pytest.importorskip("ray")
+def service(tmp_path_factory, ray_session):
     from ray import serve
 
     from serve.app import build_app
@@ -110,12 +109,10 @@ def service(tmp_path_factory):
                             generator={"num_cpus": 0.25, "max_batch_size": 1, "max_ongoing_requests": 1, "max_queued_requests": 1},
                             retry_after_s=2),  # fmt: skip
     }
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run_many([serve.RunTarget(build_app(c), name=n, route_prefix=f"/{n}") for n, c in apps.items()])
     yield {"url": f"http://127.0.0.1:{port}", "stores": {n: c.store for n, c in apps.items()}, "root": root}
     serve.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

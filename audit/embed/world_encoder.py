@@ -363,7 +363,8 @@ def load_or_train(data: ImageTable | str | None = None, device: str = "cpu", hpa
 def _create_world(args: str, device: str = "cpu", data=None, **kwargs) -> WorldEncoder:
     if args and data is not None:
         raise ValueError(f"give the world encoder's data once: either in the name (world:{args}) or as data=, not both")
-    return load_or_train(args or data, device=device, name=f"world:{args}" if args else "world", **kwargs)
+    # asking for an embedder never trains one: `zoo-audit embed train` (or the audit's embed stage) does
+    return load_or_train(args or data, device=device, name=f"world:{args}" if args else "world", **{"train": False, **kwargs})
 
 
 def train_cli(args) -> TrainResult:

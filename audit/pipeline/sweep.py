@@ -129,22 +129,18 @@ class StoreSink:
 
 
 # -- the stage -----------------------------------------------------------------------------
-def sweep_models(store: RunStore, table, specs: Sequence[ModelSpec], weights: Mapping[str, str], sweeper: Sweeper, *,
-                 data_key: str, split, batch_size: int = 256, with_features: bool = False) -> SweepResult:  # fmt: skip
-    """Run every model of ``specs`` that is not current over ``table`` (an ImageTable)."""
+def sweep_arrays(store: RunStore, images: np.ndarray, example_ids, labels, classes: Sequence[str],
+                 specs: Sequence[ModelSpec], weights: Mapping[str, str], sweeper: Sweeper, *, data_key: str, split,
+                 batch_size: int = 256, with_features: bool = False) -> SweepResult:  # fmt: skip
+    """Run every model of ``specs`` that is not current over decoded uint8 ``images [N, H, W, 3]``."""
     t0 = time.perf_counter()
-    keys = {s.name: model_key(s, weights.get(s.name), data_key, table.classes, split, with_features) for s in specs}
+    keys = {s.name: model_key(s, weights.get(s.name), data_key, classes, split, with_features) for s in specs}
     todo = [s for s in specs if not is_current(store, s.name, keys[s.name], with_features)]
     skipped = sorted(set(keys) - {s.name for s in todo})
     if not todo:
-        return SweepResult(skipped=skipped, n_images=len(table))
-    images, ok, errors = table.decode()
-    store.record_errors(e.as_row() for e in errors)
-    if not len(ok):
-        raise ValueError(f"no image of split {split!r} could be decoded ({len(errors)} errors in errors.parquet)")
-    part = table.take(ok)
-    job = SweepJob(images, part.example_ids.astype(str), part.labels, list(table.classes), list(todo), dict(weights),
-                   batch_size, with_features)  # fmt: skip
+        return SweepResult(skipped=skipped, n_images=len(images))
+    job = SweepJob(np.asarray(images), np.asarray(example_ids).astype(str), np.asarray(labels), list(classes), list(todo),
+                   dict(weights), batch_size, with_features)  # fmt: skip
     sink = StoreSink(store, job, keys, split)
     for s in todo:
         record_model(store, s.name, {"key": keys[s.name], "status": "running", "split": split})
@@ -155,6 +151,22 @@ def sweep_models(store: RunStore, table, specs: Sequence[ModelSpec], weights: Ma
     res = sink.result
     res.skipped, res.info, res.seconds = skipped, dict(info or {}), time.perf_counter() - t0
     return res
+
+
+def sweep_models(store: RunStore, table, specs: Sequence[ModelSpec], weights: Mapping[str, str], sweeper: Sweeper, *,
+                 data_key: str, split, batch_size: int = 256, with_features: bool = False) -> SweepResult:  # fmt: skip
+    """:func:`sweep_arrays` over an ImageTable, decoded only when some model is not current;
+    undecodable images get an error row and are left out."""
+    keys = {s.name: model_key(s, weights.get(s.name), data_key, table.classes, split, with_features) for s in specs}
+    if all(is_current(store, n, k, with_features) for n, k in keys.items()):
+        return SweepResult(skipped=sorted(keys), n_images=len(table))
+    images, ok, errors = table.decode()
+    store.record_errors(e.as_row() for e in errors)
+    if not len(ok):
+        raise ValueError(f"no image of split {split!r} could be decoded ({len(errors)} errors in errors.parquet)")
+    part = table.take(ok)
+    return sweep_arrays(store, images, part.example_ids, part.labels, table.classes, specs, weights, sweeper,
+                        data_key=data_key, split=split, batch_size=batch_size, with_features=with_features)  # fmt: skip
 
 
 def sweep_stage(store: RunStore, inputs, cfg) -> tuple[str, SweepResult]:

@@ -1,0 +1,193 @@
+"""The one runner: stages, key-based skipping, --force, failed stages, and the CLI's
+``run`` and ``demo`` through the real entry point."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pytest
+
+from audit.pipeline.executor import ThreadExecutor
+from audit.pipeline.inputs import Services
+from audit.pipeline.runner import StageFailed
+from audit.store import RunStore
+from audit.zoo.shard import LocalSweeper
+
+STAGES = ["train", "sweep", "accuracy", "stats", "embed", "directions", "generate"]
+
+
+def write_config(path, data: str, zoo: str, extra: str = "") -> str:
+    path.write_text(f"""
+[data]
+{data}
+[zoo]
+manifest = "{zoo}"
+[ray]
+batch_size = 64
+[stats]
+n_boot = 50
+[directions]
+n_permutations = 5
+grounding_k = 10
+k = 10
+{extra}
+""")
+    return str(path)
+
+
+class RecordingGenerator:
+    """Stands in for the Serve app: records what was asked, or fails like an unreachable service."""
+
+    def __init__(self, fail: Exception | None = None):
+        self.calls, self.fail = [], fail
+
+    def request_sets(self, wanted, set_ids, k, seed):
+        from audit.pipeline.generate import SETS_SCHEMA
+
+        if self.fail is not None:
+            raise self.fail
+        self.calls.append(dict(wanted))
+        rows = [{"scope": s, "set_id": set_ids[s], "captions": c, "n_images": k * len(c), "generator": "fake"}
+                for s, c in wanted.items()]  # fmt: skip
+        return pa.Table.from_pylist(rows, schema=SETS_SCHEMA)
+
+
+def threads(generator=None) -> Services:
+    return Services(executor=ThreadExecutor(2), sweeper=LocalSweeper(threads=1), generator=generator or RecordingGenerator())
+
+
+@pytest.fixture(scope="module")
+def world_config(tmp_path_factory, tiny_world, tiny_zoo_path):
+    return write_config(tmp_path_factory.mktemp("cfg") / "audit.toml", f'path = "{tiny_world}"', tiny_zoo_path)
+
+
+def test_stages_run_once_then_skip_and_force_redoes_one(world_config, tmp_path):
+    from cluster.runner import run_audit
+
+    lines: list[str] = []
+    out = str(tmp_path / "run")
+    store, first = run_audit(world_config, out, services=threads(), console=lines.append)
+    assert first.ran == STAGES and first.failed is None
+    for name in ("manifest.json", "accuracy.parquet", "overlap.parquet", "clusters.parquet", "directions.parquet",
+                 "captions.parquet", "subpopulations.parquet", "synthetic_sets.parquet", "summary.txt"):  # fmt: skip
+        assert store.exists(name), name
+    m = store.manifest()
+    assert m["status"] == "done" and all(m["stages"][s]["status"] == "done" for s in STAGES)
+    assert store.read_table("predictions/model=tiny-resnet").num_rows == 180  # debug + test
+    assert store.read_table("overlap.parquet").num_rows == 2  # failure statistics on debug only
+    # one line per stage, then the summary, which is also summary.txt
+    assert sum(line.startswith(f"  {s} ") for line in lines for s in STAGES) == len(STAGES)
+    assert store.read_bytes("summary.txt").decode().strip() in "\n".join(lines)
+
+    lines.clear()
+    _, again = run_audit(world_config, out, services=threads(), console=lines.append)
+    assert again.ran == [] and again.skipped == STAGES
+    assert all("(current)" in line for line in lines if line.startswith("  ") and line.split()[0] in STAGES)
+
+    _, forced = run_audit(world_config, out, force=["stats"], services=threads(), console=lines.append)
+    assert forced.ran[0] == "stats" and "sweep" in forced.skipped and "train" in forced.skipped
+    with pytest.raises(ValueError, match="unknown stage"):
+        run_audit(world_config, out, force=["stat"], services=threads(), console=lines.append)
+
+
+def test_changed_section_reruns_that_stage_and_what_reads_it(world_config, tmp_path):
+    from cluster.runner import run_audit
+
+    out = str(tmp_path / "run")
+    run_audit(world_config, out, services=threads(), console=lambda s: None)
+    changed = tmp_path / "changed.toml"
+    changed.write_text(open(world_config).read().replace("n_boot = 50", "n_boot = 60"))
+    with pytest.raises(ValueError, match="--resume"):  # another config in the same directory
+        run_audit(str(changed), out, services=threads(), console=lambda s: None)
+    _, res = run_audit(str(changed), out, resume=True, services=threads(), console=lambda s: None)
+    assert res.skipped[:2] == ["train", "sweep"] and "stats" in res.ran and "embed" in res.skipped
+
+
+def wanted_sets(monkeypatch):
+    """Tiny models trained for seconds have no significant direction; pretend one cluster has
+    one, so that the generator is really asked."""
+    monkeypatch.setattr("audit.pipeline.generate.cluster_hard_captions",
+                        lambda caps, dirs: {"cluster:0": ["a photo of a blue t-shirt"]})  # fmt: skip
+
+
+def test_failing_stage_is_recorded_and_the_next_run_resumes(world_config, tmp_path, monkeypatch):
+    from cluster.runner import run_audit
+
+    wanted_sets(monkeypatch)
+    out = str(tmp_path / "run")
+    lines: list[str] = []
+    boom = RecordingGenerator(fail=ConnectionError("http://127.0.0.1:9 refused the connection"))
+    with pytest.raises(StageFailed) as e:
+        run_audit(world_config, out, services=threads(boom), console=lines.append)
+    assert e.value.stage == "generate"
+    store = RunStore(out)
+    m = store.manifest()
+    assert m["status"] == "failed" and m["stages"]["generate"]["status"] == "failed"
+    assert "refused the connection" in m["stages"]["generate"]["reason"]
+    assert any(r["stage"] == "generate" and "refused" in r["reason"] for r in store.errors().to_pylist())
+    assert [line for line in lines if "FAILED" in line] == ["  generate    FAILED: ConnectionError: http://127.0.0.1:9 refused the connection"]
+    for name in ("accuracy.parquet", "overlap.parquet", "directions.parquet", "captions.parquet", "summary.txt"):
+        assert store.exists(name), name
+    # the next run does only the failed stage
+    ok = RecordingGenerator()
+    _, res = run_audit(world_config, out, services=threads(ok), console=lines.append)
+    assert res.failed is None and res.ran == ["generate"]
+    assert ok.calls == [{"cluster:0": ["a photo of a blue t-shirt"]}]
+    sets = store.read_table("synthetic_sets.parquet").to_pylist()
+    assert [(r["scope"], r["n_images"]) for r in sets] == [("cluster:0", 3)]
+
+
+def test_cli_failing_stage_exits_1_with_one_line(tmp_path, tiny_world, tiny_zoo_path, monkeypatch, capsys):
+    """A Parquet manifest (not a world) with the world renderer configured: the generate
+    stage cannot work; the CLI says so, exits 1, and the manifest says why."""
+    import cluster.runner
+    from audit.data.readers import read_dataset
+    from cluster.cli import main
+    from cluster.generate import ServeSetGenerator
+
+    manifest = tmp_path / "data.parquet"
+    read_dataset(tiny_world).with_metadata().to_parquet(str(manifest))
+    cfg = write_config(tmp_path / "audit.toml", f'path = "{manifest}"', tiny_zoo_path)
+
+    def thread_services(cfg_, store, world_dir, ray, progress):  # the real generator, no Ray for the rest
+        return threads(ServeSetGenerator(cfg_.generate.backend, store.uri, world_dir))
+
+    monkeypatch.setattr(cluster.runner, "ray_services", thread_services)
+    wanted_sets(monkeypatch)
+    out = tmp_path / "run"
+    assert main(["run", cfg, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("zoo-audit: stage 'generate' failed: [generate] backend = 'world' renders the data's world")
+    assert len(err) == 2 and "rerun the same command to resume" in err[1]
+    store = RunStore(str(out))
+    assert store.manifest()["stages"]["generate"]["status"] == "failed"
+    assert store.exists("directions.parquet") and store.exists("overlap.parquet")
+
+
+def test_cli_typo_in_config_exits_2_naming_the_key(tmp_path, capsys):
+    from cluster.cli import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[data]\npath = 'x'\n[ray]\nnum_cpu_worker = 2\n")
+    assert main(["run", str(bad), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "[ray] num_cpu_worker" in err and "did you mean 'num_cpu_workers'" in err and str(bad) in err
+    assert not os.path.exists(tmp_path / "run" / "manifest.json")
+
+
+@pytest.mark.ray
+def test_cli_run_end_to_end_on_ray(ray_session, world_config, tmp_path, capsys):
+    """``zoo-audit run`` through the real entry point with the Ray services (the session's
+    Ray is joined, not restarted), Serve generation in-process, readable output."""
+    from cluster.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", world_config, "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    lines = printed.out.splitlines()
+    assert len(lines) < 150 and not any(" INFO " in line or line.startswith("INFO") for line in lines + printed.err.splitlines())
+    store = RunStore(str(out))
+    assert store.manifest()["status"] == "done"
+    assert {s for s, v in store.manifest()["stages"].items() if v["status"] == "done"} == set(STAGES)
+    assert ray_session.is_initialized()  # a run that joined Ray leaves it running
