@@ -46,10 +46,14 @@ class HttpSetGenerator:
 
 
 class ServeSetGenerator:
-    """Starts the Serve app in this Ray for the request, on a free loopback port, then stops it."""
+    """Starts the Serve app in this Ray for the request, on a free loopback port, then stops it.
 
-    def __init__(self, backend: str, store_uri: str, world_dir: str | None):
+    ``shutdown_serve=False`` leaves Serve to the Ray shutdown that follows (a run that owns
+    its Ray): stopping the controller by hand makes Ray print a retried-task notice."""
+
+    def __init__(self, backend: str, store_uri: str, world_dir: str | None, shutdown_serve: bool = True):
         self.backend, self.store_uri, self.world_dir = backend, store_uri, world_dir
+        self.shutdown_serve = shutdown_serve
 
     def resolved_backend(self) -> str:
         if self.backend == "world":
@@ -61,21 +65,30 @@ class ServeSetGenerator:
         return self.backend
 
     def request_sets(self, wanted, set_ids, k, seed):
+        backend = self.resolved_backend()
         from ray import serve
 
+        from cluster.runtime import requiet
         from serve.app import build_app
         from serve.config import ServeAppConfig
 
-        app = build_app(ServeAppConfig(backend=self.resolved_backend(), store=self.store_uri))
+        requiet()  # importing ray.serve installs a console handler
+        app = build_app(ServeAppConfig(backend=backend, store=self.store_uri))
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
+        requiet()
         try:
             serve.run(app, name="zoo-audit-generate", route_prefix="/")
             return request_sets(f"http://127.0.0.1:{port}", wanted, set_ids, k, seed)
         finally:
-            serve.shutdown()
+            if self.shutdown_serve:
+                serve.shutdown()
+            else:
+                serve.delete("zoo-audit-generate")
 
 
-def set_generator(cfg, store_uri: str, world_dir: str | None):
+def set_generator(cfg, store_uri: str, world_dir: str | None, shutdown_serve: bool = True):
     """The generator for the ``[generate]`` section."""
-    return HttpSetGenerator(cfg.url) if cfg.url else ServeSetGenerator(cfg.backend, store_uri, world_dir)
+    if cfg.url:
+        return HttpSetGenerator(cfg.url)
+    return ServeSetGenerator(cfg.backend, store_uri, world_dir, shutdown_serve)

@@ -74,7 +74,7 @@ def ray_services(cfg: AuditConfig, store: RunStore, world_dir: str | None, ray: 
     r = cfg.ray
     sweeper = lambda: RaySweeper(r.num_cpu_workers, r.threads_per_worker or None, r.gpus, r.max_restarts, progress=progress)  # noqa: E731
     return Services(executor=_OnRay(ray, RayExecutor), sweeper=_OnRay(ray, sweeper),
-                    generator=_OnRay(ray, lambda: set_generator(cfg.generate, store.uri, world_dir)),
+                    generator=_OnRay(ray, lambda: set_generator(cfg.generate, store.uri, world_dir, shutdown_serve=not ray.owned)),
                     progress=progress)  # fmt: skip
 
 

@@ -11,10 +11,15 @@ import logging
 import os
 
 RAY_LOGGERS = ("ray", "ray.serve", "ray.data", "ray.train", "ray.tune", "filelock")
+_SETTINGS: dict = {"log_dir": None, "verbose": True}
 
 
 def quiet_ray_logs(log_dir: str | None, verbose: bool) -> None:
-    """Send Ray's driver-side loggers to ``log_dir/ray.log`` (or drop them below WARNING)."""
+    """Send Ray's driver-side loggers to ``log_dir/ray.log`` (or drop them below WARNING).
+
+    Call :func:`requiet` after importing a Ray library that installs its own console
+    handler on import (``ray.serve`` does)."""
+    _SETTINGS.update(log_dir=log_dir, verbose=verbose)
     if verbose:
         return
     handler: logging.Handler
@@ -31,6 +36,11 @@ def quiet_ray_logs(log_dir: str | None, verbose: bool) -> None:
         lg.addHandler(handler)
         lg.setLevel(logging.INFO)
         lg.propagate = False
+
+
+def requiet() -> None:
+    """Apply the last :func:`quiet_ray_logs` settings again."""
+    quiet_ray_logs(_SETTINGS["log_dir"], _SETTINGS["verbose"])
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, *, verbose: bool = False,

@@ -58,7 +58,7 @@ def format_direction_similarity(sim: pa.Table, families: Mapping[str, str]) -> s
 
 
 def format_directions(dirs: pa.Table, caps: pa.Table, subs: pa.Table, planted: pa.Table | None,
-                      families: Mapping[str, str] | None = None, per_family: int = 2,
+                      families: Mapping[str, str] | None = None, per_family: int = 1,
                       sim: pa.Table | None = None, k: int = 50) -> str:  # fmt: skip
     """The strongest failure modes per family (or cluster), with captions and nearest-image accuracy."""
     families = families or {}
