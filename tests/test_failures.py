@@ -201,17 +201,15 @@ def test_input_errors_name_the_fix():
     assert cluster_models(np.ones((1, 1)), n_clusters=1).tolist() == [0]
 
 
-def test_pairwise_counts_are_fast_at_scale():
-    """40 models x 1,000,000 examples: all pairwise counts, Jaccard and conditional rates."""
-    import time
-
+def test_pairwise_counts_at_scale():
+    """40 models x 1,000,000 examples: all pairwise counts, Jaccard and conditional rates
+    (their speed is measured in benchmarks/bench_sweep.py, not asserted here)."""
     from audit.failures import pair_rates
 
     rng = np.random.default_rng(0)
     packed = rng.integers(0, 256, (40, 125_000), dtype=np.uint8)
     fm = FailureMatrix(tuple(f"m{i}" for i in range(40)), np.arange(1_000_000).astype(str), packed)
-    t = time.perf_counter()
     n_fail, n_both = fm.counts()
-    pair_rates(n_fail, n_both)
-    assert time.perf_counter() - t < 2.0  # ~0.02 s here; generous for a loaded 2-core machine
+    rates = pair_rates(n_fail, n_both)
+    assert np.all(np.isfinite(rates["jaccard"])) and np.allclose(np.diag(rates["jaccard"]), 1.0)
     assert n_both[3, 3] == n_fail[3] and abs(n_both[0, 1] / 1_000_000 - 0.25) < 0.01
