@@ -96,7 +96,14 @@ class _Split:
 
 def directions_stage(store: RunStore, inputs, cfg) -> str:
     """Stage: fit, name and check failure directions (``[directions]`` section)."""
-    from audit.directions import FailureDirections, clusters_from_table, direction_similarity, directions_table, fit_collective, with_q_values
+    from audit.directions import (
+        FailureDirections,
+        clusters_from_table,
+        direction_similarity,
+        directions_table,
+        fit_collective,
+        with_q_values,
+    )
     from audit.embed import embed_table
     from audit.evaluate import load_predictions
     from audit.pipeline.sweep import swept_models
@@ -137,7 +144,14 @@ def directions_stage(store: RunStore, inputs, cfg) -> str:
 
 
 def _captions(inputs, cfg, dirs, emb, fit):
-    from audit.captions import CaptionGrounding, LLMConfig, candidate_captions, captions_table, reference_caption, world_reference
+    from audit.captions import (
+        CaptionGrounding,
+        LLMConfig,
+        candidate_captions,
+        captions_table,
+        reference_caption,
+        world_reference,
+    )
 
     spec = None
     if inputs.world_dir:

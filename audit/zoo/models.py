@@ -14,8 +14,6 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from audit.zoo.inference import predict_arrays, preprocess  # noqa: F401 - re-exported
 from audit.zoo.spec import InputConfig, ModelSpec
 

@@ -10,7 +10,6 @@ from typing import Any
 import tomllib
 
 
-
 @dataclass(frozen=True)
 class InputConfig:
     """How a model wants its pixels: size, normalisation, interpolation, crop."""
