@@ -77,6 +77,18 @@ def _run(a):
     _run_cmd(a.config, a)
 
 
+def _report(a):
+    from audit.report import write_report
+    from audit.store import RunStore
+
+    if "://" not in a.run and not os.path.isfile(os.path.join(a.run, "manifest.json")):
+        raise FileNotFoundError(f"{a.run!r} is not a run directory (no manifest.json); give the --out of a "
+                                "`zoo-audit run` or `zoo-audit demo`")  # fmt: skip
+    res = write_report(RunStore(a.run), a.out)
+    print(f"{res.n_models} model pages, {res.n_clusters} cluster pages, {res.n_bytes / 1e6:.1f} MB in {res.seconds:.1f}s")
+    print(f"report: {res.index}")
+
+
 def _embed_train(a):
     from audit.embed.world_encoder import train_cli
 
@@ -143,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--resume", action="store_true", help="reuse a run directory that holds a run of another config")
     rn.add_argument("--force", action="append", metavar="STAGE", help=f"redo this stage even if current ({stages})")
     rn.set_defaults(fn=_run)
+
+    rp = sub.add_parser("report", help="write the static HTML report of a run (opens from disk; no server)")
+    rp.add_argument("run", help="a run directory (the --out of `zoo-audit run` or `demo`)")
+    rp.add_argument("--out", default=None, help="where to write it (default RUN/report)")
+    rp.set_defaults(fn=_report)
 
     e = sub.add_parser("embed", help="joint image/text embedders").add_subparsers(dest="embed_cmd", required=True)
     et = e.add_parser("train", help="train the world encoder on a captioned table")

@@ -143,7 +143,8 @@ def run_audit(config: str, out: str, *, address: str | None = None, resume: bool
         ray.close()
     if outcome.summary:
         console("\n" + outcome.summary)
-    console(f"\nrun directory: {store.uri} (summary.txt, manifest.json)  total {time.perf_counter() - t0:.1f}s")
+    console(f"\nrun directory: {store.uri} (summary.txt, manifest.json)  total {time.perf_counter() - t0:.1f}s"
+            + (f"\nreport: {store.path('report/index.html')}" if not outcome.failed and store.exists("report/index.html") else ""))  # fmt: skip
     if outcome.failed:
         raise outcome.failed
     return store, outcome

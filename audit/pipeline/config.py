@@ -104,6 +104,16 @@ class GenerateSection(Section):
         return d
 
 
+class ReportSection(Section):
+    enabled: bool = True  # write RUN/report/index.html at the end of the run
+    max_modes: int = Field(12, ge=0)  # failure modes per card shown with image grids (strongest first)
+    images: int = Field(8, ge=1)  # real images per grid (hardest / easiest) and generated images per mode
+    max_rows: int = Field(200, ge=1)  # rows per table on a card (worst first)
+    max_set_images: int = Field(240, ge=0)  # thumbnails per synthetic set on the sets page
+    max_index_rows: int = Field(5000, ge=0)  # failure modes listed on the cards page (strongest first)
+    thumb_size: int = Field(64, ge=16)  # pixels; larger images are scaled down to JPEG
+
+
 SECTIONS: dict[str, type[Section]] = {
     "data": DataSection,
     "zoo": ZooSection,
@@ -111,6 +121,7 @@ SECTIONS: dict[str, type[Section]] = {
     "stats": StatsSection,
     "directions": DirectionsSection,
     "generate": GenerateSection,
+    "report": ReportSection,
 }
 PATH_KEYS = {"data": ("path", "world_spec"), "zoo": ("cache",)}
 
@@ -124,6 +135,7 @@ class AuditConfig(BaseModel):
     stats: StatsSection = StatsSection()
     directions: DirectionsSection = DirectionsSection()
     generate: GenerateSection = GenerateSection()
+    report: ReportSection = ReportSection()
     source: str = ""  # the file it was read from (not part of any key)
 
     def section(self, name: str) -> Section:

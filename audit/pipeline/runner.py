@@ -88,6 +88,7 @@ def default_stages() -> list[Stage]:
     from audit.pipeline.generate import generate_stage
     from audit.pipeline.stats import accuracy_stage, stats_stage
     from audit.pipeline.train import train_pending
+    from audit.report import report_stage
 
     directions_on = lambda cfg: cfg.directions.enabled  # noqa: E731
     return [
@@ -103,6 +104,8 @@ def default_stages() -> list[Stage]:
               enabled=directions_on, extra_key=lambda i: (i.fit_split, i.eval_split, i.world_dir is not None)),  # fmt: skip
         Stage("generate", generate_stage, "generate", ("directions",), ("synthetic_sets.parquet",),
               enabled=lambda cfg: cfg.directions.enabled and cfg.generate.enabled),  # fmt: skip
+        Stage("report", report_stage, "report", ("accuracy", "stats", "directions", "generate", "mitigate"),
+              ("report/index.html",), enabled=lambda cfg: cfg.report.enabled),  # fmt: skip
     ]
 
 

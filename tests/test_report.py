@@ -1,0 +1,302 @@
+"""The HTML report: written as the run's last stage and by ``zoo-audit report``; offline (no
+external URL, every image a file in the report); optional tables rendered only when present;
+and, with a Chromium on the machine, opened headless: every image loads, the heatmap and a
+model card render, no console errors, screenshots saved."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from audit.pipeline.executor import ThreadExecutor
+from audit.pipeline.inputs import Services
+from audit.zoo.shard import LocalSweeper
+
+IMG_SRC = re.compile(r'<img[^>]*\bsrc="([^"]+)"')
+EXTERNAL = re.compile(r'(?:src|href)="(?:https?:)?//', re.I)
+
+
+class WorldSetGenerator:
+    """Stands in for the Serve app: renders each hard caption with the world renderer and
+    stores the set as the app does (``synthetic/SET_ID/part-00000.parquet``)."""
+
+    def __init__(self, store_uri: str, world_dir: str, fmnist_dir: str):
+        self.store_uri, self.world_dir, self.fmnist_dir = store_uri, world_dir, fmnist_dir
+
+    def request_sets(self, wanted, set_ids, k, seed):
+        from PIL import Image
+
+        from audit.data.readers import load_fashion_mnist_arrays
+        from audit.data.world import WorldRenderer, WorldSpec
+        from audit.pipeline.generate import SETS_SCHEMA
+        from audit.store import RunStore
+
+        store = RunStore(self.store_uri)
+        renderer = WorldRenderer(WorldSpec.from_toml(os.path.join(self.world_dir, "spec.toml")),
+                                 load_fashion_mnist_arrays(self.fmnist_dir))  # fmt: skip
+        out = []
+        for scope, captions in wanted.items():
+            rows = []
+            for p, cap in enumerate(captions):
+                for i, img in enumerate(renderer.render(cap, seed=seed + p, n=k)):
+                    buf = io.BytesIO()
+                    Image.fromarray(img).save(buf, format="PNG")
+                    rows.append({"image_id": f"{set_ids[scope]}-{len(rows):05d}", "png": buf.getvalue(), "prompt": cap,
+                                 "seed": seed + p * 1000 + i, "generator": "world", "params": "{}",
+                                 "prompt_index": p, "image_index": i})  # fmt: skip
+            store.write_table(f"synthetic/{set_ids[scope]}/part-00000.parquet", pa.Table.from_pylist(rows))
+            out.append({"scope": scope, "set_id": set_ids[scope], "captions": captions, "n_images": len(rows),
+                        "generator": "world"})  # fmt: skip
+        return pa.Table.from_pylist(out, schema=SETS_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory, tiny_world, tiny_zoo_path, fake_fmnist):
+    """A finished tiny run (threads, no Ray), its console lines and its report."""
+    from audit.pipeline.config import SECTIONS
+    from cluster.runner import run_audit
+
+    cfg = tmp_path_factory.mktemp("cfg") / "audit.toml"
+    # head retraining is another stage's work (and its own tests'): off here when it exists
+    off = "[mitigate]\nenabled = false" if "mitigate" in SECTIONS else ""
+    cfg.write_text(f"""
+[data]
+path = "{tiny_world}"
+[zoo]
+manifest = "{tiny_zoo_path}"
+[ray]
+batch_size = 64
+[stats]
+n_boot = 50
+[directions]
+n_permutations = 5
+grounding_k = 10
+k = 10
+[generate]
+k = 2
+{off}
+[report]
+images = 6
+""")
+    out = str(tmp_path_factory.mktemp("run") / "run")
+    services = Services(executor=ThreadExecutor(2), sweeper=LocalSweeper(threads=1),
+                        generator=WorldSetGenerator(out, tiny_world, fake_fmnist))  # fmt: skip
+    lines: list[str] = []
+    store, outcome = run_audit(str(cfg), out, services=services, console=lines.append)
+    return store, outcome, lines
+
+
+def _pages(root: str) -> dict[str, str]:
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".html"):
+                p = os.path.join(d, f)
+                out[os.path.relpath(p, root)] = open(p, encoding="utf-8").read()
+    return out
+
+
+def test_report_is_the_last_stage_and_its_path_is_printed_last(audited):
+    store, outcome, lines = audited
+    assert outcome.failed is None and outcome.ran[-1] == "report"
+    index = store.path("report/index.html")
+    assert os.path.isfile(index)
+    assert lines[-1].strip() == f"report: {index}"
+    assert any(line.startswith("  report ") and "model pages" in line for line in lines)
+    assert store.manifest()["stages"]["report"]["status"] == "done"
+
+
+def test_every_page_is_offline_and_every_image_is_a_file(audited):
+    store, _, _ = audited
+    root = store.path("report")
+    pages = _pages(root)
+    models = [r["model"] for r in store.read_table("clusters.parquet").to_pylist()]
+    clusters = sorted({r["cluster"] for r in store.read_table("clusters.parquet").to_pylist()})
+    assert {"index.html", "shared.html", "cards.html", "sets.html"} <= set(pages)
+    assert {f"models/{m}.html" for m in models} <= set(pages)
+    assert {f"clusters/cluster-{c}.html" for c in clusters} <= set(pages)
+    n_images = 0
+    for rel, html in pages.items():
+        assert not EXTERNAL.search(html), f"{rel} links outside the report"
+        assert "static/report.css" in html and "static/report.js" in html
+        for src in IMG_SRC.findall(html):
+            assert not src.startswith("data:"), f"{rel}: images are files, never inlined"
+            assert os.path.isfile(os.path.normpath(os.path.join(root, os.path.dirname(rel), src))), f"{rel}: {src}"
+            n_images += 1
+    assert n_images > 20
+    # the figures of the shared-failures page and the run's stages on the overview
+    for fig in ("heatmap", "dendrogram", "families", "consistency"):
+        assert f'id="{fig}"' in pages["shared.html"]
+    for stage in ("sweep", "stats", "directions", "generate", "report"):
+        assert f"<td>{stage}</td>" in pages["index.html"]
+
+
+def test_cards_show_failure_modes_with_real_and_generated_images(audited):
+    store, _, _ = audited
+    pages = _pages(store.path("report"))
+    dirs = store.read_table("directions.parquet").to_pylist()
+    ok = [d for d in dirs if d["status"] == "ok" and not d["scope"].startswith("cluster:")]
+    assert ok, "the tiny world plants failures: some model must have a significant mode"
+    best = max(ok, key=lambda d: d["cv_score"])
+    card = pages[f"models/{best['scope']}.html"]
+    assert f'id="{best["class"]}-mode-{best["mode"]}"' in card
+    assert "Real images nearest the failure direction" in card and "Typical images of the class" in card
+    assert "img/syn/" in card, "generated images of the mode's hard captions"
+    top_hard = [c for c in store.read_table("captions.parquet").to_pylist()
+                if (c["scope"], c["class"], c["mode"], c["polarity"], c["rank"]) == (best["scope"], best["class"], best["mode"], "hard", 1)]  # fmt: skip
+    assert top_hard and top_hard[0]["caption"] in card
+    # the sets page shows every stored image with its seed
+    sets = pages["sets.html"]
+    n_set_images = sum(r["n_images"] for r in store.read_table("synthetic_sets.parquet").to_pylist())
+    assert sets.count("img/syn/") == n_set_images and sets.count(">seed ") == n_set_images
+
+
+def test_hard_images_are_the_models_errors_more_often_than_easy_ones(audited):
+    """A planted answer: the real images at the hard end of a direction are misclassified far
+    more often than those at the easy end (the direction separates errors from correct)."""
+    store, _, _ = audited
+    wrong = {"hard": 0, "easy": 0}
+    shown = {"hard": 0, "easy": 0}
+    for rel, html in _pages(store.path("report")).items():
+        if not rel.startswith("models/"):
+            continue
+        for block in re.findall(r'<div class="gridlabel">(.*?)</div>\s*<div class="grid">(.*?)</div>', html, re.S):
+            side = "hard" if "nearest the failure" in block[0] else "easy" if "Typical" in block[0] else None
+            if side:
+                wrong[side] += block[1].count('class="wrong"')
+                shown[side] += block[1].count("<img")
+    assert shown["hard"] and shown["easy"]
+    assert wrong["hard"] / shown["hard"] > wrong["easy"] / shown["easy"] + 0.2, (wrong, shown)
+
+
+def test_report_command_and_optional_tables(audited, tmp_path, capsys):
+    """``zoo-audit report RUN --out DIR`` on a copy of the run; mitigation appears only when its table exists."""
+    from cluster.cli import main
+
+    store, _, _ = audited
+    run = str(tmp_path / "run")
+    shutil.copytree(store.root, run, ignore=shutil.ignore_patterns("report"))
+    out = str(tmp_path / "html")
+    assert main(["report", run, "--out", out]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"report: {out}/index.html"
+    assert "Mitigation" not in open(f"{out}/index.html").read()
+    model = store.read_table("clusters.parquet")["model"][0].as_py()
+    assert "Mitigation" not in open(f"{out}/models/{model}.html").read()
+
+    cls = store.read_table("accuracy.parquet").to_pylist()[1]["class"]
+    row = {"scope": model, "model": model, "class": cls, "method": "synthetic", "lambda": 0.25, "n_added": 12,
+           "overall_before": 0.70, "overall_after": 0.72, "hard_before": 0.40, "hard_after": 0.55, "gain": 0.15,
+           "gain_ci_low": 0.05, "gain_ci_high": 0.25, "eval": "test"}  # fmt: skip
+    pq.write_table(pa.Table.from_pylist([row]), f"{run}/mitigation.parquet")
+    for rel in ("directions.parquet", "captions.parquet", "subpopulations.parquet", "synthetic_sets.parquet"):
+        os.remove(f"{run}/{rel}")  # a run whose directions stage never ran: the report still builds
+    assert main(["report", run, "--out", out]) == 0
+    card = open(f"{out}/models/{model}.html").read()
+    assert "Mitigation" in card and "+15.0 pts" in card and "synthetic" in card
+    assert "mean mitigation gain" in open(f"{out}/index.html").read()
+    assert "no synthetic sets" in open(f"{out}/sets.html").read()
+
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+# -- a real browser ------------------------------------------------------------------------------
+CHECK = """<script>
+(function () {
+  var errors = [];
+  window.addEventListener("error", function (e) {
+    var t = e.target;
+    errors.push(t && t !== window && (t.src || t.href) ? "failed to load " + (t.src || t.href) : String(e.message));
+  }, true);
+  window.addEventListener("unhandledrejection", function (e) { errors.push("unhandled rejection: " + e.reason); });
+  var ce = console.error;
+  console.error = function () { errors.push(Array.prototype.join.call(arguments, " ")); ce.apply(console, arguments); };
+  window.addEventListener("load", function () {
+    var imgs = Array.prototype.slice.call(document.images);
+    Promise.all(imgs.map(function (im) {
+      im.loading = "eager";
+      if (im.complete) return Promise.resolve();
+      return new Promise(function (r) { im.addEventListener("load", r); im.addEventListener("error", r); });
+    })).then(function () {
+      var pre = document.createElement("pre");
+      pre.id = "zoo-audit-check";
+      pre.textContent = JSON.stringify({
+        images: imgs.length,
+        broken: imgs.filter(function (im) { return !(im.complete && im.naturalWidth > 0); }).map(function (im) { return im.getAttribute("src"); }),
+        errors: errors,
+        heatmap: (document.getElementById("heatmap") || {}).naturalWidth || 0,
+        title: (document.getElementById("card-title") || {}).textContent || "",
+        sortable: document.querySelectorAll("table.sortable th").length,
+        css: getComputedStyle(document.body).backgroundColor
+      });
+      document.body.appendChild(pre);
+    });
+  });
+})();
+</script>"""
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _chromium(exe: str, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--no-first-run", "--hide-scrollbars", *args],
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+@pytest.mark.browser
+def test_report_in_headless_chromium(audited, tmp_path):
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip("no Chromium found (chromium, chromium-browser, google-chrome); `make test` installs Debian's "
+                    "`chromium` when apt-get is available")  # fmt: skip
+    store, _, _ = audited
+    src = store.path("report")
+    model = max((d for d in store.read_table("directions.parquet").to_pylist()
+                 if d["status"] == "ok" and not d["scope"].startswith("cluster:")), key=lambda d: d["cv_score"])["scope"]  # fmt: skip
+    pages = {"overview": "index.html", "shared": "shared.html", "model": f"models/{model}.html", "sets": "sets.html"}
+    # screenshots of the report as it is
+    for name, rel in pages.items():
+        shot = tmp_path / f"{name}.png"
+        r = _chromium(exe, f"--screenshot={shot}", "--window-size=1280,1600", "--virtual-time-budget=5000",
+                      f"file://{os.path.join(src, rel)}")  # fmt: skip
+        assert shot.is_file() and shot.stat().st_size > 10_000, f"no screenshot of {rel}: {r.stderr[-2000:]}"
+    # the same pages, with a probe that loads every (lazy) image and records errors
+    checked = tmp_path / "checked"
+    shutil.copytree(src, checked)
+    for name, rel in pages.items():
+        p = checked / rel
+        p.write_text(p.read_text().replace("<head>", "<head>\n" + CHECK, 1))
+        r = _chromium(exe, "--dump-dom", "--virtual-time-budget=10000", "--allow-file-access-from-files",
+                      f"file://{p}")  # fmt: skip
+        m = re.search(r'<pre id="zoo-audit-check">(.*?)</pre>', r.stdout, re.S)
+        assert m, f"{rel}: the page did not finish loading in Chromium: {r.stderr[-2000:]}"
+        res = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
+        assert res["broken"] == [], f"{rel}: broken images {res['broken'][:5]}"
+        assert res["errors"] == [], f"{rel}: console errors {res['errors'][:5]}"
+        assert res["css"] != "rgba(0, 0, 0, 0)", f"{rel}: the stylesheet did not load"
+        assert res["sortable"] > 0 or name == "shared"
+        console = [line for line in r.stderr.splitlines() if "CONSOLE" in line and "error" in line.lower()]
+        assert not console, f"{rel}: {console[:3]}"
+        if name == "shared":
+            assert res["heatmap"] > 200, "the heatmap did not render"
+        if name == "model":
+            assert res["title"] == model and res["images"] >= 6
+        assert res["images"] > 0 or name == "shared"
+    print(f"screenshots: {sorted(str(p) for p in tmp_path.glob('*.png'))}")
+    assert np.all([(tmp_path / f"{n}.png").is_file() for n in pages])
