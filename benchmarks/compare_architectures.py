@@ -3,7 +3,8 @@
 Columns: accuracy (95% interval), worst hard-subpopulation accuracy (a hard caption's nearest
 eval images), number and mean strength of significant failure modes, mean shared failure
 (the run's similarity, e.g. Jaccard) within the family and with other families, error
-consistency within and between families (95% bootstrap intervals over model pairs), and the
+consistency within and between families (95% bootstrap intervals over model pairs; a single
+pair has its own bootstrap interval over examples), and the
 mean mitigation gain when the run has ``mitigation.parquet``. Printed as Markdown, written as
 CSV (``families.csv``, ``models.csv``) and as one figure (``architectures.png`` and ``.svg``).
 
@@ -28,7 +29,11 @@ from audit.store import RunStore
 NAN = math.nan
 
 
-def _ci(values) -> tuple[float, float, float]:
+def _ci(values, own: tuple | None = None) -> tuple[float, float, float]:
+    """Mean with a bootstrap interval over ``values``; a single value takes ``own`` (its own
+    interval, e.g. one model pair's bootstrap over examples) when given."""
+    if own is not None and len(values) == 1:
+        return (float(values[0]), float(own[0]), float(own[1]))
     return _bootstrap_mean(values)
 
 
@@ -76,11 +81,12 @@ def compare(run_dir: str) -> tuple[list[dict], list[dict], dict]:
                 w = worst.get(r["scope"])
                 if w is None or r["accuracy_on_nearest"] < w[0]:
                     worst[r["scope"]] = (r["accuracy_on_nearest"], r["ci_low"], r["ci_high"], r["class"], r["caption"])
-    sim, ec = defaultdict(dict), defaultdict(dict)
+    sim, ec, ec_ci = defaultdict(dict), defaultdict(dict), {}
     if store.exists("overlap.parquet"):
         for r in store.read_table("overlap.parquet").to_pylist():
             sim[r["model_a"]][r["model_b"]] = r.get(metric, r["jaccard"])
             ec[r["model_a"]][r["model_b"]] = r["error_consistency"]
+            ec_ci[(r["model_a"], r["model_b"])] = (r["ci_low"], r["ci_high"])
     gains = defaultdict(list)
     has_mit = store.exists("mitigation.parquet")
     if has_mit:
@@ -98,7 +104,8 @@ def compare(run_dir: str) -> tuple[list[dict], list[dict], dict]:
     for x in models:
         a = acc.get(x, (NAN, NAN, NAN))
         w = worst.get(x, (NAN, NAN, NAN, "", ""))
-        ecw, ecb = _ci(pairs(x, True, ec)), _ci(pairs(x, False, ec))
+        ecw = _ci(pairs(x, True, ec), next((ec_ci[(x, b)] for b in ec.get(x, {}) if b != x and fam.get(b) == fam.get(x)), None))
+        ecb = _ci(pairs(x, False, ec))
         g = _ci(gains.get(x, []))
         model_rows.append({
             "model": x, "family": fam.get(x, ""), "accuracy": a[0], "accuracy_ci_low": a[1], "accuracy_ci_high": a[2],
@@ -124,7 +131,9 @@ def compare(run_dir: str) -> tuple[list[dict], list[dict], dict]:
 
         a = _ci([r["accuracy"] for r in mem])
         sw, sb = _ci(fam_pairs(sim, True)), _ci(fam_pairs(sim, False))
-        ew, eb = _ci(fam_pairs(ec, True)), _ci(fam_pairs(ec, False))
+        within_keys = [(a, b) for a in names for b in ec.get(a, {}) if b in names and a < b]
+        ew = _ci(fam_pairs(ec, True), ec_ci.get(within_keys[0]) if len(within_keys) == 1 else None)
+        eb = _ci(fam_pairs(ec, False))
         g = _ci([v for x in names for v in gains.get(x, [])])
         worst_f = min(mem, key=lambda r: r["worst_hard_accuracy"] if not math.isnan(r["worst_hard_accuracy"]) else 2)
         strengths = [v for x in names for v in modes.get(x, [])]
@@ -212,7 +221,7 @@ def figure(fam_rows: list[dict], model_rows: list[dict], info: dict, out_base: s
                 ax.errorbar([v], [i + dy], xerr=err, fmt=mk, color=col, mec="black", ms=7, capsize=3)
     ax.errorbar([], [], fmt="o", color="#444444", label="within the family")
     ax.errorbar([], [], fmt="s", color="#888888", label="with other families")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, frameon=False)
     ax.set_yticks(range(len(fams)), fams)
     ax.invert_yaxis()
     ax.set_xlabel(f"mean {info['metric']} of two models' errors (95% interval)")

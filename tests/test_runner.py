@@ -14,7 +14,7 @@ from audit.pipeline.runner import StageFailed
 from audit.store import RunStore
 from audit.zoo.shard import LocalSweeper
 
-STAGES = ["train", "sweep", "accuracy", "stats", "embed", "directions", "generate"]
+STAGES = [s.name for s in __import__("audit.pipeline.runner", fromlist=["default_stages"]).default_stages()]
 
 
 def write_config(path, data: str, zoo: str, extra: str = "") -> str:

@@ -400,7 +400,7 @@ class _Modes:
         for r in rows:
             rel = self.thumbs.add("syn", str(r.get("image_id") or f"{r['prompt']}-{r['seed']}"), r["png"])
             if rel is not None:
-                out.append({"src": rel, "cls": "", "label": f"seed {r['seed']}", "alt": r["prompt"],
+                out.append({"src": rel, "cls": "", "label": str(r["seed"]), "alt": r["prompt"],
                             "title": f"{r['prompt']} (seed {r['seed']})"})  # fmt: skip
         return out
 
@@ -604,7 +604,7 @@ def write_report(store: RunStore, out_dir: str | None = None, *, data=None, cfg=
     for m in all_modes[: opts.max_index_rows]:
         fam = run.families.get(m["scope"]) or ", ".join(sorted({run.families.get(x, "") for x in members.get(m["scope"], [])}))
         anchor = f"#{_safe(m['cls'])}-mode-{m['mode']}" if (m["scope"], m["row"]) in shown else ""
-        index_rows.append({**m, "family": fam, "href": _page(m["scope"]) + anchor,
+        index_rows.append({**m, "family": fam, "href": _page(m["scope"]) + anchor, "title": titles.get(m["scope"], m["scope"]),
                            "top_hard": next(iter(modes.captions.get((m["scope"], m["cls"], m["mode"], "hard"), [])), "")})  # fmt: skip
     render("cards.html", "cards.html", "cards", title="Models and clusters", cards=cards, modes=index_rows,
            more_rows=max(0, len(all_modes) - len(index_rows)))  # fmt: skip
