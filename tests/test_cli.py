@@ -91,7 +91,8 @@ enabled = false
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("zoo-audit run") and "demo.toml" in lines[0]
     assert any(line.startswith("  directions  off") for line in lines)
-    assert lines[-1].startswith("run directory: ") and os.path.exists(out / "summary.txt")
+    assert lines[-2].startswith("run directory: ") and os.path.exists(out / "summary.txt")
+    assert lines[-1] == f"report: {out / 'report' / 'index.html'}"  # the report's path, printed last
 
 
 def _free_port() -> int:

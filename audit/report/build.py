@@ -85,6 +85,7 @@ def _env():
         fmt2=lambda x: "n/a" if nan(x) else f"{x:.2f}",
         fmt3=lambda x: "n/a" if nan(x) else (f"{x:.3f}" if x >= 0.001 else f"{x:.1e}"),
         num=lambda x: f"{x:,}" if isinstance(x, int) else x,
+        when=lambda t: str(t or "").replace("T", " ").replace("+00:00", " UTC"),
         secs=lambda s: "" if s is None else (f"{s:.1f}s" if s < 60 else f"{int(s // 60)}m{int(s % 60):02d}s"),
     )
     return env
@@ -200,6 +201,16 @@ def _accuracy(acc: pa.Table | None) -> tuple[dict, dict, dict]:
 
 
 # -- shared failures -----------------------------------------------------------------------------
+def _ec_mean(ec: np.ndarray, lo: np.ndarray, hi: np.ndarray, mask: np.ndarray) -> tuple[float, float, float]:
+    """Mean error consistency over the pairs in ``mask`` with a bootstrap interval over pairs;
+    a single pair keeps its own interval (its bootstrap over examples)."""
+    v = ec[mask]
+    ok = np.isfinite(v)
+    if ok.sum() == 1:
+        return float(v[ok][0]), float(lo[mask][ok][0]), float(hi[mask][ok][0])
+    return _bootstrap_mean(v)
+
+
 def _shared(run: _Run, out: RunStore) -> dict:
     from audit.report import figures
 
@@ -234,7 +245,7 @@ def _shared(run: _Run, out: RunStore) -> dict:
     rows, fig_rows = [], []
     F = np.asarray(fams, dtype=object)
     off = ~np.eye(n, dtype=bool)
-    ec_sym = np.where(np.isnan(ec), ec.T, ec)
+    ec_sym, lo_sym, hi_sym = (np.where(np.isnan(x), x.T, x) for x in (ec, lo, hi))
     for f in sorted(set(fams)):
         inside = F == f
         within = np.triu(inside[:, None] & inside[None, :], 1)
@@ -245,8 +256,7 @@ def _shared(run: _Run, out: RunStore) -> dict:
                          "between_mean": b[0], "between_lo": b[1], "between_hi": b[2]})  # fmt: skip
         rows.append({"family": f, "n_models": int(inside.sum()), "within": w[0], "within_lo": w[1], "within_hi": w[2],
                      "between": b[0], "between_lo": b[1], "between_hi": b[2], "gap": w[0] - b[0],
-                     "ec_within": float(np.nanmean(ec_sym[within])) if within.any() else math.nan,
-                     "ec_between": float(np.nanmean(ec_sym[between])) if between.any() else math.nan})  # fmt: skip
+                     "ec_within": _ec_mean(ec_sym, lo_sym, hi_sym, within), "ec_between": _ec_mean(ec_sym, lo_sym, hi_sym, between)})  # fmt: skip
     out.write_bytes("figures/families.png", figures.family_png(fig_rows, label))
     ctx.update(heatmap="figures/heatmap.png", dendrogram="figures/dendrogram.png", families_fig="figures/families.png",
                consistency_fig="figures/consistency.png", families=rows, metric_label=label)  # fmt: skip

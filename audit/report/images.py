@@ -116,6 +116,7 @@ class NearestImages:
             return [], []
         d = decision_from_row(row, self.X[idx])
         order = np.argsort(d, kind="stable")  # negative decision = predicted error (hard), positive = easy
-        hard = idx[order[:n]]
-        easy = idx[order[::-1][: min(n, max(0, len(order) - n))]]
+        k = min(n, max(1, len(order) // 2))  # a small class splits evenly between the two ends
+        hard = idx[order[:k]]
+        easy = idx[order[::-1][: min(k, len(order) - k)]]
         return self.ids[hard].tolist(), self.ids[easy].tolist()
