@@ -229,6 +229,9 @@ def bootstrap_error_consistency(n_fail: np.ndarray, n_both: np.ndarray, n: int, 
     """
     if not 0 < ci < 1:
         raise ValueError(f"ci must be in (0, 1), got {ci}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
+        raise ValueError(f"n_boot must be an int >= 1 (or 0: no intervals, NaN on purpose), got {n_boot!r}; "
+                         "[stats] n_boot in an audit config must be >= 1")  # fmt: skip
     m = len(n_fail)
     low = np.full((m, m), np.nan)
     high = np.full((m, m), np.nan)

@@ -101,6 +101,46 @@ class RunStore:
             raise
         return final
 
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Write ``rel`` only if it does not exist: True if this call created it, False if it was there.
+
+        Atomic across processes and replicas sharing the directory: the bytes go to a
+        temporary, which is hard-linked to the final name (``link`` fails when the name
+        exists, unlike ``rename``, which replaces it), so exactly one of any number of
+        concurrent callers wins and readers never see a partial file. On object stores
+        (``s3://``, ``gs://``) ``pyarrow.fs`` offers no conditional put: there the check
+        and the write are two steps (a narrow race), so one writer per id is assumed.
+        """
+        final = self.path(rel)
+        if not (self.local or isinstance(self.fs, pafs.LocalFileSystem)):
+            if self.exists(rel):
+                return False
+            self.write_bytes(rel, data)
+            return True
+        parent = final.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+    def mtime_size(self, rel: str) -> tuple[int, int] | None:
+        """``(mtime ns, size)`` of a file, or None when it does not exist (one stat, for caches)."""
+        info = self.fs.get_file_info(self.path(rel))
+        if info.type != pafs.FileType.File:
+            return None
+        return (info.mtime_ns or 0, info.size or 0)
+
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.path(rel)) as f:
             return f.read()

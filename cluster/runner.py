@@ -94,15 +94,63 @@ def check_out(out: str) -> str:
     if not out or not out.strip():
         raise ValueError("--out is empty; name a run directory, e.g. --out runs/audit")
     if "://" in out:
-        return out
+        return check_uri(out)
     if os.path.isfile(out):
         raise ValueError(f"--out {out!r} is an existing file; name a directory")
     parent = os.path.abspath(out)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out!r}: {parent} is a file, not a directory; choose another --out")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"--out {out!r}: {parent} is not writable; choose a directory you can write")
     return out
+
+
+_CREDENTIALS = {"s3": "AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and AWS_REGION",
+                "gs": "Google credentials (GOOGLE_APPLICATION_CREDENTIALS=KEY.json)"}  # fmt: skip
+
+
+def check_uri(out: str, timeout_s: float | None = None) -> str:
+    """An ``--out`` URI must take a write within ``timeout_s`` (``$ZOO_AUDIT_STORE_TIMEOUT_S``, 20 s):
+    missing credentials or an unreachable store is one line before any work, not a hang."""
+    import threading
+
+    timeout_s = float(timeout_s if timeout_s is not None else os.environ.get("ZOO_AUDIT_STORE_TIMEOUT_S", 20))
+    scheme = out.split("://", 1)[0].lower()
+    hint = f"check {_CREDENTIALS.get(scheme, 'its credentials')} and the network"
+    result: dict[str, BaseException | None] = {}
+
+    def probe() -> None:
+        try:
+            store = RunStore(out)
+            rel = f".zoo-audit-probe-{os.getpid()}-{threading.get_ident()}"
+            store.write_bytes(rel, b"")
+            store.delete(rel)
+            result["error"] = None
+        except BaseException as e:  # noqa: BLE001 - reported below as one line
+            result["error"] = e
+
+    t = threading.Thread(target=probe, name="check-out-uri", daemon=True)  # a hung SDK call is abandoned
+    t.start()
+    t.join(timeout_s)
+    if "error" not in result:
+        raise ValueError(f"--out {out!r}: no answer from the store in {timeout_s:.0f}s; {hint} "
+                         "(or raise ZOO_AUDIT_STORE_TIMEOUT_S)")  # fmt: skip
+    if result["error"] is not None:
+        e = result["error"]
+        raise ValueError(f"--out {out!r}: cannot write there ({type(e).__name__}: {str(e).splitlines()[0][:300]}); {hint}")
+    return out
+
+
+def check_ray_cpus(cfg: AuditConfig, address: str | None) -> None:
+    """``[ray] num_cpus`` (embedded Ray only) may not exceed this machine's cores: Ray would start
+    that many workers' worth of scheduling slots and thrash (checked before any work)."""
+    n, have = cfg.ray.num_cpus, os.cpu_count() or 1
+    joins = address or os.environ.get("RAY_ADDRESS")
+    if n and not joins and n > have:
+        raise ValueError(f"[ray] num_cpus = {n} in {cfg.source or 'the config'}, but this machine has {have} cores; "
+                         f"use 0 (all cores) or at most {have}")  # fmt: skip
 
 
 def run_audit(config: str, out: str, *, address: str | None = None, resume: bool = False, force: Sequence[str] = (),
@@ -117,6 +165,7 @@ def run_audit(config: str, out: str, *, address: str | None = None, resume: bool
 
     t0 = time.perf_counter()
     cfg = load_config(config, overrides)
+    check_ray_cpus(cfg, address)
     store = RunStore(check_out(out))
     key = _config_key(cfg)
     state = check_run_dir(store, key, resume)

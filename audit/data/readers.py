@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import os
 import struct
 from collections.abc import Sequence
@@ -21,6 +22,8 @@ import pyarrow.parquet as pq
 
 from audit.cache import write_atomic_bytes
 from audit.data.table import SPLITS, ImageTable
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -90,7 +93,11 @@ def read_imagefolder(root: str, split: str | None = None, classes: Sequence[str]
     """Read ``ROOT/SPLIT/CLASS/IMG`` (split directories named as splits) or ``ROOT/CLASS/IMG``.
 
     Images are referenced by path and decoded later, so a corrupt file becomes an error row
-    at decode time instead of stopping the read.
+    at decode time instead of stopping the read. Every regular file in a class folder is a
+    row, whatever its extension (one that is not an image becomes an error row when
+    decoded); what cannot be a row (files beside the class folders, folders nested in a
+    class folder, hidden files, FIFOs and other non-regular files) is counted and logged
+    as one warning naming a few of each, never read.
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"ImageFolder root {root!r} is not a directory")
@@ -99,17 +106,40 @@ def read_imagefolder(root: str, split: str | None = None, classes: Sequence[str]
         layout = [(s, os.path.join(root, s)) for s in subdirs]
     else:
         layout = [(split or "debug", root)]
+    skipped: dict[str, list[str]] = {}
+
+    def skip(kind: str, path: str) -> None:
+        skipped.setdefault(kind, []).append(os.path.relpath(path, root))
+
     found: set[str] = set()
     rows = []
+    for d in dict.fromkeys([root, *(d for _, d in layout)]):
+        for x in os.listdir(d):
+            if not os.path.isdir(os.path.join(d, x)):
+                skip("stray file outside a class folder", os.path.join(d, x))
     for s, d in layout:
         for c in sorted(x for x in os.listdir(d) if os.path.isdir(os.path.join(d, x))):
             found.add(c)
             for f in sorted(os.listdir(os.path.join(d, c))):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    rel = os.path.relpath(os.path.join(d, c, f), root)
+                p = os.path.join(d, c, f)
+                if f.startswith("."):
+                    skip("hidden file", p)
+                elif os.path.isdir(p):
+                    skip("nested folder", p)
+                elif not os.path.isfile(p):  # a FIFO or socket would block or fail the decoder
+                    skip("not a regular file", p)
+                else:
+                    rel = os.path.relpath(p, root)
                     rows.append({"example_id": rel, "split": s, "label": c, "path": rel})
+    if skipped:
+        log.warning("ImageFolder %s: not read: %s", root,
+                    "; ".join(f"{len(v)} {k}(s) (e.g. {', '.join(sorted(v)[:3])})" for k, v in sorted(skipped.items())))  # fmt: skip
+    n_other = sum(not r["path"].lower().endswith(IMAGE_EXTENSIONS) for r in rows)
+    if n_other:
+        log.warning("ImageFolder %s: %d file(s) without an image extension (%s) are read as images; "
+                    "those that are not become error rows", root, n_other, ", ".join(IMAGE_EXTENSIONS))  # fmt: skip
     if not rows:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r} in CLASS/ folders")
+        raise ValueError(f"no images found under {root!r} in CLASS/ folders (or SPLIT/CLASS/ with splits {list(SPLITS)})")
     t = pa.Table.from_pylist(rows)
     return table_from_labels(t, classes or sorted(found), root)
 

@@ -9,6 +9,7 @@ The class list travels in the Arrow schema metadata, so a Parquet file is self-d
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ from audit.cache import atomic_write
 
 SPLITS = ("train", "debug", "test", "pool")
 CORE_COLUMNS = ("example_id", "split", "label", "image", "path")
+#: Largest image decoded (pixels): 40 M pixels is 120 MB as RGB; a decompression bomb is refused.
+MAX_PIXELS = 40_000_000
 
 
 @dataclass
@@ -107,52 +110,124 @@ class ImageTable:
         return self.column("example_id")
 
     # -- decoding ----------------------------------------------------------------------
-    def decode(self, size: int | tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, list[DecodeError]]:
-        """Decode every image to RGB uint8.
+    def decode(self, size: int | tuple[int, int] | None = None,
+               max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, np.ndarray, list[DecodeError]]:  # fmt: skip
+        """Decode every image to RGB uint8, each resized to one target as it is decoded.
 
         Returns ``(images [N_ok, H, W, 3] uint8, ok_index [N_ok] int64, errors)``: rows that
         cannot be decoded are left out of ``images`` and reported in ``errors``, never
-        silently dropped. Images of different sizes are resized to ``size`` (or to the first
-        image's size when ``size`` is None).
+        silently dropped. The target is ``size`` or, when None, the most common size among
+        the images' headers (read without decoding), so memory is ``N x target`` whatever
+        one odd image looks like. An image of more than ``max_pixels`` pixels (a
+        decompression bomb) and a path that is not a regular file (a FIFO would block)
+        are errors; 16-bit images are scaled to 8 bits, not clipped.
         """
         from PIL import Image
 
-        has_bytes = "image" in self.columns
-        blobs = self.table["image"].to_pylist() if has_bytes else None
-        paths = self.table["path"].to_pylist() if "path" in self.columns else None
         ids = self.example_ids
-        out: list[np.ndarray] = []
+        sources: list[tuple[str, object]] = [self._source(i, ids) for i in range(len(self))]
+        target: tuple[int, int] | None = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
+        if target is None:
+            target = _common_size(sources, max_pixels)
+        h, w = target or (0, 0)
+        images = np.empty((len(sources) if target else 0, h, w, 3), np.uint8)  # filled in place: no second copy
         ok: list[int] = []
         errors: list[DecodeError] = []
-        target: tuple[int, int] | None = (size, size) if isinstance(size, int) else size
-        for i in range(len(self)):
-            item = str(ids[i])
+        for i, (item, src) in enumerate(sources):
             try:
-                if blobs is not None and blobs[i] is not None:
-                    src = io.BytesIO(blobs[i])
-                elif paths is not None and paths[i] is not None:
-                    p = paths[i] if os.path.isabs(paths[i]) or self.root is None else os.path.join(self.root, paths[i])
-                    item = f"{ids[i]} ({p})"
-                    src = p
-                else:
-                    raise ValueError("row has neither image bytes nor a path")
-                with Image.open(src) as im:
-                    im.load()
-                    im = im.convert("RGB")
-                    if target is None:
-                        target = (im.height, im.width)
-                    if (im.height, im.width) != target:
-                        im = im.resize((target[1], target[0]), Image.BILINEAR)
-                    out.append(np.asarray(im, dtype=np.uint8))
+                if isinstance(src, Exception):
+                    raise src
+                with _open_image(src, max_pixels) as im:
+                    if im.format == "JPEG":
+                        im.draft("RGB", (w, h))  # decode a large JPEG at a reduced scale
+                    rgb = _to_rgb(im)
+                    if (rgb.height, rgb.width) != (h, w):
+                        rgb = rgb.resize((w, h), Image.BILINEAR)
+                    images[len(ok)] = np.asarray(rgb, dtype=np.uint8)
                 ok.append(i)
             except Exception as e:  # noqa: BLE001 - any decoder failure costs this row only
                 errors.append(DecodeError(item, f"cannot decode image: {type(e).__name__}: {e}"))
-        if out:
-            images = np.stack(out)
-        else:
-            h, w = target or (0, 0)
-            images = np.zeros((0, h, w, 3), np.uint8)
+        images = images[: len(ok)] if len(ok) == len(images) else images[: len(ok)].copy()
         return images, np.asarray(ok, dtype=np.int64), errors
+
+    def _source(self, i: int, ids) -> tuple[str, object]:
+        """``(item name for error rows, encoded bytes | path | the Exception why there is none)``."""
+        item = str(ids[i])
+        if "image" in self.columns and (blob := self.table["image"][i].as_py()) is not None:
+            return item, blob
+        if "path" in self.columns and (p := self.table["path"][i].as_py()) is not None:
+            p = p if os.path.isabs(p) or self.root is None else os.path.join(self.root, p)
+            return f"{ids[i]} ({p})", p
+        return item, ValueError("row has neither image bytes nor a path")
+
+
+def _open_image(src, max_pixels: int):
+    """``PIL.Image.open`` of bytes or a path, refusing non-regular files and images over ``max_pixels``
+    (checked from the header, before any pixel is decoded)."""
+    import stat
+    import warnings
+
+    from PIL import Image
+
+    if isinstance(src, bytes):
+        src = io.BytesIO(src)
+    elif isinstance(src, str):
+        mode = os.stat(src).st_mode  # follows links: a link to a FIFO is refused too
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{src} is not a regular file; only regular files are read")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below decides
+        try:
+            im = Image.open(src)
+        except Image.DecompressionBombError as e:  # Pillow's own, higher limit
+            raise ValueError(f"{e}: over the limit of {max_pixels:,} pixels (a decompression bomb?)") from None
+    if im.width * im.height > max_pixels:
+        im.close()
+        raise ValueError(f"image is {im.width}x{im.height} = {im.width * im.height:,} pixels, over the limit of "
+                         f"{max_pixels:,} (a decompression bomb?); shrink it or raise max_pixels")  # fmt: skip
+    return im
+
+
+def _to_rgb(im):
+    """RGB of any PIL mode; 16-bit and 32-bit integer images are scaled to 0-255, not clipped."""
+    from PIL import Image
+
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(im).astype(np.float64)
+        peak = float(np.nanmax(a)) if a.size else 0.0
+        if im.mode == "F":
+            top = 1.0 if peak <= 1.0 else 255.0
+        elif im.mode.startswith("I;16") or 255 < peak <= 65535:
+            top = 65535.0  # 16-bit PNG/TIFF (older Pillow opens 16-bit grayscale PNG as "I")
+        elif peak <= 255:
+            top = 255.0
+        else:
+            top = float(np.iinfo(np.int32).max)
+        g = np.clip(np.nan_to_num(a) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(g, "L").convert("RGB")
+    im.load()
+    return im.convert("RGB")
+
+
+def _common_size(sources, max_pixels: int, sample: int = 2048) -> tuple[int, int] | None:
+    """The most common (H, W) among the headers of up to ``sample`` evenly spaced images (the
+    first such on ties), or None when none opens."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    picks = np.unique(np.linspace(0, len(sources) - 1, min(len(sources), sample)).round().astype(int)).tolist() if sources else []
+    picked = set(picks)
+    rest = (i for i in range(len(sources)) if i not in picked)  # read only while no sampled image opened
+    for i in itertools.chain(picks, itertools.takewhile(lambda _: not counts, rest)):
+        _, src = sources[i]
+        if isinstance(src, Exception):
+            continue
+        try:
+            with _open_image(src, max_pixels) as im:
+                counts[(im.height, im.width)] += 1
+        except Exception:  # noqa: BLE001 - reported when the row is decoded
+            pass
+    return counts.most_common(1)[0][0] if counts else None
 
 
 def validate_table(table: pa.Table, classes: Sequence[str]) -> None:
@@ -181,5 +256,12 @@ def validate_table(table: pa.Table, classes: Sequence[str]) -> None:
     if not splits <= set(SPLITS):
         raise ValueError(f"unknown split value(s) {sorted(splits - set(SPLITS))}; use one of {list(SPLITS)}")
     ids = table["example_id"]
+    if ids.null_count:
+        i = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
+        raise ValueError(f"row {i} has a null example_id ({ids.null_count} rows do); give every row a unique example_id")
     if pc.count_distinct(ids).as_py() != table.num_rows:
-        raise ValueError("example_id values must be unique")
+        seen: dict = {}
+        for i, e in enumerate(ids.to_pylist()):
+            if e in seen:
+                raise ValueError(f"example_id values must be unique: row {i} repeats example_id {e!r} of row {seen[e]}")
+            seen[e] = i
