@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from typing import Any
@@ -16,6 +17,8 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # One path component: no separators, no leading dot (so no "..", no hidden temp names).
+log = logging.getLogger("zoo_audit.serve")
+
 SET_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 
@@ -39,13 +42,15 @@ class Limits(_Strict):
     max_prompt_chars: int = Field(300, ge=1)
     max_prompts: int = Field(64, ge=1)
     max_images_per_prompt: int = Field(16, ge=1)
-    max_images: int = Field(256, ge=1, description="prompts x images_per_prompt")
+    max_images: int = Field(64, ge=1, description="prompts x images_per_prompt")
+    max_pixels: int = Field(16 * 1024 * 1024, ge=64, description="images x height x width of one request (16 at 1024 px, 64 at 512 px)")
     max_steps: int = Field(100, ge=1)
     max_size: int = Field(1024, ge=8)
     min_size: int = Field(8, ge=1)
     size_multiple: int = Field(8, ge=1)
     max_guidance: float = Field(30.0, ge=0)
-    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="checked while the body streams in")
+    client_pixels_per_minute: int = Field(64 * 1024 * 1024, ge=0, description="new image pixels one client (address) may ask for per minute, per ingress replica (4 full requests); 0 = no quota")
 
 
 class GeneratorOptions(_Strict):
@@ -107,6 +112,7 @@ class ServeAppConfig(_Strict):
     token_env: str = "ZOO_AUDIT_SERVE_TOKEN"
     token_file: str | None = None
     retry_after_s: float = Field(1.0, ge=0)
+    claim_timeout_s: float = Field(900.0, gt=0, description="a set id claimed this long without a set is taken over (its holder died)")
     limits: Limits = Field(default_factory=Limits)
     generator: GeneratorOptions = Field(default_factory=GeneratorOptions)
     ingress: IngressOptions = Field(default_factory=IngressOptions)
@@ -117,6 +123,10 @@ class ServeAppConfig(_Strict):
         if self.token_file:
             if not os.path.exists(self.token_file):
                 raise FileNotFoundError(f"token_file {self.token_file!r} does not exist; create it or drop token_file")
+            mode = os.stat(self.token_file).st_mode
+            if mode & 0o077:
+                log.warning("token_file %r is readable by group or others (mode %o): run `chmod 600 %s`",
+                            self.token_file, mode & 0o777, self.token_file)  # fmt: skip
             with open(self.token_file) as f:
                 token = f.read().strip()
             if not token:
@@ -241,3 +251,12 @@ class GenerateRequest(_Strict):
             "guidance": float(self.guidance if self.guidance is not None else defaults["guidance"]),
             "size": size,
         }
+
+
+def check_pixels(resolved: dict, limits: Limits) -> None:
+    """Raise ValueError when a resolved request (defaults filled in) asks for more than ``limits.max_pixels``."""
+    n = len(resolved["prompts"]) * resolved["images_per_prompt"]
+    h, w = resolved["size"]
+    if n * h * w > limits.max_pixels:
+        raise ValueError(f"limits.max_pixels={limits.max_pixels}: {n} images of {h}x{w} = {n * h * w} pixels; "
+                         "ask for fewer or smaller images")  # fmt: skip
