@@ -134,6 +134,9 @@ def test_bad_images_do_not_stop_the_audit_and_good_rows_are_unchanged(tmp_path, 
         np.testing.assert_allclose(hp["confidence"].to_numpy(), cp["confidence"].to_numpy(), atol=1e-5)
         assert set(h.read_table(f"predictions/model={model}")["example_id"].to_pylist()) == set(good) | set(odd) | set(huge)
     assert h.exists("overlap.parquet") and h.exists("accuracy.parquet")
+    # the huge first image no longer sets the size of every decoded image (2500x2500 x 92 = 1.7 GB)
+    images, _, _ = read_dataset(hostile).split("debug").decode()
+    assert images.shape[1:] == (16, 16, 3) and images.nbytes < 100_000
 
 
 def test_nothing_decodes_is_one_clear_failure(tmp_path, tiny_world, tiny_zoo_path):
