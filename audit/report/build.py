@@ -465,8 +465,13 @@ class _Modes:
                 md["hard_imgs"] = self._real_thumbs(hard_ids, members)
                 md["easy_imgs"] = self._real_thumbs(easy_ids, members)
             md["gen_imgs"] = self._generated(scope, [c["caption"] for c in hard])
-            md["mitigation"] = _pivot([r for i, r in enumerate(mitig) if r["cls"] == m["cls"] and i not in used])
-            used |= {i for i, r in enumerate(mitig) if r["cls"] == m["cls"]}
+            # a hard caption's rows go to the mode it names; the class's other rows (its planted
+            # group) to the class's strongest mode shown
+            hard_caps = {c["caption"] for c in hard}
+            mine = [i for i, r in enumerate(mitig) if r["cls"] == m["cls"] and i not in used
+                    and (r.get("eval") != "nearest_caption" or r.get("target") in hard_caps)]  # fmt: skip
+            md["mitigation"] = _pivot([mitig[i] for i in mine])
+            used |= set(mine)
             out.append(md)
         others = [{**m, "top_hard": next(iter(self.captions.get((scope, m["cls"], m["mode"], "hard"), [])), "")} for m in rest]
         return out, others, [r for i, r in enumerate(mitig) if i not in used]
