@@ -47,7 +47,8 @@ class WorldSetGenerator:
         for scope, captions in wanted.items():
             rows = []
             for p, cap in enumerate(captions):
-                for i, img in enumerate(renderer.render(cap, seed=seed + p, n=k)):
+                n = k[scope] if isinstance(k, dict) else k  # one k, or one per scope
+                for i, img in enumerate(renderer.render(cap, seed=seed + p, n=n)):
                     buf = io.BytesIO()
                     Image.fromarray(img).save(buf, format="PNG")
                     rows.append({"image_id": f"{set_ids[scope]}-{len(rows):05d}", "png": buf.getvalue(), "prompt": cap,
