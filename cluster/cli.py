@@ -57,10 +57,10 @@ def _zoo_train(a):
         print(f"  {r.name:24s} {'trained' if r.trained else 'cached':8s} {r.seconds:6.1f}s  {r.path}")
 
 
-def _run_cmd(config: str, a, overrides: dict | None = None) -> None:
+def _run_cmd(config: str, a, overrides: dict | None = None, resume: bool = False) -> None:
     from cluster.runner import run_audit
 
-    run_audit(config, a.out, address=getattr(a, "address", None), resume=getattr(a, "resume", False),
+    run_audit(config, a.out, address=getattr(a, "address", None), resume=resume or getattr(a, "resume", False),
               force=a.force or (), verbose=a.verbose, overrides=overrides)  # fmt: skip
 
 
@@ -70,7 +70,8 @@ def _demo(a):
         zoo["models"] = a.models.split(",")
     if a.device:
         zoo["device"] = a.device
-    _run_cmd("demo", a, {"zoo": zoo} if zoo else None)
+    # the demo's run directory follows the shipped demo config as it changes: only what changed runs
+    _run_cmd("demo", a, {"zoo": zoo} if zoo else None, resume=True)
 
 
 def _run(a):

@@ -21,7 +21,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def request_sets(url: str, wanted: Mapping[str, list[str]], set_ids: Mapping[str, str], k: int, seed: int,
+def request_sets(url: str, wanted: Mapping[str, list[str]], set_ids: Mapping[str, str], k: int | Mapping[str, int], seed: int,
                  token: str | None = None) -> pa.Table:  # fmt: skip
     """Ask the service at ``url`` for one set per scope; rows of ``synthetic_sets.parquet``."""
     from serve.client import GenerationClient
@@ -29,7 +29,7 @@ def request_sets(url: str, wanted: Mapping[str, list[str]], set_ids: Mapping[str
     rows = []
     with GenerationClient(url, token=token) as client:
         for scope, caps in wanted.items():
-            s = client.request_set(caps, k=k, seed=seed, set_id=set_ids[scope])
+            s = client.request_set(caps, k=k if isinstance(k, int) else k[scope], seed=seed, set_id=set_ids[scope])
             rows.append({"scope": scope, "set_id": s.set_id, "captions": caps, "n_images": len(s.image_ids),
                          "generator": s.generator})  # fmt: skip
     return pa.Table.from_pylist(rows, schema=SETS_SCHEMA)
@@ -70,10 +70,13 @@ class ServeSetGenerator:
 
         from cluster.runtime import requiet
         from serve.app import build_app
-        from serve.config import ServeAppConfig
+        from serve.config import Limits, ServeAppConfig
 
         requiet()  # importing ray.serve installs a console handler
-        app = build_app(ServeAppConfig(backend=backend, store=self.store_uri))
+        # the run's own app: limits sized for the run's sets (a model's hard captions, the probe set)
+        limits = Limits(max_prompts=1024, max_images_per_prompt=64, max_images=8192, max_pixels=1 << 34,
+                        max_body_bytes=1 << 22, client_pixels_per_minute=0)  # fmt: skip
+        app = build_app(ServeAppConfig(backend=backend, store=self.store_uri, limits=limits))
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         requiet()

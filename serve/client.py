@@ -63,14 +63,19 @@ class GenerationClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    #: how long a service that refuses connections is retried (it may be starting), not the whole timeout
+    connect_retry_s: float = 30.0
+
     def _call(self, method: str, path: str, deadline: float, **kw) -> httpx.Response:
         delay = 0.5
+        refused_until = time.monotonic() + self.connect_retry_s
         while True:
             try:
                 r = self.http.request(method, path, **kw)
-            except (httpx.ConnectError, httpx.RemoteProtocolError):
-                if time.monotonic() + delay > deadline:
-                    raise
+            except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
+                if time.monotonic() + delay > min(deadline, refused_until):
+                    raise ConnectionError(f"generation service {self.url} is unreachable ({type(e).__name__}: {e}); "
+                                          "start it (zoo-audit serve) or fix [generate] url") from e  # fmt: skip
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue

@@ -30,7 +30,8 @@ def test_world_build_render_and_zoo_list(tmp_path, tiny_spec_path, fake_fmnist, 
     assert "tiny-resnet" in listing and "2/2 models have weights available here" in listing
 
 
-def test_zoo_train_and_embed_train(tmp_path, tiny_world, tiny_zoo_path, capsys):
+def test_zoo_train_and_embed_train(tmp_path, tiny_world, tiny_zoo_path, capsys, monkeypatch):
+    monkeypatch.setenv("ZOO_AUDIT_CACHE", str(tmp_path / "cache"))  # trained here, whatever ran before
     assert main(["zoo", "train", "--zoo", tiny_zoo_path, "--data", tiny_world, "--models", "tiny-resnet"]) == 0
     out = capsys.readouterr().out
     assert "tiny-resnet" in out and "trained" in out

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-from audit.mitigate import LinearHead, choose, mix_weights, paired_gain, select_lowest, select_random
+from audit.mitigate import (
+    LinearHead,
+    choose,
+    mix_weights,
+    paired_gain,
+    select_lowest,
+    select_random,
+)
 
 
 def planted_features(n: int = 600, seed: int = 0):
@@ -111,12 +118,12 @@ def mitigated(tmp_path_factory, tiny_world):
     significant direction, so every mode-0 direction is marked significant after the
     directions stage, which makes generate and mitigate do their whole job."""
     import pyarrow as pa
+    from test_runner import RecordingGenerator, threads, write_config
 
     from audit.pipeline import runner
     from audit.pipeline.config import load_config
     from audit.pipeline.inputs import RunInputs, load_inputs
     from audit.store import RunStore
-    from test_runner import RecordingGenerator, threads, write_config
 
     root = tmp_path_factory.mktemp("mitigate")
     (root / "zoo.toml").write_text(LEARNING_ZOO)
@@ -163,7 +170,6 @@ def test_mitigate_stage_writes_every_method_and_confirmation(mitigated):
 
 def test_eval_split_is_never_used_for_a_choice(mitigated, monkeypatch):
     """Scrambling the eval split's labels changes the measured gains, never what was chosen."""
-    from audit.pipeline import runner
     from audit.pipeline.inputs import RunInputs
 
     store, inputs, stages = mitigated

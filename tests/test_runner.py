@@ -37,19 +37,29 @@ k = 10
 
 
 class RecordingGenerator:
-    """Stands in for the Serve app: records what was asked, or fails like an unreachable service."""
+    """Stands in for the Serve app: renders the world's captions into the run's store as the
+    service would (png, prompt, seed per image), records what was asked, or fails like an
+    unreachable service."""
 
-    def __init__(self, fail: Exception | None = None):
-        self.calls, self.fail = [], fail
+    def __init__(self, fail: Exception | None = None, world_dir: str | None = None, store: RunStore | None = None):
+        self.calls, self.fail, self.world_dir, self.store = [], fail, world_dir, store
 
     def request_sets(self, wanted, set_ids, k, seed):
+        from audit.data.world import WorldRenderer, _png
         from audit.pipeline.generate import SETS_SCHEMA
 
         if self.fail is not None:
             raise self.fail
         self.calls.append(dict(wanted))
-        rows = [{"scope": s, "set_id": set_ids[s], "captions": c, "n_images": k * len(c), "generator": "fake"}
-                for s, c in wanted.items()]  # fmt: skip
+        if self.store is not None:
+            renderer = WorldRenderer.from_world_dir(self.world_dir)
+            for scope, caps in wanted.items():
+                n = k if isinstance(k, int) else k[scope]
+                rows = [{"png": _png(img), "prompt": c, "seed": seed * 1000 + i}
+                        for c in caps for i, img in enumerate(renderer.render(c, seed=seed, n=n))]  # fmt: skip
+                self.store.write_table(f"synthetic/{set_ids[scope]}/part-00000.parquet", pa.Table.from_pylist(rows))
+        rows = [{"scope": s, "set_id": set_ids[s], "captions": c, "n_images": (k if isinstance(k, int) else k[s]) * len(c),
+                 "generator": "fake"} for s, c in wanted.items()]  # fmt: skip
         return pa.Table.from_pylist(rows, schema=SETS_SCHEMA)
 
 
@@ -62,45 +72,50 @@ def world_config(tmp_path_factory, tiny_world, tiny_zoo_path):
     return write_config(tmp_path_factory.mktemp("cfg") / "audit.toml", f'path = "{tiny_world}"', tiny_zoo_path)
 
 
-def test_stages_run_once_then_skip_and_force_redoes_one(world_config, tmp_path):
+def rendering(out: str, world: str) -> Services:
+    """Thread services whose generator renders the world into the run, as the Serve app would."""
+    return threads(RecordingGenerator(world_dir=world, store=RunStore(out)))
+
+
+def test_stages_run_once_then_skip_and_force_redoes_one(world_config, tiny_world, tmp_path):
     from cluster.runner import run_audit
 
     lines: list[str] = []
     out = str(tmp_path / "run")
-    store, first = run_audit(world_config, out, services=threads(), console=lines.append)
+    store, first = run_audit(world_config, out, services=rendering(out, tiny_world), console=lines.append)
     assert first.ran == STAGES and first.failed is None
     for name in ("manifest.json", "accuracy.parquet", "overlap.parquet", "clusters.parquet", "directions.parquet",
                  "captions.parquet", "subpopulations.parquet", "synthetic_sets.parquet", "summary.txt"):  # fmt: skip
         assert store.exists(name), name
     m = store.manifest()
     assert m["status"] == "done" and all(m["stages"][s]["status"] == "done" for s in STAGES)
-    assert store.read_table("predictions/model=tiny-resnet").num_rows == 180  # debug + test
+    assert store.read_table("predictions/model=tiny-resnet").num_rows == 840  # every split: mitigation needs train and pool features
     assert store.read_table("overlap.parquet").num_rows == 2  # failure statistics on debug only
     # one line per stage, then the summary, which is also summary.txt
     assert sum(line.startswith(f"  {s} ") for line in lines for s in STAGES) == len(STAGES)
     assert store.read_bytes("summary.txt").decode().strip() in "\n".join(lines)
 
     lines.clear()
-    _, again = run_audit(world_config, out, services=threads(), console=lines.append)
+    _, again = run_audit(world_config, out, services=rendering(out, tiny_world), console=lines.append)
     assert again.ran == [] and again.skipped == STAGES
     assert all("(current)" in line for line in lines if line.startswith("  ") and line.split()[0] in STAGES)
 
-    _, forced = run_audit(world_config, out, force=["stats"], services=threads(), console=lines.append)
+    _, forced = run_audit(world_config, out, force=["stats"], services=rendering(out, tiny_world), console=lines.append)
     assert forced.ran[0] == "stats" and "sweep" in forced.skipped and "train" in forced.skipped
     with pytest.raises(ValueError, match="unknown stage"):
-        run_audit(world_config, out, force=["stat"], services=threads(), console=lines.append)
+        run_audit(world_config, out, force=["stat"], services=rendering(out, tiny_world), console=lines.append)
 
 
-def test_changed_section_reruns_that_stage_and_what_reads_it(world_config, tmp_path):
+def test_changed_section_reruns_that_stage_and_what_reads_it(world_config, tiny_world, tmp_path):
     from cluster.runner import run_audit
 
     out = str(tmp_path / "run")
-    run_audit(world_config, out, services=threads(), console=lambda s: None)
+    run_audit(world_config, out, services=rendering(out, tiny_world), console=lambda s: None)
     changed = tmp_path / "changed.toml"
     changed.write_text(open(world_config).read().replace("n_boot = 50", "n_boot = 60"))
     with pytest.raises(ValueError, match="--resume"):  # another config in the same directory
-        run_audit(str(changed), out, services=threads(), console=lambda s: None)
-    _, res = run_audit(str(changed), out, resume=True, services=threads(), console=lambda s: None)
+        run_audit(str(changed), out, services=rendering(out, tiny_world), console=lambda s: None)
+    _, res = run_audit(str(changed), out, resume=True, services=rendering(out, tiny_world), console=lambda s: None)
     assert res.skipped[:2] == ["train", "sweep"] and "stats" in res.ran and "embed" in res.skipped
 
 
@@ -129,13 +144,13 @@ def test_failing_stage_is_recorded_and_the_next_run_resumes(world_config, tmp_pa
     assert [line for line in lines if "FAILED" in line] == ["  generate    FAILED: ConnectionError: http://127.0.0.1:9 refused the connection"]
     for name in ("accuracy.parquet", "overlap.parquet", "directions.parquet", "captions.parquet", "summary.txt"):
         assert store.exists(name), name
-    # the next run does only the failed stage
-    ok = RecordingGenerator()
+    # the next run starts at the failed stage
+    ok = RecordingGenerator(world_dir=m["data"]["world_dir"], store=store)
     _, res = run_audit(world_config, out, services=threads(ok), console=lines.append)
-    assert res.failed is None and res.ran[0] == "generate" and "directions" in res.skipped  # and what reads it
-    assert ok.calls == [{"cluster:0": ["a photo of a blue t-shirt"]}]
-    sets = store.read_table("synthetic_sets.parquet").to_pylist()
-    assert [(r["scope"], r["n_images"]) for r in sets] == [("cluster:0", 3)]
+    assert res.failed is None and res.ran[0] == "generate" and "directions" in res.skipped
+    assert ok.calls[0]["cluster:0"] == ["a photo of a blue t-shirt"]
+    sets = {r["scope"]: r["n_images"] for r in store.read_table("synthetic_sets.parquet").to_pylist()}
+    assert sets["cluster:0"] == 3
 
 
 def test_cli_failing_stage_exits_1_with_one_line(tmp_path, tiny_world, tiny_zoo_path, monkeypatch, capsys):

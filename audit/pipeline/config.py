@@ -96,12 +96,27 @@ class GenerateSection(Section):
     url: str = ""  # a running `zoo-audit serve`; "" = start the app in-process with `backend`
     backend: str = "world"  # in-process only: "world" (the data's world) or "diffusers:MODEL"
     k: int = Field(3, ge=1)  # images per hard caption
+    probe_k: int = Field(32, ge=1)  # images per caption of the probe set that confirms failures (with mitigation)
     seed: int = 0
 
     def key_fields(self) -> dict[str, Any]:
         d = self.model_dump()
         d.pop("url")
         return d
+
+
+class MitigateSection(Section):
+    enabled: bool = True
+    lambdas: list[float] = [0.75, 0.9]  # weight of the synthetic images, chosen on the fit split
+    max_real: int = Field(3000, ge=0)  # real train examples in a head's training (stratified; 0 = all)
+    pool_k: int = Field(50, ge=1)  # pool (and upweighted fit) images per hard class
+    upweight: float = Field(5.0, gt=0)  # weight of the fit split's direction-selected images
+    k_nearest: int = Field(50, ge=1)  # nearest images of a hard caption: its subpopulation
+    alpha: float = Field(1e-3, ge=0)  # L2 anchor of the retrained head to the original one
+    max_iter: int = Field(60, ge=1)
+    max_drop: float = Field(0.005, ge=0)  # a choice may lower the fit split's overall accuracy this much
+    min_gap: float = Field(0.15, gt=0, lt=1)  # a planted group "fails" this far below its class; confirmation gap
+    n_boot: int = Field(1000, ge=1)
 
 
 class ReportSection(Section):
@@ -121,6 +136,7 @@ SECTIONS: dict[str, type[Section]] = {
     "stats": StatsSection,
     "directions": DirectionsSection,
     "generate": GenerateSection,
+    "mitigate": MitigateSection,
     "report": ReportSection,
 }
 PATH_KEYS = {"data": ("path", "world_spec"), "zoo": ("cache",)}
@@ -135,6 +151,7 @@ class AuditConfig(BaseModel):
     stats: StatsSection = StatsSection()
     directions: DirectionsSection = DirectionsSection()
     generate: GenerateSection = GenerateSection()
+    mitigate: MitigateSection = MitigateSection()
     report: ReportSection = ReportSection()
     source: str = ""  # the file it was read from (not part of any key)
 

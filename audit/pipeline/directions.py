@@ -43,7 +43,8 @@ def embedder_for(inputs, train: bool):
 
 
 def embed_splits(inputs) -> list[str]:
-    return list(dict.fromkeys(["train", inputs.fit_split, inputs.eval_split]))
+    splits = ["train", inputs.fit_split, inputs.eval_split] + (["pool"] if inputs.mitigating() else [])
+    return [s for s in dict.fromkeys(splits) if len(inputs.data.split(s))]
 
 
 def embed_stage(store: RunStore, inputs, cfg) -> str:

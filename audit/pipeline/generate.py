@@ -1,11 +1,14 @@
-"""The generate stage: one shared synthetic set per cluster of models.
+"""The generate stage: synthetic sets for the failure modes.
 
 As in arXiv 2312.05464's collective debugging, the models of a cluster share their
 failures, so one set made from the cluster's hard captions (``k`` images each) serves the
-whole cluster. The stage decides *what* to ask for; the injected :class:`SetGenerator`
-(``cluster.generate``: the Ray Serve app over HTTP, in-process or at a URL) makes the
-images and stores them in ``RUN/synthetic/SET_ID/``. Writes ``synthetic_sets.parquet``
-(scope, set_id, captions, n_images, generator).
+whole cluster. When the run mitigates, every model also gets a set of its own hard
+captions, and one *probe* set holds the easy and counterfactual captions that confirm a
+failure by generation (:mod:`audit.pipeline.confirm`). The stage decides *what* to ask
+for; the injected :class:`SetGenerator` (``cluster.generate``: the Ray Serve app over
+HTTP, in-process or at a URL) makes the images and stores them in
+``RUN/synthetic/SET_ID/``. Writes ``synthetic_sets.parquet`` (scope, set_id, captions,
+n_images, generator, purpose: ``hard`` or ``probe``).
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ log = logging.getLogger(__name__)
 
 SETS_SCHEMA = pa.schema([("scope", pa.string()), ("set_id", pa.string()), ("captions", pa.list_(pa.string())),
                          ("n_images", pa.int64()), ("generator", pa.string())])  # fmt: skip
+PROBE = "probe"
 
 
 class SetGenerator(Protocol):
-    def request_sets(self, wanted: Mapping[str, list[str]], set_ids: Mapping[str, str], k: int, seed: int) -> pa.Table:
-        """Make (or find) one set per scope; returns rows of :data:`SETS_SCHEMA`."""
+    def request_sets(self, wanted: Mapping[str, list[str]], set_ids: Mapping[str, str], k: int | Mapping[str, int],
+                     seed: int) -> pa.Table:  # fmt: skip
+        """Make (or find) one set per scope, ``k`` (or ``k[scope]``) images per caption;
+        returns rows of :data:`SETS_SCHEMA`."""
 
 
 def cluster_hard_captions(captions: pa.Table, directions: pa.Table) -> dict[str, list[str]]:
@@ -41,23 +47,50 @@ def cluster_hard_captions(captions: pa.Table, directions: pa.Table) -> dict[str,
 
 
 def set_id_for(scope: str, key: str) -> str:
-    return f"{scope.replace(':', '-')}-hard-{key[:8]}"
+    """A set id the service accepts (letters, digits, ``_.-``), unique per scope and content."""
+    import re
+
+    kind = "" if scope == PROBE else "-hard"
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', scope).strip('-')[:60]}{kind}-{key[:8]}"
+
+
+def wanted_sets(store: RunStore, inputs) -> dict[str, list[str]]:
+    """``{scope: captions}``: each cluster's hard captions; with mitigation also each model's,
+    and the probe set (easy and counterfactual captions)."""
+    from audit.pipeline.confirm import hard_and_easy, probe_captions
+
+    caps, dirs = store.read_table("captions.parquet"), store.read_table("directions.parquet")
+    wanted = cluster_hard_captions(caps, dirs)
+    if inputs.config.mitigate.enabled:
+        pairs = hard_and_easy(caps, dirs)
+        for (scope, _), (hard, _) in pairs.items():
+            if not scope.startswith("cluster:"):
+                wanted.setdefault(scope, []).append(hard)
+        probe = probe_captions(pairs, inputs.data)
+        wanted = {s: sorted(set(c)) for s, c in wanted.items()}
+        if pairs:  # hard, easy and counterfactual captions, with more images each: the confirmation's sample
+            wanted[PROBE] = sorted(set(probe.values()) | {h for h, _ in pairs.values()})
+    return wanted
 
 
 def generate_stage(store: RunStore, inputs, cfg) -> str:
-    """Stage: request the clusters' sets (``[generate]`` section). A set's id hashes what it
-    holds (captions, k, seed, backend), so asking again finds the stored set."""
+    """Stage: request the sets (``[generate]`` section). A set's id hashes what it holds
+    (captions, k, seed, backend), so asking again finds the stored set."""
     from audit.cache import content_hash
 
-    wanted = cluster_hard_captions(store.read_table("captions.parquet"), store.read_table("directions.parquet"))
+    wanted = wanted_sets(store, inputs)
     if not wanted:
         table = SETS_SCHEMA.empty_table()
     else:
         if inputs.services.generator is None:
             raise RuntimeError("no generation service was given to this run")
-        table = inputs.services.generator.request_sets(wanted, {s: set_id_for(s, content_hash(c, cfg.k, cfg.seed, cfg.backend)) for s, c in wanted.items()}, cfg.k, cfg.seed)
+        k_of = {s: cfg.probe_k if s == PROBE else cfg.k for s in wanted}
+        ids = {s: set_id_for(s, content_hash(c, k_of[s], cfg.seed, cfg.backend)) for s, c in wanted.items()}
+        table = inputs.services.generator.request_sets(wanted, ids, k_of, cfg.seed)
     store.write_table("synthetic_sets.parquet", table)
     if not table.num_rows:
-        return "no cluster has a significant failure direction: no set requested"
+        return "no significant failure direction: no set requested"
     gens = sorted(set(table["generator"].to_pylist()))
-    return f"{table.num_rows} sets, {sum(table['n_images'].to_pylist())} images ({', '.join(gens)})"
+    n_clusters = sum(s.startswith("cluster:") for s in table["scope"].to_pylist())
+    return (f"{table.num_rows} sets ({n_clusters} shared by clusters), {sum(table['n_images'].to_pylist()):,} images "
+            f"({', '.join(gens)})")  # fmt: skip

@@ -48,12 +48,19 @@ class RunInputs:
     def eval_split(self) -> str:
         return self.config.data.eval_split
 
+    def mitigating(self) -> bool:
+        c = self.config
+        return c.mitigate.enabled and c.generate.enabled and c.directions.enabled
+
     def sweep_splits(self) -> list[str]:
-        """The splits every model runs on: the fit split, and the eval split when directions are checked on it."""
+        """The splits every model runs on: the fit split; the eval split when directions are
+        checked on it; train and pool too when heads are retrained (their features)."""
         splits = [self.fit_split]
-        if self.config.directions.enabled and self.eval_split != self.fit_split and len(self.data.split(self.eval_split)):
+        if self.config.directions.enabled:
             splits.append(self.eval_split)
-        return splits
+        if self.mitigating():
+            splits += ["train", "pool"]
+        return [s for s in dict.fromkeys(splits) if len(self.data.split(s))]
 
     def fit_ids(self) -> list[str]:
         ids = self.data.split(self.fit_split).example_ids.astype(str)

@@ -83,9 +83,14 @@ def _sweep(store, inputs, cfg):
     return line
 
 
+def _mitigating(cfg: AuditConfig) -> bool:
+    return cfg.mitigate.enabled and cfg.generate.enabled and cfg.directions.enabled
+
+
 def default_stages() -> list[Stage]:
     from audit.pipeline.directions import directions_stage, embed_stage
     from audit.pipeline.generate import generate_stage
+    from audit.pipeline.mitigate import mitigate_stage
     from audit.pipeline.stats import accuracy_stage, stats_stage
     from audit.pipeline.train import train_pending
     from audit.report import report_stage
@@ -103,7 +108,11 @@ def default_stages() -> list[Stage]:
               ("directions.parquet", "captions.parquet", "subpopulations.parquet", "direction_similarity.parquet"),
               enabled=directions_on, extra_key=lambda i: (i.fit_split, i.eval_split, i.world_dir is not None)),  # fmt: skip
         Stage("generate", generate_stage, "generate", ("directions",), ("synthetic_sets.parquet",),
-              enabled=lambda cfg: cfg.directions.enabled and cfg.generate.enabled),  # fmt: skip
+              enabled=lambda cfg: cfg.directions.enabled and cfg.generate.enabled,
+              extra_key=lambda i: i.mitigating()),  # fmt: skip
+        Stage("mitigate", mitigate_stage, "mitigate", ("sweep", "accuracy", "stats", "embed", "directions", "generate"),
+              ("mitigation.parquet", "confirmations.parquet"), enabled=lambda cfg: _mitigating(cfg),
+              extra_key=lambda i: (i.fit_split, i.eval_split, i.config.generate.k)),  # fmt: skip
         Stage("report", report_stage, "report", ("accuracy", "stats", "directions", "generate", "mitigate"),
               ("report/index.html",), enabled=lambda cfg: cfg.report.enabled),  # fmt: skip
     ]

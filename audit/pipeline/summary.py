@@ -102,9 +102,56 @@ def format_directions(dirs: pa.Table, caps: pa.Table, subs: pa.Table, planted: p
 
 
 def format_sets(table: pa.Table) -> str:
+    """The clusters' shared sets with their captions; the per-model and probe sets in one line."""
+    rows = table.to_pylist()
     lines = ["Shared synthetic sets (one per cluster, k images per hard caption):"]
-    for r in table.to_pylist():
-        lines.append(f"  {r['scope']:10s} {r['set_id']:28s} {r['n_images']:3d} images  {r['captions']}")
+    for r in rows:
+        if r["scope"].startswith("cluster:"):
+            lines.append(f"  {r['scope']:10s} {r['set_id']:28s} {r['n_images']:3d} images  {r['captions']}")
+    own = [r for r in rows if not r["scope"].startswith("cluster:")]
+    if own:
+        lines.append(f"  and {len(own)} more sets (each model's hard captions, the probe set): "
+                     f"{sum(r['n_images'] for r in own):,} images")
+    return "\n".join(lines)
+
+
+def format_mitigation(table: pa.Table, conf: pa.Table | None, planted: pa.Table | None = None) -> str:
+    """Mean gain per method on the eval split's hard subpopulations, the worst overall drop,
+    what the clusters' shared sets keep of the per-model gain, and the confirmation rate."""
+    kind = "planted" if "planted" in set(table["eval"].to_pylist()) else "nearest_caption"
+    rows = [r for r in table.to_pylist() if r["eval"] == kind]
+    lines = [f"Mitigation on the held-out eval split (hard = {'the planted group' if kind == 'planted' else 'nearest images of the hard caption'};"
+             " heads retrained on cached features; gain in points with mean 95% interval):",
+             f"  {'method':18s} {'pairs':>5s} {'hard before':>11s} {'hard after':>10s} {'gain':>7s} {'interval':>15s} {'overall change':>14s}"]  # fmt: skip
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["method"], []).append(r)
+    for m, rs in by.items():
+        f = lambda k: float(np.nanmean([r[k] for r in rs]))  # noqa: E731
+        worst = min(r["overall_after"] - r["overall_before"] for r in rs)
+        lines.append(f"  {m:18s} {len(rs):5d} {f('hard_before'):11.1%} {f('hard_after'):10.1%} {100 * f('gain'):+7.1f} "
+                     f"[{100 * f('gain_ci_low'):+5.1f}, {100 * f('gain_ci_high'):+5.1f}] "
+                     f"{100 * float(np.mean([r['overall_after'] - r['overall_before'] for r in rs])):+7.2f} (worst {100 * worst:+.2f})")  # fmt: skip
+    if by.get("synthetic") and by.get("synthetic_cluster"):
+        own = float(np.nanmean([r["gain"] for r in by["synthetic"]]))
+        shared = float(np.nanmean([r["gain"] for r in by["synthetic_cluster"]]))
+        if own > 0:
+            lines.append(f"  the clusters' shared sets keep {shared / own:.0%} of the per-model gain")
+    if conf is not None and conf.num_rows:
+        c = conf.to_pylist()
+        n_ok = sum(r["confirmed"] for r in c)
+        cf = [r["counterfactual_delta"] for r in c if r["confirmed"] and r["counterfactual_delta"] == r["counterfactual_delta"]]
+        line = f"Confirmed by generation: {n_ok} of {len(c)} hard captions ({n_ok / len(c):.0%}) fail at least 15 points more than the easy caption"
+        if cf:
+            line += f"; swapping the attribute word back recovers {100 * float(np.mean(cf)):+.1f} points on average"
+        lines.append(line)
+        if planted is not None and planted.num_rows:
+            named = {(r["model"], r["top_hard_caption"]) for r in planted.to_pylist()
+                     if r.get("caption_names_group") and r.get("caption_scoring") == "images"}  # fmt: skip
+            conf_by = {(r["scope"], r["caption"]): r["confirmed"] for r in c}
+            hits = [conf_by[k] for k in named if k in conf_by]
+            if hits:
+                lines.append(f"  planted modes the audit names: {sum(hits)} of {len(hits)} confirmed ({np.mean(hits):.0%})")
     return "\n".join(lines)
 
 
@@ -126,4 +173,8 @@ def run_summary(store: RunStore, inputs) -> str:
                                        k=inputs.config.directions.k))  # fmt: skip
     if store.exists("synthetic_sets.parquet"):
         parts.append(format_sets(store.read_table("synthetic_sets.parquet")))
+    if store.exists("mitigation.parquet") and store.read_table("mitigation.parquet").num_rows:
+        conf = store.read_table("confirmations.parquet") if store.exists("confirmations.parquet") else None
+        planted = store.read_table("planted.parquet") if store.exists("planted.parquet") else None
+        parts.append(format_mitigation(store.read_table("mitigation.parquet"), conf, planted))
     return "\n\n".join(parts)
