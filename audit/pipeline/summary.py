@@ -127,7 +127,7 @@ def format_mitigation(table: pa.Table, conf: pa.Table | None, planted: pa.Table 
     for r in rows:
         by.setdefault(r["method"], []).append(r)
     for m, rs in by.items():
-        f = lambda k: float(np.nanmean([r[k] for r in rs]))  # noqa: E731
+        f = lambda k, rs=rs: float(np.nanmean([r[k] for r in rs]))  # noqa: E731
         worst = min(r["overall_after"] - r["overall_before"] for r in rs)
         lines.append(f"  {m:18s} {len(rs):5d} {f('hard_before'):11.1%} {f('hard_after'):10.1%} {100 * f('gain'):+7.1f} "
                      f"[{100 * f('gain_ci_low'):+5.1f}, {100 * f('gain_ci_high'):+5.1f}] "
