@@ -133,7 +133,7 @@ def choose(candidates: Sequence, score: Callable[[object], tuple[float, float]],
     Returns the choice and every ``(candidate, hard, overall)`` tried."""
     tried = [(c, *score(c)) for c in candidates]
     ok = [t for t in tried if t[2] >= baseline_overall - max_drop]
-    best = max(ok, key=lambda t: t[1]) if ok else max(tried, key=lambda t: t[2])
+    best = max(ok, key=lambda t: t[1]) if ok else max(tried, key=lambda t: (t[2], t[1]))
     return best[0], tried
 
 

@@ -107,7 +107,7 @@ class GenerateSection(Section):
 
 class MitigateSection(Section):
     enabled: bool = True
-    lambdas: list[float] = [0.75, 0.9]  # weight of the synthetic images, chosen on the fit split
+    lambdas: list[float] = [0.5, 0.75, 0.9]  # weight of the synthetic images, chosen on the fit split
     max_real: int = Field(3000, ge=0)  # real train examples in a head's training (stratified; 0 = all)
     pool_k: int = Field(50, ge=1)  # pool (and upweighted fit) images per hard class
     upweight: float = Field(5.0, gt=0)  # weight of the fit split's direction-selected images

@@ -227,12 +227,15 @@ def _run_model(task: ModelTask, *, run_uri, split_ids, split_labels, syn_labels,
         fitted = {}
 
         def score(c):
-            X_add, y_add = syn_rows(task.own_sets, c[1])
-            fitted[c] = (fit(X_add, y_add, c[0]), len(X_add))
+            if c not in fitted:
+                X_add, y_add = syn_rows(task.own_sets, c[1])
+                fitted[c] = (fit(X_add, y_add, c[0]), len(X_add))
             return fit_score(fitted[c][0])
 
-        cands = [(lam, k) for k in sorted({max(1, k_max // 2), k_max}) for lam in cfg["lambdas"]]
-        chosen, tried = choose(cands, score, base_overall, cfg["max_drop"])
+        # coordinate search on the fit split: lambda at the most images, then fewer images at that lambda
+        lam, tried = choose([(x, k_max) for x in cfg["lambdas"]], score, base_overall, cfg["max_drop"])
+        chosen, tried2 = choose([lam, (lam[0], max(1, k_max // 2))], score, base_overall, cfg["max_drop"])
+        tried += tried2[1:]
         lam, k = chosen
         tries = "; ".join(f"lambda={c[0]:g} k={c[1]}: hard {h:.3f} overall {o:.3f}" for c, h, o in tried)
         results["synthetic"] = (fitted[chosen][0], lam, fitted[chosen][1], f"chose lambda={lam:g} k={k} on {fs}; tried {tries}")
