@@ -6,23 +6,31 @@ of its models on it. When a shard has seen every batch, its models go to the sin
 writes them to the run directory at once). Resilience:
 
 - a shard actor that dies is restarted by Ray (``max_restarts``) and its unfinished calls
-  are retried (``max_task_retries``); outputs are keyed by batch, so the finished run is
-  identical to an uninterrupted one;
+  are retried (``max_task_retries``); a call that fails because the actor is unreachable
+  while it restarts (its node was lost) is sent again; outputs are keyed by batch, so the
+  finished run is identical to an uninterrupted one;
 - a shard that is gone for good costs its models (error rows), not the sweep;
 - a model that fails to load or run is reported failed; the others go on.
+
+Placement uses Ray's own mechanisms: shard actors are spread over the cluster's nodes
+(``SPREAD``), or, with ``shard_resource`` named, placed round-robin on the nodes that
+advertise that custom resource (soft node affinity: a shard whose node is lost restarts on
+another node that has the resource). The returned info says where each shard ran
+(``nodes``) and which shards were restarted on the way (``restarts``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from audit.pipeline.sweep import Sink, SweepJob
-from audit.zoo.shard import ZooShard, model_costs, plan_shards
+from audit.zoo.shard import ZooShard, model_profiles, plan_shards
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +39,23 @@ def _gpu_count() -> int:
     import ray
 
     return int(ray.cluster_resources().get("GPU", 0))
+
+
+class _RayShard(ZooShard):
+    """The shard actor: a :class:`ZooShard` that can say where it runs."""
+
+    def where(self) -> dict:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"node": ctx.get_node_id(), "pid": os.getpid(), "restarted": bool(ctx.was_current_actor_reconstructed)}
+
+
+def _nodes_with(resource: str) -> list[str]:
+    """Ids of the alive nodes that advertise ``resource`` (sorted, so placement is stable)."""
+    import ray
+
+    return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(resource, 0) > 0)
 
 
 @dataclass
@@ -70,17 +95,25 @@ class _Collect:
 class RaySweeper:
     """Shards on Ray (which must be initialised): one actor per GPU when the cluster has GPUs
     and ``gpus`` is not ``"no"``, else ``num_workers`` CPU actors with ``threads_per_worker``
-    torch threads each (default: the cluster's CPUs / workers), models balanced by FLOPs.
+    torch threads each (default: the cluster's CPUs / workers), models balanced by FLOPs
+    with :func:`audit.zoo.shard.plan_shards` (``shard_memory``: bytes of weights a shard
+    may hold, fp32 parameters counted; None: unbounded).
 
-    ``on_batch`` is called after every finished (shard, batch) with ``{"actors", "shards",
-    "finished", "total"}`` (tests use it to kill an actor mid-sweep).
+    ``shard_resource``: a custom resource that the nodes meant for shards advertise; each
+    shard asks for one unit and is pinned (softly) to one of those nodes in turn. Without
+    it, shards are spread over all nodes. ``on_batch`` is called after every finished
+    (shard, batch) with ``{"actors", "shards", "nodes", "finished", "total"}`` (tests use it
+    to kill an actor or remove a node mid-sweep).
     """
 
     def __init__(self, num_workers: int = 2, threads_per_worker: int | None = None, gpus: str = "auto",
                  max_restarts: int = 3, max_in_flight: int = 4, on_batch: Callable[[dict], None] | None = None,
-                 progress: bool = False):  # fmt: skip
+                 progress: bool = False, shard_resource: str | None = None,
+                 shard_memory: float | None = None, unavailable_timeout_s: float = 120.0):  # fmt: skip
         self.num_workers, self.threads_per_worker, self.gpus = num_workers, threads_per_worker, gpus
         self.max_restarts, self.max_in_flight, self.on_batch, self.progress = max_restarts, max_in_flight, on_batch, progress
+        self.shard_resource, self.shard_memory = shard_resource, shard_memory
+        self.unavailable_timeout_s = unavailable_timeout_s
 
     def _placement(self, job: SweepJob) -> tuple[list[list[str]], dict, str, int | None]:
         import ray
@@ -92,8 +125,24 @@ class RaySweeper:
             total = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
             threads = int(self.threads_per_worker or max(1, total // max(1, self.num_workers)))
             n_shards, opts, device = max(1, int(self.num_workers)), {"num_cpus": threads}, "cpu"
-        plan = plan_shards(model_costs(job.specs, len(job.classes)), min(n_shards, len(job.specs)))
+        flops, params = model_profiles(job.specs, len(job.classes))
+        sizes = {k: 4.0 * v for k, v in params.items()}  # fp32 weights
+        plan = plan_shards(flops, min(n_shards, len(job.specs)), sizes, self.shard_memory)
         return plan, opts, device, threads
+
+    def _actor_options(self, opts: dict, si: int) -> dict:
+        """Ray options of shard ``si``: resources, restarts and where it may be scheduled."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        out = {**opts, "max_restarts": self.max_restarts, "max_task_retries": self.max_restarts}
+        if not self.shard_resource:
+            return {**out, "scheduling_strategy": "SPREAD"}
+        nodes = _nodes_with(self.shard_resource)
+        if not nodes:
+            raise RuntimeError(f"no alive node advertises the custom resource {self.shard_resource!r}; "
+                               f"start the nodes with --resources='{{\"{self.shard_resource}\": 1}}'")  # fmt: skip
+        return {**out, "resources": {self.shard_resource: 1},
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[si % len(nodes)], soft=True)}  # fmt: skip
 
     def run(self, job: SweepJob, sink: Sink) -> dict:
         import ray
@@ -103,26 +152,54 @@ class RaySweeper:
             raise RuntimeError("Ray is not initialised; cluster.runtime.connect() first")
         plan, opts, device, threads = self._placement(job)
         by_name = {s.name: s for s in job.specs}
-        Shard = ray.remote(ZooShard).options(max_restarts=self.max_restarts, max_task_retries=self.max_restarts, **opts)
-        actors = [Shard.remote([by_name[m] for m in names], job.classes, {m: job.weights.get(m) for m in names}, device,
-                               threads, job.batch_size, job.with_features) for names in plan]  # fmt: skip
+        actors = [ray.remote(_RayShard).options(**self._actor_options(opts, si)).remote(
+            [by_name[m] for m in names], job.classes, {m: job.weights.get(m) for m in names}, device, threads,
+            job.batch_size, job.with_features) for si, names in enumerate(plan)]  # fmt: skip
         starts = list(range(0, len(job.images), job.batch_size))
         col = _Collect(len(job.images), len(starts))
         total = len(starts) * len(actors)
         bar = tqdm(total=total, desc=f"sweep {len(job.specs)} models", disable=not self.progress, leave=False)
         try:
-            self._feed(job, actors, plan, starts, col, sink, bar, total)
+            first = self._where(actors)
+            self._feed(job, actors, plan, starts, col, sink, bar, total, [w.get("node") for w in first])
+            last = self._where(actors)
         finally:
             bar.close()
             for a in actors:
                 ray.kill(a, no_restart=True)
-        return {"shards": plan, "device": device}
+        restarts = [{"shard": si, "models": plan[si], "from_node": a.get("node"), "to_node": b.get("node")}
+                    for si, (a, b) in enumerate(zip(first, last, strict=True))
+                    if b.get("restarted") or (a.get("pid"), a.get("node")) != (b.get("pid"), b.get("node"))]  # fmt: skip
+        return {"shards": plan, "device": device, "nodes": [w.get("node") for w in last], "restarts": restarts}
 
-    def _feed(self, job, actors, plan, starts, col: _Collect, sink, bar, total) -> None:
+    def _lose(self, si: int, e: BaseException, alive: list[bool], plan, col: _Collect, sink) -> None:
+        """A shard gone for good: its models become error rows; the other shards go on."""
+        if alive[si]:
+            log.error("shard %d died after %d restarts: %s", si, self.max_restarts, e)
+            alive[si] = False
+            for name in plan[si]:
+                col.failed.setdefault(name, f"shard actor died: {type(e).__name__}: {e}")
+            col.flush(si, plan[si], sink)
+
+    @staticmethod
+    def _where(actors) -> list[dict]:
+        """Where each shard actor runs now (``{}`` for one that is gone for good)."""
+        import ray
+
+        out = []
+        for a in actors:
+            try:
+                out.append(ray.get(a.where.remote()))
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                out.append({})
+        return out
+
+    def _feed(self, job, actors, plan, starts, col: _Collect, sink, bar, total, nodes) -> None:
         """Keep up to ``max_in_flight`` batches in the object store, each sent to every live shard."""
         import ray
 
         alive = [True] * len(actors)
+        unavailable: dict[int, float] = {}  # shard -> since when it has been unreachable
         pending: dict = {}
         refs: dict[int, object] = {}
         outstanding: dict[int, int] = {}
@@ -145,14 +222,20 @@ class RaySweeper:
             si, b = pending.pop(fut)
             try:
                 out = ray.get(fut)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                if alive[si]:
-                    log.error("shard %d died after %d restarts: %s", si, self.max_restarts, e)
-                    alive[si] = False
-                    for name in plan[si]:
-                        col.failed.setdefault(name, f"shard actor died: {type(e).__name__}: {e}")
-                    col.flush(si, plan[si], sink)
+            except ray.exceptions.ActorUnavailableError as e:
+                # its process or node was lost and Ray is restarting it: send the batch again (the
+                # batch is still in the object store) until it answers or stays away too long
+                since = unavailable.setdefault(si, time.monotonic())
+                if alive[si] and time.monotonic() - since < self.unavailable_timeout_s:
+                    log.warning("shard %d unavailable (%s); sending batch %d again", si, type(e).__name__, b)
+                    time.sleep(0.2)
+                    pending[actors[si].run_batch.remote(refs[b], starts[b])] = (si, b)
+                    continue
+                self._lose(si, e, alive, plan, col, sink)
+            except ray.exceptions.RayActorError as e:
+                self._lose(si, e, alive, plan, col, sink)
             else:
+                unavailable.pop(si, None)
                 if col.add(si, out):
                     col.flush(si, plan[si], sink)
             outstanding[b] -= 1
@@ -161,4 +244,4 @@ class RaySweeper:
             finished += 1
             bar.update(1)
             if self.on_batch is not None:
-                self.on_batch({"actors": actors, "shards": plan, "finished": finished, "total": total})
+                self.on_batch({"actors": actors, "shards": plan, "nodes": nodes, "finished": finished, "total": total})

@@ -146,6 +146,25 @@ def test_plan_shards_assigns_each_model_once_and_balances_cost():
         plan_shards(costs, 0)
 
 
+def test_plan_shards_respects_shard_memory_and_improves_on_lpt():
+    from audit.zoo.shard import plan_shards
+
+    # LPT alone gives loads (5+2+2, 4+3) = (9, 7); a swap reaches (8, 8)
+    costs = {"a": 5.0, "b": 4.0, "c": 3.0, "d": 2.0, "e": 2.0}
+    plan = plan_shards(costs, 2)
+    assert sorted(sum(costs[m] for m in s) for s in plan) == [8.0, 8.0]
+    # memory: "a" and "b" are too big to share a shard
+    sizes = {"a": 6.0, "b": 6.0, "c": 1.0, "d": 1.0, "e": 1.0}
+    plan = plan_shards(costs, 2, sizes, capacity=8.0)
+    assert sorted(m for s in plan for m in s) == sorted(costs)
+    assert all(sum(sizes[m] for m in s) <= 8.0 for s in plan)
+    assert not any({"a", "b"} <= set(s) for s in plan)
+    with pytest.raises(ValueError, match="does not fit"):
+        plan_shards(costs, 2, sizes, capacity=5.5)
+    with pytest.raises(ValueError, match="capacity needs sizes"):
+        plan_shards(costs, 2, capacity=5.5)
+
+
 def test_cost_estimate_counts_flops_of_wider_models_higher(tmp_path):
     from audit.zoo.shard import estimate_cost, model_costs
 

@@ -44,7 +44,7 @@ def test_packing_roundtrip_and_counts_match_dense():
         fm = FailureMatrix.from_dense(f, list("abcde"))
         assert fm.packed.shape[1] % 8 == 0
         np.testing.assert_array_equal(fm.dense(), f)
-        n_fail, n_both = fm.counts(block_words=1)  # several column blocks
+        n_fail, n_both = fm.counts(block=64)  # several column blocks
         np.testing.assert_array_equal(n_fail, f.sum(1))
         np.testing.assert_array_equal(n_both, f.astype(int) @ f.T.astype(int))
 
@@ -213,3 +213,48 @@ def test_pairwise_counts_at_scale():
     rates = pair_rates(n_fail, n_both)
     assert np.all(np.isfinite(rates["jaccard"])) and np.allclose(np.diag(rates["jaccard"]), 1.0)
     assert n_both[3, 3] == n_fail[3] and abs(n_both[0, 1] / 1_000_000 - 0.25) < 0.01
+
+
+def test_blocked_counts_split_over_an_executor_match_the_dense_product():
+    """Ranges of blocks run as separate executor calls (Ray tasks on a cluster) and add up
+    to the dense counts, whatever the block size and the padding."""
+    from audit.pipeline.executor import SerialExecutor, ThreadExecutor
+    from audit.stats_blocks import pair_counts
+
+    rng = np.random.default_rng(5)
+    f = rng.random((17, 5_000)) < rng.random((17, 1))  # failure rates from 0 to 1
+    fm = FailureMatrix.from_dense(f, [f"m{i}" for i in range(17)])
+    want = f.astype(np.int64) @ f.T.astype(np.int64)
+    for block, ex in ((64, ThreadExecutor(3)), (1024, SerialExecutor()), (1 << 14, None), (128, ThreadExecutor(2))):
+        n_fail, n_both = pair_counts(fm.packed, fm.n_examples, block, ex)
+        np.testing.assert_array_equal(n_both, want)
+        np.testing.assert_array_equal(n_fail, f.sum(1))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        pair_counts(fm.packed, fm.n_examples, 100)
+    with pytest.raises(ValueError, match="uint8"):
+        pair_counts(f, fm.n_examples)
+
+
+def test_bootstrap_in_pair_chunks_bounds_memory_and_keeps_its_intervals():
+    """A large zoo's bootstrap runs in chunks of pairs; chunked intervals are seeded and
+    agree with the one-chunk intervals up to Monte Carlo error."""
+    from unittest import mock
+
+    from audit import stats_blocks
+    from audit.stats_blocks import pair_chunks
+
+    assert pair_chunks(10, 1000) == [(0, 10)]
+    chunks = pair_chunks(500_500, 1000)
+    assert chunks[0] == (0, 4194) and chunks[-1][1] == 500_500 and len(chunks) == 120
+    rng = np.random.default_rng(2)
+    base = rng.random(3000) < 0.3
+    f = np.stack([base ^ (rng.random(3000) < r) for r in (0.05, 0.1, 0.2, 0.4, 0.5)])
+    n_fail, n_both = FailureMatrix.from_dense(f, list("abcde")).counts()
+    lo, hi = bootstrap_error_consistency(n_fail, n_both, 3000, n_boot=2000, seed=1)
+    small = lambda n_pairs, n_boot: stats_blocks.pair_chunks(n_pairs, n_boot, max_elements=4 * n_boot * 2)  # noqa: E731
+    with mock.patch("audit.failures.pair_chunks", small):
+        lo2, hi2 = bootstrap_error_consistency(n_fail, n_both, 3000, n_boot=2000, seed=1)
+        lo3, _ = bootstrap_error_consistency(n_fail, n_both, 3000, n_boot=2000, seed=1)
+    np.testing.assert_array_equal(lo2, lo3)
+    np.testing.assert_allclose(lo2, lo, atol=0.02)
+    np.testing.assert_allclose(hi2, hi, atol=0.02)

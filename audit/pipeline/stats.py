@@ -11,6 +11,8 @@ from audit.store import RunStore
 
 #: attribute columns reported per group (a world's ground truth, or any attribute column)
 SKIP_ATTRIBUTES = {"item", "caption"}
+#: models x examples from which the stats stage counts pairs through the injected executor
+PARALLEL_COUNTS_AT = 200 * 1_000_000
 
 
 def align_ids(have, want) -> np.ndarray:
@@ -66,7 +68,11 @@ def stats_stage(store: RunStore, inputs, cfg) -> str:
     # the fit split's examples that every model predicted (an undecodable image has no prediction)
     common = set.intersection(*(set(t["example_id"].to_pylist()) for t in preds.values()))
     fm = failure_matrix(preds, example_ids=[e for e in inputs.fit_ids() if e in common])
-    stats = overlap_statistics(fm, n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed)
+    # a zoo-scale matrix (1,000 models x 1,000,000 examples) counts its blocks in parallel; a small one
+    # is quicker in this process than the executor's round trip
+    big = fm.n_models * fm.n_examples >= PARALLEL_COUNTS_AT
+    stats = overlap_statistics(fm, n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed,
+                               executor=inputs.services.executor if big else None)  # fmt: skip
     sim = similarity_matrix(stats, cfg.similarity)
     families = inputs.families
     n_clusters = cfg.n_clusters

@@ -145,6 +145,9 @@ def sweep_arrays(store: RunStore, images: np.ndarray, example_ids, labels, class
     for s in todo:
         record_model(store, s.name, {"key": keys[s.name], "status": "running", "split": split})
     info = sweeper.run(job, sink)
+    if (info or {}).get("restarts"):  # shards restarted on the way (a lost actor or node): kept for the record
+        prior = store.manifest().get("sweep", {}).get("restarts", [])
+        store.update_manifest(sweep={"restarts": [*prior, *({**r, "split": split} for r in info["restarts"])]})
     for s in todo:  # a sweeper that lost a model without saying so
         if s.name not in sink.result.done and s.name not in sink.result.failed:
             sink.model_failed(s.name, "no outputs (its shard ended early)")

@@ -108,62 +108,139 @@ class ZooShard:
 
 
 # -- planning ------------------------------------------------------------------------------
-def estimate_cost(spec: ModelSpec, num_classes: int) -> float | None:
-    """Forward FLOPs of one image at the spec's input size, counted on the ``meta`` device
-    (no memory, no weights); parameter count when FLOPs cannot be counted; None for builders
-    that cannot be built without their weights (the caller substitutes the median)."""
-    if spec.builder != "timm":
-        return None
+def model_profile(spec: ModelSpec, num_classes: int) -> tuple[float | None, float | None]:
+    """``(forward FLOPs of one image at the spec's input size, parameter count)``, counted on
+    the ``meta`` device (no memory, no weights). timm models whole; open_clip models by their
+    image tower (the text tower runs once, for the zero-shot head). ``(None, None)`` for
+    builders that cannot be built without their weights (the caller substitutes the median);
+    FLOPs fall back to the parameter count when some op has no meta/flop rule."""
+    if spec.builder not in ("timm", "open_clip"):
+        return None, None
     try:
-        import timm.data
         import torch
         from torch.utils.flop_counter import FlopCounterMode
 
-        from audit.zoo.models import create_timm
-
         with torch.device("meta"):
-            model = create_timm(spec, num_classes)
+            if spec.builder == "timm":
+                import timm.data
+
+                from audit.zoo.models import create_timm
+
+                model = create_timm(spec, num_classes)
+                size = spec.input.get("input_size") or timm.data.resolve_model_data_config(model)["input_size"][-1]
+            else:
+                import open_clip
+
+                model = open_clip.create_model(spec.arch, pretrained=None).visual
+                size = model.image_size
         model.eval()
-        size = spec.input.get("input_size") or timm.data.resolve_model_data_config(model)["input_size"][-1]
         size = int(size[-1] if isinstance(size, list | tuple) else size)
         params = float(sum(p.numel() for p in model.parameters()))
         try:
             with FlopCounterMode(display=False) as fc, torch.no_grad():
                 model(torch.empty(1, 3, size, size, device="meta"))
-            return float(fc.get_total_flops()) or params
+            return (float(fc.get_total_flops()) or params), params
         except Exception:  # noqa: BLE001 - some ops have no meta/flop rule
-            return params
+            return params, params
     except Exception as e:  # noqa: BLE001
-        log.debug("cannot estimate cost of %s: %s", spec.name, e)
-        return None
+        log.debug("cannot profile %s: %s", spec.name, e)
+        return None, None
+
+
+def estimate_cost(spec: ModelSpec, num_classes: int) -> float | None:
+    """Forward FLOPs of one image (see :func:`model_profile`); None when unknown."""
+    return model_profile(spec, num_classes)[0]
+
+
+def _fill_median(raw: Mapping[str, float | None]) -> dict[str, float]:
+    known = [c for c in raw.values() if c]
+    fill = float(np.median(known)) if known else 1.0
+    return {k: (float(v) if v else fill) for k, v in raw.items()}
 
 
 def model_costs(specs: Sequence[ModelSpec], num_classes: int) -> dict[str, float]:
     """``{name: cost}``, unknown costs replaced by the median of the known ones (or 1)."""
-    raw = {s.name: estimate_cost(s, num_classes) for s in specs}
-    known = [c for c in raw.values() if c]
-    fill = float(np.median(known)) if known else 1.0
-    return {k: (v if v else fill) for k, v in raw.items()}
+    return _fill_median({s.name: estimate_cost(s, num_classes) for s in specs})
 
 
-def plan_shards(costs: Mapping[str, float], n_shards: int) -> list[list[str]]:
+def model_profiles(specs: Sequence[ModelSpec], num_classes: int) -> tuple[dict[str, float], dict[str, float]]:
+    """``({name: FLOPs}, {name: parameters})``, unknowns replaced by the medians."""
+    prof = {s.name: model_profile(s, num_classes) for s in specs}
+    return _fill_median({k: v[0] for k, v in prof.items()}), _fill_median({k: v[1] for k, v in prof.items()})
+
+
+def plan_shards(costs: Mapping[str, float], n_shards: int, sizes: Mapping[str, float] | None = None,
+                capacity: float | None = None) -> list[list[str]]:  # fmt: skip
     """Assign each model to exactly one of ``n_shards`` shards, balancing total cost.
 
     Longest-processing-time first: models by decreasing cost (ties by name), each to the
-    currently lightest shard. Deterministic. Empty shards are dropped.
+    currently lightest shard that still has room for it (``sizes[name]`` summed per shard
+    must stay <= ``capacity``: a shard keeps all its models loaded, so this is the GPU
+    memory the weights may take). Then pairwise moves and swaps that lower the heaviest
+    shard's load, while memory allows. Deterministic. Empty shards are dropped. Raises
+    ValueError when the models cannot be packed into ``n_shards`` x ``capacity``.
     """
     if n_shards < 1:
         raise ValueError(f"n_shards must be >= 1, got {n_shards}")
     bad = {k: v for k, v in costs.items() if not np.isfinite(v) or v < 0}
     if bad:
         raise ValueError(f"model costs must be finite and >= 0: {bad}")
+    if capacity is not None and sizes is None:
+        raise ValueError("capacity needs sizes (per-model memory, same unit)")
+    size = {k: float((sizes or {}).get(k, 0.0)) for k in costs}
+    cap = float("inf") if capacity is None else float(capacity)
     shards: list[list[str]] = [[] for _ in range(n_shards)]
-    load = [0.0] * n_shards
+    load, mem = [0.0] * n_shards, [0.0] * n_shards
     for name in sorted(costs, key=lambda k: (-costs[k], k)):
-        i = min(range(n_shards), key=lambda j: (load[j], len(shards[j]), j))
+        fits = [j for j in range(n_shards) if mem[j] + size[name] <= cap]
+        if not fits:
+            raise ValueError(f"model {name!r} ({size[name]:.3g}) does not fit in any of {n_shards} shards of "
+                             f"capacity {cap:.3g} (used {[round(m, 3) for m in mem]}); add shards or memory")  # fmt: skip
+        i = min(fits, key=lambda j: (load[j], len(shards[j]), j))
         shards[i].append(name)
         load[i] += float(costs[name])
-    return [s for s in shards if s]
+        mem[i] += size[name]
+    _improve(shards, load, mem, costs, size, cap)
+    return [sorted(s, key=lambda k: (-costs[k], k)) for s in shards if s]
+
+
+def _improve(shards, load, mem, costs, size, cap, rounds: int = 200) -> None:
+    """Local search after LPT: move one model off the heaviest shard, or swap one of its
+    models with a lighter one from another shard, whenever that lowers the pair's maximum."""
+    for _ in range(rounds):
+        h = max(range(len(shards)), key=lambda j: (load[j], -j))
+        best = None  # (new max of the pair, other shard, model out of h, model into h or None)
+        for o in range(len(shards)):
+            if o == h:
+                continue
+            for a in shards[h]:
+                ca, sa = float(costs[a]), size[a]
+                if mem[o] + sa <= cap and max(load[h] - ca, load[o] + ca) < load[h] - 1e-12:
+                    cand = (max(load[h] - ca, load[o] + ca), o, a, None)
+                    best = cand if best is None or cand[:1] < best[:1] else best
+                for b in shards[o]:
+                    cb, sb = float(costs[b]), size[b]
+                    if cb >= ca or mem[o] - sb + sa > cap or mem[h] - sa + sb > cap:
+                        continue
+                    new = max(load[h] - ca + cb, load[o] + ca - cb)
+                    if new < load[h] - 1e-12 and (best is None or new < best[0]):
+                        best = (new, o, a, b)
+        if best is None:
+            return
+        _, o, a, b = best
+        shards[h].remove(a)
+        shards[o].append(a)
+        load[h] -= float(costs[a])
+        load[o] += float(costs[a])
+        mem[h] -= size[a]
+        mem[o] += size[a]
+        if b is not None:
+            shards[o].remove(b)
+            shards[h].append(b)
+            load[o] -= float(costs[b])
+            load[h] += float(costs[b])
+            mem[o] -= size[b]
+            mem[h] += size[b]
 
 
 class LocalSweeper:
