@@ -4,11 +4,14 @@ All pairwise statistics of :mod:`audit.failures` come from two counts: ``n_fail[
 many examples model a gets wrong) and ``n_both[a, b]`` (how many both get wrong). For M
 models over N examples, ``n_both`` is the Gram matrix F F^T of the 0/1 failure matrix F
 [M, N]. It is computed here block by block over the examples: each block of the
-bit-packed matrix is unpacked to float32 0/1 ``[M, block]`` and added through one
-symmetric rank-k update (BLAS ``ssyrk``: half the work of a general product, and the
-machine's fastest kernel). A block's counts are at most ``block`` <= 2^24, so float32 is
-exact; blocks are summed in int64. Memory stays at the packed matrix plus ~5 x M x block
-bytes (1,000 models, blocks of 16,384 examples: ~80 MB), whatever N is.
+bit-packed matrix is unpacked to 0/1 bytes ``[M, block]`` and multiplied by its
+transpose: as int8 with exact int32 sums through torch's integer matrix product (oneDNN:
+VNNI/AMX int8 kernels where the CPU has them), or, without it, as float32 through one
+symmetric rank-k update (BLAS ``ssyrk``; a block's counts are at most ``block`` <= 2^24,
+so float32 is exact). Blocks are summed in int64. Memory stays at the packed matrix plus a
+few x M x block bytes (1,000 models, blocks of 32,768 examples: ~40 MB int8, ~160 MB
+float32), whatever N is. On a 2-core Sapphire Rapids the int8 product is ~3x the float32
+one for 1,000 models.
 
 A bit-packed AND + popcount per pair does M^2/2 x N/64 word operations through numpy's
 per-row calls; at 1,000 models that is the slow path, while the product runs at BLAS
@@ -23,7 +26,8 @@ from __future__ import annotations
 import numpy as np
 
 #: examples per block (a multiple of 64, so blocks start on whole packed words)
-DEFAULT_BLOCK = 1 << 14
+DEFAULT_BLOCK = 1 << 15
+METHODS = ("auto", "int8", "float32")
 
 
 def _check(packed: np.ndarray, n_examples: int, block: int) -> np.ndarray:
@@ -40,32 +44,59 @@ def _check(packed: np.ndarray, n_examples: int, block: int) -> np.ndarray:
     return packed
 
 
-def _block_counts(span: tuple[int, int], packed: np.ndarray, block: int) -> np.ndarray:
-    """Upper triangle of ``n_both`` (int64 ``[M, M]``) over packed bytes ``span[0]:span[1]``."""
+def _gram_int8(bits: np.ndarray) -> np.ndarray:
+    """``bits @ bits.T`` (int64 ``[M, M]``) of a 0/1 uint8 block, as an int8 product with int32 sums."""
+    import torch
+
+    x = torch.from_numpy(bits).view(torch.int8)
+    return torch._int_mm(x, x.T).numpy().astype(np.int64)
+
+
+def _gram_float32(bits: np.ndarray) -> np.ndarray:
+    """Upper triangle of ``bits @ bits.T`` (int64 ``[M, M]``) through float32 ``ssyrk``."""
     from scipy.linalg.blas import ssyrk
 
+    f = bits.astype(np.float32)
+    # f.T is Fortran-ordered [block, M]: trans=1 gives f f^T with no copy
+    return np.rint(ssyrk(1.0, f.T, trans=1, lower=0)).astype(np.int64)
+
+
+def resolve_method(method: str = "auto") -> str:
+    """``int8`` when torch has its CPU integer product, else ``float32`` (for ``auto``)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    if method != "auto":
+        return method
+    try:
+        _gram_int8(np.ones((2, 64), np.uint8))
+        return "int8"
+    except Exception:  # noqa: BLE001 - no torch, or a build without the CPU int8 product
+        return "float32"
+
+
+def _block_counts(span: tuple[int, int], packed: np.ndarray, block: int, method: str) -> np.ndarray:
+    """``n_both`` (upper triangle is what counts; int64 ``[M, M]``) over packed bytes ``span``."""
+    gram = _gram_int8 if method == "int8" else _gram_float32
     m = packed.shape[0]
     acc = np.zeros((m, m), np.int64)
     step = block // 8
     for s in range(span[0], span[1], step):
-        bits = np.unpackbits(packed[:, s : min(s + step, span[1])], axis=1)  # [M, block] uint8
-        f = bits.astype(np.float32)
-        del bits
-        # f.T is Fortran-ordered [block, M]: trans=1 gives f f^T with no copy
-        acc += np.rint(ssyrk(1.0, f.T, trans=1, lower=0)).astype(np.int64)
+        acc += gram(np.unpackbits(packed[:, s : min(s + step, span[1])], axis=1))  # [M, block] 0/1
     return acc
 
 
-def pair_counts(packed: np.ndarray, n_examples: int, block: int = DEFAULT_BLOCK,
-                executor=None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def pair_counts(packed: np.ndarray, n_examples: int, block: int = DEFAULT_BLOCK, executor=None,
+                method: str = "auto") -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """``(n_fail [M], n_both [M, M])`` of a bit-packed failure matrix ``packed`` (uint8
     ``[M, bytes]``, ``np.packbits`` order, padding bits 0); diagonal of ``n_both`` = n_fail.
 
     ``executor``: an ``audit.pipeline.executor.Executor``; its ``parallelism`` contiguous
     ranges of blocks run as separate calls (the packed matrix is shared once), else all in
-    this thread.
+    this thread. ``method``: ``int8`` (torch), ``float32`` (scipy BLAS) or ``auto``; the
+    counts are exact and identical either way.
     """
     packed = _check(packed, n_examples, block)
+    method = resolve_method(method)
     m = packed.shape[0]
     n_bytes = (n_examples + 7) // 8
     step = block // 8
@@ -76,9 +107,10 @@ def pair_counts(packed: np.ndarray, n_examples: int, block: int = DEFAULT_BLOCK,
     if m == 0 or not spans:
         return np.zeros(m, np.int64), np.zeros((m, m), np.int64)
     if executor is None:
-        upper = sum(_block_counts(sp, packed, block) for sp in spans)
+        upper = sum(_block_counts(sp, packed, block, method) for sp in spans)
     else:
-        upper = sum(executor.map(_block_counts, spans, shared={"packed": packed, "block": block}, cpus=1))
+        upper = sum(executor.map(_block_counts, spans, shared={"packed": packed, "block": block, "method": method},
+                                 cpus=1))  # fmt: skip
     both = np.triu(upper) + np.triu(upper, 1).T
     return np.diag(both).copy(), both
 

@@ -225,14 +225,18 @@ def test_blocked_counts_split_over_an_executor_match_the_dense_product():
     f = rng.random((17, 5_000)) < rng.random((17, 1))  # failure rates from 0 to 1
     fm = FailureMatrix.from_dense(f, [f"m{i}" for i in range(17)])
     want = f.astype(np.int64) @ f.T.astype(np.int64)
-    for block, ex in ((64, ThreadExecutor(3)), (1024, SerialExecutor()), (1 << 14, None), (128, ThreadExecutor(2))):
-        n_fail, n_both = pair_counts(fm.packed, fm.n_examples, block, ex)
-        np.testing.assert_array_equal(n_both, want)
-        np.testing.assert_array_equal(n_fail, f.sum(1))
+    runs = ((64, ThreadExecutor(3)), (1024, SerialExecutor()), (1 << 15, None), (128, ThreadExecutor(2)))
+    for method in ("auto", "int8", "float32"):
+        for block, ex in runs:
+            n_fail, n_both = pair_counts(fm.packed, fm.n_examples, block, ex, method=method)
+            np.testing.assert_array_equal(n_both, want)
+            np.testing.assert_array_equal(n_fail, f.sum(1))
     with pytest.raises(ValueError, match="multiple of 64"):
         pair_counts(fm.packed, fm.n_examples, 100)
     with pytest.raises(ValueError, match="uint8"):
         pair_counts(f, fm.n_examples)
+    with pytest.raises(ValueError, match="unknown method"):
+        pair_counts(fm.packed, fm.n_examples, method="int4")
 
 
 def test_bootstrap_in_pair_chunks_bounds_memory_and_keeps_its_intervals():

@@ -131,7 +131,7 @@ def model_profile(spec: ModelSpec, num_classes: int) -> tuple[float | None, floa
             else:
                 import open_clip
 
-                model = open_clip.create_model(spec.arch, pretrained=None).visual
+                model = open_clip.create_model(spec.arch, pretrained=None, device="meta").visual
                 size = model.image_size
         model.eval()
         size = int(size[-1] if isinstance(size, list | tuple) else size)
