@@ -227,19 +227,42 @@ def llm_proposal(noun: str, cfg: LLMConfig, client=None) -> Proposal | None:
     return proposal
 
 
+def data_captions(noun: str, values: Mapping[str, Sequence[str]], slots: Mapping[str, str], max_slots: int = 2) -> list[str]:
+    """The data's own grammar for one class: every caption that fills 1..``max_slots`` of the
+    attribute slots (``values[attribute]`` its values, ``slots[attribute]`` its template, see
+    :func:`audit.data.attributes.compose_caption`); deterministic order, reference excluded."""
+    from itertools import combinations, product
+
+    from audit.data.attributes import compose_caption
+
+    attrs = [a for a in slots if values.get(a)]
+    out = []
+    for r in range(1, min(max_slots, len(attrs)) + 1):
+        for subset in combinations(attrs, r):
+            for combo in product(*(values[a] for a in subset)):
+                out.append(compose_caption(noun, dict(zip(subset, combo, strict=True)), slots))
+    return list(dict.fromkeys(out))
+
+
 def candidate_captions(classes: Sequence[str], *, world_spec=None, adjectives: Sequence[str] = DEFAULT_ADJECTIVES,
                        prepositions: Sequence[str] = DEFAULT_PREPOSITIONS, llm: LLMConfig | None = None,
-                       client=None) -> dict[str, list[tuple[str, str]]]:  # fmt: skip
-    """Per class name: ``[(caption, source)]`` with source ``grammar`` or ``llm``, deduplicated.
+                       client=None, attributes: Mapping[str, Sequence[str]] | None = None,
+                       slots: Mapping[str, str] | None = None) -> dict[str, list[tuple[str, str]]]:  # fmt: skip
+    """Per class name: ``[(caption, source)]``, deduplicated, with source ``data`` (the data's
+    attribute grammar), ``grammar`` (the world's grammar, or the generic one) or ``llm``.
 
-    With ``world_spec`` the world's grammar is used for its items, else the generic one.
+    With ``world_spec`` the world's grammar is used for its items; otherwise the data's
+    grammar (``attributes``: values per attribute column, ``slots``: its template) comes
+    first, then the generic adjective x noun x phrase grammar, then LLM proposals.
     """
     out = {}
     for noun in classes:
         if world_spec is not None and noun in world_spec.items:
             caps = [(c, "grammar") for c in world_captions(world_spec, noun)]
         else:
-            caps = [(c, "grammar") for c in grammar_captions(noun, adjectives, prepositions)]
+            caps = [(c, "data") for c in data_captions(noun, attributes or {}, slots or {})] if slots else []
+            seen = {c for c, _ in caps}
+            caps += [(c, "grammar") for c in grammar_captions(noun, adjectives, prepositions) if c not in seen]
         if llm is not None:
             p = llm_proposal(noun, llm, client=client)
             if p is not None:
@@ -247,6 +270,27 @@ def candidate_captions(classes: Sequence[str], *, world_spec=None, adjectives: S
                 caps += [(c, "llm") for c in proposal_captions(noun, p) if c not in seen]
         out[noun] = caps
     return out
+
+
+def drop_unknown_words(candidates: Mapping[str, Sequence[tuple[str, str]]], unknown_words: Callable[[str], list[str]]
+                       ) -> tuple[dict[str, list[tuple[str, str]]], dict[str, int]]:  # fmt: skip
+    """Candidates without a word the embedder does not know, and ``{word: captions dropped}``.
+
+    An embedder with a closed vocabulary (the world encoder) would embed an unknown word as
+    whatever its text model makes of it, and the caption would be ranked on nonsense.
+    """
+    kept: dict[str, list[tuple[str, str]]] = {}
+    dropped: dict[str, int] = {}
+    for cls, caps in candidates.items():
+        kept[cls] = []
+        for c, src in caps:
+            unknown = unknown_words(c)
+            if unknown:
+                for w in dict.fromkeys(unknown):
+                    dropped[w] = dropped.get(w, 0) + 1
+            else:
+                kept[cls].append((c, src))
+    return kept, dropped
 
 
 # --------------------------------------------------------------------------------------

@@ -45,6 +45,20 @@ class HttpSetGenerator:
         return request_sets(self.url, wanted, set_ids, k, seed)
 
 
+def diffusion_weights_present(model: str) -> bool:
+    """Whether a diffusers model is a local directory or in the Hugging Face cache (no download)."""
+    import os
+
+    if os.path.isdir(model):
+        return os.path.isfile(os.path.join(model, "model_index.json"))
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model, "model_index.json"), str)
+    except Exception:  # noqa: BLE001 - an unreadable cache means no weights here
+        return False
+
+
 class ServeSetGenerator:
     """Starts the Serve app in this Ray for the request, on a free loopback port, then stops it.
 
@@ -56,16 +70,29 @@ class ServeSetGenerator:
         self.shutdown_serve = shutdown_serve
 
     def resolved_backend(self) -> str:
-        if self.backend == "world":
-            if not self.world_dir:
-                raise ValueError("[generate] backend = 'world' renders the data's world, but this dataset is not a "
-                                 "world; set [generate] backend = 'diffusers:MODEL', url = a running zoo-audit serve, "
-                                 "or enabled = false")  # fmt: skip
-            return f"world:{self.world_dir}"
-        return self.backend
+        """The backend that serves this run: the world renderer for a world; for any other
+        dataset the configured diffusers model, else ``retrieval`` (nearest real pool images
+        in the run's joint space). Says which in one log line."""
+        if self.backend == "world" and self.world_dir:
+            resolved, why = f"world:{self.world_dir}", "the world renderer (the data is a world)"
+        elif self.backend in ("world", "retrieval") or (self.backend.startswith("diffusers:") and not self.world_dir
+                                                           and not diffusion_weights_present(self.backend.partition(":")[2])):
+            resolved = f"retrieval:{self.store_uri}"
+            why = ("retrieval: the nearest real pool images of each caption (the data is not a world and no diffusion "
+                   "weights are configured; set [generate] backend = 'diffusers:MODEL' to generate)")  # fmt: skip
+        else:
+            resolved, why = self.backend, self.backend
+        log.info("generation backend: %s", why)
+        return resolved
 
     def request_sets(self, wanted, set_ids, k, seed):
         backend = self.resolved_backend()
+        if backend.startswith("retrieval:"):
+            from audit.store import RunStore
+
+            if not RunStore(self.store_uri).manifest().get("config"):  # checked here: a failed deployment says less
+                raise ValueError(f"the data is not a world, and retrieval needs an audit run in {self.store_uri} "
+                                 "to retrieve from; set [generate] backend = 'diffusers:MODEL' or run the audit first")  # fmt: skip
         from ray import serve
 
         from cluster.runtime import requiet

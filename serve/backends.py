@@ -3,8 +3,10 @@
 ``create_backend("world")`` renders captions with the world renderer (offline, images
 that really show the caption); ``create_backend("diffusers:MODEL")`` runs Stable
 Diffusion through diffusers from the Hugging Face cache (no downloads) or a local
-directory; ``create_backend("null")`` returns a constant image and exists to measure the
-service's own overhead and to inject faults in tests.
+directory; ``create_backend("retrieval:RUN_DIR")`` returns the nearest real pool images of
+a caption in an audit run's joint space (:mod:`serve.retrieval`); ``create_backend("null")``
+returns a constant image and exists to measure the service's own overhead and to inject
+faults in tests.
 
 Every backend takes one parameter group at a time::
 
@@ -248,6 +250,13 @@ def _world(arg: str | None = None, **options: Any) -> Backend:
     if arg:
         options.setdefault("world_dir", arg)
     return WorldBackend(**options)
+
+
+@register_backend("retrieval")
+def _retrieval(arg: str | None = None, **options: Any) -> Backend:
+    from serve.retrieval import RetrievalBackend
+
+    return RetrievalBackend(arg or options.pop("run", ""), **options)
 
 
 @register_backend("null")

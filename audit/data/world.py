@@ -418,3 +418,16 @@ class WorldRenderer:
             bg = parsed["background"] or self.spec.backgrounds[rng.integers(len(self.spec.backgrounds))]
             out.append(self.compositor.render(pool[rng.integers(len(pool))], color, bg, rng))
         return np.stack(out)
+
+
+def export_manifest(table: ImageTable, path: str, columns: tuple[str, ...] = ("item", "color", "background")) -> str:
+    """Write a world as a user would hand over a dataset: a plain Parquet manifest
+    (``example_id, split, label`` as integers, ``image`` bytes and the ``columns`` kept) with
+    no class list in its metadata, no spec, no captions and no ``group`` ground truth."""
+    import pyarrow.parquet as pq
+
+    keep = ["example_id", "split", "label", "image", *columns]
+    t = table.table.select(keep).replace_schema_metadata(None)
+    with atomic_write(path) as tmp:
+        pq.write_table(t, tmp, compression="zstd")
+    return path

@@ -9,8 +9,10 @@ from sklearn.base import BaseEstimator
 
 from audit.directions.fitter import _ModeFitter, _rows
 
-#: the C grid of the paper's code: 1e-6 ... 1
-DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-6, 0, 7))
+#: the C grid: 1e-6 ... 1e4, one value per decade. The paper's code stops at 1, where most
+#: (model, class) pairs of the demo chose the top of the grid; four more decades make the
+#: choice interior for most pairs (``C_on_edge`` in directions.parquet says when it is not).
+DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-6, 4, 11))
 STATUSES = ("ok", "not_significant", "insufficient_errors", "insufficient_correct")
 #: above this many examples in a class the SVM computes dot products itself instead of a Gram matrix
 GRAM_LIMIT = 6000
@@ -35,6 +37,7 @@ class FailureMode:
     ci_high: float = float("nan")
     p_value: float = float("nan")
     C: float = float("nan")
+    C_on_edge: bool = False  # the chosen C is the grid's smallest or largest: widen the grid that way
     direction: np.ndarray | None = None
     weight_norm: float = float("nan")
     intercept: float = float("nan")
@@ -128,7 +131,7 @@ class FailureDirections(BaseEstimator):
 
     Parameters
     ----------
-    Cs : the C grid (default :data:`DEFAULT_CS`, 1e-6 ... 1 as in the paper's code).
+    Cs : the C grid (default :data:`DEFAULT_CS`, 1e-6 ... 1e4; the paper's code stops at 1).
     cv : folds of the cross-validation that picks C and scores the direction (paper: 2).
     max_modes : at most this many directions per class.
     n_permutations : label permutations for the p-value (0: no p-value, every fit is "ok").
@@ -306,6 +309,7 @@ class FailureDirections(BaseEstimator):
             int(cd.label), mode, "ok" if significant else "not_significant",
             int((e > 0).sum()), int((e < 1).sum()),
             cv_score=float(scores[best]), ci_low=lo, ci_high=hi, p_value=p, C=C,
+            C_on_edge=len(Cs) > 1 and C in (min(Cs), max(Cs)),
             direction=(w / norm) if norm > 0 else None, weight_norm=norm, intercept=b,
             cv_scores=[float(s) for s in scores],
         )  # fmt: skip

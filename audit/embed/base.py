@@ -61,6 +61,16 @@ class Embedder:
     input_config = None  # audit.zoo.spec.InputConfig
     key: str = ""
     device: str = "cpu"
+    #: the words it was trained on, for a closed-vocabulary embedder (the world encoder); None = open (CLIP)
+    vocabulary: frozenset[str] | None = None
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` outside :attr:`vocabulary` (none for an open-vocabulary embedder)."""
+        if self.vocabulary is None:
+            return []
+        from audit.embed.vocab import words
+
+        return [w for w in words(text) if w not in self.vocabulary]
 
     def encode_images(self, images, batch_size: int = 256, progress: bool = False) -> np.ndarray:
         """uint8 ``[N, H, W, 3]`` -> float32 ``[N, D]`` unit rows."""

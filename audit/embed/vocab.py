@@ -18,6 +18,21 @@ _PREPS = r"(?:on|in|at|with|under|over|near|by|against|beside|inside|behind)"
 SKIP_COLUMNS = {"example_id", "split", "label", "image", "path", "caption", "group"}
 
 
+def words(text: str) -> list[str]:
+    """Lower-case words of ``text`` (letters and digits; ``t-shirt`` is ``t`` and ``shirt``)."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def known_words(captions: Sequence[str], templates: Sequence[str] = ()) -> frozenset[str]:
+    """Every word of ``captions`` and of the templates they are trained in: a closed vocabulary."""
+    out: set[str] = set()
+    for c in dict.fromkeys(captions):
+        out.update(words(c))
+    for t in templates:
+        out.update(words(t.replace("{}", " ")))
+    return frozenset(out)
+
+
 def caption_body(caption: str) -> str:
     """``"a photo of a blue pullover on grass"`` -> ``"a blue pullover on grass"``."""
     return _PREFIX.sub("", caption.strip().rstrip("."))

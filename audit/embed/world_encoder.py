@@ -341,22 +341,60 @@ def _default_world() -> ImageTable:
     return table
 
 
+NO_CAPTIONS = ("the world encoder trains on captions, and this dataset has neither a 'caption' column nor attribute "
+               "columns to compose captions from ([data] attributes); use a CLIP embedder instead: "
+               "[directions] embedder = 'open_clip:ARCH:PRETRAINED' (e.g. 'open_clip:ViT-B-32:openai')")  # fmt: skip
+
+
+def encoder_table(table: ImageTable, slots: Mapping[str, str] | None = None) -> ImageTable:
+    """``table`` as the world encoder trains on it: its own ``caption`` column, else captions
+    composed from its attribute columns (``slots``: attribute -> template; None = detected).
+
+    Raises ValueError saying to use a CLIP embedder when there is neither."""
+    if "caption" in table.columns:
+        return table
+    from audit.data.attributes import attribute_slots, resolve_attributes, with_captions
+
+    if slots is None:
+        slots = attribute_slots(table, resolve_attributes(table))
+    if not slots:
+        raise ValueError(NO_CAPTIONS)
+    out = with_captions(table, slots)
+    log.info("world encoder: no caption column; captions composed from %s (e.g. %r)", ", ".join(slots), out.table["caption"][0].as_py())
+    return out
+
+
+def with_vocabulary(enc: WorldEncoder, table: ImageTable, hparams: Mapping | None = None) -> WorldEncoder:
+    """``enc`` knowing the words of the captions it was trained on (``table`` as it trained on it)."""
+    from audit.embed.vocab import known_words
+
+    hp = resolve_hparams(hparams)
+    enc.vocabulary = known_words([str(c) for c in training_rows(table, hp).column("caption")], hp["templates"])
+    return enc
+
+
 def load_or_train(data: ImageTable | str | None = None, device: str = "cpu", hparams: Mapping | None = None,
-                  train: bool = True, cache: str | None = None, progress: bool = True, name: str = "world") -> WorldEncoder:  # fmt: skip
-    """The world encoder for ``data`` (a table, a dataset path, or None for the default world)."""
+                  train: bool = True, cache: str | None = None, progress: bool = True, name: str = "world",
+                  slots: Mapping[str, str] | None = None) -> WorldEncoder:  # fmt: skip
+    """The world encoder for ``data`` (a table, a dataset path, or None for the default world).
+
+    A table without a ``caption`` column trains on captions composed from its attribute
+    columns (``slots``, default: detected); the encoder knows the words it trained on
+    (:attr:`Embedder.vocabulary`)."""
     from audit.data.readers import read_dataset
 
     table = _default_world() if data is None else read_dataset(data) if isinstance(data, str) else data
     if not isinstance(table, ImageTable):
         raise TypeError(f"data must be an ImageTable, a dataset path or None; got {type(data).__name__}")
+    table = encoder_table(table, slots)
     if not train:
         key = checkpoint_key(table, hparams)
         path = os.path.join(cache or cache_dir("embedders"), f"world-{key}.safetensors")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no trained world encoder for this data ({path}); run `zoo-audit embed train --data DIR`")
-        return WorldEncoder.load(path, device=device, name=name)
+        return with_vocabulary(WorldEncoder.load(path, device=device, name=name), table, hparams)
     res = train_world_encoder(table, hparams, device=device, cache=cache, progress=progress)
-    return WorldEncoder.load(res.path, device=device, name=name)
+    return with_vocabulary(WorldEncoder.load(res.path, device=device, name=name), table, hparams)
 
 
 @register_embedder("world", examples=["world", "world:/path/to/world_dir"])
@@ -371,7 +409,7 @@ def train_cli(args) -> TrainResult:
     """``zoo-audit embed train --data DIR [--device D]``: train (or reuse) and report."""
     from audit.data.readers import read_dataset
 
-    table = read_dataset(args.data)
+    table = encoder_table(read_dataset(args.data))
     res = train_world_encoder(table, device=getattr(args, "device", "cpu"), progress=True)
     state = "trained" if res.trained else "cached"
     print(f"world encoder {state} ({res.seconds:.1f}s): {res.path}")

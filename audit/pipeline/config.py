@@ -34,6 +34,17 @@ class DataSection(Section):
     split: str = "debug"  # where failures are found and directions fitted
     eval_split: str = "test"  # where captions are checked on their nearest images
     limit: int = Field(0, ge=0)  # 0 = the whole split
+    class_column: str = ""  # the column naming each label's class; "" = auto-detect (or directory names, `classes`)
+    classes: list[str] = []  # class names in label order, when nothing in the data names the labels
+    attributes: list[str] | None = None  # caption slots (attribute columns); unset = auto-detected, [] = none
+    attribute_templates: dict[str, str] = {}  # per attribute, e.g. {background = "{noun} on {value}"}
+
+    def key_fields(self) -> dict[str, Any]:
+        d = self.model_dump()
+        for k, default in (("class_column", ""), ("classes", []), ("attributes", None), ("attribute_templates", {})):
+            if d[k] == default:  # runs made before these keys existed keep their keys
+                d.pop(k)
+        return d
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSection:

@@ -26,20 +26,32 @@ log = logging.getLogger(__name__)
 
 
 def embedder_for(inputs, train: bool):
-    """The configured embedder; ``world`` trains (or loads from the cache) on the data's train split."""
+    """The configured embedder; ``world`` trains (or loads from the cache) on the data's train
+    split: its ``caption`` column, else captions composed from the ``[data]`` attributes."""
+    return run_embedder(inputs.config, inputs.data, train=train, progress=inputs.services.progress)
+
+
+def run_embedder(config, data, train: bool = False, progress: bool = False):
+    """``(embedder, TrainResult | None)`` for an audit config and its (class-named) data."""
     from audit.embed import create_embedder
 
-    name = inputs.config.directions.embedder
+    name = config.directions.embedder
     if name != "world":
         return create_embedder(name), None
-    from audit.embed.world_encoder import WorldEncoder, train_world_encoder
+    from audit.embed.world_encoder import (
+        WorldEncoder,
+        encoder_table,
+        load_or_train,
+        train_world_encoder,
+        with_vocabulary,
+    )
+    from audit.pipeline.inputs import caption_attributes
 
+    table = encoder_table(data, None if "caption" in data.columns else caption_attributes(config, data))
     if not train:
-        from audit.embed.world_encoder import load_or_train
-
-        return load_or_train(inputs.data, train=False), None
-    res = train_world_encoder(inputs.data, progress=inputs.services.progress)
-    return WorldEncoder.load(res.path), res
+        return load_or_train(table, train=False), None
+    res = train_world_encoder(table, progress=progress)
+    return with_vocabulary(WorldEncoder.load(res.path), table), res
 
 
 def embed_splits(inputs) -> list[str]:
@@ -129,7 +141,7 @@ def directions_stage(store: RunStore, inputs, cfg) -> str:
     store.write_table("directions.parquet", dirs)
     store.write_table("direction_similarity.parquet", direction_similarity(dirs))
 
-    caps, cands, refs, grounding = _captions(inputs, cfg, dirs, emb, fit)
+    caps, cands, refs, grounding = _captions(store, inputs, cfg, dirs, emb, fit)
     store.write_table("captions.parquet", caps)
 
     from audit.index import ClassIndex, subpopulations_table
@@ -144,15 +156,18 @@ def directions_stage(store: RunStore, inputs, cfg) -> str:
     return f"{dirs.num_rows} directions ({n_ok} significant), {caps.num_rows:,} captions, {subs.num_rows:,} nearest-image checks"
 
 
-def _captions(inputs, cfg, dirs, emb, fit):
+def _captions(store, inputs, cfg, dirs, emb, fit):
     from audit.captions import (
         CaptionGrounding,
         LLMConfig,
         candidate_captions,
         captions_table,
+        drop_unknown_words,
         reference_caption,
         world_reference,
     )
+    from audit.data.attributes import attribute_values
+    from audit.pipeline.inputs import caption_attributes
 
     spec = None
     if inputs.world_dir:
@@ -163,7 +178,20 @@ def _captions(inputs, cfg, dirs, emb, fit):
     llm = None
     if cfg.llm_model:
         llm = LLMConfig(model=cfg.llm_model, base_url=cfg.llm_base_url or os.environ.get("OPENAI_BASE_URL") or None)
-    cands = candidate_captions(classes, world_spec=spec, llm=llm)
+    slots = {} if spec is not None else caption_attributes(inputs.config, inputs.data)
+    values = {a: attribute_values(inputs.data, a) for a in slots}
+    cands = candidate_captions(classes, world_spec=spec, llm=llm, attributes=values, slots=slots)
+    n_before = sum(len(v) for v in cands.values())
+    cands, dropped = drop_unknown_words(cands, emb.unknown_words)
+    n_kept = sum(len(v) for v in cands.values())
+    store.update_manifest(captions={"embedder": emb.name, "candidates": n_before, "kept": n_kept,
+                                    "dropped_unknown_words": n_before - n_kept, "unknown_words": len(dropped)})  # fmt: skip
+    if dropped:
+        log.warning("%s does not know %d word(s) (%s); candidate captions with them are dropped",
+                    emb.name, len(dropped), ", ".join(sorted(dropped)[:10]))  # fmt: skip
+        store.record_errors({"stage": "directions", "item": f"word:{w}",
+                             "reason": f"not in the vocabulary of embedder {emb.name!r}: {n} candidate caption(s) with it dropped"}
+                            for w, n in sorted(dropped.items()))  # fmt: skip
     refs = {c: world_reference(spec, c) if spec is not None and c in spec.items else reference_caption(c) for c in classes}
     grounding = CaptionGrounding(fit.X, fit.labels, classes, cfg.grounding_k) if cfg.caption_scoring == "images" else None
     caps = captions_table(dirs, cands, emb.encode_text, refs, top_k=cfg.top_k, grounding=grounding)

@@ -73,6 +73,7 @@ def load_data(cfg: AuditConfig) -> tuple[ImageTable, str | None]:
 
     ``path`` must exist when given: a typo is an error, never a silently built new world.
     """
+    from audit.data.attributes import name_classes
     from audit.data.default_world import default_world_dir
     from audit.data.readers import read_dataset
     from audit.data.world import build_world
@@ -83,11 +84,19 @@ def load_data(cfg: AuditConfig) -> tuple[ImageTable, str | None]:
             raise FileNotFoundError(f"[data] path {d.path!r} does not exist; give an existing world directory, "
                                     "Parquet manifest or ImageFolder (or leave it empty to build [data] world_spec)")  # fmt: skip
         world = d.path if os.path.isfile(os.path.join(d.path, "spec.toml")) else None
-        return read_dataset(d.path), world
+        return name_classes(read_dataset(d.path), d.class_column, d.classes), world
     if not os.path.isfile(d.world_spec):
         raise FileNotFoundError(f"[data] world_spec {d.world_spec!r} does not exist")
     out = default_world_dir(d.world_spec)
-    return build_world(d.world_spec, out), out
+    return name_classes(build_world(d.world_spec, out), d.class_column, d.classes), out
+
+
+def caption_attributes(cfg: AuditConfig, data: ImageTable) -> dict[str, str]:
+    """``{attribute: template}``: the caption slots of ``[data]`` (``attributes``, else detected)."""
+    from audit.data.attributes import attribute_slots, resolve_attributes
+
+    attrs = resolve_attributes(data, cfg.data.attributes, cfg.data.class_column)
+    return attribute_slots(data, attrs, cfg.data.attribute_templates)
 
 
 def table_key(table: ImageTable) -> str:
