@@ -97,8 +97,8 @@ def _embed_train(a):
 
 
 def _serve(a):
-    from serve.app import serve_main
     from serve.backends import list_backends, parse_backend
+    from serve.main import serve_main
 
     if not 1 <= a.port <= 65535:
         raise ValueError(f"--port {a.port} is not a TCP port; give one in 1-65535 (e.g. 8000)")

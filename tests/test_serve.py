@@ -349,7 +349,7 @@ def test_duplicate_prompts_get_distinct_seeds():
 
 def test_token_file_readable_by_others_warns_and_auth_off_is_loud(tmp_path, caplog):
     """Issue 11 #6 and #10: auth off was quiet; a world-readable token file went unnoticed."""
-    from serve.app import startup_lines
+    from serve.main import startup_lines
 
     tok = tmp_path / "token"
     tok.write_text(TOKEN)
