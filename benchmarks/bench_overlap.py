@@ -93,7 +93,7 @@ def one_size(m: int, n: int, block: int, use_ray: bool, n_boot: int, baseline: b
         from cluster.executor import RayExecutor
         from cluster.runtime import connect
 
-        connect()
+        started = connect()
         executor = RayExecutor()
     row = {"models": m, "examples": n, "method": method, "generate_s": t_gen, "rss_runtime_mib": rss_runtime,
            "rss_after_data_mib": rss_data}  # fmt: skip
@@ -114,6 +114,10 @@ def one_size(m: int, n: int, block: int, use_ray: bool, n_boot: int, baseline: b
         bootstrap_error_consistency(n_fail, n_both, n, n_boot=n_boot)
         row["bootstrap_s"] = time.perf_counter() - t
     row["total_s"] = time.perf_counter() - t0
+    if use_ray and started:
+        from cluster.runtime import shutdown
+
+        shutdown()
     row["peak_mib"] = peak_mib()
     row["peak_above_runtime_mib"] = row["peak_mib"] - rss_runtime
     # the planted answer: models of one family (i % 10) land in one cluster
