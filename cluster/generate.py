@@ -82,7 +82,8 @@ class ServeSetGenerator:
                    "weights are configured; set [generate] backend = 'diffusers:MODEL' to generate)")  # fmt: skip
         else:
             resolved, why = self.backend, self.backend
-        log.info("generation backend: %s", why)
+        # the substitution of retrieval for generation is worth a line on the console; the rest is routine
+        (log.warning if resolved.startswith("retrieval:") else log.info)("generation backend: %s", why)
         return resolved
 
     def request_sets(self, wanted, set_ids, k, seed):
