@@ -75,8 +75,11 @@ def bench_cached_vs_backbone(arch: str, n: int, epochs: int, batch: int) -> None
           f"{t_backbone / (t_cached + t_cache):.1f}x)")  # fmt: skip
 
 
-def bench_imagenet_shape(sizes=(2000, 4000), d: int = 2048, c: int = 1000, iters: int = 5, budget: int = 200) -> None:
+def bench_imagenet_shape(sizes=(2000, 4000), d: int = 2048, c: int = 1000, iters: int = 5) -> None:
     from audit.mitigate import LinearHead
+    from audit.pipeline.config import MitigateSection
+
+    budget = MitigateSection().max_iter
 
     rng = np.random.default_rng(0)
     per_iter = []
