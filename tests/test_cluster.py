@@ -283,6 +283,10 @@ def test_killing_a_shard_mid_sweep_gives_the_uninterrupted_result(reference, set
     res = sweep(store, setup, on_batch=kill_first_shard)
     assert killed
     assert sorted(res.done) == sorted(setup["good"])
+    # the restart is in the sweep's info and the manifest (same node, a new process)
+    restarts = store.manifest()["sweep"]["restarts"]
+    assert [(r["shard"], r["from_node"]) for r in restarts] == [(0, r["to_node"]) for r in restarts] and restarts
+    assert res.info["restarts"] == [{k: v for k, v in r.items() if k != "split"} for r in restarts]
     for name in setup["good"]:
         assert read_model(store, name) == read_model(ref_store, name), name
 
@@ -311,6 +315,21 @@ def test_resume_redoes_only_unfinished_models(reference, setup, tmp_path):
     w2 = random_weights([good[0]], os.path.join(setup["tmp"], "w2"), seed=7)
     changed = sweep(store, {**setup, "weights": {**setup["weights"], **w2}}, specs=good)
     assert changed.done == [good[0].name]
+
+
+@pytest.mark.ray
+def test_pair_counts_as_ray_tasks_match_the_dense_product(ray_session):
+    """The failure statistics' blocks as Ray tasks (RayExecutor), the packed matrix shared once."""
+    from audit.failures import FailureMatrix
+    from audit.stats_blocks import pair_counts
+    from cluster.executor import RayExecutor
+
+    rng = np.random.default_rng(0)
+    f = rng.random((9, 3000)) < 0.3
+    fm = FailureMatrix.from_dense(f, [f"m{i}" for i in range(9)])
+    n_fail, n_both = pair_counts(fm.packed, fm.n_examples, block=512, executor=RayExecutor())
+    np.testing.assert_array_equal(n_both, f.astype(np.int64) @ f.T.astype(np.int64))
+    np.testing.assert_array_equal(n_fail, f.sum(1))
 
 
 # -- end to end: ray start --head, ray job submit ------------------------------------------
