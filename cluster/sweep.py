@@ -183,14 +183,15 @@ class RaySweeper:
 
     @staticmethod
     def _where(actors) -> list[dict]:
-        """Where each shard actor runs now (``{}`` for one that is gone for good)."""
+        """Where each shard actor runs now (``{}`` for one that is gone for good, or still
+        unreachable after a minute: a restart it reports then has ``to_node`` None)."""
         import ray
 
         out = []
         for a in actors:
             try:
-                out.append(ray.get(a.where.remote()))
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                out.append(ray.get(a.where.remote(), timeout=60))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 out.append({})
         return out
 
