@@ -10,8 +10,8 @@ VNNI/AMX int8 kernels where the CPU has them), or, without it, as float32 throug
 symmetric rank-k update (BLAS ``ssyrk``; a block's counts are at most ``block`` <= 2^24,
 so float32 is exact). Blocks are summed in int64. Memory stays at the packed matrix plus a
 few x M x block bytes (1,000 models, blocks of 32,768 examples: ~40 MB int8, ~160 MB
-float32), whatever N is. On a 2-core Sapphire Rapids the int8 product is ~3x the float32
-one for 1,000 models.
+float32), whatever N is. For 1,000 models x 1,000,000 examples on 2 idle Sapphire Rapids
+cores: int8 ~1.5 s, float32 ~6 s, the per-pair popcount below 30 s.
 
 A bit-packed AND + popcount per pair does M^2/2 x N/64 word operations through numpy's
 per-row calls; at 1,000 models that is the slow path, while the product runs at BLAS
