@@ -36,6 +36,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from audit.store import RunStore, content_hash
@@ -189,14 +190,15 @@ class Ingress:
                 self._meta.popitem(last=False)
         return meta
 
-    def _fail(self, set_id: str, reason: str, what: str = "generation failed; nothing was stored") -> JSONResponse:
+    def _fail(self, set_id: str, reason: str, what: str = "generation failed; nothing was stored", status: int = 500,
+              headers: dict | None = None) -> JSONResponse:  # fmt: skip
         eid = uuid.uuid4().hex[:12]
         log.error("error %s for set %s: %s", eid, set_id, reason)
         try:
             self.store.record_errors([{"stage": "serve", "item": set_id, "reason": f"error {eid}: {reason}"}])
         except Exception:  # noqa: BLE001 - reporting must not mask the original error (a full disk)
             log.exception("could not record error %s", eid)
-        return _error(500, f"{what} (error id {eid})", error_id=eid)
+        return _error(status, f"{what} (error id {eid})", headers, error_id=eid)
 
     def _over_quota(self, client: str, n: int) -> JSONResponse | None:
         """429 when ``client`` asked for more than ``limits.client_pixels_per_minute`` new pixels."""
@@ -347,7 +349,11 @@ class Ingress:
                 result = await self.generator.generate.remote(job)
             except BackPressureError:
                 return _error(503, "generator queue is full; retry later", self._retry_after())
-            except Exception as e:  # noqa: BLE001 - replica died, timeout, ...
+            except (RayActorError, ActorUnavailableError) as e:
+                # the generator's replica (or its node) is gone: Serve starts another, so the caller retries
+                return self._fail(set_id, f"{type(e).__name__}: {e}", "the generator was lost; nothing was stored; retry",
+                                  status=503, headers=self._retry_after())  # fmt: skip
+            except Exception as e:  # noqa: BLE001 - timeout, a failing backend, ...
                 return self._fail(set_id, f"{type(e).__name__}: {e}")
             if "error" in result:
                 if result["status"] == 422:
