@@ -138,13 +138,14 @@ class NullBackend(Backend):
     """A constant image (for overhead benchmarks and fault-injection tests).
 
     ``delay_s`` sleeps once per generate call (a stand-in for model time);
-    ``fail_prompt`` makes any prompt containing it raise RuntimeError.
+    ``fail_prompt`` makes any prompt containing it raise RuntimeError; ``exit_prompt`` ends
+    the whole replica process mid-request, as a lost node would.
     """
 
     max_batch = 1024
 
-    def __init__(self, delay_s: float = 0.0, fail_prompt: str | None = None, size: int = 32):
-        self.delay_s, self.fail_prompt, self.size = float(delay_s), fail_prompt, int(size)
+    def __init__(self, delay_s: float = 0.0, fail_prompt: str | None = None, size: int = 32, exit_prompt: str | None = None):
+        self.delay_s, self.fail_prompt, self.size, self.exit_prompt = float(delay_s), fail_prompt, int(size), exit_prompt
         self.name = "null"
 
     def defaults(self) -> dict:
@@ -153,6 +154,8 @@ class NullBackend(Backend):
     def generate(self, prompts, seeds, steps, guidance, size):
         if self.delay_s:
             time.sleep(self.delay_s)
+        if self.exit_prompt and any(self.exit_prompt in p for p in prompts):
+            os._exit(1)
         if self.fail_prompt and any(self.fail_prompt in p for p in prompts):
             raise RuntimeError(f"null backend: injected failure for a prompt containing {self.fail_prompt!r}")
         return np.full((len(prompts), *size, 3), 127, dtype=np.uint8)

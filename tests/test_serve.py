@@ -13,6 +13,7 @@ import concurrent.futures as cf
 import io
 import os
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -108,6 +109,8 @@ def service(tmp_path_factory, ray_session):
         "n": ServeAppConfig(backend="null", backend_options={"delay_s": 0.6, "fail_prompt": "boom"}, store=str(root / "n"),
                             generator={"num_cpus": 0.25, "max_batch_size": 1, "max_ongoing_requests": 1, "max_queued_requests": 1},
                             retry_after_s=2),  # fmt: skip
+        "x": ServeAppConfig(backend="null", backend_options={"exit_prompt": "vanish"}, store=str(root / "x"),
+                            generator={"num_cpus": 0.25}, retry_after_s=1),  # fmt: skip
     }
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run_many([serve.RunTarget(build_app(c), name=n, route_prefix=f"/{n}") for n, c in apps.items()])
@@ -558,3 +561,20 @@ def test_per_client_quota_is_429_with_retry_after(service, http, quota_app):
     assert b.status_code == 429 and "client_pixels_per_minute" in b.json()["detail"] and int(b.headers["retry-after"]) >= 1
     again = http.post("/q/v1/generate", json={"prompts": ["p"], "images_per_prompt": 4, "set_id": "quota-a"})
     assert again.status_code == 200 and again.json()["cached"]  # a stored set costs no quota
+
+
+@pytest.mark.ray
+def test_generator_lost_mid_request_is_503_with_retry_after_and_nothing_stored(service, http):
+    """The generator's process ends in the middle of a request (what losing its node does):
+    503 with Retry-After and an error id, no set, the id free; Serve brings a replica back."""
+    r = _gen(http, "x", auth=False, prompts=["a vanish prompt"], images_per_prompt=1, set_id="lost-1")
+    assert r.status_code == 503 and r.headers.get("retry-after") == "1", r.text
+    assert "generator was lost" in r.json()["detail"] and r.json()["error_id"]
+    assert not os.path.exists(os.path.join(service["stores"]["x"], "synthetic", "lost-1", "part-00000.parquet"))
+    deadline = time.time() + 90
+    while True:  # the replacement replica serves the same id with another request
+        ok = _gen(http, "x", auth=False, prompts=["a fine prompt"], images_per_prompt=1, set_id="lost-1")
+        if ok.status_code == 200 or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert ok.status_code == 200, ok.text
