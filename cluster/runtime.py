@@ -61,8 +61,50 @@ def connect(address: str | None = None, num_cpus: int | None = None, *, verbose:
         ray.init(address=address, **kw)
     else:
         ray.init(num_cpus=num_cpus or None, include_dashboard=False, **kw)
+        reap_with_driver()
     quiet_ray_logs(log_dir, verbose)  # ray.init may have (re)installed its handlers
     return True
+
+
+_WATCHDOG = r"""
+import os, signal, sys, time
+driver, pids = int(sys.argv[1]), [int(p) for p in sys.argv[2:]]
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+while alive(driver):
+    time.sleep(0.5)
+for pid in pids:  # only processes that still are Ray's (a pid may have been reused)
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"ray" in f.read():
+                os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+def reap_with_driver() -> None:
+    """Embedded Ray outlives a driver killed with SIGKILL by about a minute (its processes
+    wait for heartbeats). A small watchdog in its own session kills this run's Ray processes
+    (gcs, raylet, monitors, dashboard) as soon as the driver is gone; its workers follow the
+    raylet. Best effort: without the process list (another Ray version) nothing is started."""
+    import subprocess
+    import sys
+
+    try:
+        import ray
+
+        node = ray._private.worker._global_node  # the processes this driver started (no public API)
+        pids = [str(p.process.pid) for procs in node.all_processes.values() for p in procs]
+    except Exception:  # noqa: BLE001
+        return
+    if pids:
+        subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), *pids], start_new_session=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
 
 def shutdown() -> None:

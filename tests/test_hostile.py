@@ -288,3 +288,41 @@ def test_n_boot_below_zero_is_an_error_in_the_library():
     for bad in (-1, 2.5, "10"):
         with pytest.raises(ValueError, match="n_boot must be an int"):
             bootstrap_error_consistency(n_fail, n_both, 10, n_boot=bad)
+
+
+@pytest.mark.ray
+def test_embedded_ray_goes_with_a_killed_driver(tmp_path):
+    """Issue 11 #10: a driver killed with SIGKILL used to leave its embedded Ray (gcs, raylet,
+    monitors, dashboard) running for about a minute; the watchdog ends them within seconds."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "pids"
+    code = ("import sys, time, ray\nfrom cluster.runtime import connect\nconnect(num_cpus=1)\n"
+            "n = ray._private.worker._global_node\n"
+            "open(sys.argv[1], 'w').write(' '.join(str(p.process.pid) for v in n.all_processes.values() for p in v))\n"
+            "time.sleep(300)\n")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.Popen([sys.executable, "-c", code, str(pid_file)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.5)
+    pids = [int(x) for x in pid_file.read_text().split()]
+    assert pids
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split()[2] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.time() + 20
+    while any(alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not [pid for pid in pids if alive(pid)], "Ray processes outlived the killed driver"
