@@ -290,10 +290,29 @@ def test_n_boot_below_zero_is_an_error_in_the_library():
             bootstrap_error_consistency(n_fail, n_both, 10, n_boot=bad)
 
 
+def _descendants(roots: list[int]) -> set[int]:
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(") ", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    tree, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in tree:
+            tree.add(pid)
+            todo += [c for c, p in parent.items() if p == pid]
+    return tree
+
+
 @pytest.mark.ray
 def test_embedded_ray_goes_with_a_killed_driver(tmp_path):
     """Issue 11 #10: a driver killed with SIGKILL used to leave its embedded Ray (gcs, raylet,
-    monitors, dashboard) running for about a minute; the watchdog ends them within seconds."""
+    monitors, dashboard and the raylet's agents) running for about a minute; the watchdog
+    ends them all within seconds."""
     import signal
     import subprocess
     import sys
@@ -309,8 +328,9 @@ def test_embedded_ray_goes_with_a_killed_driver(tmp_path):
     deadline = time.time() + 120
     while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
         time.sleep(0.5)
-    pids = [int(x) for x in pid_file.read_text().split()]
-    assert pids
+    time.sleep(3)  # the raylet's agents are up
+    pids = _descendants([int(x) for x in pid_file.read_text().split()])
+    assert len(pids) > 5
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
 
@@ -318,11 +338,11 @@ def test_embedded_ray_goes_with_a_killed_driver(tmp_path):
         try:
             os.kill(pid, 0)
             with open(f"/proc/{pid}/stat") as f:
-                return f.read().split()[2] != "Z"
+                return f.read().rsplit(") ", 1)[1].split()[0] != "Z"
         except OSError:
             return False
 
     deadline = time.time() + 20
     while any(alive(pid) for pid in pids) and time.time() < deadline:
         time.sleep(0.5)
-    assert not [pid for pid in pids if alive(pid)], "Ray processes outlived the killed driver"
+    assert not [pid for pid in pids if alive(pid)], "Ray processes outlived the killed driver by 20 s"
