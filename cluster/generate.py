@@ -81,6 +81,12 @@ class ServeSetGenerator:
             why = ("retrieval: the nearest real pool images of each caption (the data is not a world and no diffusion "
                    "weights are configured; set [generate] backend = 'diffusers:MODEL' to generate)")  # fmt: skip
         else:
+            from serve.backends import list_backends, parse_backend
+
+            name = parse_backend(self.backend)[0]
+            if name not in list_backends():
+                raise ValueError(f"[generate] backend {self.backend!r} is no generation backend; known: "
+                                 f"{', '.join(list_backends())} (diffusers takes 'diffusers:MODEL_ID_OR_DIR')")  # fmt: skip
             resolved, why = self.backend, self.backend
         # the substitution of retrieval for generation is worth a line on the console; the rest is routine
         (log.warning if resolved.startswith("retrieval:") else log.info)("generation backend: %s", why)

@@ -154,8 +154,8 @@ def test_failing_stage_is_recorded_and_the_next_run_resumes(world_config, tmp_pa
 
 
 def test_cli_failing_stage_exits_1_with_one_line(tmp_path, tiny_world, tiny_zoo_path, monkeypatch, capsys):
-    """A Parquet manifest (not a world) with the world renderer configured: the generate
-    stage cannot work; the CLI says so, exits 1, and the manifest says why."""
+    """A generation backend that does not exist: the generate stage cannot work; the CLI says
+    so in one line, exits 1, and the manifest says why; every earlier output stays."""
     import cluster.runner
     from audit.data.readers import read_dataset
     from cluster.cli import main
@@ -163,7 +163,7 @@ def test_cli_failing_stage_exits_1_with_one_line(tmp_path, tiny_world, tiny_zoo_
 
     manifest = tmp_path / "data.parquet"
     read_dataset(tiny_world).with_metadata().to_parquet(str(manifest))
-    cfg = write_config(tmp_path / "audit.toml", f'path = "{manifest}"', tiny_zoo_path)
+    cfg = write_config(tmp_path / "audit.toml", f'path = "{manifest}"', tiny_zoo_path, '[generate]\nbackend = "stable-diffusion"\n')
 
     def thread_services(cfg_, store, world_dir, ray, progress):  # the real generator, no Ray for the rest
         return threads(ServeSetGenerator(cfg_.generate.backend, store.uri, world_dir))
@@ -173,7 +173,7 @@ def test_cli_failing_stage_exits_1_with_one_line(tmp_path, tiny_world, tiny_zoo_
     out = tmp_path / "run"
     assert main(["run", cfg, "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[0].startswith("zoo-audit: stage 'generate' failed: [generate] backend = 'world' renders the data's world")
+    assert err[0].startswith("zoo-audit: stage 'generate' failed: [generate] backend 'stable-diffusion' is no generation backend")
     assert len(err) == 2 and "rerun the same command to resume" in err[1]
     store = RunStore(str(out))
     assert store.manifest()["stages"]["generate"]["status"] == "failed"
