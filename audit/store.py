@@ -83,7 +83,9 @@ class RunStore:
             self.fs.delete_file(self.path(rel))
 
     # -- atomic bytes ------------------------------------------------------------------
-    def write_bytes(self, rel: str, data: bytes) -> str:
+    def _via_temporary(self, rel: str, data: bytes, place) -> bool:
+        """Write ``data`` to a temporary next to ``rel``, then ``place(tmp, final) -> bool``; the
+        temporary never outlives the call (a failed write must not keep a full disk full)."""
         final = self.path(rel)
         parent = final.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
@@ -91,15 +93,16 @@ class RunStore:
         try:
             with self.fs.open_output_stream(tmp) as f:
                 f.write(data)
-            self.fs.move(tmp, final)
-        except BaseException:
-            # a failed write (full disk, killed worker) must not leave its temporary behind
+            return place(tmp, final)
+        finally:
             try:
                 self.fs.delete_file(tmp)
-            except OSError:
+            except OSError:  # moved into place (or never written)
                 pass
-            raise
-        return final
+
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        self._via_temporary(rel, data, lambda tmp, final: self.fs.move(tmp, final) or True)
+        return self.path(rel)
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Write ``rel`` only if it does not exist: True if this call created it, False if it was there.
@@ -111,28 +114,20 @@ class RunStore:
         (``s3://``, ``gs://``) ``pyarrow.fs`` offers no conditional put: there the check
         and the write are two steps (a narrow race), so one writer per id is assumed.
         """
-        final = self.path(rel)
         if not (self.local or isinstance(self.fs, pafs.LocalFileSystem)):
             if self.exists(rel):
                 return False
             self.write_bytes(rel, data)
             return True
-        parent = final.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
-        try:
-            with self.fs.open_output_stream(tmp) as f:
-                f.write(data)
+
+        def link(tmp: str, final: str) -> bool:
             try:
                 os.link(tmp, final)
             except FileExistsError:
                 return False
             return True
-        finally:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+
+        return self._via_temporary(rel, data, link)
 
     def mtime_size(self, rel: str) -> tuple[int, int] | None:
         """``(mtime ns, size)`` of a file, or None when it does not exist (one stat, for caches)."""

@@ -171,8 +171,7 @@ def test_a_lost_node_is_survived_with_identical_predictions_recorded_and_written
         assert len(files) == 1, files
 
 
-if __name__ == "__main__":  # the child process of the `cluster_run` fixture
-    sys.path.insert(0, HERE)
+if __name__ == "__main__":  # the child process of the `cluster_run` fixture (its directory is on sys.path)
     result = scenario(sys.argv[1])
     with open(os.path.join(sys.argv[1], "result.json"), "w") as f:
         json.dump(result, f)
