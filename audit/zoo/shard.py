@@ -228,19 +228,18 @@ def _improve(shards, load, mem, costs, size, cap, rounds: int = 200) -> None:
         if best is None:
             return
         _, o, a, b = best
-        shards[h].remove(a)
-        shards[o].append(a)
-        load[h] -= float(costs[a])
-        load[o] += float(costs[a])
-        mem[h] -= size[a]
-        mem[o] += size[a]
+
+        def move(m, src, dst):
+            shards[src].remove(m)
+            shards[dst].append(m)
+            load[src] -= float(costs[m])
+            load[dst] += float(costs[m])
+            mem[src] -= size[m]
+            mem[dst] += size[m]
+
+        move(a, h, o)
         if b is not None:
-            shards[o].remove(b)
-            shards[h].append(b)
-            load[o] -= float(costs[b])
-            load[h] += float(costs[b])
-            mem[o] -= size[b]
-            mem[h] += size[b]
+            move(b, o, h)
 
 
 class LocalSweeper:
