@@ -47,3 +47,14 @@ def test_paths_resolve_next_to_the_config(tmp_path, monkeypatch):
     cfg = load_config(str(tmp_path / "audit.toml"))
     assert cfg.data.world_spec == str(tmp_path / "spec.toml")
     assert cfg.ray.key_fields() == {"with_features": True}  # placement does not change results
+
+
+def test_a_run_directory_named_like_a_shipped_zoo_does_not_hide_it(tmp_path, monkeypatch):
+    from audit.zoo.spec import ZooSpec
+
+    (tmp_path / "demo").mkdir()  # e.g. an earlier `--out demo` next to the config and in the cwd
+    (tmp_path / "audit.toml").write_text("[data]\nworld_spec = 'w.toml'\n[zoo]\nmanifest = 'demo'\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(str(tmp_path / "audit.toml"))
+    assert cfg.zoo.manifest == "demo"
+    assert ZooSpec.from_toml(cfg.zoo.manifest).name == "demo"

@@ -94,6 +94,7 @@ def test_stages_run_once_then_skip_and_force_redoes_one(world_config, tiny_world
     # one line per stage, then the summary, which is also summary.txt
     assert sum(line.startswith(f"  {s} ") for line in lines for s in STAGES) == len(STAGES)
     assert store.read_bytes("summary.txt").decode().strip() in "\n".join(lines)
+    _check_planted_script(out)
 
     lines.clear()
     _, again = run_audit(world_config, out, services=rendering(out, tiny_world), console=lines.append)
@@ -104,6 +105,25 @@ def test_stages_run_once_then_skip_and_force_redoes_one(world_config, tiny_world
     assert forced.ran[0] == "stats" and "sweep" in forced.skipped and "train" in forced.skipped
     with pytest.raises(ValueError, match="unknown stage"):
         run_audit(world_config, out, force=["stat"], services=rendering(out, tiny_world), console=lines.append)
+
+
+def _check_planted_script(out: str) -> None:
+    """benchmarks/check_default_world.py reads a finished world run: one line per planted
+    group, and exit 1 when a group shows in fewer models than asked."""
+    import contextlib
+    import importlib.util
+    import io
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "check_default_world.py")
+    spec = importlib.util.spec_from_file_location("check_default_world", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        rc = mod.main([out, "--min-models", "99"])
+    assert rc == 1
+    assert "t-shirt:color=blue" in text.getvalue() and "MISSED" in text.getvalue()
+    assert "scoring) names the planted value for" in text.getvalue()
 
 
 def test_changed_section_reruns_that_stage_and_what_reads_it(world_config, tiny_world, tmp_path):

@@ -102,3 +102,56 @@ def test_renderer_is_deterministic_and_follows_caption(tiny_spec_path, fake_fmni
     assert (red[..., 0] - red[..., 2]).mean() > (blue[..., 0] - blue[..., 2]).mean() + 10
     with pytest.raises(ValueError, match="Vocabulary"):
         r.render("a photo of a golden sandal")
+
+
+DECOY = {
+    "items": ["t-shirt", "trouser", "sandal"], "colors": ["red", "green", "blue"],
+    "backgrounds": ["brick", "grass", "gravel"], "image_size": 16, "seed": 1,
+    "splits": {"train": 600, "debug": 90, "test": 0, "pool": 0},
+    "planted": [{"class": "sandal", "attribute": "background", "value": "grass", "rate": 0.02,
+                 "decoy": "trouser", "decoy_rate": 0.8}],
+}  # fmt: skip
+
+
+def test_a_decoy_makes_the_value_predict_another_class_in_train(fake_fmnist):
+    from audit.data.world import WorldBuilder
+
+    spec = WorldSpec.from_dict(DECOY)
+    assert spec.train_distribution("trouser", "background").round(3).tolist() == [0.1, 0.8, 0.1]
+    assert spec.train_distribution("sandal", "background").round(3).tolist() == [0.49, 0.02, 0.49]
+    assert spec.train_distribution("t-shirt", "background").round(3).tolist() == [0.333, 0.333, 0.333]
+    tab = WorldBuilder(spec, load_fashion_mnist_arrays(fake_fmnist)).build()
+    train, debug = tab.split("train"), tab.split("debug")
+    items, bgs = train.column("item"), train.column("background")
+    assert abs(np.mean(bgs[items == "trouser"] == "grass") - 0.8) < 0.01
+    assert abs(np.mean(bgs[items == "sandal"] == "grass") - 0.02) < 0.01
+    # only the rare group is ground truth; the decoy's share is its cause, not a group
+    groups = set(train.column("group")) | set(debug.column("group"))
+    assert groups == {"", "sandal:background=grass"}
+    d_items, d_bgs = debug.column("item"), debug.column("background")
+    assert collections.Counter(d_bgs[d_items == "trouser"]) == {"brick": 10, "grass": 10, "gravel": 10}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"decoy": "sandal"}, "decoy 'sandal' must be another of the world's items"),
+    ({"decoy": "coat"}, "decoy 'coat' must be another"),
+    ({"decoy_rate": 0.2}, r"decoy_rate must be in \(0.333, 1\]"),
+    ({"rate": 0.9}, "a decoy needs a rare mode"),
+    ({"decoys": "trouser"}, r"unknown key\(s\) \['decoys'\]"),
+])  # fmt: skip
+def test_decoy_errors_name_the_problem(change, message):
+    bad = {**DECOY, "planted": [{**DECOY["planted"][0], **change}]}
+    with pytest.raises(ValueError, match=message):
+        WorldSpec.from_dict(bad)
+
+
+def test_two_shares_fixed_for_one_value_are_an_error():
+    two = {**DECOY, "planted": [*DECOY["planted"],
+                                {"class": "trouser", "attribute": "background", "value": "grass", "rate": 0.01}]}  # fmt: skip
+    with pytest.raises(ValueError, match="two planted shares for 'trouser'/background=grass"):
+        WorldSpec.from_dict(two)
+    over = {**DECOY, "planted": [*DECOY["planted"],
+                                 {"class": "trouser", "attribute": "background", "value": "brick", "rate": 0.3,
+                                  "kind": "association"}]}  # fmt: skip
+    with pytest.raises(ValueError, match="add up to more than 1"):
+        WorldSpec.from_dict(over)

@@ -8,6 +8,10 @@ seed and the planted failure modes:
   pullovers); the planted group is the class with that value.
 - ``association``: a value dominates a class in train (sandals on grass 90% of the time);
   the planted group is the class *without* that value.
+- a rare mode may name a ``decoy`` class (Waterbirds-style): in train the value is mostly
+  where the decoy class is (``decoy_rate`` of it), so the value predicts the decoy and the
+  rare group (sandals on grass, where sneakers live) is mistaken for it. Only the rare group
+  is ground truth; the decoy's share is its cause.
 
 debug/test/pool are balanced over every attribute. Captions follow one grammar,
 ``"a photo of a [COLOUR] ITEM [on BACKGROUND]"``, and :class:`WorldRenderer` turns such a
@@ -65,6 +69,8 @@ class PlantedMode:
     value: str
     rate: float
     kind: str  # "rare" | "association"
+    decoy: str | None = None  # the class the value predicts in train (Waterbirds-style)
+    decoy_rate: float = 0.0  # P(value | decoy) in train
 
     @property
     def group(self) -> str:
@@ -128,13 +134,31 @@ class WorldSpec:
             kind = p.get("kind", "rare" if rate < uniform else "association")
             if kind not in ("rare", "association"):
                 raise ValueError(f"planted mode kind must be 'rare' or 'association', got {kind!r}")
-            planted.append(PlantedMode(cls_, attr, value, rate, kind))
+            decoy, decoy_rate = p.get("decoy"), float(p.get("decoy_rate", 0.0))
+            where = f"planted mode {cls_}/{attr}={value}"
+            unknown_keys = set(p) - {"class", "attribute", "value", "rate", "kind", "decoy", "decoy_rate"}
+            if unknown_keys:
+                raise ValueError(f"{where}: unknown key(s) {sorted(unknown_keys)}; known: class, attribute, value, "
+                                 "rate, kind, decoy, decoy_rate")  # fmt: skip
+            if decoy is not None:
+                if kind != "rare":
+                    raise ValueError(f"{where}: a decoy needs a rare mode (rate below {uniform:.3f}), not {kind!r}")
+                if decoy not in items or decoy == cls_:
+                    raise ValueError(f"{where}: decoy {decoy!r} must be another of the world's items {items}")
+                if not uniform < decoy_rate <= 1.0:
+                    raise ValueError(f"{where}: decoy_rate must be in ({uniform:.3f}, 1] so the value predicts "
+                                     f"{decoy!r}, got {p.get('decoy_rate')}")  # fmt: skip
+            planted.append(PlantedMode(cls_, attr, value, rate, kind, decoy, decoy_rate))
         seen = {}
         for m in planted:
             key = (m.cls, m.attribute)
             if key in seen:
                 raise ValueError(f"two planted modes for class {m.cls!r} and attribute {m.attribute!r}; give one")
             seen[key] = m
+        for who, attr in {(w, m.attribute) for m in planted for w in (m.cls, m.decoy) if w}:
+            fixed = _fixed_shares(planted, who, attr)  # raises on a value fixed twice
+            if sum(fixed.values()) > 1.0 + 1e-9:
+                raise ValueError(f"planted train shares for {who!r}/{attr} add up to more than 1: {fixed}")
         return cls(
             items=items, colors=colors, backgrounds=backgrounds,
             image_size=int(d.get("image_size", 32)), seed=int(d.get("seed", 0)),
@@ -146,15 +170,13 @@ class WorldSpec:
         return {"color": self.colors, "background": self.backgrounds}[attribute]
 
     def train_distribution(self, cls: str, attribute: str) -> np.ndarray:
-        """P(attribute value | class) in train: planted value at its rate, the rest uniform."""
+        """P(attribute value | class) in train: planted values (the class's own mode, decoys
+        pointing at it) at their rates, the rest uniform over what is left."""
         values = self.vocab(attribute)
-        probs = np.full(len(values), 1.0 / len(values))
-        for m in self.planted:
-            if m.cls == cls and m.attribute == attribute:
-                i = values.index(m.value)
-                probs[:] = (1.0 - m.rate) / (len(values) - 1)
-                probs[i] = m.rate
-        return probs
+        fixed = _fixed_shares(self.planted, cls, attribute)
+        free = [v for v in values if v not in fixed]
+        rest = max(0.0, 1.0 - sum(fixed.values()))
+        return np.array([fixed.get(v, rest / len(free) if free else 0.0) for v in values])
 
     def caption(self, item: str, color: str | None = None, background: str | None = None) -> str:
         words = " ".join(w for w in (color, item) if w)
@@ -196,6 +218,22 @@ class WorldSpec:
 
     def _vocab_text(self) -> str:
         return f"Vocabulary: colours {self.colors}; items {self.items}; backgrounds {self.backgrounds}."
+
+
+def _fixed_shares(planted: list[PlantedMode], cls: str, attribute: str) -> dict[str, float]:
+    """The train shares a class's ``attribute`` values are fixed at: its own planted mode's
+    value, and the value of every mode that names it as the decoy."""
+    fixed: dict[str, float] = {}
+    for m in planted:
+        if m.attribute != attribute:
+            continue
+        for who, value, rate in ((m.cls, m.value, m.rate), (m.decoy, m.value, m.decoy_rate)):
+            if who != cls:
+                continue
+            if value in fixed:
+                raise ValueError(f"two planted shares for {cls!r}/{attribute}={value}; give one")
+            fixed[value] = rate
+    return fixed
 
 
 def _check_vocab(kind: str, values: list[str], known: list[str]) -> None:

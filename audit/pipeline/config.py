@@ -236,7 +236,7 @@ def load_config(path: str, overrides: dict[str, dict[str, Any]] | None = None) -
                 if isinstance(raw[section].get(k), str):
                     raw[section][k] = _resolve(raw[section][k], base)
     zoo = raw.get("zoo")
-    if isinstance(zoo, dict) and isinstance(zoo.get("manifest"), str) and os.path.exists(os.path.join(base, zoo["manifest"])):
+    if isinstance(zoo, dict) and isinstance(zoo.get("manifest"), str) and os.path.isfile(os.path.join(base, zoo["manifest"])):
         zoo["manifest"] = os.path.join(base, zoo["manifest"])
     raw.setdefault("data", {})
     try:

@@ -133,8 +133,9 @@ class ZooSpec:
 
 
 def resolve_zoo_path(path: str) -> str:
-    """A manifest path, or a bare name of a shipped manifest (``demo`` -> configs/zoo/demo.toml)."""
-    if os.path.exists(path):
+    """A manifest path, or a bare name of a shipped manifest (``demo`` -> configs/zoo/demo.toml).
+    A directory of that name (a run directory called ``demo``) does not hide the shipped one."""
+    if os.path.isfile(path):
         return path
     from audit.paths import config_path
 
