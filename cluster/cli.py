@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--zoo", default=None, help="another zoo manifest (default: the demo zoo)")
     d.add_argument("--models", default=None, help="comma-separated subset of the zoo")
     d.add_argument("--device", default=None, help="where zoo members are trained (default cpu)")
-    d.add_argument("--force", action="append", metavar="STAGE", help=f"redo this stage even if current ({stages})")
+    d.add_argument("--force", action="append", metavar="STAGE", help=f"redo this stage, and the stages that read it, even if current ({stages})")
     d.set_defaults(fn=_demo)
 
     rn = sub.add_parser("run", help="run an audit from a TOML config (one line per stage, then the summary)")
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--out", required=True, help="the run directory (a path or a pyarrow.fs URI)")
     rn.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or an embedded Ray)")
     rn.add_argument("--resume", action="store_true", help="reuse a run directory that holds a run of another config")
-    rn.add_argument("--force", action="append", metavar="STAGE", help=f"redo this stage even if current ({stages})")
+    rn.add_argument("--force", action="append", metavar="STAGE", help=f"redo this stage, and the stages that read it, even if current ({stages})")
     rn.set_defaults(fn=_run)
 
     rp = sub.add_parser("report", help="write the static HTML report of a run (opens from disk; no server)")

@@ -103,6 +103,11 @@ def test_stages_run_once_then_skip_and_force_redoes_one(world_config, tiny_world
 
     _, forced = run_audit(world_config, out, force=["stats"], services=rendering(out, tiny_world), console=lines.append)
     assert forced.ran[0] == "stats" and "sweep" in forced.skipped and "train" in forced.skipped
+    # what reads the forced stage's outputs is redone too; what does not stays
+    assert {"directions", "mitigate", "report"} <= set(forced.ran) and "embed" in forced.skipped
+    lines.clear()
+    _, after = run_audit(world_config, out, services=rendering(out, tiny_world), console=lines.append)
+    assert after.ran == []
     with pytest.raises(ValueError, match="unknown stage"):
         run_audit(world_config, out, force=["stat"], services=rendering(out, tiny_world), console=lines.append)
 

@@ -4,6 +4,7 @@ A stage is a plain function ``(store, inputs, section) -> line`` (its one consol
 Its *key* hashes its version, the section fields that change its results, the data and
 zoo it reads, and the output keys of the stages it reads from; it is skipped when the
 manifest holds that key with status ``done`` and its outputs are in the run directory.
+``force`` redoes a stage and, through its new output key, every stage that reads it.
 A failing stage is recorded (manifest ``status = failed`` with the reason, and a row in
 ``errors.parquet``), every earlier output stays, and :class:`StageFailed` says what to do;
 the next run resumes from there. Parallel work and services reach stages through
@@ -174,7 +175,8 @@ def run_pipeline(store: RunStore, inputs: RunInputs, *, force: Sequence[str] = (
             outcome.failed = StageFailed(st.name, reason)
             break
         seconds = time.perf_counter() - t0
-        out_key = content_hash(key, st.result_key(store, inputs))
+        # a forced stage gets a new output key, so the stages that read it run again too
+        out_key = content_hash(key, st.result_key(store, inputs), time.time_ns() if st.name in force else None)
         out_keys[st.name] = out_key
         store.set_stage(st.name, "done", key=key, out_key=out_key, line=line, seconds=round(seconds, 1))
         outcome.ran.append(st.name)
