@@ -276,15 +276,25 @@ def planted_naming(store, truth: pa.Table, spec, split: str = "debug", min_gap: 
 
 
 @pytest.mark.slow  # at this size the two-mode class is found in some trainings only (a fresh clone missed it once)
+def _run_with_retrieval(cfg, out: str):
+    """``zoo-audit run cfg`` on threads, generating through the retrieval backend."""
+    from audit.pipeline.executor import ThreadExecutor
+    from audit.pipeline.inputs import Services
+    from audit.zoo.shard import LocalSweeper
+    from cluster.runner import run_audit
+
+    gen = RetrievalGenerator(out)
+    services = Services(executor=ThreadExecutor(2), sweeper=LocalSweeper(threads=1), generator=gen)
+    store, res = run_audit(str(cfg), out, services=services, console=lambda s: None)
+    assert res.failed is None
+    return store, gen
+
+
 def test_second_world_as_a_plain_manifest(tmp_path, fake_fmnist):
     """A new user's dataset: integer labels, a class-name column, attribute columns, no spec,
     no captions. The run names each planted value, finds both modes of the two-mode class and
     generates with the retrieval backend."""
     from audit.data.world import WorldSpec, build_world, export_manifest
-    from audit.pipeline.executor import ThreadExecutor
-    from audit.pipeline.inputs import Services
-    from audit.zoo.shard import LocalSweeper
-    from cluster.runner import run_audit
 
     spec_path = tmp_path / "second.toml"
     spec_path.write_text(SECOND_TINY)
@@ -313,10 +323,7 @@ enabled = false
 enabled = false
 """)
     out = str(tmp_path / "run")
-    gen = RetrievalGenerator(out)
-    services = Services(executor=ThreadExecutor(2), sweeper=LocalSweeper(threads=1), generator=gen)
-    store, res = run_audit(str(cfg), out, services=services, console=lambda s: None)
-    assert res.failed is None
+    store, gen = _run_with_retrieval(cfg, out)
     assert store.manifest()["data"]["classes"] == ["t-shirt", "pullover", "sandal", "sneaker"]
     assert store.manifest()["captions"]["dropped_unknown_words"] > 0  # the generic grammar's words
     errors = store.errors().to_pylist()
@@ -360,10 +367,6 @@ def test_imagefolder_of_pngs_end_to_end(tmp_path, tiny_world, tiny_zoo_path):
     import open_clip
 
     from audit.data.readers import read_world
-    from audit.pipeline.executor import ThreadExecutor
-    from audit.pipeline.inputs import Services
-    from audit.zoo.shard import LocalSweeper
-    from cluster.runner import run_audit
 
     cfg_path = tmp_path / f"{TINY_CLIP}.json"
     cfg_path.write_text(json.dumps({
@@ -397,9 +400,7 @@ enabled = false
 enabled = false
 """)
     out = str(tmp_path / "run")
-    services = Services(executor=ThreadExecutor(2), sweeper=LocalSweeper(threads=1), generator=RetrievalGenerator(out))
-    store, res = run_audit(str(cfg), out, services=services, console=lambda s: None)
-    assert res.failed is None
+    store, _ = _run_with_retrieval(cfg, out)
     assert store.manifest()["data"]["classes"] == ["sandal", "t-shirt", "trouser"]  # the directories, sorted
     caps = store.read_table("captions.parquet")
     assert set(caps["class"].to_pylist()) <= {"sandal", "t-shirt", "trouser"}
