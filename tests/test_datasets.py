@@ -275,7 +275,6 @@ def planted_naming(store, truth: pa.Table, spec, split: str = "debug", min_gap: 
     return out
 
 
-@pytest.mark.slow  # at this size the two-mode class is found in some trainings only (a fresh clone missed it once)
 def _run_with_retrieval(cfg, out: str):
     """``zoo-audit run cfg`` on threads, generating through the retrieval backend."""
     from audit.pipeline.executor import ThreadExecutor
@@ -290,6 +289,7 @@ def _run_with_retrieval(cfg, out: str):
     return store, gen
 
 
+@pytest.mark.slow  # at this size the two-mode class is found in some trainings only (a fresh clone missed it once)
 def test_second_world_as_a_plain_manifest(tmp_path, fake_fmnist):
     """A new user's dataset: integer labels, a class-name column, attribute columns, no spec,
     no captions. The run names each planted value, finds both modes of the two-mode class and
