@@ -48,6 +48,7 @@ test: $(STAMP) fashion-mnist chromium
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check audit cluster serve tests benchmarks
+	$(VENV)/bin/ruff format --check audit cluster serve tests benchmarks
 
 clean:
 	rm -rf runs .pytest_cache

@@ -14,7 +14,17 @@ def versions() -> dict[str, str]:
     import platform
 
     out = {"python": platform.python_version(), "zoo-audit": __version__}
-    for pkg in ("torch", "timm", "numpy", "scikit-learn", "pyarrow", "ray", "open_clip_torch", "faiss-cpu", "diffusers"):
+    for pkg in (
+        "torch",
+        "timm",
+        "numpy",
+        "scikit-learn",
+        "pyarrow",
+        "ray",
+        "open_clip_torch",
+        "faiss-cpu",
+        "diffusers",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

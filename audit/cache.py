@@ -63,7 +63,9 @@ def code_version(name: str, version: int, *, torch_stack: bool = False) -> str:
 
 def cache_dir(*parts: str) -> str:
     """``$ZOO_AUDIT_CACHE`` (default ``~/.cache/zoo-audit``) joined with ``parts``, created."""
-    root = os.environ.get("ZOO_AUDIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "zoo-audit")
+    root = os.environ.get("ZOO_AUDIT_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "zoo-audit"
+    )
     p = os.path.join(root, *parts)
     os.makedirs(p, exist_ok=True)
     return p

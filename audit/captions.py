@@ -36,12 +36,48 @@ from audit.store import content_hash
 log = logging.getLogger(__name__)
 
 #: a generic vocabulary for datasets without their own grammar (Appendix A.5 style)
-DEFAULT_ADJECTIVES = ("red", "green", "blue", "yellow", "white", "black", "small", "large", "dark", "bright", "blurry", "close-up")
+DEFAULT_ADJECTIVES = (
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "white",
+    "black",
+    "small",
+    "large",
+    "dark",
+    "bright",
+    "blurry",
+    "close-up",
+)
 DEFAULT_PREPOSITIONS = (
-    "on grass", "in water", "on sand", "in the snow", "on a road", "indoors", "outdoors",
-    "at night", "on a white background", "in a forest", "on a table", "in the sky",
-)  # fmt: skip
-PREPOSITION_WORDS = ("on", "in", "at", "under", "near", "with", "by", "against", "beside", "inside", "over", "behind")
+    "on grass",
+    "in water",
+    "on sand",
+    "in the snow",
+    "on a road",
+    "indoors",
+    "outdoors",
+    "at night",
+    "on a white background",
+    "in a forest",
+    "on a table",
+    "in the sky",
+)
+PREPOSITION_WORDS = (
+    "on",
+    "in",
+    "at",
+    "under",
+    "near",
+    "with",
+    "by",
+    "against",
+    "beside",
+    "inside",
+    "over",
+    "behind",
+)
 
 CAPTIONS_SCHEMA = pa.schema(
     [
@@ -71,8 +107,11 @@ def reference_caption(noun: str) -> str:
     return f"a photo of {_article(noun)} {noun}"
 
 
-def grammar_captions(noun: str, adjectives: Sequence[str] = DEFAULT_ADJECTIVES,
-                     prepositions: Sequence[str] = DEFAULT_PREPOSITIONS) -> list[str]:  # fmt: skip
+def grammar_captions(
+    noun: str,
+    adjectives: Sequence[str] = DEFAULT_ADJECTIVES,
+    prepositions: Sequence[str] = DEFAULT_PREPOSITIONS,
+) -> list[str]:
     """``"a photo of a [ADJ] NOUN [PREP]"`` for every optional adjective and phrase.
 
     The reference caption (neither) is left out; order is deterministic.
@@ -142,12 +181,12 @@ class LLMConfig:
 
 
 PROMPT = (
-    "You help find where an image classifier fails. For the class \"{noun}\", list {nb} "
+    'You help find where an image classifier fails. For the class "{noun}", list {nb} '
     "uncommon backgrounds or settings in which a photo of a {noun} could be taken, each as a "
-    "short prepositional phrase (for example \"on a beach\"), and {na} uncommon visual "
+    'short prepositional phrase (for example "on a beach"), and {na} uncommon visual '
     "attributes of a {noun} (colour, material, pattern, size or state), each as one or two "
     "adjectives. Answer with JSON only, in the form "
-    "{{\"backgrounds\": [\"...\"], \"attributes\": [\"...\"]}}."
+    '{{"backgrounds": ["..."], "attributes": ["..."]}}.'
 )
 
 
@@ -205,29 +244,50 @@ def llm_proposal(noun: str, cfg: LLMConfig, client=None) -> Proposal | None:
             log.warning("ignoring unreadable LLM cache entry %s (%s)", path, e)
     base_url = cfg.base_url or os.environ.get("OPENAI_BASE_URL")
     if client is None and not base_url and not os.environ.get("OPENAI_API_KEY"):
-        log.warning("no LLM endpoint (set OPENAI_BASE_URL or the config's base_url); grammar captions only for %r", noun)
+        log.warning(
+            "no LLM endpoint (set OPENAI_BASE_URL or the config's base_url); grammar captions only for %r",
+            noun,
+        )
         return None
     try:
         if client is None:
             from openai import OpenAI
 
-            client = OpenAI(base_url=base_url, api_key=cfg.api_key or os.environ.get("OPENAI_API_KEY") or "none",
-                            timeout=cfg.timeout, max_retries=0)  # fmt: skip
+            client = OpenAI(
+                base_url=base_url,
+                api_key=cfg.api_key or os.environ.get("OPENAI_API_KEY") or "none",
+                timeout=cfg.timeout,
+                max_retries=0,
+            )
         resp = client.chat.completions.create(
-            model=cfg.model, messages=[{"role": "user", "content": prompt}], temperature=cfg.temperature
+            model=cfg.model,
+            messages=[{"role": "user", "content": prompt}],
+            temperature=cfg.temperature,
         )
         text = resp.choices[0].message.content
         proposal = parse_proposal(text)
     except Exception as e:  # noqa: BLE001 - any failure of the optional LLM path falls back
-        log.warning("LLM proposals for %r failed (%s: %s); using the grammar only", noun, type(e).__name__, e)
+        log.warning(
+            "LLM proposals for %r failed (%s: %s); using the grammar only",
+            noun,
+            type(e).__name__,
+            e,
+        )
         return None
-    record = {"model": cfg.model, "prompt": prompt, "answer": text, "proposal": proposal.model_dump(),
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    record = {
+        "model": cfg.model,
+        "prompt": prompt,
+        "answer": text,
+        "proposal": proposal.model_dump(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     write_atomic_bytes(path, json.dumps(record, indent=2).encode())
     return proposal
 
 
-def data_captions(noun: str, values: Mapping[str, Sequence[str]], slots: Mapping[str, str], max_slots: int = 2) -> list[str]:
+def data_captions(
+    noun: str, values: Mapping[str, Sequence[str]], slots: Mapping[str, str], max_slots: int = 2
+) -> list[str]:
     """The data's own grammar for one class: every caption that fills 1..``max_slots`` of the
     attribute slots (``values[attribute]`` its values, ``slots[attribute]`` its template, see
     :func:`audit.data.attributes.compose_caption`); deterministic order, reference excluded."""
@@ -244,10 +304,17 @@ def data_captions(noun: str, values: Mapping[str, Sequence[str]], slots: Mapping
     return list(dict.fromkeys(out))
 
 
-def candidate_captions(classes: Sequence[str], *, world_spec=None, adjectives: Sequence[str] = DEFAULT_ADJECTIVES,
-                       prepositions: Sequence[str] = DEFAULT_PREPOSITIONS, llm: LLMConfig | None = None,
-                       client=None, attributes: Mapping[str, Sequence[str]] | None = None,
-                       slots: Mapping[str, str] | None = None) -> dict[str, list[tuple[str, str]]]:  # fmt: skip
+def candidate_captions(
+    classes: Sequence[str],
+    *,
+    world_spec=None,
+    adjectives: Sequence[str] = DEFAULT_ADJECTIVES,
+    prepositions: Sequence[str] = DEFAULT_PREPOSITIONS,
+    llm: LLMConfig | None = None,
+    client=None,
+    attributes: Mapping[str, Sequence[str]] | None = None,
+    slots: Mapping[str, str] | None = None,
+) -> dict[str, list[tuple[str, str]]]:
     """Per class name: ``[(caption, source)]``, deduplicated, with source ``data`` (the data's
     attribute grammar), ``grammar`` (the world's grammar, or the generic one) or ``llm``.
 
@@ -260,9 +327,17 @@ def candidate_captions(classes: Sequence[str], *, world_spec=None, adjectives: S
         if world_spec is not None and noun in world_spec.items:
             caps = [(c, "grammar") for c in world_captions(world_spec, noun)]
         else:
-            caps = [(c, "data") for c in data_captions(noun, attributes or {}, slots or {})] if slots else []
+            caps = (
+                [(c, "data") for c in data_captions(noun, attributes or {}, slots or {})]
+                if slots
+                else []
+            )
             seen = {c for c, _ in caps}
-            caps += [(c, "grammar") for c in grammar_captions(noun, adjectives, prepositions) if c not in seen]
+            caps += [
+                (c, "grammar")
+                for c in grammar_captions(noun, adjectives, prepositions)
+                if c not in seen
+            ]
         if llm is not None:
             p = llm_proposal(noun, llm, client=client)
             if p is not None:
@@ -272,8 +347,9 @@ def candidate_captions(classes: Sequence[str], *, world_spec=None, adjectives: S
     return out
 
 
-def drop_unknown_words(candidates: Mapping[str, Sequence[tuple[str, str]]], unknown_words: Callable[[str], list[str]]
-                       ) -> tuple[dict[str, list[tuple[str, str]]], dict[str, int]]:  # fmt: skip
+def drop_unknown_words(
+    candidates: Mapping[str, Sequence[tuple[str, str]]], unknown_words: Callable[[str], list[str]]
+) -> tuple[dict[str, list[tuple[str, str]]], dict[str, int]]:
     """Candidates without a word the embedder does not know, and ``{word: captions dropped}``.
 
     An embedder with a closed vocabulary (the world encoder) would embed an unknown word as
@@ -303,12 +379,16 @@ def score_captions(row: Mapping, caption_emb: np.ndarray, reference_emb: np.ndar
     that made the image embeddings. Negative = hard, positive = easy.
     """
     if row.get("direction") is None:
-        raise ValueError(f"row {row.get('scope')}/{row.get('class')}/mode {row.get('mode')} has no direction ({row.get('status')})")
+        raise ValueError(
+            f"row {row.get('scope')}/{row.get('class')}/mode {row.get('mode')} has no direction ({row.get('status')})"
+        )
     T = np.asarray(caption_emb, np.float64)
     r = np.asarray(reference_emb, np.float64).reshape(-1)
     w = np.asarray(row["direction"], np.float64)
     if T.ndim != 2 or T.shape[1] != len(w) or len(r) != len(w):
-        raise ValueError(f"caption embeddings {T.shape} and reference {r.shape} must have the direction's dimension {len(w)}")
+        raise ValueError(
+            f"caption embeddings {T.shape} and reference {r.shape} must have the direction's dimension {len(w)}"
+        )
     diff = (T - r) / np.asarray(row["scale"], np.float64)
     diff /= np.maximum(np.linalg.norm(diff, axis=1, keepdims=True), 1e-12)
     return float(row["weight_norm"]) * (diff @ w) + float(row["intercept"])
@@ -339,7 +419,9 @@ class CaptionGrounding:
 
         key = (cls, len(caption_emb))
         if key not in self._neighbours:
-            _, ids = self.index.search(np.asarray(caption_emb, np.float32), self.k, self.classes.index(cls))
+            _, ids = self.index.search(
+                np.asarray(caption_emb, np.float32), self.k, self.classes.index(cls)
+            )
             self._neighbours[key] = ids
         ids = self._neighbours[key]
         dec = decision_from_row(row, self.X)
@@ -347,9 +429,14 @@ class CaptionGrounding:
         return np.nanmean(vals, axis=1)
 
 
-def captions_table(directions: pa.Table, candidates: Mapping[str, Sequence[tuple[str, str]]],
-                   encode_text: EncodeText, references: Mapping[str, str] | None = None,
-                   top_k: int | None = 5, grounding: CaptionGrounding | None = None) -> pa.Table:  # fmt: skip
+def captions_table(
+    directions: pa.Table,
+    candidates: Mapping[str, Sequence[tuple[str, str]]],
+    encode_text: EncodeText,
+    references: Mapping[str, str] | None = None,
+    top_k: int | None = 5,
+    grounding: CaptionGrounding | None = None,
+) -> pa.Table:
     """``captions.parquet``: the hardest and easiest captions per scope x class x mode.
 
     Rows with a direction are scored when their status is ``ok`` (or for mode 0 whatever it
@@ -365,7 +452,11 @@ def captions_table(directions: pa.Table, candidates: Mapping[str, Sequence[tuple
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None; got {top_k}")
     references = dict(references or {})
-    rows = [r for r in directions.to_pylist() if r["direction"] is not None and (r["mode"] == 0 or r["status"] == "ok")]
+    rows = [
+        r
+        for r in directions.to_pylist()
+        if r["direction"] is not None and (r["mode"] == 0 or r["status"] == "ok")
+    ]
     out = []
     emb_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for r in rows:
@@ -379,17 +470,31 @@ def captions_table(directions: pa.Table, candidates: Mapping[str, Sequence[tuple
             ref = references.get(cls) or reference_caption(cls)
             E = np.asarray(encode_text(texts + [ref]), np.float64)
             if E.shape[0] != len(texts) + 1:
-                raise ValueError(f"encode_text returned {E.shape[0]} rows for {len(texts) + 1} texts")
+                raise ValueError(
+                    f"encode_text returned {E.shape[0]} rows for {len(texts) + 1} texts"
+                )
             emb_cache[cls] = (E[:-1], E[-1])
         T, ref_e = emb_cache[cls]
-        scores = grounding.scores(r, cls, T) if grounding is not None else score_captions(r, T, ref_e)
+        scores = (
+            grounding.scores(r, cls, T) if grounding is not None else score_captions(r, T, ref_e)
+        )
         order = np.argsort(scores, kind="stable")
         k = len(order) // 2 if top_k is None or 2 * top_k > len(order) else top_k
         hard = order[: max(k, 1)]
-        rest = order[max(k, 1):]
+        rest = order[max(k, 1) :]
         easy = rest[::-1][: (len(rest) if top_k is None else min(top_k, len(rest)))]
         for polarity, picks in (("hard", hard), ("easy", easy)):
             for rank, i in enumerate(picks, start=1):
-                out.append({"scope": r["scope"], "class": cls, "mode": r["mode"], "caption": cands[i][0],
-                            "source": cands[i][1], "score": float(scores[i]), "rank": rank, "polarity": polarity})  # fmt: skip
+                out.append(
+                    {
+                        "scope": r["scope"],
+                        "class": cls,
+                        "mode": r["mode"],
+                        "caption": cands[i][0],
+                        "source": cands[i][1],
+                        "score": float(scores[i]),
+                        "rank": rank,
+                        "polarity": polarity,
+                    }
+                )
     return pa.Table.from_pylist(out, schema=CAPTIONS_SCHEMA)

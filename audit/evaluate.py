@@ -33,7 +33,9 @@ def features_table(example_ids: np.ndarray, features: np.ndarray) -> pa.Table:
     return pa.table(
         {
             "example_id": pa.array(np.asarray(example_ids).astype(str)),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), feats.shape[1]),
+            "vector": pa.FixedSizeListArray.from_arrays(
+                pa.array(feats.reshape(-1)), feats.shape[1]
+            ),
         }
     )
 
@@ -41,7 +43,9 @@ def features_table(example_ids: np.ndarray, features: np.ndarray) -> pa.Table:
 def store_result(store: RunStore, result: ModelResult, stage: str = "predict") -> bool:
     """Write a model's predictions (and features), or its error row. True when stored."""
     if result.error is not None:
-        store.record_errors([{"stage": stage, "item": f"model {result.name}", "reason": result.error}])
+        store.record_errors(
+            [{"stage": stage, "item": f"model {result.name}", "reason": result.error}]
+        )
         return False
     if result.features is not None:
         ids = result.predictions["example_id"].to_numpy(zero_copy_only=False)
@@ -52,5 +56,11 @@ def store_result(store: RunStore, result: ModelResult, stage: str = "predict") -
 
 def load_predictions(store: RunStore, models: Sequence[str] | None = None) -> dict[str, pa.Table]:
     """``{model: predictions table}`` for every model with predictions in the run."""
-    names = models or [d.split("=", 1)[1] for d in store.listdir("predictions") if d.startswith("model=")]
-    return {m: store.read_table(f"predictions/model={m}") for m in names if store.exists(f"predictions/model={m}")}
+    names = models or [
+        d.split("=", 1)[1] for d in store.listdir("predictions") if d.startswith("model=")
+    ]
+    return {
+        m: store.read_table(f"predictions/model={m}")
+        for m in names
+        if store.exists(f"predictions/model={m}")
+    }

@@ -56,7 +56,9 @@ OVERLAP_SCHEMA = pa.schema(
     ]
 )
 
-CLUSTER_SCHEMA = pa.schema([("model", pa.string()), ("family", pa.string()), ("cluster", pa.int32())])
+CLUSTER_SCHEMA = pa.schema(
+    [("model", pa.string()), ("family", pa.string()), ("cluster", pa.int32())]
+)
 
 
 # -- the failure matrix --------------------------------------------------------------------
@@ -82,23 +84,36 @@ class FailureMatrix:
         return len(self.example_ids)
 
     @classmethod
-    def from_dense(cls, fails: np.ndarray, models: Sequence[str], example_ids: Sequence | None = None,
-                   n_dropped: int = 0) -> FailureMatrix:  # fmt: skip
+    def from_dense(
+        cls,
+        fails: np.ndarray,
+        models: Sequence[str],
+        example_ids: Sequence | None = None,
+        n_dropped: int = 0,
+    ) -> FailureMatrix:
         """From a boolean ``[M, N]`` array (True = the model fails on the example)."""
         fails = np.asarray(fails)
         if fails.ndim != 2:
             raise ValueError(f"fails must be 2-D [models, examples], got shape {fails.shape}")
         if fails.dtype != bool:
             if not np.isin(fails, (0, 1)).all():
-                raise ValueError("fails must be boolean (or 0/1): True where the model misclassifies")
+                raise ValueError(
+                    "fails must be boolean (or 0/1): True where the model misclassifies"
+                )
             fails = fails.astype(bool)
         models = tuple(str(m) for m in models)
         if len(models) != fails.shape[0]:
-            raise ValueError(f"{len(models)} model names for a failure matrix with {fails.shape[0]} rows")
+            raise ValueError(
+                f"{len(models)} model names for a failure matrix with {fails.shape[0]} rows"
+            )
         if len(set(models)) != len(models):
-            raise ValueError(f"duplicate model names: {sorted({m for m in models if models.count(m) > 1})}")
+            raise ValueError(
+                f"duplicate model names: {sorted({m for m in models if models.count(m) > 1})}"
+            )
         n = fails.shape[1]
-        ids = np.arange(n).astype(str) if example_ids is None else np.asarray(example_ids).astype(str)
+        ids = (
+            np.arange(n).astype(str) if example_ids is None else np.asarray(example_ids).astype(str)
+        )
         if len(ids) != n:
             raise ValueError(f"{len(ids)} example ids for a failure matrix with {n} columns")
         words = (n + 63) // 64
@@ -118,7 +133,9 @@ class FailureMatrix:
         try:
             return self.models.index(model)
         except ValueError:
-            raise KeyError(f"model {model!r} is not in the failure matrix; it has {list(self.models)}") from None
+            raise KeyError(
+                f"model {model!r} is not in the failure matrix; it has {list(self.models)}"
+            ) from None
 
     def counts(self, block: int | None = None, executor=None) -> tuple[np.ndarray, np.ndarray]:
         """``(n_fail [M], n_both [M, M])``: failures per model and per pair (diagonal = n_fail),
@@ -129,7 +146,9 @@ class FailureMatrix:
         return pair_counts(self.packed, self.n_examples, block or DEFAULT_BLOCK, executor)
 
 
-def failure_matrix(predictions: Mapping[str, pa.Table], example_ids: Sequence | None = None) -> FailureMatrix:
+def failure_matrix(
+    predictions: Mapping[str, pa.Table], example_ids: Sequence | None = None
+) -> FailureMatrix:
     """Build the failure matrix from per-model prediction tables (``example_id``, ``correct``).
 
     Tables are aligned on ``example_id``. With ``example_ids`` given, that order is used and
@@ -137,7 +156,9 @@ def failure_matrix(predictions: Mapping[str, pa.Table], example_ids: Sequence | 
     predicted are used, in the first model's order (``n_dropped`` counts the rest).
     """
     if not predictions:
-        raise ValueError("no prediction tables given; run the sweep first (zoo-audit run CONFIG --out RUN)")
+        raise ValueError(
+            "no prediction tables given; run the sweep first (zoo-audit run CONFIG --out RUN)"
+        )
     names = list(predictions)
     for name in names:
         missing = {"example_id", "correct"} - set(predictions[name].column_names)
@@ -151,7 +172,9 @@ def failure_matrix(predictions: Mapping[str, pa.Table], example_ids: Sequence | 
         all_ids = [first.combine_chunks()]
         mask = np.ones(len(first), bool)
         for name in names[1:]:
-            mask &= pc.is_in(first, value_set=predictions[name]["example_id"].cast(pa.string()).combine_chunks()).to_numpy(zero_copy_only=False)
+            mask &= pc.is_in(
+                first, value_set=predictions[name]["example_id"].cast(pa.string()).combine_chunks()
+            ).to_numpy(zero_copy_only=False)
         ref = pc.filter(all_ids[0], pa.array(mask))
         keep = int((~mask).sum())
     if pc.count_distinct(ref).as_py() != len(ref):
@@ -212,8 +235,14 @@ def error_consistency(n_a, n_b, n_ab, n) -> np.ndarray:
         return np.where(np.isclose(c_exp, 1.0), np.nan, (c_obs - c_exp) / (1 - c_exp))
 
 
-def bootstrap_error_consistency(n_fail: np.ndarray, n_both: np.ndarray, n: int, n_boot: int = 1000,
-                                ci: float = 0.95, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def bootstrap_error_consistency(
+    n_fail: np.ndarray,
+    n_both: np.ndarray,
+    n: int,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Percentile bootstrap CI of error consistency for every pair, ``(low [M,M], high [M,M])``.
 
     Resampling the N examples with replacement changes a pair's statistic only through its
@@ -225,8 +254,10 @@ def bootstrap_error_consistency(n_fail: np.ndarray, n_both: np.ndarray, n: int, 
     if not 0 < ci < 1:
         raise ValueError(f"ci must be in (0, 1), got {ci}")
     if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
-        raise ValueError(f"n_boot must be an int >= 1 (or 0: no intervals, NaN on purpose), got {n_boot!r}; "
-                         "[stats] n_boot in an audit config must be >= 1")  # fmt: skip
+        raise ValueError(
+            f"n_boot must be an int >= 1 (or 0: no intervals, NaN on purpose), got {n_boot!r}; "
+            "[stats] n_boot in an audit config must be >= 1"
+        )
     m = len(n_fail)
     low = np.full((m, m), np.nan)
     high = np.full((m, m), np.nan)
@@ -241,9 +272,13 @@ def bootstrap_error_consistency(n_fail: np.ndarray, n_both: np.ndarray, n: int, 
     rng = np.random.default_rng(seed)
     alpha = (1 - ci) / 2
     lo, hi = np.empty(len(cells)), np.empty(len(cells))
-    for a, b in pair_chunks(len(cells), n_boot):  # memory bounded for a large zoo; one chunk for a small one
+    for a, b in pair_chunks(
+        len(cells), n_boot
+    ):  # memory bounded for a large zoo; one chunk for a small one
         draws = rng.multinomial(n, cells[a:b], size=(n_boot, b - a))  # [B, P, 4]
-        kappa = error_consistency(draws[..., 0] + draws[..., 1], draws[..., 0] + draws[..., 2], draws[..., 0], n)
+        kappa = error_consistency(
+            draws[..., 0] + draws[..., 1], draws[..., 0] + draws[..., 2], draws[..., 0], n
+        )
         with np.errstate(invalid="ignore"), _quiet_nan():
             lo[a:b], hi[a:b] = np.nanquantile(kappa, [alpha, 1 - alpha], axis=0)
     low[iu, ju] = lo
@@ -267,8 +302,9 @@ class _quiet_nan:
         return self._cm.__exit__(*exc)
 
 
-def overlap_statistics(fm: FailureMatrix, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
-                       executor=None) -> OverlapStats:  # fmt: skip
+def overlap_statistics(
+    fm: FailureMatrix, n_boot: int = 1000, ci: float = 0.95, seed: int = 0, executor=None
+) -> OverlapStats:
     """All pairwise statistics of a failure matrix, with bootstrap CIs for error consistency
     (``executor``: runs the blocked pair counts in parallel, see :meth:`FailureMatrix.counts`)."""
     n_fail, n_both = fm.counts(executor=executor)
@@ -276,8 +312,18 @@ def overlap_statistics(fm: FailureMatrix, n_boot: int = 1000, ci: float = 0.95, 
     n = fm.n_examples
     kappa = error_consistency(n_fail[:, None], n_fail[None, :], n_both, n)
     lo, hi = bootstrap_error_consistency(n_fail, n_both, n, n_boot, ci, seed)
-    return OverlapStats(fm.models, n, n_fail, n_both, rates["jaccard"], rates["p_b_fails_given_a"],
-                        rates["shared_fraction"], kappa, lo, hi)  # fmt: skip
+    return OverlapStats(
+        fm.models,
+        n,
+        n_fail,
+        n_both,
+        rates["jaccard"],
+        rates["p_b_fails_given_a"],
+        rates["shared_fraction"],
+        kappa,
+        lo,
+        hi,
+    )
 
 
 def overlap_table(stats: OverlapStats) -> pa.Table:
@@ -320,8 +366,12 @@ def similarity_matrix(stats: OverlapStats, metric: str = "jaccard") -> np.ndarra
     return s
 
 
-def cluster_models(similarity: np.ndarray, threshold: float | None = None, n_clusters: int | None = None,
-                   method: str = "average") -> np.ndarray:  # fmt: skip
+def cluster_models(
+    similarity: np.ndarray,
+    threshold: float | None = None,
+    n_clusters: int | None = None,
+    method: str = "average",
+) -> np.ndarray:
     """Hierarchical clustering (scipy ``linkage`` on distance 1 - similarity), cut by a
     similarity ``threshold`` (groups joined while their linkage similarity >= threshold) or
     into ``n_clusters``. Returns int labels ``[M]``, numbered 0.. in order of first appearance.
@@ -340,7 +390,9 @@ def cluster_models(similarity: np.ndarray, threshold: float | None = None, n_clu
     if m == 1:
         return np.zeros(1, np.int32)
     if n_clusters is not None and not 1 <= n_clusters <= m:
-        raise ValueError(f"n_clusters must be between 1 and the number of models ({m}), got {n_clusters}")
+        raise ValueError(
+            f"n_clusters must be between 1 and the number of models ({m}), got {n_clusters}"
+        )
     d = np.clip(1.0 - (s + s.T) / 2, 0.0, None)
     np.fill_diagonal(d, 0.0)
     z = linkage(squareform(d, checks=False), method=method)
@@ -354,7 +406,9 @@ def cluster_models(similarity: np.ndarray, threshold: float | None = None, n_clu
     return rank[inv]
 
 
-def clusters_table(models: Sequence[str], families: Mapping[str, str], labels: np.ndarray) -> pa.Table:
+def clusters_table(
+    models: Sequence[str], families: Mapping[str, str], labels: np.ndarray
+) -> pa.Table:
     """``clusters.parquet``: model, family, cluster."""
     models = list(models)
     if len(labels) != len(models):
@@ -369,7 +423,9 @@ def clusters_table(models: Sequence[str], families: Mapping[str, str], labels: n
     )
 
 
-def family_similarity(similarity: np.ndarray, models: Sequence[str], families: Mapping[str, str]) -> pa.Table:
+def family_similarity(
+    similarity: np.ndarray, models: Sequence[str], families: Mapping[str, str]
+) -> pa.Table:
     """Within- versus between-family similarity.
 
     One row per family: ``within`` = mean similarity over pairs of its members (NaN for a
@@ -390,22 +446,46 @@ def family_similarity(similarity: np.ndarray, models: Sequence[str], families: M
         inside = fam == f
         within = inside[:, None] & inside[None, :] & off
         between = inside[:, None] & ~inside[None, :]
-        rows.append({"family": f, "n_models": int(inside.sum()), "within": mean(within), "between": mean(between),
-                     "n_within_pairs": int(within.sum() // 2), "n_between_pairs": int(between.sum())})  # fmt: skip
-    rows.append({"family": "*", "n_models": len(models), "within": mean(same_all), "between": mean(~same_all & off),
-                 "n_within_pairs": int(same_all.sum() // 2), "n_between_pairs": int((~same_all & off).sum() // 2)})  # fmt: skip
+        rows.append(
+            {
+                "family": f,
+                "n_models": int(inside.sum()),
+                "within": mean(within),
+                "between": mean(between),
+                "n_within_pairs": int(within.sum() // 2),
+                "n_between_pairs": int(between.sum()),
+            }
+        )
+    rows.append(
+        {
+            "family": "*",
+            "n_models": len(models),
+            "within": mean(same_all),
+            "between": mean(~same_all & off),
+            "n_within_pairs": int(same_all.sum() // 2),
+            "n_between_pairs": int((~same_all & off).sum() // 2),
+        }
+    )
     t = pa.Table.from_pylist(rows)
-    return t.append_column("gap", pa.array(np.asarray(t["within"]) - np.asarray(t["between"]), pa.float64()))
+    return t.append_column(
+        "gap", pa.array(np.asarray(t["within"]) - np.asarray(t["between"]), pa.float64())
+    )
 
 
-def extreme_pairs(overlap: pa.Table, metric: str = "jaccard", k: int = 3) -> tuple[list[dict], list[dict]]:
+def extreme_pairs(
+    overlap: pa.Table, metric: str = "jaccard", k: int = 3
+) -> tuple[list[dict], list[dict]]:
     """The ``k`` most and least similar unordered pairs by ``metric`` (NaN pairs skipped)."""
-    rows = [r for r in overlap.to_pylist() if r["model_a"] < r["model_b"] and r[metric] == r[metric]]
+    rows = [
+        r for r in overlap.to_pylist() if r["model_a"] < r["model_b"] and r[metric] == r[metric]
+    ]
     rows.sort(key=lambda r: (-r[metric], r["model_a"], r["model_b"]))
     return rows[:k], rows[::-1][:k]
 
 
-def format_stats(overlap: pa.Table, clusters: pa.Table, families: pa.Table, metric: str = "jaccard", k: int = 3) -> str:
+def format_stats(
+    overlap: pa.Table, clusters: pa.Table, families: pa.Table, metric: str = "jaccard", k: int = 3
+) -> str:
     """A short human summary: most/least similar pairs, clusters, within vs between family."""
     top, bottom = extreme_pairs(overlap, metric, k)
     lines = [f"Most similar failures ({metric}; P(B fails | A fails); error consistency [95% CI]):"]
@@ -425,5 +505,7 @@ def format_stats(overlap: pa.Table, clusters: pa.Table, families: pa.Table, metr
         lines.append(f"  cluster {c}: {', '.join(by[c])}")
     lines.append(f"Within- vs between-family {metric}:")
     for r in families.to_pylist():
-        lines.append(f"  {r['family']:>12s}  n={r['n_models']:<3d} within {r['within']:6.3f}  between {r['between']:6.3f}  gap {r['gap']:+.3f}")
+        lines.append(
+            f"  {r['family']:>12s}  n={r['n_models']:<3d} within {r['within']:6.3f}  between {r['between']:6.3f}  gap {r['gap']:+.3f}"
+        )
     return "\n".join(lines)

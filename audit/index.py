@@ -46,7 +46,9 @@ def _faiss():
     try:
         import faiss
     except ImportError as e:  # pragma: no cover - a dependency of the package
-        raise ImportError("the FAISS index needs faiss: pip install faiss-cpu (or faiss-gpu)") from e
+        raise ImportError(
+            "the FAISS index needs faiss: pip install faiss-cpu (or faiss-gpu)"
+        ) from e
     return faiss
 
 
@@ -55,7 +57,9 @@ def _as_vectors(x, name: str, dim: int | None = None) -> np.ndarray:
     if x.ndim != 2:
         raise ValueError(f"{name} must be a 2-d array [N, D]; got shape {x.shape}")
     if dim is not None and x.shape[1] != dim:
-        raise ValueError(f"{name} have dimension {x.shape[1]} but the index holds {dim}-d vectors (same embedder?)")
+        raise ValueError(
+            f"{name} have dimension {x.shape[1]} but the index holds {dim}-d vectors (same embedder?)"
+        )
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"{name} must be floating point; got {x.dtype}")
     return np.ascontiguousarray(x, dtype=np.float32)
@@ -89,10 +93,24 @@ class VectorIndex:
     ``nprobe`` up to ``max_breadth`` until the recall reaches ``target_recall``.
     """
 
-    def __init__(self, vectors, kind: str = "auto", *, exact_max: int = 50_000, ivf_min: int = 2_000_000,
-                 hnsw_m: int = 32, ef_construction: int = 80, ef_search: int | None = None,
-                 nlist: int | None = None, nprobe: int | None = None, target_recall: float | None = 0.95,
-                 recall_k: int = 10, recall_queries: int = 200, max_breadth: int = 4096, seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        vectors,
+        kind: str = "auto",
+        *,
+        exact_max: int = 50_000,
+        ivf_min: int = 2_000_000,
+        hnsw_m: int = 32,
+        ef_construction: int = 80,
+        ef_search: int | None = None,
+        nlist: int | None = None,
+        nprobe: int | None = None,
+        target_recall: float | None = 0.95,
+        recall_k: int = 10,
+        recall_queries: int = 200,
+        max_breadth: int = 4096,
+        seed: int = 0,
+    ):
         faiss = _faiss()
         if kind not in KINDS:
             raise ValueError(f"unknown index kind {kind!r}; choose one of {list(KINDS)}")
@@ -108,13 +126,21 @@ class VectorIndex:
         elif kind == "hnsw":
             self.index = faiss.IndexHNSWFlat(d, int(hnsw_m), faiss.METRIC_INNER_PRODUCT)
             self.index.hnsw.efConstruction = int(ef_construction)
-            self.params_ = {"M": int(hnsw_m), "efConstruction": int(ef_construction), "efSearch": int(ef_search or 64)}
+            self.params_ = {
+                "M": int(hnsw_m),
+                "efConstruction": int(ef_construction),
+                "efSearch": int(ef_search or 64),
+            }
         else:
             nlist = int(nlist or max(1, min(n // 39, int(4 * np.sqrt(n)))))
             quantizer = faiss.IndexFlatIP(d)
             self.index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
             rng = np.random.default_rng(seed)
-            sample = self.vectors[np.sort(rng.choice(n, min(n, 64 * nlist), replace=False))] if n > 64 * nlist else self.vectors
+            sample = (
+                self.vectors[np.sort(rng.choice(n, min(n, 64 * nlist), replace=False))]
+                if n > 64 * nlist
+                else self.vectors
+            )
             self.index.cp.seed = int(seed)
             self.index.train(sample)
             self.params_ = {"nlist": nlist, "nprobe": int(nprobe or max(1, nlist // 64))}
@@ -144,16 +170,30 @@ class VectorIndex:
         limit = min(max_breadth, self.params_.get("nlist", max_breadth))
         while True:
             self.recall_ = recall_at_k(self.index.search(queries, k)[1], truth)
-            if target_recall is None or self.recall_ >= target_recall or self.params_[knob] >= limit:
+            if (
+                target_recall is None
+                or self.recall_ >= target_recall
+                or self.params_[knob] >= limit
+            ):
                 break
             self.params_[knob] = min(limit, self.params_[knob] * 2)
             self._apply_params()
         if target_recall is not None and self.recall_ < target_recall:
-            log.warning("%s index reaches recall@%d %.3f < %.2f at %s=%d", self.kind_, k, self.recall_, target_recall, knob, self.params_[knob])
+            log.warning(
+                "%s index reaches recall@%d %.3f < %.2f at %s=%d",
+                self.kind_,
+                k,
+                self.recall_,
+                target_recall,
+                knob,
+                self.params_[knob],
+            )
         return self.recall_
 
     # -- search --------------------------------------------------------------------------
-    def search(self, queries, k: int, subset: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries, k: int, subset: Sequence[int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` neighbours: ``(scores [M, k] float32, ids [M, k] int64)``, ids -1 where
         fewer than ``k`` exist. ``subset``: only these row ids are eligible (IDSelector)."""
         faiss = _faiss()
@@ -189,7 +229,9 @@ class ClassIndex:
         vectors = _as_vectors(vectors, "vectors")
         labels = np.asarray(labels)
         if labels.shape != (len(vectors),):
-            raise ValueError(f"labels must be [N] = [{len(vectors)}] aligned with vectors; got shape {labels.shape}")
+            raise ValueError(
+                f"labels must be [N] = [{len(vectors)}] aligned with vectors; got shape {labels.shape}"
+            )
         self.dim = vectors.shape[1]
         self.labels = labels
         self.rows: dict = {}
@@ -203,7 +245,9 @@ class ClassIndex:
         """``(scores [M, k], global ids [M, k])`` within class ``label``; -1 pads short classes."""
         key = label.item() if isinstance(label, np.generic) else label
         if key not in self.indexes:
-            raise ValueError(f"no indexed examples of class {label!r}; indexed classes: {sorted(self.indexes)}")
+            raise ValueError(
+                f"no indexed examples of class {label!r}; indexed classes: {sorted(self.indexes)}"
+            )
         scores, local = self.indexes[key].search(queries, k)
         rows = self.rows[key]
         return scores, np.where(local >= 0, rows[np.clip(local, 0, None)], -1)
@@ -228,9 +272,16 @@ def _caption_vectors(captions: list[str], embedder) -> dict[str, np.ndarray]:
     return dict(zip(unique, vecs, strict=True))
 
 
-def subpopulations_table(captions, correct: Mapping[str, np.ndarray], embedder, index: ClassIndex,
-                         classes: Sequence[str], k: int = 50, scopes: Mapping[str, Sequence[str]] | None = None,
-                         z: float = 1.96) -> pa.Table:  # fmt: skip
+def subpopulations_table(
+    captions,
+    correct: Mapping[str, np.ndarray],
+    embedder,
+    index: ClassIndex,
+    classes: Sequence[str],
+    k: int = 50,
+    scopes: Mapping[str, Sequence[str]] | None = None,
+    z: float = 1.96,
+) -> pa.Table:
     """Accuracy on the ``k`` nearest indexed images of the caption's class vs on the class.
 
     ``captions``: a table or row dicts with ``scope, class, caption, polarity``.
@@ -255,7 +306,9 @@ def subpopulations_table(captions, correct: Mapping[str, np.ndarray], embedder, 
     for m, c in correct.items():
         c = np.asarray(c, bool)
         if c.shape != (n_index,):
-            raise ValueError(f"correct[{m!r}] has shape {c.shape}; it must be [{n_index}], aligned with the indexed images")
+            raise ValueError(
+                f"correct[{m!r}] has shape {c.shape}; it must be [{n_index}], aligned with the indexed images"
+            )
         corr[m] = c
     scopes = dict(scopes or {})
 
@@ -265,10 +318,14 @@ def subpopulations_table(captions, correct: Mapping[str, np.ndarray], embedder, 
         elif scope in corr:
             ms = [scope]
         else:
-            raise ValueError(f"scope {scope!r} is neither a model in `correct` ({sorted(corr)[:5]}...) nor a key of `scopes`")
+            raise ValueError(
+                f"scope {scope!r} is neither a model in `correct` ({sorted(corr)[:5]}...) nor a key of `scopes`"
+            )
         unknown = [m for m in ms if m not in corr]
         if unknown:
-            raise ValueError(f"scope {scope!r} names model(s) {unknown} that have no `correct` array")
+            raise ValueError(
+                f"scope {scope!r} names model(s) {unknown} that have no `correct` array"
+            )
         return ms
 
     class_pos = {c: i for i, c in enumerate(classes)}
@@ -277,7 +334,9 @@ def subpopulations_table(captions, correct: Mapping[str, np.ndarray], embedder, 
     neighbours: dict[tuple[int, str], np.ndarray] = {}
     for r in rows:
         if r["class"] not in class_pos:
-            raise ValueError(f"caption {r['caption']!r} names class {r['class']!r}; the classes are {list(classes)}")
+            raise ValueError(
+                f"caption {r['caption']!r} names class {r['class']!r}; the classes are {list(classes)}"
+            )
         key = (class_pos[r["class"]], str(r["caption"]))
         if key not in neighbours:
             _, ids = index.search(vecs[key[1]][None, :], k, key[0])

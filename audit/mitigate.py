@@ -41,10 +41,20 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         self.max_iter = max_iter
         self.tol = tol
 
-    def fit(self, X, y, sample_weight=None, coef_init=None, intercept_init=None, n_classes: int | None = None):
+    def fit(
+        self,
+        X,
+        y,
+        sample_weight=None,
+        coef_init=None,
+        intercept_init=None,
+        n_classes: int | None = None,
+    ):
         from scipy.optimize import minimize
 
-        X = np.ascontiguousarray(X, np.float32)  # float32 products: half the time, ample precision for a head
+        X = np.ascontiguousarray(
+            X, np.float32
+        )  # float32 products: half the time, ample precision for a head
         y = np.asarray(y, np.int64)
         if X.ndim != 2 or len(X) != len(y) or len(X) == 0:
             raise ValueError(f"X must be [N, D] with N = len(y) > 0; got X {X.shape}, y {y.shape}")
@@ -56,8 +66,16 @@ class LinearHead(ClassifierMixin, BaseEstimator):
             raise ValueError("sample_weight must be [N], non-negative, with a positive sum")
         w = w / w.sum()
         D = X.shape[1]
-        W0 = np.zeros((C, D)) if coef_init is None else np.asarray(coef_init, np.float64).reshape(C, D)
-        b0 = np.zeros(C) if intercept_init is None else np.asarray(intercept_init, np.float64).reshape(C)
+        W0 = (
+            np.zeros((C, D))
+            if coef_init is None
+            else np.asarray(coef_init, np.float64).reshape(C, D)
+        )
+        b0 = (
+            np.zeros(C)
+            if intercept_init is None
+            else np.asarray(intercept_init, np.float64).reshape(C)
+        )
         Y = np.zeros((len(y), C))
         Y[np.arange(len(y)), y] = 1.0
 
@@ -71,8 +89,13 @@ class LinearHead(ClassifierMixin, BaseEstimator):
             GX = (X.T @ G.astype(np.float32)).T.astype(np.float64)  # X^T G: the fast memory order
             return loss, np.concatenate([(GX + self.alpha * (W - W0)).ravel(), G.sum(0)])
 
-        res = minimize(loss_grad, np.concatenate([W0.ravel(), b0]), jac=True, method="L-BFGS-B",
-                       options={"maxiter": int(self.max_iter), "gtol": self.tol})  # fmt: skip
+        res = minimize(
+            loss_grad,
+            np.concatenate([W0.ravel(), b0]),
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": int(self.max_iter), "gtol": self.tol},
+        )
         self.coef_ = res.x[: C * D].reshape(C, D)
         self.intercept_ = res.x[C * D :]
         self.classes_ = np.arange(C)
@@ -114,7 +137,9 @@ def stratified_subsample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarra
     keep = []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        keep.append(rng.choice(idx, size=max(1, int(round(n * len(idx) / len(labels)))), replace=False))
+        keep.append(
+            rng.choice(idx, size=max(1, int(round(n * len(idx) / len(labels)))), replace=False)
+        )
     return np.sort(np.concatenate(keep))
 
 
@@ -124,8 +149,12 @@ def select_random(n: int, k: int, seed: int = 0) -> np.ndarray:
 
 
 # -- choosing on the fit split -------------------------------------------------------------
-def choose(candidates: Sequence, score: Callable[[object], tuple[float, float]], baseline_overall: float,
-           max_drop: float = 0.005) -> tuple[object, list[tuple]]:  # fmt: skip
+def choose(
+    candidates: Sequence,
+    score: Callable[[object], tuple[float, float]],
+    baseline_overall: float,
+    max_drop: float = 0.005,
+) -> tuple[object, list[tuple]]:
     """The candidate with the best hard-subpopulation accuracy among those whose overall
     accuracy stays within ``max_drop`` of ``baseline_overall`` (all scored on the *fit*
     split, never on the evaluation split); the first candidate wins ties, and when none
@@ -138,8 +167,9 @@ def choose(candidates: Sequence, score: Callable[[object], tuple[float, float]],
 
 
 # -- evaluation ----------------------------------------------------------------------------
-def paired_gain(before: np.ndarray, after: np.ndarray, n_boot: int = 1000, ci: float = 0.95,
-                seed: int = 0) -> tuple[float, float, float]:  # fmt: skip
+def paired_gain(
+    before: np.ndarray, after: np.ndarray, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """Mean of ``after - before`` (per-example correctness, 0/1) with a bootstrap interval over
     the examples. NaNs when there are no examples."""
     before, after = np.asarray(before, float), np.asarray(after, float)

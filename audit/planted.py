@@ -39,10 +39,17 @@ def precision_at_errors(score: np.ndarray, in_group: np.ndarray, n: int) -> floa
     return float(np.mean(in_group[order]))
 
 
-def planted_evaluation(accuracy: pa.Table, captions: pa.Table, decisions: Mapping[tuple[str, str], np.ndarray],
-                       confidence: Mapping[str, np.ndarray], correct: Mapping[str, np.ndarray],
-                       labels: np.ndarray, groups: np.ndarray, classes: list[str],
-                       min_gap: float = 0.15) -> pa.Table:  # fmt: skip
+def planted_evaluation(
+    accuracy: pa.Table,
+    captions: pa.Table,
+    decisions: Mapping[tuple[str, str], np.ndarray],
+    confidence: Mapping[str, np.ndarray],
+    correct: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    groups: np.ndarray,
+    classes: list[str],
+    min_gap: float = 0.15,
+) -> pa.Table:
     """One row per (model, planted group) whose group really fails (>= ``min_gap`` below class).
 
     ``decisions[(model, class)]`` are mode-0 decision values of the class's debug images (in
@@ -69,17 +76,32 @@ def planted_evaluation(accuracy: pa.Table, captions: pa.Table, decisions: Mappin
         member = np.array([group in str(g).split("|") for g in groups[in_c]])
         n_err = int((~correct[model][in_c]).sum())
         dec = decisions.get((model, cls))
-        rows.append({
-            "model": model, "group": group, "gap": float(gap), "top_hard_caption": cap,
-            "caption_names_group": names,
-            "precision_svm": precision_at_errors(dec, member, n_err) if dec is not None else float("nan"),
-            "precision_confidence": precision_at_errors(confidence[model][in_c], member, n_err),
-            "n_errors": n_err,
-        })  # fmt: skip
-    schema = pa.schema([("model", pa.string()), ("group", pa.string()), ("gap", pa.float64()),
-                        ("top_hard_caption", pa.string()), ("caption_names_group", pa.bool_()),
-                        ("precision_svm", pa.float64()), ("precision_confidence", pa.float64()),
-                        ("n_errors", pa.int64())])  # fmt: skip
+        rows.append(
+            {
+                "model": model,
+                "group": group,
+                "gap": float(gap),
+                "top_hard_caption": cap,
+                "caption_names_group": names,
+                "precision_svm": precision_at_errors(dec, member, n_err)
+                if dec is not None
+                else float("nan"),
+                "precision_confidence": precision_at_errors(confidence[model][in_c], member, n_err),
+                "n_errors": n_err,
+            }
+        )
+    schema = pa.schema(
+        [
+            ("model", pa.string()),
+            ("group", pa.string()),
+            ("gap", pa.float64()),
+            ("top_hard_caption", pa.string()),
+            ("caption_names_group", pa.bool_()),
+            ("precision_svm", pa.float64()),
+            ("precision_confidence", pa.float64()),
+            ("n_errors", pa.int64()),
+        ]
+    )
     return pa.Table.from_pylist(rows, schema=schema)
 
 

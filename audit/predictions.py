@@ -23,8 +23,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def predictions_table(example_ids: np.ndarray, labels: np.ndarray, logits: np.ndarray,
-                      label_map: np.ndarray | None = None) -> pa.Table:  # fmt: skip
+def predictions_table(
+    example_ids: np.ndarray,
+    labels: np.ndarray,
+    logits: np.ndarray,
+    label_map: np.ndarray | None = None,
+) -> pa.Table:
     """Predictions of one model: ``logits [N, C]`` against ``labels [N]``.
 
     ``label_map`` (optional, ``[C]`` int) maps the model's output index to the dataset's
@@ -33,7 +37,9 @@ def predictions_table(example_ids: np.ndarray, labels: np.ndarray, logits: np.nd
     """
     logits = np.asarray(logits, np.float32)
     if len(example_ids) != len(logits) or len(labels) != len(logits):
-        raise ValueError(f"example_ids ({len(example_ids)}), labels ({len(labels)}) and logits ({len(logits)}) differ in length")
+        raise ValueError(
+            f"example_ids ({len(example_ids)}), labels ({len(labels)}) and logits ({len(logits)}) differ in length"
+        )
     probs = softmax(logits)
     k = min(5, logits.shape[1]) if logits.ndim == 2 and logits.shape[1] else 0
     top = np.argsort(-logits, axis=1)[:, :k] if k else np.zeros((len(logits), 0), int)
@@ -65,14 +71,21 @@ def wilson_interval(k: np.ndarray, n: np.ndarray, z: float = 1.96) -> tuple[np.n
         p = np.where(n > 0, k / np.maximum(n, 1), 0.0)
         denom = 1 + z**2 / np.maximum(n, 1)
         centre = (p + z**2 / (2 * np.maximum(n, 1))) / denom
-        half = z * np.sqrt(p * (1 - p) / np.maximum(n, 1) + z**2 / (4 * np.maximum(n, 1) ** 2)) / denom
+        half = (
+            z * np.sqrt(p * (1 - p) / np.maximum(n, 1) + z**2 / (4 * np.maximum(n, 1) ** 2)) / denom
+        )
     lo = np.where(n > 0, np.clip(centre - half, 0, 1), 0.0)
     hi = np.where(n > 0, np.clip(centre + half, 0, 1), 1.0)
     return lo, hi
 
 
-def group_accuracy(model: str, correct: np.ndarray, labels: np.ndarray, classes: list[str],
-                   attributes: dict[str, np.ndarray]) -> pa.Table:  # fmt: skip
+def group_accuracy(
+    model: str,
+    correct: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    attributes: dict[str, np.ndarray],
+) -> pa.Table:
     """Accuracy of one model per class and per (class, attribute, value).
 
     Rows: ``attribute == "*"`` for the whole class, ``class == "*"`` for the whole split.
@@ -80,7 +93,9 @@ def group_accuracy(model: str, correct: np.ndarray, labels: np.ndarray, classes:
     """
     correct = np.asarray(correct, bool)
     labels = np.asarray(labels)
-    rows = {k: [] for k in ("model", "class", "attribute", "value", "n", "n_correct", "class_accuracy")}
+    rows = {
+        k: [] for k in ("model", "class", "attribute", "value", "n", "n_correct", "class_accuracy")
+    }
 
     def add(cls, attr, value, mask, cls_acc):
         rows["model"].append(model)
@@ -114,5 +129,7 @@ def group_accuracy(model: str, correct: np.ndarray, labels: np.ndarray, classes:
         t.append_column("accuracy", pa.array(acc, pa.float64()))
         .append_column("ci_low", pa.array(lo, pa.float64()))
         .append_column("ci_high", pa.array(hi, pa.float64()))
-        .append_column("gap", pa.array(acc - np.asarray(rows["class_accuracy"], float), pa.float64()))
+        .append_column(
+            "gap", pa.array(acc - np.asarray(rows["class_accuracy"], float), pa.float64())
+        )
     )

@@ -33,14 +33,20 @@ METHODS = ("auto", "int8", "float32")
 def _check(packed: np.ndarray, n_examples: int, block: int) -> np.ndarray:
     packed = np.asarray(packed)
     if packed.ndim != 2 or packed.dtype != np.uint8:
-        raise ValueError(f"packed must be uint8 [models, bytes] (np.packbits along examples), got "
-                         f"{packed.dtype} {packed.shape}")  # fmt: skip
+        raise ValueError(
+            f"packed must be uint8 [models, bytes] (np.packbits along examples), got "
+            f"{packed.dtype} {packed.shape}"
+        )
     if packed.shape[1] * 8 < n_examples:
-        raise ValueError(f"packed rows hold {packed.shape[1] * 8} bits, fewer than n_examples={n_examples}")
+        raise ValueError(
+            f"packed rows hold {packed.shape[1] * 8} bits, fewer than n_examples={n_examples}"
+        )
     if block < 64 or block % 64:
         raise ValueError(f"block must be a positive multiple of 64 examples, got {block}")
     if block > 1 << 24:
-        raise ValueError(f"block must be <= 2**24 examples (float32 counts stay exact), got {block}")
+        raise ValueError(
+            f"block must be <= 2**24 examples (float32 counts stay exact), got {block}"
+        )
     return packed
 
 
@@ -85,8 +91,13 @@ def _block_counts(span: tuple[int, int], packed: np.ndarray, block: int, method:
     return acc
 
 
-def pair_counts(packed: np.ndarray, n_examples: int, block: int = DEFAULT_BLOCK, executor=None,
-                method: str = "auto") -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def pair_counts(
+    packed: np.ndarray,
+    n_examples: int,
+    block: int = DEFAULT_BLOCK,
+    executor=None,
+    method: str = "auto",
+) -> tuple[np.ndarray, np.ndarray]:
     """``(n_fail [M], n_both [M, M])`` of a bit-packed failure matrix ``packed`` (uint8
     ``[M, bytes]``, ``np.packbits`` order, padding bits 0); diagonal of ``n_both`` = n_fail.
 
@@ -109,8 +120,14 @@ def pair_counts(packed: np.ndarray, n_examples: int, block: int = DEFAULT_BLOCK,
     if executor is None:
         upper = sum(_block_counts(sp, packed, block, method) for sp in spans)
     else:
-        upper = sum(executor.map(_block_counts, spans, shared={"packed": packed, "block": block, "method": method},
-                                 cpus=1))  # fmt: skip
+        upper = sum(
+            executor.map(
+                _block_counts,
+                spans,
+                shared={"packed": packed, "block": block, "method": method},
+                cpus=1,
+            )
+        )
     both = np.triu(upper) + np.triu(upper, 1).T
     return np.diag(both).copy(), both
 

@@ -173,7 +173,9 @@ class RunStore:
 
     # -- json --------------------------------------------------------------------------
     def write_json(self, rel: str, obj: Any) -> str:
-        return self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+        return self.write_bytes(
+            rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+        )
 
     def read_json(self, rel: str, default: Any = None) -> Any:
         if not self.exists(rel):

@@ -56,7 +56,11 @@ def from_run(run: str, embedder: str | None):
         return None
     name = embedder or embs[0]
     et = store.read_table(f"embeddings/embedder={name}")
-    vec_col = "vector" if "vector" in et.column_names else [c for c in et.column_names if c != "example_id"][0]
+    vec_col = (
+        "vector"
+        if "vector" in et.column_names
+        else [c for c in et.column_names if c != "example_id"][0]
+    )
     ids = et["example_id"].to_pylist()
     pos = {e: i for i, e in enumerate(ids)}
     V = np.asarray(et[vec_col].to_pylist(), np.float32)
@@ -109,7 +113,9 @@ def reference(X, labels, correct, Cs):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", default="runs/demo", help="run directory with embeddings/ and predictions/")
+    ap.add_argument(
+        "--run", default="runs/demo", help="run directory with embeddings/ and predictions/"
+    )
     ap.add_argument("--embedder", default=None)
     ap.add_argument("--synthetic", action="store_true", help="ignore any run directory")
     ap.add_argument("--repeat", type=int, default=3)
@@ -125,11 +131,20 @@ def main(argv=None):
     X, labels, correct, what = data if data is not None else synthetic()
     n_pairs = len(correct) * len(np.unique(labels))
     print(f"data: {what}: {len(correct)} models x {len(np.unique(labels))} classes, X {X.shape}")
-    print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
-          f"python {platform.python_version()} sklearn {sklearn.__version__} numpy {np.__version__}")  # fmt: skip
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
+        f"python {platform.python_version()} sklearn {sklearn.__version__} numpy {np.__version__}"
+    )
 
-    comparable = FailureDirections(max_modes=1, n_permutations=0, n_bootstrap=0, min_errors=2, min_correct=2)
-    fit_directions(X[:200], {k: v[:200] for k, v in list(correct.items())[:1]}, labels[:200], estimator=comparable)  # warm-up
+    comparable = FailureDirections(
+        max_modes=1, n_permutations=0, n_bootstrap=0, min_errors=2, min_correct=2
+    )
+    fit_directions(
+        X[:200],
+        {k: v[:200] for k, v in list(correct.items())[:1]},
+        labels[:200],
+        estimator=comparable,
+    )  # warm-up
 
     t0 = time.perf_counter()
     ref = reference(X, labels, correct, DEFAULT_CS)
@@ -141,10 +156,20 @@ def main(argv=None):
         fitted = fit_directions(X, correct, labels, estimator=comparable)
         times.append(time.perf_counter() - t0)
     t_fast = statistics.median(times)
-    diffs = [abs(fitted[m].mode(k).cv_score - s) for (m, k), s in ref.items() if fitted[m].mode(k).direction is not None]
-    print(f"reference (serial SVC + cross_val_score per C, {len(ref)} model x class pairs): {t_ref:8.2f} s")
-    print(f"FailureDirections, same work (1 mode, no p-value), serial:            {t_fast:8.2f} s  (median of {len(times)})")
-    print(f"speed ratio: {t_ref / t_fast:.1f}x   max |CV score difference|: {max(diffs):.2e} over {len(diffs)} pairs")
+    diffs = [
+        abs(fitted[m].mode(k).cv_score - s)
+        for (m, k), s in ref.items()
+        if fitted[m].mode(k).direction is not None
+    ]
+    print(
+        f"reference (serial SVC + cross_val_score per C, {len(ref)} model x class pairs): {t_ref:8.2f} s"
+    )
+    print(
+        f"FailureDirections, same work (1 mode, no p-value), serial:            {t_fast:8.2f} s  (median of {len(times)})"
+    )
+    print(
+        f"speed ratio: {t_ref / t_fast:.1f}x   max |CV score difference|: {max(diffs):.2e} over {len(diffs)} pairs"
+    )
 
     t0 = time.perf_counter()
     fit_directions(X, correct, labels, estimator=comparable, n_jobs=a.n_jobs)
@@ -156,9 +181,11 @@ def main(argv=None):
     t_full = time.perf_counter() - t0
     modes = [m for f in full.values() for m in f.modes_]
     n_ok = sum(m.status == "ok" for m in modes)
-    print(f"full default (CI, {FailureDirections().n_permutations} permutations, up to {FailureDirections().max_modes} modes), serial: "
-          f"{t_full:.2f} s ({t_ref / t_full:.1f}x vs the reference that does less); {len(modes)} rows, {n_ok} ok, "
-          f"{sum(m.mode > 0 and m.status == 'ok' for m in modes)} further modes ok, {n_pairs} pairs")  # fmt: skip
+    print(
+        f"full default (CI, {FailureDirections().n_permutations} permutations, up to {FailureDirections().max_modes} modes), serial: "
+        f"{t_full:.2f} s ({t_ref / t_full:.1f}x vs the reference that does less); {len(modes)} rows, {n_ok} ok, "
+        f"{sum(m.mode > 0 and m.status == 'ok' for m in modes)} further modes ok, {n_pairs} pairs"
+    )
 
 
 if __name__ == "__main__":

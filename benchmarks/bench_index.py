@@ -25,7 +25,11 @@ import numpy as np
 def make_data(n: int, d: int, kind: str, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     out = np.empty((n, d), np.float32)
-    centres = rng.standard_normal((max(1, n // 1000), d)).astype(np.float32) if kind == "clustered" else None
+    centres = (
+        rng.standard_normal((max(1, n // 1000), d)).astype(np.float32)
+        if kind == "clustered"
+        else None
+    )
     for i in range(0, n, 100_000):  # chunks keep the float64 temporaries small
         m = min(100_000, n - i)
         x = rng.standard_normal((m, d), dtype=np.float32)
@@ -38,11 +42,15 @@ def make_data(n: int, d: int, kind: str, seed: int = 0) -> np.ndarray:
 def make_queries(x: np.ndarray, n: int, seed: int = 1) -> np.ndarray:
     """Perturbed database vectors: a query has real near neighbours, as a caption does."""
     rng = np.random.default_rng(seed)
-    q = x[rng.choice(len(x), n, replace=False)] + 0.5 * rng.standard_normal((n, x.shape[1])).astype(np.float32) / np.sqrt(x.shape[1])
+    q = x[rng.choice(len(x), n, replace=False)] + 0.5 * rng.standard_normal((n, x.shape[1])).astype(
+        np.float32
+    ) / np.sqrt(x.shape[1])
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
 
 
-def latency(index, queries: np.ndarray, k: int, params=None, warmup: int = 20) -> tuple[float, float, float]:
+def latency(
+    index, queries: np.ndarray, k: int, params=None, warmup: int = 20
+) -> tuple[float, float, float]:
     """(p50 ms, p99 ms) of single-query calls and batched queries per second."""
     kw = {} if params is None else {"params": params}
     for q in queries[:warmup]:
@@ -58,7 +66,17 @@ def latency(index, queries: np.ndarray, k: int, params=None, warmup: int = 20) -
     return float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 99) * 1e3), qps
 
 
-def run(n: int, d: int, data: str, k: int, n_queries: int, ef_values, nprobe_values, kinds, nlist: int = 0) -> list[dict]:
+def run(
+    n: int,
+    d: int,
+    data: str,
+    k: int,
+    n_queries: int,
+    ef_values,
+    nprobe_values,
+    kinds,
+    nlist: int = 0,
+) -> list[dict]:
     import faiss
 
     from audit.index import exact_search, recall_at_k
@@ -67,7 +85,9 @@ def run(n: int, d: int, data: str, k: int, n_queries: int, ef_values, nprobe_val
     t = time.perf_counter()
     x = make_data(n, d, data)
     q = make_queries(x, n_queries)
-    print(f"\n== n={n:,} d={d} data={data}: generated in {time.perf_counter() - t:.1f}s", flush=True)
+    print(
+        f"\n== n={n:,} d={d} data={data}: generated in {time.perf_counter() - t:.1f}s", flush=True
+    )
 
     t = time.perf_counter()
     _, truth = exact_search(x, q, k)
@@ -75,8 +95,23 @@ def run(n: int, d: int, data: str, k: int, n_queries: int, ef_values, nprobe_val
     flat = faiss.IndexFlatIP(d)
     flat.add(x)
     p50, p99, qps = latency(flat, q, k)
-    rows.append({"n": n, "data": data, "kind": "flat", "param": "", "build_s": 0.0, "p50_ms": p50, "p99_ms": p99, "qps": qps, "recall": 1.0})
-    print(f"  flat (exact)          p50 {p50:8.3f} ms  p99 {p99:8.3f} ms  {qps:9.0f} q/s  recall 1.000", flush=True)
+    rows.append(
+        {
+            "n": n,
+            "data": data,
+            "kind": "flat",
+            "param": "",
+            "build_s": 0.0,
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "qps": qps,
+            "recall": 1.0,
+        }
+    )
+    print(
+        f"  flat (exact)          p50 {p50:8.3f} ms  p99 {p99:8.3f} ms  {qps:9.0f} q/s  recall 1.000",
+        flush=True,
+    )
     del flat
 
     if "hnsw" in kinds:
@@ -90,8 +125,23 @@ def run(n: int, d: int, data: str, k: int, n_queries: int, ef_values, nprobe_val
             params = faiss.SearchParametersHNSW(efSearch=max(ef, k))
             p50, p99, qps = latency(hnsw, q, k, params)
             rec = recall_at_k(hnsw.search(q, k, params=params)[1], truth)
-            rows.append({"n": n, "data": data, "kind": "hnsw", "param": f"efSearch={max(ef, k)}", "build_s": build, "p50_ms": p50, "p99_ms": p99, "qps": qps, "recall": rec})
-            print(f"  hnsw efSearch={max(ef, k):<5d}    p50 {p50:8.3f} ms  p99 {p99:8.3f} ms  {qps:9.0f} q/s  recall {rec:.3f}", flush=True)
+            rows.append(
+                {
+                    "n": n,
+                    "data": data,
+                    "kind": "hnsw",
+                    "param": f"efSearch={max(ef, k)}",
+                    "build_s": build,
+                    "p50_ms": p50,
+                    "p99_ms": p99,
+                    "qps": qps,
+                    "recall": rec,
+                }
+            )
+            print(
+                f"  hnsw efSearch={max(ef, k):<5d}    p50 {p50:8.3f} ms  p99 {p99:8.3f} ms  {qps:9.0f} q/s  recall {rec:.3f}",
+                flush=True,
+            )
         del hnsw
 
     if "ivf" in kinds:
@@ -109,17 +159,36 @@ def run(n: int, d: int, data: str, k: int, n_queries: int, ef_values, nprobe_val
             params = faiss.SearchParametersIVF(nprobe=npr)
             p50, p99, qps = latency(ivf, q, k, params)
             rec = recall_at_k(ivf.search(q, k, params=params)[1], truth)
-            rows.append({"n": n, "data": data, "kind": "ivf", "param": f"nlist={nlist},nprobe={npr}", "build_s": build, "p50_ms": p50, "p99_ms": p99, "qps": qps, "recall": rec})
-            print(f"  ivf nprobe={npr:<5d}         p50 {p50:8.3f} ms  p99 {p99:8.3f} ms  {qps:9.0f} q/s  recall {rec:.3f}", flush=True)
+            rows.append(
+                {
+                    "n": n,
+                    "data": data,
+                    "kind": "ivf",
+                    "param": f"nlist={nlist},nprobe={npr}",
+                    "build_s": build,
+                    "p50_ms": p50,
+                    "p99_ms": p99,
+                    "qps": qps,
+                    "recall": rec,
+                }
+            )
+            print(
+                f"  ivf nprobe={npr:<5d}         p50 {p50:8.3f} ms  p99 {p99:8.3f} ms  {qps:9.0f} q/s  recall {rec:.3f}",
+                flush=True,
+            )
         del ivf
     return rows
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--data", nargs="+", default=["gaussian", "clustered"], choices=["gaussian", "clustered"])
+    p.add_argument(
+        "--data", nargs="+", default=["gaussian", "clustered"], choices=["gaussian", "clustered"]
+    )
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--ef", type=int, nargs="+", default=[128, 256, 512])
@@ -133,9 +202,17 @@ def main(argv=None) -> int:
 
     if a.threads:
         faiss.omp_set_num_threads(a.threads)
-    info = {"machine": platform.platform(), "cpu_count": os.cpu_count(), "faiss": faiss.__version__,
-            "numpy": np.__version__, "python": sys.version.split()[0], "threads": faiss.omp_get_max_threads(),
-            "k": a.k, "queries": a.queries, "dim": a.dim}  # fmt: skip
+    info = {
+        "machine": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+        "threads": faiss.omp_get_max_threads(),
+        "k": a.k,
+        "queries": a.queries,
+        "dim": a.dim,
+    }
     try:
         info["loadavg_at_start"] = os.getloadavg()
     except OSError:
@@ -154,7 +231,9 @@ def main(argv=None) -> int:
     print(f"\nFastest configuration with recall@{a.k} >= 0.95 (ratio = exact p50 / its p50):")
     for (n, data), r in sorted(best.items()):
         exact = next(x for x in rows if x["n"] == n and x["data"] == data and x["kind"] == "flat")
-        print(f"  n={n:>9,} {data:9s} {r['kind']} {r['param']:22s} p50 {r['p50_ms']:.3f} ms  recall {r['recall']:.3f}  {exact['p50_ms'] / r['p50_ms']:.1f}x faster than exact")
+        print(
+            f"  n={n:>9,} {data:9s} {r['kind']} {r['param']:22s} p50 {r['p50_ms']:.3f} ms  recall {r['recall']:.3f}  {exact['p50_ms'] / r['p50_ms']:.1f}x faster than exact"
+        )
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=2)

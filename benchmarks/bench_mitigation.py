@@ -57,22 +57,32 @@ def bench_cached_vs_backbone(arch: str, n: int, epochs: int, batch: int) -> None
 
     def backbone(i, j):
         with torch.inference_mode():
-            f = model.forward_head(model.forward_features(preprocess(images[i:j], cfg)), pre_logits=True)
+            f = model.forward_head(
+                model.forward_features(preprocess(images[i:j], cfg)), pre_logits=True
+            )
         return f.clone()
 
     t = time.perf_counter()
     cached = torch.cat([backbone(i, i + 256) for i in range(0, n, 256)])
     t_cache = time.perf_counter() - t
     d = cached.shape[1]
-    head_epochs(lambda i, j: cached[i:j], min(n, 2 * batch), labels, torch.nn.Linear(d, 6), 1, batch)  # warm-up
-    t_cached = head_epochs(lambda i, j: cached[i:j], n, labels, torch.nn.Linear(d, 6), epochs, batch)
+    head_epochs(
+        lambda i, j: cached[i:j], min(n, 2 * batch), labels, torch.nn.Linear(d, 6), 1, batch
+    )  # warm-up
+    t_cached = head_epochs(
+        lambda i, j: cached[i:j], n, labels, torch.nn.Linear(d, 6), epochs, batch
+    )
     t_backbone = head_epochs(backbone, n, labels, torch.nn.Linear(d, 6), epochs, batch)
     work = n * epochs
     print(f"{arch} ({d}-d features), {n} images, {epochs} epochs, batch {batch}:")
-    print(f"  cached features   {t_cached:7.2f} s  {work / t_cached:10,.0f} examples/s  (+ {t_cache:.2f} s to compute them once)")
+    print(
+        f"  cached features   {t_cached:7.2f} s  {work / t_cached:10,.0f} examples/s  (+ {t_cache:.2f} s to compute them once)"
+    )
     print(f"  backbone per epoch {t_backbone:6.2f} s  {work / t_backbone:10,.0f} examples/s")
-    print(f"  ratio cached / backbone: {t_backbone / t_cached:.1f}x  (with the one-off feature pass: "
-          f"{t_backbone / (t_cached + t_cache):.1f}x)")  # fmt: skip
+    print(
+        f"  ratio cached / backbone: {t_backbone / t_cached:.1f}x  (with the one-off feature pass: "
+        f"{t_backbone / (t_cached + t_cache):.1f}x)"
+    )
 
 
 def bench_imagenet_shape(sizes=(2000, 4000), d: int = 2048, c: int = 1000, iters: int = 5) -> None:
@@ -88,19 +98,27 @@ def bench_imagenet_shape(sizes=(2000, 4000), d: int = 2048, c: int = 1000, iters
         y = rng.integers(0, c, n)
         W0 = rng.normal(0, 0.01, (c, d))
         t = time.perf_counter()
-        h = LinearHead(max_iter=iters).fit(X, y, coef_init=W0, intercept_init=np.zeros(c), n_classes=c)
+        h = LinearHead(max_iter=iters).fit(
+            X, y, coef_init=W0, intercept_init=np.zeros(c), n_classes=c
+        )
         dt = time.perf_counter() - t
         per_iter.append(dt / max(1, h.n_iter_ + 1))
-        print(f"  LinearHead {n:6d} x {d} -> {c} classes: {dt:6.2f} s for {h.n_iter_} L-BFGS iterations "
-              f"({per_iter[-1]:.3f} s per iteration incl. line search)")  # fmt: skip
+        print(
+            f"  LinearHead {n:6d} x {d} -> {c} classes: {dt:6.2f} s for {h.n_iter_} L-BFGS iterations "
+            f"({per_iter[-1]:.3f} s per iteration incl. line search)"
+        )
     slope = (per_iter[-1] - per_iter[0]) / (sizes[-1] - sizes[0])
     at_50k = per_iter[-1] + slope * (50_000 - sizes[-1])
-    print(f"  extrapolated to 50,000 images: {at_50k:.2f} s per iteration, {at_50k * budget / 60:.1f} min per model "
-          f"at the stage's max_iter = {budget} (linear in N; measured above, extrapolated here)")  # fmt: skip
+    print(
+        f"  extrapolated to 50,000 images: {at_50k:.2f} s per iteration, {at_50k * budget / 60:.1f} min per model "
+        f"at the stage's max_iter = {budget} (linear in N; measured above, extrapolated here)"
+    )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--arch", default="resnet18-w16")
     p.add_argument("--n-images", type=int, default=4096)
     p.add_argument("--epochs", type=int, default=3)
@@ -108,7 +126,9 @@ def main() -> None:
     a = p.parse_args()
     import torch
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     bench_cached_vs_backbone(a.arch, a.n_images, a.epochs, a.batch)
     print("\nhead retraining at ImageNet shape (2048-d features, 1,000 classes):")
     bench_imagenet_shape()

@@ -71,7 +71,9 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def one_size(m: int, n: int, block: int, use_ray: bool, n_boot: int, baseline: bool, method: str) -> dict:
+def one_size(
+    m: int, n: int, block: int, use_ray: bool, n_boot: int, baseline: bool, method: str
+) -> dict:
     import scipy.cluster.hierarchy  # noqa: F401 - imports count in the runtime, not the timed work
 
     from audit.failures import (
@@ -82,7 +84,9 @@ def one_size(m: int, n: int, block: int, use_ray: bool, n_boot: int, baseline: b
     )
     from audit.stats_blocks import pair_counts, resolve_method
 
-    method = resolve_method(method)  # imports torch for int8: its libraries count in the runtime, not the work
+    method = resolve_method(
+        method
+    )  # imports torch for int8: its libraries count in the runtime, not the work
     rss_runtime = peak_mib()
     t = time.perf_counter()
     packed = synthetic_packed(m, n)
@@ -95,8 +99,14 @@ def one_size(m: int, n: int, block: int, use_ray: bool, n_boot: int, baseline: b
 
         started = connect()
         executor = RayExecutor()
-    row = {"models": m, "examples": n, "method": method, "generate_s": t_gen, "rss_runtime_mib": rss_runtime,
-           "rss_after_data_mib": rss_data}  # fmt: skip
+    row = {
+        "models": m,
+        "examples": n,
+        "method": method,
+        "generate_s": t_gen,
+        "rss_runtime_mib": rss_runtime,
+        "rss_after_data_mib": rss_data,
+    }
     t0 = time.perf_counter()
     n_fail, n_both = pair_counts(packed, n, block, executor, method=method)
     row["counts_s"] = time.perf_counter() - t0
@@ -122,7 +132,9 @@ def one_size(m: int, n: int, block: int, use_ray: bool, n_boot: int, baseline: b
     row["peak_above_runtime_mib"] = row["peak_mib"] - rss_runtime
     # the planted answer: models of one family (i % 10) land in one cluster
     fam = np.arange(m) % min(m, 10)
-    row["clusters_match_families"] = bool(all(len(set(labels[fam == f])) == 1 for f in range(min(m, 10))))
+    row["clusters_match_families"] = bool(
+        all(len(set(labels[fam == f])) == 1 for f in range(min(m, 10)))
+    )
     row["kappa_within_family"] = float(np.nanmean(kappa[fam[:, None] == fam[None, :]]))
     if baseline:
         t = time.perf_counter()
@@ -134,37 +146,80 @@ def one_size(m: int, n: int, block: int, use_ray: bool, n_boot: int, baseline: b
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", type=int, default=None, help="one size (default: 40, 200 and 1,000)")
+    ap.add_argument(
+        "--models", type=int, default=None, help="one size (default: 40, 200 and 1,000)"
+    )
     ap.add_argument("--examples", type=int, default=1_000_000)
-    ap.add_argument("--block", type=int, default=1 << 15, help="examples per block (multiple of 64)")
-    ap.add_argument("--method", default="auto", choices=["auto", "int8", "float32"],
-                    help="block product: int8 (torch) or float32 (scipy BLAS)")  # fmt: skip
-    ap.add_argument("--ray", action="store_true", help="blocks as Ray tasks (RAY_ADDRESS or an embedded Ray)")
-    ap.add_argument("--n-boot", type=int, default=0, help="also time bootstrap intervals with this many draws")
-    ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
-                    help="time the popcount baseline (default: up to 200 models)")  # fmt: skip
-    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # one size, as JSON (the table's children)
+    ap.add_argument(
+        "--block", type=int, default=1 << 15, help="examples per block (multiple of 64)"
+    )
+    ap.add_argument(
+        "--method",
+        default="auto",
+        choices=["auto", "int8", "float32"],
+        help="block product: int8 (torch) or float32 (scipy BLAS)",
+    )
+    ap.add_argument(
+        "--ray", action="store_true", help="blocks as Ray tasks (RAY_ADDRESS or an embedded Ray)"
+    )
+    ap.add_argument(
+        "--n-boot", type=int, default=0, help="also time bootstrap intervals with this many draws"
+    )
+    ap.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time the popcount baseline (default: up to 200 models)",
+    )
+    ap.add_argument(
+        "--json", action="store_true", help=argparse.SUPPRESS
+    )  # one size, as JSON (the table's children)
     a = ap.parse_args(argv)
     if a.models is None:  # the scaling table: each size in a fresh process, for its own peak memory
         import numpy
 
-        print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
-              f"numpy {numpy.__version__}, block {a.block}, method {a.method}")  # fmt: skip
-        print(f"{'models':>7} {'examples':>10} {'counts s':>9} {'pairs s':>8} {'cluster s':>9} {'total s':>8} "
-              f"{'peak MiB':>9} {'above rt':>8} {'popcount s':>10} {'speedup':>7}")  # fmt: skip
+        print(
+            f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
+            f"numpy {numpy.__version__}, block {a.block}, method {a.method}"
+        )
+        print(
+            f"{'models':>7} {'examples':>10} {'counts s':>9} {'pairs s':>8} {'cluster s':>9} {'total s':>8} "
+            f"{'peak MiB':>9} {'above rt':>8} {'popcount s':>10} {'speedup':>7}"
+        )
         for m in (40, 200, 1000):
-            cmd = [sys.executable, os.path.abspath(__file__), "--models", str(m), "--examples", str(a.examples),
-                   "--block", str(a.block), "--n-boot", str(a.n_boot), "--method", a.method, "--json"]  # fmt: skip
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--models",
+                str(m),
+                "--examples",
+                str(a.examples),
+                "--block",
+                str(a.block),
+                "--n-boot",
+                str(a.n_boot),
+                "--method",
+                a.method,
+                "--json",
+            ]
             if a.ray:
                 cmd.append("--ray")
             if a.baseline is not None:
                 cmd.append("--baseline" if a.baseline else "--no-baseline")
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            out = (
+                subprocess.run(cmd, capture_output=True, text=True, check=True)
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             r = json.loads(out)
             base = r.get("baseline_counts_s")
-            b_txt, ratio = ("-", "-") if base is None else (f"{base:.2f}", f"{base / r['counts_s']:.1f}x")
-            print(f"{m:>7} {a.examples:>10,} {r['counts_s']:>9.2f} {r['pair_stats_s']:>8.2f} {r['cluster_s']:>9.2f} "
-                  f"{r['total_s']:>8.2f} {r['peak_mib']:>9.0f} {r['peak_above_runtime_mib']:>8.0f} {b_txt:>10} {ratio:>7}")  # fmt: skip
+            b_txt, ratio = (
+                ("-", "-") if base is None else (f"{base:.2f}", f"{base / r['counts_s']:.1f}x")
+            )
+            print(
+                f"{m:>7} {a.examples:>10,} {r['counts_s']:>9.2f} {r['pair_stats_s']:>8.2f} {r['cluster_s']:>9.2f} "
+                f"{r['total_s']:>8.2f} {r['peak_mib']:>9.0f} {r['peak_above_runtime_mib']:>8.0f} {b_txt:>10} {ratio:>7}"
+            )
         return
     baseline = a.baseline if a.baseline is not None else a.models <= 200
     r = one_size(a.models, a.examples, a.block, a.ray, a.n_boot, baseline, a.method)

@@ -34,7 +34,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--zoo", default="configs/zoo/imagenet40.toml")
     ap.add_argument("--gpus", default="1,2,4,8")
-    ap.add_argument("--gpu-memory-gib", type=float, default=24.0, help="memory per GPU for the models' weights")
+    ap.add_argument(
+        "--gpu-memory-gib", type=float, default=24.0, help="memory per GPU for the models' weights"
+    )
     ap.add_argument("--classes", type=int, default=1000)
     a = ap.parse_args()
 
@@ -42,7 +44,9 @@ def main() -> None:
 
     import torch
 
-    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns on the root logger that it has no weights (none are wanted)
+    logging.getLogger().setLevel(
+        logging.ERROR
+    )  # open_clip warns on the root logger that it has no weights (none are wanted)
     from audit.zoo.shard import model_profiles, plan_shards
     from audit.zoo.spec import ZooSpec
 
@@ -52,15 +56,24 @@ def main() -> None:
     t_prof = time.perf_counter() - t
     sizes = {k: 4.0 * v for k, v in params.items()}  # fp32 weights, as RaySweeper counts them
     cap = a.gpu_memory_gib * 2**30
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
-          f"{len(flops)} models of {os.path.basename(a.zoo)} profiled on the meta device in {t_prof:.1f} s")  # fmt: skip
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
+        f"{len(flops)} models of {os.path.basename(a.zoo)} profiled on the meta device in {t_prof:.1f} s"
+    )
     top = sorted(flops, key=lambda k: -flops[k])[:5]
-    print("# largest: " + ", ".join(f"{k} {flops[k] / 1e9:.1f} GFLOPs/{params[k] / 1e6:.0f}M" for k in top))
+    print(
+        "# largest: "
+        + ", ".join(f"{k} {flops[k] / 1e9:.1f} GFLOPs/{params[k] / 1e6:.0f}M" for k in top)
+    )
     total, largest = sum(flops.values()), max(flops.values())
-    print(f"# total {total / 1e9:.1f} GFLOPs per image, weights {sum(sizes.values()) / 2**30:.2f} GiB fp32; "
-          f"GPU memory {a.gpu_memory_gib:g} GiB")  # fmt: skip
-    print(f"{'GPUs':>4} {'bound GF':>9} {'planned GF':>10} {'planned/bound':>13} {'LPT GF':>8} {'LPT/bound':>9} "
-          f"{'max mem GiB':>11} {'models/GPU':>12}")  # fmt: skip
+    print(
+        f"# total {total / 1e9:.1f} GFLOPs per image, weights {sum(sizes.values()) / 2**30:.2f} GiB fp32; "
+        f"GPU memory {a.gpu_memory_gib:g} GiB"
+    )
+    print(
+        f"{'GPUs':>4} {'bound GF':>9} {'planned GF':>10} {'planned/bound':>13} {'LPT GF':>8} {'LPT/bound':>9} "
+        f"{'max mem GiB':>11} {'models/GPU':>12}"
+    )
     for n in (int(x) for x in a.gpus.split(",")):
         bound = max(total / n, largest)
         try:
@@ -72,8 +85,10 @@ def main() -> None:
         mem = max(sum(sizes[m] for m in s) for s in plan) / 2**30
         base = lpt(flops, n)
         counts = "/".join(str(len(s)) for s in plan)
-        print(f"{n:>4} {bound / 1e9:>9.1f} {max(loads) / 1e9:>10.1f} {max(loads) / bound:>13.3f} {base / 1e9:>8.1f} "
-              f"{base / bound:>9.3f} {mem:>11.2f} {counts:>12}")  # fmt: skip
+        print(
+            f"{n:>4} {bound / 1e9:>9.1f} {max(loads) / 1e9:>10.1f} {max(loads) / bound:>13.3f} {base / 1e9:>8.1f} "
+            f"{base / bound:>9.3f} {mem:>11.2f} {counts:>12}"
+        )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,17 @@ def _prompts(backend: str) -> list[str]:
     return ["a photo of a red sandal on grass", "a blue pullover on the moon"]
 
 
-def throughput(url: str, backend_spec: str, options: dict, n_requests: int, concurrency: int, per_request: int,
-               size: int, steps: int, run_app) -> dict:  # fmt: skip
+def throughput(
+    url: str,
+    backend_spec: str,
+    options: dict,
+    n_requests: int,
+    concurrency: int,
+    per_request: int,
+    size: int,
+    steps: int,
+    run_app,
+) -> dict:
     """HTTP images/s vs the backend called directly with batches of concurrency * per_request images."""
     import httpx
 
@@ -52,18 +61,34 @@ def throughput(url: str, backend_spec: str, options: dict, n_requests: int, conc
 
     batch_images = concurrency * per_request
     cfg = ServeAppConfig(
-        backend=backend_spec, backend_options=options, store=tempfile.mkdtemp(prefix="bench-serve-"),
-        generator={"max_batch_size": concurrency, "max_ongoing_requests": 2 * concurrency, "max_queued_requests": 4 * concurrency,
-                   "max_batch_images": batch_images, "batch_wait_timeout_s": 0.05},
+        backend=backend_spec,
+        backend_options=options,
+        store=tempfile.mkdtemp(prefix="bench-serve-"),
+        generator={
+            "max_batch_size": concurrency,
+            "max_ongoing_requests": 2 * concurrency,
+            "max_queued_requests": 4 * concurrency,
+            "max_batch_images": batch_images,
+            "batch_wait_timeout_s": 0.05,
+        },
         limits={"max_images": max(256, per_request), "max_images_per_prompt": per_request},
-    )  # fmt: skip
+    )
     run_app(build_app(cfg), "tp")
     prompts = _prompts(backend_spec)
     k = max(1, per_request // len(prompts))
 
     def post(seed: int) -> int:
         with httpx.Client(base_url=f"{url}/tp", timeout=600) as c:
-            r = c.post("/v1/generate", json={"prompts": prompts, "images_per_prompt": k, "seed": seed, "size": size, "steps": steps})
+            r = c.post(
+                "/v1/generate",
+                json={
+                    "prompts": prompts,
+                    "images_per_prompt": k,
+                    "seed": seed,
+                    "size": size,
+                    "steps": steps,
+                },
+            )
             r.raise_for_status()
             return r.json()["n_images"]
 
@@ -81,16 +106,32 @@ def throughput(url: str, backend_spec: str, options: dict, n_requests: int, conc
 
     be = create_backend(backend_spec, **options)
     flat_p = [p for p in prompts for _ in range(k)] * concurrency
-    be.generate(flat_p, [image_seed(1, i) for i in range(len(flat_p))], steps, 0.0 if backend_spec == "world" else 7.5, (size, size))
+    be.generate(
+        flat_p,
+        [image_seed(1, i) for i in range(len(flat_p))],
+        steps,
+        0.0 if backend_spec == "world" else 7.5,
+        (size, size),
+    )
     n_direct, t = 0, time.perf_counter()
     for b in range(max(1, n_requests // concurrency)):
         seeds = [image_seed(b, i) for i in range(len(flat_p))]
-        n_direct += len(be.generate(flat_p, seeds, steps, 0.0 if backend_spec == "world" else 7.5, (size, size)))
+        n_direct += len(
+            be.generate(flat_p, seeds, steps, 0.0 if backend_spec == "world" else 7.5, (size, size))
+        )
     direct_s = time.perf_counter() - t
     http_ips, direct_ips = n_http / http_s, n_direct / direct_s
-    return {"backend": backend_spec, "clients": 2 * concurrency, "images_per_backend_call": len(flat_p), "http_images": n_http, "http_images_per_s": round(http_ips, 2),
-            "direct_images": n_direct, "direct_images_per_s": round(direct_ips, 2), "ratio": round(http_ips / direct_ips, 3),
-            "requests_per_batch_mean": round(statistics.mean(batches), 2)}  # fmt: skip
+    return {
+        "backend": backend_spec,
+        "clients": 2 * concurrency,
+        "images_per_backend_call": len(flat_p),
+        "http_images": n_http,
+        "http_images_per_s": round(http_ips, 2),
+        "direct_images": n_direct,
+        "direct_images_per_s": round(direct_ips, 2),
+        "ratio": round(http_ips / direct_ips, 3),
+        "requests_per_batch_mean": round(statistics.mean(batches), 2),
+    }
 
 
 def overhead(url: str, n_requests: int, run_app) -> dict:
@@ -100,7 +141,11 @@ def overhead(url: str, n_requests: int, run_app) -> dict:
     from serve.app import build_app
     from serve.config import ServeAppConfig
 
-    cfg = ServeAppConfig(backend="null", store=tempfile.mkdtemp(prefix="bench-serve-"), generator={"batch_wait_timeout_s": 0.0})
+    cfg = ServeAppConfig(
+        backend="null",
+        store=tempfile.mkdtemp(prefix="bench-serve-"),
+        generator={"batch_wait_timeout_s": 0.0},
+    )
     run_app(build_app(cfg), "oh")
     lat = []
     with httpx.Client(base_url=f"{url}/oh", timeout=60) as c:
@@ -116,8 +161,12 @@ def overhead(url: str, n_requests: int, run_app) -> dict:
             c.get("/healthz")
         health_ms = (time.perf_counter() - t) * 1000 / n_requests
     lat.sort()
-    return {"requests": n_requests, "median_ms": round(statistics.median(lat), 2), "p90_ms": round(lat[int(0.9 * len(lat))], 2),
-            "healthz_mean_ms": round(health_ms, 2)}  # fmt: skip
+    return {
+        "requests": n_requests,
+        "median_ms": round(statistics.median(lat), 2),
+        "p90_ms": round(lat[int(0.9 * len(lat))], 2),
+        "healthz_mean_ms": round(health_ms, 2),
+    }
 
 
 def overload(url: str, n_requests: int, concurrency: int, run_app) -> dict:
@@ -130,15 +179,25 @@ def overload(url: str, n_requests: int, concurrency: int, run_app) -> dict:
     from serve.sets import read_set_meta
 
     cfg = ServeAppConfig(
-        backend="null", backend_options={"delay_s": 0.1}, store=tempfile.mkdtemp(prefix="bench-serve-"),
+        backend="null",
+        backend_options={"delay_s": 0.1},
+        store=tempfile.mkdtemp(prefix="bench-serve-"),
         generator={"max_batch_size": 2, "max_ongoing_requests": 2, "max_queued_requests": 4},
-    )  # fmt: skip
+    )
     run_app(build_app(cfg), "ol")
 
     def post(i: int):
         try:
             with httpx.Client(base_url=f"{url}/ol", timeout=120) as c:
-                r = c.post("/v1/generate", json={"prompts": ["a", "b"], "images_per_prompt": 2, "seed": i, "set_id": f"burst-{i}"})
+                r = c.post(
+                    "/v1/generate",
+                    json={
+                        "prompts": ["a", "b"],
+                        "images_per_prompt": 2,
+                        "seed": i,
+                        "set_id": f"burst-{i}",
+                    },
+                )
                 return i, r.status_code, r.headers.get("retry-after")
         except httpx.HTTPError as e:
             return i, f"{type(e).__name__}", None
@@ -155,10 +214,18 @@ def overload(url: str, n_requests: int, concurrency: int, run_app) -> dict:
     stored = {n for n in store.listdir("synthetic") if n.startswith("burst-")}
     complete = sum((read_set_meta(store, s) or {}).get("n_images") == 4 for s in stored)
     bound = cfg.generator.max_ongoing_requests + cfg.generator.max_queued_requests
-    return {"requests": n_requests, "concurrency": concurrency, "bound_ongoing_plus_queued": bound, "statuses": codes,
-            "retry_after_on_all_503": all(ra for _, c, ra in res if c == 503),
-            "only_200_503": set(codes) <= {"200", "503"}, "stored_sets": len(stored), "complete_sets": complete,
-            "lost_or_extra_sets": len(ok ^ stored), "seconds": round(secs, 2)}  # fmt: skip
+    return {
+        "requests": n_requests,
+        "concurrency": concurrency,
+        "bound_ongoing_plus_queued": bound,
+        "statuses": codes,
+        "retry_after_on_all_503": all(ra for _, c, ra in res if c == 503),
+        "only_200_503": set(codes) <= {"200", "503"},
+        "stored_sets": len(stored),
+        "complete_sets": complete,
+        "lost_or_extra_sets": len(ok ^ stored),
+        "seconds": round(secs, 2),
+    }
 
 
 def direct_only(spec: str, options: dict, size: int, steps: int, seconds: float = 3.0) -> dict:
@@ -175,9 +242,17 @@ def direct_only(spec: str, options: dict, size: int, steps: int, seconds: float 
     out: dict = {"info": {k: str(v) for k, v in be.info().items()}}
     pipe = getattr(be, "pipe", None)
     if pipe is not None:
-        out["attn_processors"] = sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()})
+        out["attn_processors"] = sorted(
+            {type(p).__name__ for p in pipe.unet.attn_processors.values()}
+        )
     g = 0.0 if spec == "world" else 7.5
-    pair = be.generate(["a photo of a red sandal on grass", "a photo of a blue bag"], [11, 12], steps, g, (size, size))
+    pair = be.generate(
+        ["a photo of a red sandal on grass", "a photo of a blue bag"],
+        [11, 12],
+        steps,
+        g,
+        (size, size),
+    )
     alone = be.generate(["a photo of a red sandal on grass"], [11], steps, g, (size, size))
     again = be.generate(["a photo of a red sandal on grass"], [11], steps, g, (size, size))
     out["repeat_equal"] = bool(np.array_equal(alone, again))
@@ -196,24 +271,42 @@ def direct_only(spec: str, options: dict, size: int, steps: int, seconds: float 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--backend", default="tiny-sd", help="tiny-sd (random tiny SD pipeline, offline) | world | diffusers:MODEL")
-    p.add_argument("--requests", type=int, default=16, help="timed requests in the throughput phase")
-    p.add_argument("--concurrency", type=int, default=4, help="requests merged per batch (clients: twice this)")
+    p.add_argument(
+        "--backend",
+        default="tiny-sd",
+        help="tiny-sd (random tiny SD pipeline, offline) | world | diffusers:MODEL",
+    )
+    p.add_argument(
+        "--requests", type=int, default=16, help="timed requests in the throughput phase"
+    )
+    p.add_argument(
+        "--concurrency", type=int, default=4, help="requests merged per batch (clients: twice this)"
+    )
     p.add_argument("--per-request", type=int, default=8, help="images per request")
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--overhead-requests", type=int, default=200)
     p.add_argument("--overload-requests", type=int, default=64)
     p.add_argument("--num-cpus", type=int, default=None)
-    p.add_argument("--skip", default="", help="comma list of phases to skip: throughput,overhead,overload")
+    p.add_argument(
+        "--skip", default="", help="comma list of phases to skip: throughput,overhead,overload"
+    )
     p.add_argument("--out", default=None, help="also write the results as JSON here")
-    p.add_argument("--direct-only", action="store_true", help="no Ray: measure the backend alone (device check)")
-    p.add_argument("--max-seconds", type=int, default=900, help="abort the whole benchmark after this long")
+    p.add_argument(
+        "--direct-only",
+        action="store_true",
+        help="no Ray: measure the backend alone (device check)",
+    )
+    p.add_argument(
+        "--max-seconds", type=int, default=900, help="abort the whole benchmark after this long"
+    )
     a = p.parse_args(argv)
     import signal
 
     def _abort(*_):
-        raise TimeoutError(f"bench_serve: over --max-seconds={a.max_seconds}; lower --requests or --per-request")
+        raise TimeoutError(
+            f"bench_serve: over --max-seconds={a.max_seconds}; lower --requests or --per-request"
+        )
 
     signal.signal(signal.SIGALRM, _abort)
     signal.alarm(a.max_seconds)
@@ -223,19 +316,29 @@ def main(argv: list[str] | None = None) -> dict:
     if spec == "tiny-sd":
         from serve.backends import build_tiny_sd_pipeline
 
-        spec = "diffusers:" + build_tiny_sd_pipeline(os.path.join(tempfile.gettempdir(), "zoo-audit-bench-tiny-sd"))
+        spec = "diffusers:" + build_tiny_sd_pipeline(
+            os.path.join(tempfile.gettempdir(), "zoo-audit-bench-tiny-sd")
+        )
     if spec.startswith("diffusers:"):
         import torch
 
         cuda = torch.cuda.is_available()
-        size, steps = a.size or (512 if cuda and a.backend != "tiny-sd" else 32), a.steps or (25 if a.backend != "tiny-sd" else 8)
+        size, steps = (
+            a.size or (512 if cuda and a.backend != "tiny-sd" else 32),
+            a.steps or (25 if a.backend != "tiny-sd" else 8),
+        )
         # one intra-op thread per process on CPU: the driver and the replica share the cores
         options = {"num_threads": 1} if not cuda else {}
     else:
         size, steps = a.size or 32, a.steps or 1
 
     if a.direct_only:
-        res = {"backend": spec, "size": size, "steps": steps, **direct_only(spec, options, size, steps)}
+        res = {
+            "backend": spec,
+            "size": size,
+            "steps": steps,
+            **direct_only(spec, options, size, steps),
+        }
         print(json.dumps(res, indent=2))
         return res
 
@@ -246,7 +349,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from audit import versions
 
-    ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(
+        num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 
     def run_app(app, name):
@@ -255,14 +360,20 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     results: dict = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                    "load_avg_1m": os.getloadavg()[0]},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_avg_1m": os.getloadavg()[0],
+        },
         "versions": versions(),
-    }  # fmt: skip
+    }
     skip = set(filter(None, a.skip.split(",")))
     try:
         if "throughput" not in skip:
-            results["throughput"] = throughput(url, spec, options, a.requests, a.concurrency, a.per_request, size, steps, run_app)
+            results["throughput"] = throughput(
+                url, spec, options, a.requests, a.concurrency, a.per_request, size, steps, run_app
+            )
             results["throughput"].update(size=size, steps=steps)
             serve.delete("tp")
             print("throughput:", json.dumps(results["throughput"]), flush=True)

@@ -43,7 +43,9 @@ def random_weights(specs, n_classes: int, directory: str) -> dict[str, str]:
     return out
 
 
-def plain_loop(specs, classes, images, ids, labels, weights, threads: int, batch_size: int) -> float:
+def plain_loop(
+    specs, classes, images, ids, labels, weights, threads: int, batch_size: int
+) -> float:
     import torch
 
     from audit.zoo.inference import predict_arrays
@@ -68,14 +70,17 @@ class _Count:
         self.failed[name] = reason
 
 
-def ray_sweep(specs, classes, images, ids, labels, weights, workers: int, threads: int, batch_size: int) -> float:
+def ray_sweep(
+    specs, classes, images, ids, labels, weights, workers: int, threads: int, batch_size: int
+) -> float:
     from audit.pipeline.sweep import SweepJob
     from cluster.sweep import RaySweeper
 
     sink = _Count()
     t = time.perf_counter()
     RaySweeper(num_workers=workers, threads_per_worker=threads, gpus="no").run(
-        SweepJob(images, ids, labels, list(classes), list(specs), weights, batch_size), sink)
+        SweepJob(images, ids, labels, list(classes), list(specs), weights, batch_size), sink
+    )
     dt = time.perf_counter() - t
     assert sorted(sink.done) == sorted(s.name for s in specs), f"sweep failed: {sink.failed}"
     return dt
@@ -105,19 +110,61 @@ def bench_sweep(args) -> None:
     total = args.threads
     ray.init(num_cpus=total, include_dashboard=False, log_to_driver=False)
     work = args.n_images * len(specs)
-    print(f"{len(specs)} models x {args.n_images} images ({size}x{size}), batch {args.batch_size}, "
-          f"best of {args.repeats}; {work} model-images per run")  # fmt: skip
+    print(
+        f"{len(specs)} models x {args.n_images} images ({size}x{size}), batch {args.batch_size}, "
+        f"best of {args.repeats}; {work} model-images per run"
+    )
     try:
         # warm-up: imports, allocator, one Ray actor start
-        plain_loop(specs[:1], classes, images[: args.batch_size], ids[: args.batch_size], labels[: args.batch_size], weights, 1, args.batch_size)
-        ray_sweep(specs[:1], classes, images[: args.batch_size], ids[: args.batch_size], labels[: args.batch_size], weights, 1, 1, args.batch_size)
+        plain_loop(
+            specs[:1],
+            classes,
+            images[: args.batch_size],
+            ids[: args.batch_size],
+            labels[: args.batch_size],
+            weights,
+            1,
+            args.batch_size,
+        )
+        ray_sweep(
+            specs[:1],
+            classes,
+            images[: args.batch_size],
+            ids[: args.batch_size],
+            labels[: args.batch_size],
+            weights,
+            1,
+            1,
+            args.batch_size,
+        )
         r = {}
-        r["plain T=1"] = best_of(lambda: plain_loop(specs, classes, images, ids, labels, weights, 1, args.batch_size), args.repeats)
-        r["ray 1x1"] = best_of(lambda: ray_sweep(specs, classes, images, ids, labels, weights, 1, 1, args.batch_size), args.repeats)
+        r["plain T=1"] = best_of(
+            lambda: plain_loop(specs, classes, images, ids, labels, weights, 1, args.batch_size),
+            args.repeats,
+        )
+        r["ray 1x1"] = best_of(
+            lambda: ray_sweep(specs, classes, images, ids, labels, weights, 1, 1, args.batch_size),
+            args.repeats,
+        )
         if total >= 2:
-            r[f"plain T={total}"] = best_of(lambda: plain_loop(specs, classes, images, ids, labels, weights, total, args.batch_size), args.repeats)
-            r[f"ray 1x{total}"] = best_of(lambda: ray_sweep(specs, classes, images, ids, labels, weights, 1, total, args.batch_size), args.repeats)
-            r[f"ray {total}x1"] = best_of(lambda: ray_sweep(specs, classes, images, ids, labels, weights, total, 1, args.batch_size), args.repeats)
+            r[f"plain T={total}"] = best_of(
+                lambda: plain_loop(
+                    specs, classes, images, ids, labels, weights, total, args.batch_size
+                ),
+                args.repeats,
+            )
+            r[f"ray 1x{total}"] = best_of(
+                lambda: ray_sweep(
+                    specs, classes, images, ids, labels, weights, 1, total, args.batch_size
+                ),
+                args.repeats,
+            )
+            r[f"ray {total}x1"] = best_of(
+                lambda: ray_sweep(
+                    specs, classes, images, ids, labels, weights, total, 1, args.batch_size
+                ),
+                args.repeats,
+            )
     finally:
         ray.shutdown()
         shutil.rmtree(wdir, ignore_errors=True)
@@ -125,19 +172,31 @@ def bench_sweep(args) -> None:
     print(f"\n{'setup':12s} {'wall s':>7s} {'img/s':>7s}")
     for k, wall in r.items():
         print(f"{k:12s} {wall:7.2f} {work / wall:7.0f}")
-    print("(img/s = model-images per second; wall includes loading the models, and for Ray starting the actors)")
+    print(
+        "(img/s = model-images per second; wall includes loading the models, and for Ray starting the actors)"
+    )
     print("\nratios of throughput:")
 
     def ratio(a, b):
         return f"{r[b] / r[a]:5.2f}x"
 
-    print(f"  ray 1 worker vs plain loop, 1 thread           {ratio('ray 1x1', 'plain T=1')}   (target >= 0.9)")
+    print(
+        f"  ray 1 worker vs plain loop, 1 thread           {ratio('ray 1x1', 'plain T=1')}   (target >= 0.9)"
+    )
     if total >= 2:
-        print(f"  ray 1 worker vs plain loop, {total} threads          {ratio(f'ray 1x{total}', f'plain T={total}')}   (target >= 0.9)")
-        print(f"  ray {total} workers x 1 vs plain loop, {total} threads    {ratio(f'ray {total}x1', f'plain T={total}')}")
-        print(f"  ray {total} workers x 1 thread vs 1 worker x 1     {ratio(f'ray {total}x1', 'ray 1x1')}   (target >= 1.8)")
+        print(
+            f"  ray 1 worker vs plain loop, {total} threads          {ratio(f'ray 1x{total}', f'plain T={total}')}   (target >= 0.9)"
+        )
+        print(
+            f"  ray {total} workers x 1 vs plain loop, {total} threads    {ratio(f'ray {total}x1', f'plain T={total}')}"
+        )
+        print(
+            f"  ray {total} workers x 1 thread vs 1 worker x 1     {ratio(f'ray {total}x1', 'ray 1x1')}   (target >= 1.8)"
+        )
         # what this machine gives at all: the same models in one process, 1 -> N threads
-        print(f"  plain loop {total} threads vs 1 thread (machine's own scaling) {ratio(f'plain T={total}', 'plain T=1')}")
+        print(
+            f"  plain loop {total} threads vs 1 thread (machine's own scaling) {ratio(f'plain T={total}', 'plain T=1')}"
+        )
 
 
 def bench_overlap(n_models: int = 40, n_examples: int = 1_000_000, repeats: int = 3) -> None:
@@ -172,24 +231,32 @@ def bench_overlap(n_models: int = 40, n_examples: int = 1_000_000, repeats: int 
     print(f"  pack bool -> bits                          {t_pack:7.3f} s")
     print(f"  all pairwise Jaccard + conditional rates   {min(times):7.3f} s   (target < 1 s)")
     print(f"  + error consistency, 1000-draw bootstrap   {t_all:7.3f} s")
-    print(f"  clustering (average linkage, 8 clusters)   {t_cl:7.3f} s   planted families recovered: {ok}")
+    print(
+        f"  clustering (average linkage, 8 clusters)   {t_cl:7.3f} s   planted families recovered: {ok}"
+    )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--zoo", default="demo")
     p.add_argument("--models", default=DEFAULT_MODELS)
     p.add_argument("--n-images", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="total threads / Ray CPUs")
+    p.add_argument(
+        "--threads", type=int, default=min(2, os.cpu_count() or 1), help="total threads / Ray CPUs"
+    )
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--skip-sweep", action="store_true")
     args = p.parse_args()
     import ray
     import torch
 
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores; python "
-          f"{platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}, numpy {np.__version__}")  # fmt: skip
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores; python "
+        f"{platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}, numpy {np.__version__}"
+    )
     if not args.skip_sweep:
         bench_sweep(args)
     bench_overlap()

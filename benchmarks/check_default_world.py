@@ -25,45 +25,75 @@ import pyarrow.parquet as pq
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", nargs="?", default="runs/demo", help="a run directory (default runs/demo)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "run", nargs="?", default="runs/demo", help="a run directory (default runs/demo)"
+    )
     ap.add_argument("--min-models", type=int, default=8, help="models a planted mode must show in")
-    ap.add_argument("--min-named", type=float, default=0.95, help="share of failing pairs the top-1 caption names")
-    ap.add_argument("--min-gap", type=float, default=0.15, help="a group 'shows' this far below its class")
+    ap.add_argument(
+        "--min-named",
+        type=float,
+        default=0.95,
+        help="share of failing pairs the top-1 caption names",
+    )
+    ap.add_argument(
+        "--min-gap", type=float, default=0.15, help="a group 'shows' this far below its class"
+    )
     args = ap.parse_args(argv)
 
     from audit.pipeline.summary import planted_summary
     from audit.planted import summarize_planted
     from audit.store import RunStore
 
-    acc_path, planted_path = (os.path.join(args.run, f) for f in ("accuracy.parquet", "planted.parquet"))
+    acc_path, planted_path = (
+        os.path.join(args.run, f) for f in ("accuracy.parquet", "planted.parquet")
+    )
     for p in (acc_path, planted_path):
         if not os.path.exists(p):
-            print(f"{p} is missing: run `make demo` (or an audit with directions on) first", file=sys.stderr)
+            print(
+                f"{p} is missing: run `make demo` (or an audit with directions on) first",
+                file=sys.stderr,
+            )
             return 2
     ok = True
     groups = planted_summary(pq.read_table(acc_path), threshold=args.min_gap)
     if not groups:
         print(f"{args.run}: no planted groups in accuracy.parquet (not a world?)", file=sys.stderr)
         return 2
-    print(f"planted modes ('shows' = group >= {args.min_gap:.0%} below its class; need >= {args.min_models}):")
+    print(
+        f"planted modes ('shows' = group >= {args.min_gap:.0%} below its class; need >= {args.min_models}):"
+    )
     for g in groups:
         good = g["shows"] >= args.min_models
         ok &= good
-        print(f"  {g['group']:32s} group {g['group_acc']:6.1%}  class {g['class_acc']:6.1%}  "
-              f"shows {g['shows']:2d}/{g['models']}  {'ok' if good else 'MISSED'}")  # fmt: skip
+        print(
+            f"  {g['group']:32s} group {g['group_acc']:6.1%}  class {g['class_acc']:6.1%}  "
+            f"shows {g['shows']:2d}/{g['models']}  {'ok' if good else 'MISSED'}"
+        )
     planted = pq.read_table(planted_path)
-    scoring = RunStore(args.run).manifest().get("config", {}).get("directions", {}).get("caption_scoring", "images")
+    scoring = (
+        RunStore(args.run)
+        .manifest()
+        .get("config", {})
+        .get("directions", {})
+        .get("caption_scoring", "images")
+    )
     if "caption_scoring" in planted.column_names:
         rows = [r for r in planted.to_pylist() if r["caption_scoring"] == scoring]
         planted = planted.from_pylist(rows, schema=planted.schema)
     s = summarize_planted(planted)
     good = s["named_share"] >= args.min_named
     ok &= good
-    print(f"top-1 hard caption ({scoring} scoring) names the planted value for {s['named_share']:.1%} of "
-          f"{s['pairs']} failing pairs (need >= {args.min_named:.0%})  {'ok' if good else 'MISSED'}")  # fmt: skip
-    print(f"direction precision at the number of errors {s['precision_svm']:.2f} vs confidence "
-          f"{s['precision_confidence']:.2f}")  # fmt: skip
+    print(
+        f"top-1 hard caption ({scoring} scoring) names the planted value for {s['named_share']:.1%} of "
+        f"{s['pairs']} failing pairs (need >= {args.min_named:.0%})  {'ok' if good else 'MISSED'}"
+    )
+    print(
+        f"direction precision at the number of errors {s['precision_svm']:.2f} vs confidence "
+        f"{s['precision_confidence']:.2f}"
+    )
     return 0 if ok else 1
 
 

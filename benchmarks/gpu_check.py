@@ -40,11 +40,15 @@ def sweep_check(n_images: int) -> bool:
     zoo = ZooSpec.from_toml("demo")
     train_zoo(zoo, data, device="cuda", progress=False)
     weights = trained_weights(zoo, data)
-    print(f"demo zoo ready ({len(weights)} models, {time.perf_counter() - t:.0f}s incl. training on the GPU)")
+    print(
+        f"demo zoo ready ({len(weights)} models, {time.perf_counter() - t:.0f}s incl. training on the GPU)"
+    )
     part = data.split("debug")
     images, ok, _ = part.decode()
     images, part = images[:n_images], part.take(ok[:n_images])
-    job = SweepJob(images, part.example_ids.astype(str), part.labels, data.classes, list(zoo), weights, 256)
+    job = SweepJob(
+        images, part.example_ids.astype(str), part.labels, data.classes, list(zoo), weights, 256
+    )
     cpu, gpu = Keep(), Keep()
     t = time.perf_counter()
     LocalSweeper("cpu", threads=os.cpu_count()).run(job, cpu)
@@ -57,14 +61,24 @@ def sweep_check(n_images: int) -> bool:
         t_gpu = time.perf_counter() - t
     finally:
         ray.shutdown()
-    agree = {m: float(np.mean(cpu.logits[m].argmax(1) == gpu.logits[m].argmax(1))) for m in cpu.logits if m in gpu.logits}
+    agree = {
+        m: float(np.mean(cpu.logits[m].argmax(1) == gpu.logits[m].argmax(1)))
+        for m in cpu.logits
+        if m in gpu.logits
+    }
     worst = min(agree.values()) if agree else 0.0
-    print(f"sweep {len(zoo)} models x {len(images)} images: CPU {t_cpu:.1f}s, GPU shards {t_gpu:.1f}s "
-          f"(ratio {t_cpu / t_gpu:.2f}x, GPU incl. actor start and model load)")  # fmt: skip
-    print(f"  prediction agreement GPU fp16 vs CPU fp32: worst model {worst:.2%}, mean {np.mean(list(agree.values())):.2%} "
-          f"(target >= 99%); failed on GPU: {sorted(gpu.failed) or 'none'}")  # fmt: skip
+    print(
+        f"sweep {len(zoo)} models x {len(images)} images: CPU {t_cpu:.1f}s, GPU shards {t_gpu:.1f}s "
+        f"(ratio {t_cpu / t_gpu:.2f}x, GPU incl. actor start and model load)"
+    )
+    print(
+        f"  prediction agreement GPU fp16 vs CPU fp32: worst model {worst:.2%}, mean {np.mean(list(agree.values())):.2%} "
+        f"(target >= 99%); failed on GPU: {sorted(gpu.failed) or 'none'}"
+    )
     shards_ok = info["device"] == "cuda" and len(info["shards"]) == min(n_gpus, len(zoo))
-    print(f"  placement: {len(info['shards'])} shard(s) on {info['device']} for {n_gpus} GPU(s): {'ok' if shards_ok else 'WRONG'}")
+    print(
+        f"  placement: {len(info['shards'])} shard(s) on {info['device']} for {n_gpus} GPU(s): {'ok' if shards_ok else 'WRONG'}"
+    )
     return worst >= 0.99 and not gpu.failed and shards_ok
 
 
@@ -86,21 +100,35 @@ def generation_check(n_prompts: int = 8, repeats: int = 3) -> bool:
         t = time.perf_counter()
         many = b.generate(prompts, seeds, 10, 7.5, size)
         batched.append(time.perf_counter() - t)
-    same = float(np.mean([np.abs(many[i].astype(int) - one[i][0].astype(int)).max() <= 8 for i in range(n_prompts)]))
-    print(f"generation, diffusers fp16 ({b.info()['dtype']}, {size[0]}px, 10 steps, {n_prompts} prompts): "
-          f"direct {min(direct):.3f}s, batched {min(batched):.3f}s, ratio {min(direct) / min(batched):.2f}x; "
-          f"batched images equal to direct ones (max abs diff <= 8): {same:.0%}")  # fmt: skip
+    same = float(
+        np.mean(
+            [
+                np.abs(many[i].astype(int) - one[i][0].astype(int)).max() <= 8
+                for i in range(n_prompts)
+            ]
+        )
+    )
+    print(
+        f"generation, diffusers fp16 ({b.info()['dtype']}, {size[0]}px, 10 steps, {n_prompts} prompts): "
+        f"direct {min(direct):.3f}s, batched {min(batched):.3f}s, ratio {min(direct) / min(batched):.2f}x; "
+        f"batched images equal to direct ones (max abs diff <= 8): {same:.0%}"
+    )
     return same >= 0.99
 
 
 def main() -> int:
     import torch
 
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}")
+    print(
+        f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}"
+    )
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; nothing to check (exit 0)")
         return 0
-    print("GPUs: " + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))
+    print(
+        "GPUs: "
+        + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    )
     n = int(os.environ.get("GPU_CHECK_IMAGES", "1800"))
     results = {"sweep": sweep_check(n), "generation": generation_check()}
     print("gpu_check: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in results.items()))

@@ -17,7 +17,9 @@ def _world_build(a):
     from audit.data.world import build_world
 
     t = build_world(a.spec, a.out, fmnist_dir=a.fashion_mnist, force=a.force)
-    print(f"world: {len(t)} examples, classes {t.classes} -> {os.path.join(a.out, 'examples.parquet')}")
+    print(
+        f"world: {len(t)} examples, classes {t.classes} -> {os.path.join(a.out, 'examples.parquet')}"
+    )
 
 
 def _world_render(a):
@@ -54,14 +56,23 @@ def _zoo_train(a):
     data = read_dataset(a.data)
     zoo = ZooSpec.from_toml(a.zoo)
     for r in train_zoo(zoo, data, device=a.device, names=a.models.split(",") if a.models else None):
-        print(f"  {r.name:24s} {'trained' if r.trained else 'cached':8s} {r.seconds:6.1f}s  {r.path}")
+        print(
+            f"  {r.name:24s} {'trained' if r.trained else 'cached':8s} {r.seconds:6.1f}s  {r.path}"
+        )
 
 
 def _run_cmd(config: str, a, overrides: dict | None = None, resume: bool = False) -> None:
     from cluster.runner import run_audit
 
-    run_audit(config, a.out, address=getattr(a, "address", None), resume=resume or getattr(a, "resume", False),
-              force=a.force or (), verbose=a.verbose, overrides=overrides)  # fmt: skip
+    run_audit(
+        config,
+        a.out,
+        address=getattr(a, "address", None),
+        resume=resume or getattr(a, "resume", False),
+        force=a.force or (),
+        verbose=a.verbose,
+        overrides=overrides,
+    )
 
 
 def _demo(a):
@@ -83,10 +94,14 @@ def _report(a):
     from audit.store import RunStore
 
     if "://" not in a.run and not os.path.isfile(os.path.join(a.run, "manifest.json")):
-        raise FileNotFoundError(f"{a.run!r} is not a run directory (no manifest.json); give the --out of a "
-                                "`zoo-audit run` or `zoo-audit demo`")  # fmt: skip
+        raise FileNotFoundError(
+            f"{a.run!r} is not a run directory (no manifest.json); give the --out of a "
+            "`zoo-audit run` or `zoo-audit demo`"
+        )
     res = write_report(RunStore(a.run), a.out)
-    print(f"{res.n_models} model pages, {res.n_clusters} cluster pages, {res.n_bytes / 1e6:.1f} MB in {res.seconds:.1f}s")
+    print(
+        f"{res.n_models} model pages, {res.n_clusters} cluster pages, {res.n_bytes / 1e6:.1f} MB in {res.seconds:.1f}s"
+    )
     print(f"report: {res.index}")
 
 
@@ -104,22 +119,35 @@ def _serve(a):
         raise ValueError(f"--port {a.port} is not a TCP port; give one in 1-65535 (e.g. 8000)")
     name, _ = parse_backend(a.backend)
     if name not in list_backends():
-        raise ValueError(f"--backend {a.backend!r}: unknown backend {name!r}; known: {', '.join(list_backends())}")
+        raise ValueError(
+            f"--backend {a.backend!r}: unknown backend {name!r}; known: {', '.join(list_backends())}"
+        )
 
     serve_main(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo-audit", description="Audit a zoo of image classifiers.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, Ray/Serve logs and tracebacks on the console")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, Ray/Serve logs and tracebacks on the console",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    w = sub.add_parser("world", help="the planted benchmark world").add_subparsers(dest="world_cmd", required=True)
+    w = sub.add_parser("world", help="the planted benchmark world").add_subparsers(
+        dest="world_cmd", required=True
+    )
     b = w.add_parser("build", help="build a world from a TOML spec")
     b.add_argument("--spec", required=True)
     b.add_argument("--out", required=True)
-    b.add_argument("--fashion-mnist", default=None, help="directory with the Fashion-MNIST IDX files")
-    b.add_argument("--force", action="store_true", help="rebuild even if DIR holds this spec's world")
+    b.add_argument(
+        "--fashion-mnist", default=None, help="directory with the Fashion-MNIST IDX files"
+    )
+    b.add_argument(
+        "--force", action="store_true", help="rebuild even if DIR holds this spec's world"
+    )
     b.set_defaults(fn=_world_build)
     r = w.add_parser("render", help="render images for a caption (the offline generator)")
     r.add_argument("--world", required=True, help="a world directory (its spec.toml is used)")
@@ -135,34 +163,63 @@ def build_parser() -> argparse.ArgumentParser:
     zl.set_defaults(fn=_zoo_list)
     zt = z.add_parser("train", help="train a zoo's from-scratch members on a dataset's train split")
     zt.add_argument("--zoo", default="demo")
-    zt.add_argument("--data", required=True, help="world directory, Parquet manifest or ImageFolder")
+    zt.add_argument(
+        "--data", required=True, help="world directory, Parquet manifest or ImageFolder"
+    )
     zt.add_argument("--models", default=None, help="comma-separated subset")
     zt.add_argument("--device", default="cpu")
     zt.set_defaults(fn=_zoo_train)
 
     stages = "train, sweep, accuracy, stats, embed, directions, generate"
-    d = sub.add_parser("demo", help="the audit on the embedded default: zoo-audit run configs/audit/demo.toml --out runs/demo")
+    d = sub.add_parser(
+        "demo",
+        help="the audit on the embedded default: zoo-audit run configs/audit/demo.toml --out runs/demo",
+    )
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--zoo", default=None, help="another zoo manifest (default: the demo zoo)")
     d.add_argument("--models", default=None, help="comma-separated subset of the zoo")
     d.add_argument("--device", default=None, help="where zoo members are trained (default cpu)")
-    d.add_argument("--force", action="append", metavar="STAGE", help=f"redo this stage, and the stages that read it, even if current ({stages})")
+    d.add_argument(
+        "--force",
+        action="append",
+        metavar="STAGE",
+        help=f"redo this stage, and the stages that read it, even if current ({stages})",
+    )
     d.set_defaults(fn=_demo)
 
-    rn = sub.add_parser("run", help="run an audit from a TOML config (one line per stage, then the summary)")
+    rn = sub.add_parser(
+        "run", help="run an audit from a TOML config (one line per stage, then the summary)"
+    )
     rn.add_argument("config", help="an audit config TOML (or a shipped name such as 'demo')")
     rn.add_argument("--out", required=True, help="the run directory (a path or a pyarrow.fs URI)")
-    rn.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or an embedded Ray)")
-    rn.add_argument("--resume", action="store_true", help="reuse a run directory that holds a run of another config")
-    rn.add_argument("--force", action="append", metavar="STAGE", help=f"redo this stage, and the stages that read it, even if current ({stages})")
+    rn.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (default: $RAY_ADDRESS or an embedded Ray)",
+    )
+    rn.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse a run directory that holds a run of another config",
+    )
+    rn.add_argument(
+        "--force",
+        action="append",
+        metavar="STAGE",
+        help=f"redo this stage, and the stages that read it, even if current ({stages})",
+    )
     rn.set_defaults(fn=_run)
 
-    rp = sub.add_parser("report", help="write the static HTML report of a run (opens from disk; no server)")
+    rp = sub.add_parser(
+        "report", help="write the static HTML report of a run (opens from disk; no server)"
+    )
     rp.add_argument("run", help="a run directory (the --out of `zoo-audit run` or `demo`)")
     rp.add_argument("--out", default=None, help="where to write it (default RUN/report)")
     rp.set_defaults(fn=_report)
 
-    e = sub.add_parser("embed", help="joint image/text embedders").add_subparsers(dest="embed_cmd", required=True)
+    e = sub.add_parser("embed", help="joint image/text embedders").add_subparsers(
+        dest="embed_cmd", required=True
+    )
     et = e.add_parser("train", help="train the world encoder on a captioned table")
     et.add_argument("--data", required=True)
     et.add_argument("--device", default="cpu")
@@ -180,15 +237,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     from audit.pipeline.runner import StageFailed
 
     try:
         args.fn(args)
     except StageFailed as e:
         out = getattr(args, "out", "the run directory")
-        print(f"zoo-audit: stage {e.stage!r} failed: {e.reason}\n  Every earlier stage's output is kept in {out}; "
-              f"fix the cause and rerun the same command to resume (details: {out}/errors.parquet).", file=sys.stderr)
+        print(
+            f"zoo-audit: stage {e.stage!r} failed: {e.reason}\n  Every earlier stage's output is kept in {out}; "
+            f"fix the cause and rerun the same command to resume (details: {out}/errors.parquet).",
+            file=sys.stderr,
+        )
         return 1
     except (ValueError, KeyError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
@@ -200,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one clear line, the traceback with --verbose
         if args.verbose:
             raise
-        print(f"zoo-audit: error: {type(e).__name__}: {e} (rerun with --verbose for the traceback)", file=sys.stderr)
+        print(
+            f"zoo-audit: error: {type(e).__name__}: {e} (rerun with --verbose for the traceback)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -16,8 +16,14 @@ class RayExecutor:
 
         return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
-    def map(self, fn: Callable[..., Any], items: Sequence[Any], *, shared: Mapping[str, Any] | None = None,
-            cpus: float = 1) -> list[Any]:  # fmt: skip
+    def map(
+        self,
+        fn: Callable[..., Any],
+        items: Sequence[Any],
+        *,
+        shared: Mapping[str, Any] | None = None,
+        cpus: float = 1,
+    ) -> list[Any]:
         import ray
 
         items = list(items)

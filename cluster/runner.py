@@ -30,7 +30,12 @@ class _LazyRay:
         from cluster.runtime import connect
 
         if not self.connected:
-            self.owned = connect(self.address, self.cfg.ray.num_cpus or None, verbose=self.verbose, log_dir=self.log_dir)
+            self.owned = connect(
+                self.address,
+                self.cfg.ray.num_cpus or None,
+                verbose=self.verbose,
+                log_dir=self.log_dir,
+            )
             self.connected = True
 
     def close(self) -> None:
@@ -66,16 +71,33 @@ class _OnRay:
         return self._get().request_sets(*a, **k)
 
 
-def ray_services(cfg: AuditConfig, store: RunStore, world_dir: str | None, ray: _LazyRay, progress: bool) -> Services:
+def ray_services(
+    cfg: AuditConfig, store: RunStore, world_dir: str | None, ray: _LazyRay, progress: bool
+) -> Services:
     from cluster.executor import RayExecutor
     from cluster.generate import set_generator
     from cluster.sweep import RaySweeper
 
     r = cfg.ray
-    sweeper = lambda: RaySweeper(r.num_cpu_workers, r.threads_per_worker or None, r.gpus, r.max_restarts, progress=progress)  # noqa: E731
-    return Services(executor=_OnRay(ray, RayExecutor), sweeper=_OnRay(ray, sweeper),
-                    generator=_OnRay(ray, lambda: set_generator(cfg.generate, store.uri, world_dir, shutdown_serve=not ray.owned)),
-                    progress=progress)  # fmt: skip
+
+    def sweeper():
+        return RaySweeper(
+            r.num_cpu_workers,
+            r.threads_per_worker or None,
+            r.gpus,
+            r.max_restarts,
+            progress=progress,
+        )
+
+    return Services(
+        executor=_OnRay(ray, RayExecutor),
+        sweeper=_OnRay(ray, sweeper),
+        generator=_OnRay(
+            ray,
+            lambda: set_generator(cfg.generate, store.uri, world_dir, shutdown_serve=not ray.owned),
+        ),
+        progress=progress,
+    )
 
 
 def check_run_dir(store: RunStore, key: str, resume: bool) -> str:
@@ -84,8 +106,10 @@ def check_run_dir(store: RunStore, key: str, resume: bool) -> str:
     if not m.get("stages"):
         return "new"
     if m.get("config_key") != key and not resume:
-        raise ValueError(f"run directory {store.uri} holds a run of another config; rerun with --resume to reuse what "
-                         "still matches (only changed stages run), or choose a new --out")  # fmt: skip
+        raise ValueError(
+            f"run directory {store.uri} holds a run of another config; rerun with --resume to reuse what "
+            "still matches (only changed stages run), or choose a new --out"
+        )
     return "finished" if m.get("status") == "done" and m.get("config_key") == key else "resume"
 
 
@@ -101,14 +125,20 @@ def check_out(out: str) -> str:
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise ValueError(f"--out {out!r}: {parent} is a file, not a directory; choose another --out")
+        raise ValueError(
+            f"--out {out!r}: {parent} is a file, not a directory; choose another --out"
+        )
     if not os.access(parent, os.W_OK):
-        raise ValueError(f"--out {out!r}: {parent} is not writable; choose a directory you can write")
+        raise ValueError(
+            f"--out {out!r}: {parent} is not writable; choose a directory you can write"
+        )
     return out
 
 
-_CREDENTIALS = {"s3": "AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and AWS_REGION",
-                "gs": "Google credentials (GOOGLE_APPLICATION_CREDENTIALS=KEY.json)"}  # fmt: skip
+_CREDENTIALS = {
+    "s3": "AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and AWS_REGION",
+    "gs": "Google credentials (GOOGLE_APPLICATION_CREDENTIALS=KEY.json)",
+}
 
 
 def check_uri(out: str, timeout_s: float | None = None) -> str:
@@ -116,7 +146,9 @@ def check_uri(out: str, timeout_s: float | None = None) -> str:
     missing credentials or an unreachable store is one line before any work, not a hang."""
     import threading
 
-    timeout_s = float(timeout_s if timeout_s is not None else os.environ.get("ZOO_AUDIT_STORE_TIMEOUT_S", 20))
+    timeout_s = float(
+        timeout_s if timeout_s is not None else os.environ.get("ZOO_AUDIT_STORE_TIMEOUT_S", 20)
+    )
     scheme = out.split("://", 1)[0].lower()
     hint = f"check {_CREDENTIALS.get(scheme, 'its credentials')} and the network"
     result: dict[str, BaseException | None] = {}
@@ -131,15 +163,21 @@ def check_uri(out: str, timeout_s: float | None = None) -> str:
         except BaseException as e:  # noqa: BLE001 - reported below as one line
             result["error"] = e
 
-    t = threading.Thread(target=probe, name="check-out-uri", daemon=True)  # a hung SDK call is abandoned
+    t = threading.Thread(
+        target=probe, name="check-out-uri", daemon=True
+    )  # a hung SDK call is abandoned
     t.start()
     t.join(timeout_s)
     if "error" not in result:
-        raise ValueError(f"--out {out!r}: no answer from the store in {timeout_s:.0f}s; {hint} "
-                         "(or raise ZOO_AUDIT_STORE_TIMEOUT_S)")  # fmt: skip
+        raise ValueError(
+            f"--out {out!r}: no answer from the store in {timeout_s:.0f}s; {hint} "
+            "(or raise ZOO_AUDIT_STORE_TIMEOUT_S)"
+        )
     if result["error"] is not None:
         e = result["error"]
-        raise ValueError(f"--out {out!r}: cannot write there ({type(e).__name__}: {str(e).splitlines()[0][:300]}); {hint}")
+        raise ValueError(
+            f"--out {out!r}: cannot write there ({type(e).__name__}: {str(e).splitlines()[0][:300]}); {hint}"
+        )
     return out
 
 
@@ -149,13 +187,24 @@ def check_ray_cpus(cfg: AuditConfig, address: str | None) -> None:
     n, have = cfg.ray.num_cpus, os.cpu_count() or 1
     joins = address or os.environ.get("RAY_ADDRESS")
     if n and not joins and n > have:
-        raise ValueError(f"[ray] num_cpus = {n} in {cfg.source or 'the config'}, but this machine has {have} cores; "
-                         f"use 0 (all cores) or at most {have}")  # fmt: skip
+        raise ValueError(
+            f"[ray] num_cpus = {n} in {cfg.source or 'the config'}, but this machine has {have} cores; "
+            f"use 0 (all cores) or at most {have}"
+        )
 
 
-def run_audit(config: str, out: str, *, address: str | None = None, resume: bool = False, force: Sequence[str] = (),
-              verbose: bool = False, overrides: dict | None = None, services: Services | None = None,
-              console: Callable[[str], None] = print) -> tuple[RunStore, RunOutcome]:  # fmt: skip
+def run_audit(
+    config: str,
+    out: str,
+    *,
+    address: str | None = None,
+    resume: bool = False,
+    force: Sequence[str] = (),
+    verbose: bool = False,
+    overrides: dict | None = None,
+    services: Services | None = None,
+    console: Callable[[str], None] = print,
+) -> tuple[RunStore, RunOutcome]:
     """Run the audit of ``config`` into ``out``; returns the store and what happened.
 
     ``services`` replaces the Ray services (tests inject threads and in-process fakes).
@@ -170,30 +219,65 @@ def run_audit(config: str, out: str, *, address: str | None = None, resume: bool
     key = _config_key(cfg)
     state = check_run_dir(store, key, resume)
     progress = sys.stderr.isatty()
-    shown = os.path.relpath(cfg.source) if not os.path.relpath(cfg.source).startswith("..") else cfg.source
-    console(f"zoo-audit run {shown} -> {store.uri}" + {"new": "", "finished": " (finished before: only what changed runs)",
-                                                                           "resume": " (resuming)"}[state])  # fmt: skip
+    shown = (
+        os.path.relpath(cfg.source)
+        if not os.path.relpath(cfg.source).startswith("..")
+        else cfg.source
+    )
+    console(
+        f"zoo-audit run {shown} -> {store.uri}"
+        + {
+            "new": "",
+            "finished": " (finished before: only what changed runs)",
+            "resume": " (resuming)",
+        }[state]
+    )
     ray = _LazyRay(cfg, address, verbose, store.path("logs") if store.local else None)
     try:
         inputs = load_inputs(cfg)
         if services is None:
             services = ray_services(cfg, store, inputs.world_dir, ray, progress)
-        inputs = RunInputs(cfg, inputs.data, inputs.data_key, inputs.world_dir, inputs.zoo, services)
-        store.update_manifest(kind="audit", config=cfg.model_dump(), config_key=key, versions=versions(), status="running",
-                              data={"source": cfg.data.path or cfg.data.world_spec, "world_dir": inputs.world_dir,
-                                    "key": inputs.data_key, "n": len(inputs.data), "classes": inputs.data.classes},
-                              zoo={"name": inputs.zoo.name, "path": inputs.zoo.path, "models": inputs.zoo.names,
-                                   "families": inputs.families})  # fmt: skip
+        inputs = RunInputs(
+            cfg, inputs.data, inputs.data_key, inputs.world_dir, inputs.zoo, services
+        )
+        store.update_manifest(
+            kind="audit",
+            config=cfg.model_dump(),
+            config_key=key,
+            versions=versions(),
+            status="running",
+            data={
+                "source": cfg.data.path or cfg.data.world_spec,
+                "world_dir": inputs.world_dir,
+                "key": inputs.data_key,
+                "n": len(inputs.data),
+                "classes": inputs.data.classes,
+            },
+            zoo={
+                "name": inputs.zoo.name,
+                "path": inputs.zoo.path,
+                "models": inputs.zoo.names,
+                "families": inputs.families,
+            },
+        )
         splits = sorted(set(inputs.data.column("split").tolist()))
-        console(f"  {'data':<11s} {len(inputs.data):,} images, {len(inputs.data.classes)} classes, splits "
-                f"{'/'.join(splits)}{' (world)' if inputs.world_dir else ''}; zoo {inputs.zoo.name!r}: {len(inputs.zoo)} models")  # fmt: skip
+        console(
+            f"  {'data':<11s} {len(inputs.data):,} images, {len(inputs.data.classes)} classes, splits "
+            f"{'/'.join(splits)}{' (world)' if inputs.world_dir else ''}; zoo {inputs.zoo.name!r}: {len(inputs.zoo)} models"
+        )
         outcome = run_pipeline(store, inputs, force=force, console=console)
     finally:
         ray.close()
     if outcome.summary:
         console("\n" + outcome.summary)
-    console(f"\nrun directory: {store.uri} (summary.txt, manifest.json)  total {time.perf_counter() - t0:.1f}s"
-            + (f"\nreport: {store.path('report/index.html')}" if not outcome.failed and store.exists("report/index.html") else ""))  # fmt: skip
+    console(
+        f"\nrun directory: {store.uri} (summary.txt, manifest.json)  total {time.perf_counter() - t0:.1f}s"
+        + (
+            f"\nreport: {store.path('report/index.html')}"
+            if not outcome.failed and store.exists("report/index.html")
+            else ""
+        )
+    )
     if outcome.failed:
         raise outcome.failed
     return store, outcome
@@ -202,7 +286,12 @@ def run_audit(config: str, out: str, *, address: str | None = None, resume: bool
 def _config_key(cfg: AuditConfig) -> str:
     from audit.cache import content_hash
 
-    return content_hash({n: cfg.section(n).key_fields() for n in ("data", "zoo", "ray", "stats", "directions", "generate")})
+    return content_hash(
+        {
+            n: cfg.section(n).key_fields()
+            for n in ("data", "zoo", "ray", "stats", "directions", "generate")
+        }
+    )
 
 
 __all__ = ["StageFailed", "run_audit"]

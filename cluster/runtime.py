@@ -43,8 +43,13 @@ def requiet() -> None:
     quiet_ray_logs(_SETTINGS["log_dir"], _SETTINGS["verbose"])
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, *, verbose: bool = False,
-            log_dir: str | None = None) -> bool:  # fmt: skip
+def connect(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    *,
+    verbose: bool = False,
+    log_dir: str | None = None,
+) -> bool:
     """Join ``address`` (or ``$RAY_ADDRESS``), or start an embedded local Ray.
 
     Returns True when this call started (or joined) Ray, so the caller shuts it down.
@@ -128,8 +133,13 @@ def reap_with_driver() -> None:
     except Exception:  # noqa: BLE001
         return
     if pids:
-        subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), *pids], start_new_session=True,
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), *pids],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
 
 def shutdown() -> None:

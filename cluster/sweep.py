@@ -48,14 +48,22 @@ class _RayShard(ZooShard):
         import ray
 
         ctx = ray.get_runtime_context()
-        return {"node": ctx.get_node_id(), "pid": os.getpid(), "restarted": bool(ctx.was_current_actor_reconstructed)}
+        return {
+            "node": ctx.get_node_id(),
+            "pid": os.getpid(),
+            "restarted": bool(ctx.was_current_actor_reconstructed),
+        }
 
 
 def _nodes_with(resource: str) -> list[str]:
     """Ids of the alive nodes that advertise ``resource`` (sorted, so placement is stable)."""
     import ray
 
-    return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(resource, 0) > 0)
+    return sorted(
+        n["NodeID"]
+        for n in ray.nodes()
+        if n.get("Alive") and n.get("Resources", {}).get(resource, 0) > 0
+    )
 
 
 @dataclass
@@ -106,12 +114,26 @@ class RaySweeper:
     to kill an actor or remove a node mid-sweep).
     """
 
-    def __init__(self, num_workers: int = 2, threads_per_worker: int | None = None, gpus: str = "auto",
-                 max_restarts: int = 3, max_in_flight: int = 4, on_batch: Callable[[dict], None] | None = None,
-                 progress: bool = False, shard_resource: str | None = None,
-                 shard_memory: float | None = None, unavailable_timeout_s: float = 120.0):  # fmt: skip
+    def __init__(
+        self,
+        num_workers: int = 2,
+        threads_per_worker: int | None = None,
+        gpus: str = "auto",
+        max_restarts: int = 3,
+        max_in_flight: int = 4,
+        on_batch: Callable[[dict], None] | None = None,
+        progress: bool = False,
+        shard_resource: str | None = None,
+        shard_memory: float | None = None,
+        unavailable_timeout_s: float = 120.0,
+    ):
         self.num_workers, self.threads_per_worker, self.gpus = num_workers, threads_per_worker, gpus
-        self.max_restarts, self.max_in_flight, self.on_batch, self.progress = max_restarts, max_in_flight, on_batch, progress
+        self.max_restarts, self.max_in_flight, self.on_batch, self.progress = (
+            max_restarts,
+            max_in_flight,
+            on_batch,
+            progress,
+        )
         self.shard_resource, self.shard_memory = shard_resource, shard_memory
         self.unavailable_timeout_s = unavailable_timeout_s
 
@@ -139,10 +161,17 @@ class RaySweeper:
             return {**out, "scheduling_strategy": "SPREAD"}
         nodes = _nodes_with(self.shard_resource)
         if not nodes:
-            raise RuntimeError(f"no alive node advertises the custom resource {self.shard_resource!r}; "
-                               f"start the nodes with --resources='{{\"{self.shard_resource}\": 1}}'")  # fmt: skip
-        return {**out, "resources": {self.shard_resource: 1},
-                "scheduling_strategy": NodeAffinitySchedulingStrategy(nodes[si % len(nodes)], soft=True)}  # fmt: skip
+            raise RuntimeError(
+                f"no alive node advertises the custom resource {self.shard_resource!r}; "
+                f"start the nodes with --resources='{{\"{self.shard_resource}\": 1}}'"
+            )
+        return {
+            **out,
+            "resources": {self.shard_resource: 1},
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(
+                nodes[si % len(nodes)], soft=True
+            ),
+        }
 
     def run(self, job: SweepJob, sink: Sink) -> dict:
         import ray
@@ -152,27 +181,54 @@ class RaySweeper:
             raise RuntimeError("Ray is not initialised; cluster.runtime.connect() first")
         plan, opts, device, threads = self._placement(job)
         by_name = {s.name: s for s in job.specs}
-        actors = [ray.remote(_RayShard).options(**self._actor_options(opts, si)).remote(
-            [by_name[m] for m in names], job.classes, {m: job.weights.get(m) for m in names}, device, threads,
-            job.batch_size, job.with_features) for si, names in enumerate(plan)]  # fmt: skip
+        actors = [
+            ray.remote(_RayShard)
+            .options(**self._actor_options(opts, si))
+            .remote(
+                [by_name[m] for m in names],
+                job.classes,
+                {m: job.weights.get(m) for m in names},
+                device,
+                threads,
+                job.batch_size,
+                job.with_features,
+            )
+            for si, names in enumerate(plan)
+        ]
         starts = list(range(0, len(job.images), job.batch_size))
         col = _Collect(len(job.images), len(starts))
         total = len(starts) * len(actors)
-        bar = tqdm(total=total, desc=f"sweep {len(job.specs)} models", disable=not self.progress, leave=False)
+        bar = tqdm(
+            total=total,
+            desc=f"sweep {len(job.specs)} models",
+            disable=not self.progress,
+            leave=False,
+        )
         try:
             first = self._where(actors)
-            self._feed(job, actors, plan, starts, col, sink, bar, total, [w.get("node") for w in first])
+            self._feed(
+                job, actors, plan, starts, col, sink, bar, total, [w.get("node") for w in first]
+            )
             last = self._where(actors)
         finally:
             bar.close()
             for a in actors:
                 ray.kill(a, no_restart=True)
-        restarts = [{"shard": si, "models": plan[si], "from_node": a.get("node"), "to_node": b.get("node")}
-                    for si, (a, b) in enumerate(zip(first, last, strict=True))
-                    if b.get("restarted") or (a.get("pid"), a.get("node")) != (b.get("pid"), b.get("node"))]  # fmt: skip
-        return {"shards": plan, "device": device, "nodes": [w.get("node") for w in last], "restarts": restarts}
+        restarts = [
+            {"shard": si, "models": plan[si], "from_node": a.get("node"), "to_node": b.get("node")}
+            for si, (a, b) in enumerate(zip(first, last, strict=True))
+            if b.get("restarted") or (a.get("pid"), a.get("node")) != (b.get("pid"), b.get("node"))
+        ]
+        return {
+            "shards": plan,
+            "device": device,
+            "nodes": [w.get("node") for w in last],
+            "restarts": restarts,
+        }
 
-    def _lose(self, si: int, e: BaseException, alive: list[bool], plan, col: _Collect, sink) -> None:
+    def _lose(
+        self, si: int, e: BaseException, alive: list[bool], plan, col: _Collect, sink
+    ) -> None:
         """A shard gone for good: its models become error rows; the other shards go on."""
         if alive[si]:
             log.error("shard %d died after %d restarts: %s", si, self.max_restarts, e)
@@ -228,7 +284,9 @@ class RaySweeper:
                 # batch is still in the object store) until it answers or stays away too long
                 since = unavailable.setdefault(si, time.monotonic())
                 if alive[si] and time.monotonic() - since < self.unavailable_timeout_s:
-                    log.warning("shard %d unavailable (%s); sending batch %d again", si, type(e).__name__, b)
+                    log.warning(
+                        "shard %d unavailable (%s); sending batch %d again", si, type(e).__name__, b
+                    )
                     time.sleep(0.2)
                     pending[actors[si].run_batch.remote(refs[b], starts[b])] = (si, b)
                     continue
@@ -245,4 +303,12 @@ class RaySweeper:
             finished += 1
             bar.update(1)
             if self.on_batch is not None:
-                self.on_batch({"actors": actors, "shards": plan, "nodes": nodes, "finished": finished, "total": total})
+                self.on_batch(
+                    {
+                        "actors": actors,
+                        "shards": plan,
+                        "nodes": nodes,
+                        "finished": finished,
+                        "total": total,
+                    }
+                )

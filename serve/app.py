@@ -19,7 +19,6 @@ one atomic Parquet file only after every image exists (a failure -> 500 with an 
 nothing stored).
 """
 
-
 import asyncio
 import base64
 import hashlib
@@ -81,7 +80,14 @@ class Generator:
     ``max_batch_images`` images; a failing backend call fails only the jobs in it.
     """
 
-    def __init__(self, backend: str, backend_options: dict, max_batch_size: int, batch_wait_timeout_s: float, max_batch_images: int | None):
+    def __init__(
+        self,
+        backend: str,
+        backend_options: dict,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        max_batch_images: int | None,
+    ):
         t = time.perf_counter()
         self.backend = create_backend(backend, **backend_options)
         self.max_batch_images = int(max_batch_images or self.backend.max_batch)
@@ -115,12 +121,20 @@ class Generator:
             groups.setdefault(key, []).extend((ji, i) for i in range(len(j["seeds"])))
         for (steps, guidance, size), items in groups.items():
             for start in range(0, len(items), self.max_batch_images):
-                chunk = [(ji, i) for ji, i in items[start : start + self.max_batch_images] if "error" not in results[ji]]
+                chunk = [
+                    (ji, i)
+                    for ji, i in items[start : start + self.max_batch_images]
+                    if "error" not in results[ji]
+                ]
                 if not chunk:
                     continue
                 try:
                     imgs = self.backend.generate(
-                        [jobs[ji]["prompts"][i] for ji, i in chunk], [jobs[ji]["seeds"][i] for ji, i in chunk], steps, guidance, size
+                        [jobs[ji]["prompts"][i] for ji, i in chunk],
+                        [jobs[ji]["seeds"][i] for ji, i in chunk],
+                        steps,
+                        guidance,
+                        size,
                     )
                     for (ji, i), img in zip(chunk, imgs, strict=True):
                         results[ji]["png"][i] = _png(img)
@@ -134,8 +148,10 @@ class Generator:
 api = FastAPI(title="zoo-audit generation", version="1")
 
 
-AUTH_OFF = ("auth is OFF: anyone who can reach this port can generate and store sets. Set a token: "
-            "ZOO_AUDIT_SERVE_TOKEN=... or token_file (--token-file) with a 0600 file")
+AUTH_OFF = (
+    "auth is OFF: anyone who can reach this port can generate and store sets. Set a token: "
+    "ZOO_AUDIT_SERVE_TOKEN=... or token_file (--token-file) with a 0600 file"
+)
 
 
 def _error(status: int, detail: Any, headers: dict | None = None, **extra: Any) -> JSONResponse:
@@ -153,7 +169,9 @@ class Ingress:
         self._info: dict | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._users: dict[str, int] = {}
-        self._meta: OrderedDict[str, tuple[tuple[int, int], dict]] = OrderedDict()  # set id -> (file stamp, meta)
+        self._meta: OrderedDict[str, tuple[tuple[int, int], dict]] = (
+            OrderedDict()
+        )  # set id -> (file stamp, meta)
         self._clients: dict[str, deque] = {}  # client address -> (time, images) of the last minute
         if token_sha256 is None:
             log.warning(AUTH_OFF)
@@ -164,8 +182,16 @@ class Ingress:
             return None
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         given = hashlib.sha256(token.strip().encode()).hexdigest()
-        if scheme.lower() != "bearer" or not token or not hmac.compare_digest(given, self.token_sha256):
-            return _error(401, "missing or wrong bearer token: send 'Authorization: Bearer TOKEN'", {"WWW-Authenticate": "Bearer"})
+        if (
+            scheme.lower() != "bearer"
+            or not token
+            or not hmac.compare_digest(given, self.token_sha256)
+        ):
+            return _error(
+                401,
+                "missing or wrong bearer token: send 'Authorization: Bearer TOKEN'",
+                {"WWW-Authenticate": "Bearer"},
+            )
         return None
 
     async def _backend_info(self) -> dict:
@@ -190,12 +216,20 @@ class Ingress:
                 self._meta.popitem(last=False)
         return meta
 
-    def _fail(self, set_id: str, reason: str, what: str = "generation failed; nothing was stored", status: int = 500,
-              headers: dict | None = None) -> JSONResponse:  # fmt: skip
+    def _fail(
+        self,
+        set_id: str,
+        reason: str,
+        what: str = "generation failed; nothing was stored",
+        status: int = 500,
+        headers: dict | None = None,
+    ) -> JSONResponse:
         eid = uuid.uuid4().hex[:12]
         log.error("error %s for set %s: %s", eid, set_id, reason)
         try:
-            self.store.record_errors([{"stage": "serve", "item": set_id, "reason": f"error {eid}: {reason}"}])
+            self.store.record_errors(
+                [{"stage": "serve", "item": set_id, "reason": f"error {eid}: {reason}"}]
+            )
         except Exception:  # noqa: BLE001 - reporting must not mask the original error (a full disk)
             log.exception("could not record error %s", eid)
         return _error(status, f"{what} (error id {eid})", headers, error_id=eid)
@@ -212,8 +246,12 @@ class Ingress:
         used = sum(k for _, k in q)
         if used + n > quota:
             wait = max(1, round(60 - (now - q[0][0]))) if q else 60
-            return _error(429, f"limits.client_pixels_per_minute={quota}: this client asked for {used} pixels in the "
-                               f"last minute; {n} more is over the quota, retry in {wait}s", {"Retry-After": str(wait)})  # fmt: skip
+            return _error(
+                429,
+                f"limits.client_pixels_per_minute={quota}: this client asked for {used} pixels in the "
+                f"last minute; {n} more is over the quota, retry in {wait}s",
+                {"Retry-After": str(wait)},
+            )
         q.append((now, n))
         return None
 
@@ -245,7 +283,9 @@ class Ingress:
             "cached": cached,
         }
         if return_images:
-            pngs = meta.get("_pngs") or await asyncio.to_thread(read_set_pngs, self.store, meta["set_id"])
+            pngs = meta.get("_pngs") or await asyncio.to_thread(
+                read_set_pngs, self.store, meta["set_id"]
+            )
             out["images"] = [base64.b64encode(p).decode() for p in pngs]
         return out
 
@@ -261,9 +301,17 @@ class Ingress:
         try:
             await asyncio.wait_for(asyncio.to_thread(probe_store, self.store), timeout=30)
         except Exception as e:  # noqa: BLE001 - a full disk, a read-only mount, an unreachable bucket
-            return _error(503, f"store not writable: {type(e).__name__}: {str(e).replace(self.store.root, 'STORE')}",
-                          self._retry_after())  # fmt: skip
-        return {"status": "ok", "generator": info, "store": "ok", "auth": self.token_sha256 is not None}
+            return _error(
+                503,
+                f"store not writable: {type(e).__name__}: {str(e).replace(self.store.root, 'STORE')}",
+                self._retry_after(),
+            )
+        return {
+            "status": "ok",
+            "generator": info,
+            "store": "ok",
+            "auth": self.token_sha256 is not None,
+        }
 
     @api.post("/v1/generate")
     async def generate(self, request: Request):
@@ -304,35 +352,57 @@ class Ingress:
             if not self._users[set_id]:
                 del self._users[set_id], self._locks[set_id]
 
-    async def _stored_reply(self, set_id: str, request_hash: str, return_images: bool) -> JSONResponse | dict | None:
+    async def _stored_reply(
+        self, set_id: str, request_hash: str, return_images: bool
+    ) -> JSONResponse | dict | None:
         try:
             meta = await self._set_meta(set_id)
         except SetUnreadable as e:
-            return self._fail(set_id, str(e), f"set {set_id!r} is stored but unreadable; delete it or use another set_id")
+            return self._fail(
+                set_id,
+                str(e),
+                f"set {set_id!r} is stored but unreadable; delete it or use another set_id",
+            )
         if meta is None:
             return None
         if meta["request_hash"] != request_hash:
-            return _error(409, f"set_id {set_id!r} already holds a different request (generator {meta['generator']}, "
-                               f"request {meta['request']}); use another set_id or repeat that request")  # fmt: skip
+            return _error(
+                409,
+                f"set_id {set_id!r} already holds a different request (generator {meta['generator']}, "
+                f"request {meta['request']}); use another set_id or repeat that request",
+            )
         return await self._reply(meta, cached=True, return_images=return_images)
 
-    async def _generate_once(self, req, resolved: dict, request_hash: str, set_id: str, info: dict, client: str):
+    async def _generate_once(
+        self, req, resolved: dict, request_hash: str, set_id: str, info: dict, client: str
+    ):
         while True:
-            if (done := await self._stored_reply(set_id, request_hash, req.return_images)) is not None:
+            if (
+                done := await self._stored_reply(set_id, request_hash, req.return_images)
+            ) is not None:
                 return done
             try:
-                held = await asyncio.to_thread(claim_set, self.store, set_id, request_hash, self.cfg.claim_timeout_s)
+                held = await asyncio.to_thread(
+                    claim_set, self.store, set_id, request_hash, self.cfg.claim_timeout_s
+                )
             except Exception as e:  # noqa: BLE001 - a full disk, a read-only store
                 return self._fail(set_id, f"cannot claim the set id: {type(e).__name__}: {e}")
             if held is None:
                 break  # ours
             if held.get("request_hash") != request_hash:
-                return _error(409, f"set_id {set_id!r} is being generated for a different request; use another set_id")
-            await asyncio.sleep(0.1)  # the same request, generating in another replica: wait for its set
+                return _error(
+                    409,
+                    f"set_id {set_id!r} is being generated for a different request; use another set_id",
+                )
+            await asyncio.sleep(
+                0.1
+            )  # the same request, generating in another replica: wait for its set
 
         try:
             # the set may have been stored (and its claim released) between our check and our claim
-            if (done := await self._stored_reply(set_id, request_hash, req.return_images)) is not None:
+            if (
+                done := await self._stored_reply(set_id, request_hash, req.return_images)
+            ) is not None:
                 return done
             k = resolved["images_per_prompt"]
             h, w = resolved["size"]
@@ -351,24 +421,45 @@ class Ingress:
                 return _error(503, "generator queue is full; retry later", self._retry_after())
             except (RayActorError, ActorUnavailableError) as e:
                 # the generator's replica (or its node) is gone: Serve starts another, so the caller retries
-                return self._fail(set_id, f"{type(e).__name__}: {e}", "the generator was lost; nothing was stored; retry",
-                                  status=503, headers=self._retry_after())  # fmt: skip
+                return self._fail(
+                    set_id,
+                    f"{type(e).__name__}: {e}",
+                    "the generator was lost; nothing was stored; retry",
+                    status=503,
+                    headers=self._retry_after(),
+                )
             except Exception as e:  # noqa: BLE001 - timeout, a failing backend, ...
                 return self._fail(set_id, f"{type(e).__name__}: {e}")
             if "error" in result:
                 if result["status"] == 422:
-                    return _error(422, f"the {info['backend']} backend cannot render a prompt: {result['error']}")
+                    return _error(
+                        422,
+                        f"the {info['backend']} backend cannot render a prompt: {result['error']}",
+                    )
                 return self._fail(set_id, result["error"])
             try:
                 meta = await asyncio.to_thread(
-                    write_set, self.store, set_id, resolved, request_hash, info["backend"], job["seeds"], result["png"]
+                    write_set,
+                    self.store,
+                    set_id,
+                    resolved,
+                    request_hash,
+                    info["backend"],
+                    job["seeds"],
+                    result["png"],
                 )
             except Exception as e:  # noqa: BLE001 - a full disk: the temporary is gone, the id stays free
                 return self._fail(set_id, f"cannot store the set: {type(e).__name__}: {e}")
             if meta is None:  # stored meanwhile by a holder of a stale claim: that set stands
                 stored = await self._stored_reply(set_id, request_hash, req.return_images)
-                return stored if stored is not None else self._fail(set_id, "the set's path holds something that is not a set")
-            return await self._reply({**meta, "_pngs": result["png"]}, cached=False, return_images=req.return_images)
+                return (
+                    stored
+                    if stored is not None
+                    else self._fail(set_id, "the set's path holds something that is not a set")
+                )
+            return await self._reply(
+                {**meta, "_pngs": result["png"]}, cached=False, return_images=req.return_images
+            )
         finally:
             await asyncio.to_thread(release_claim, self.store, set_id)
 
@@ -415,7 +506,13 @@ def build_app(args: ServeAppConfig | dict | None = None):
         cfg = cfg.model_copy(update={"store": os.path.abspath(cfg.store)})
     g = cfg.generator
     gen = Generator.options(**g.deployment_options(cfg.retry_after_s)).bind(
-        cfg.backend, cfg.backend_options, g.max_batch_size, g.batch_wait_timeout_s, g.max_batch_images
+        cfg.backend,
+        cfg.backend_options,
+        g.max_batch_size,
+        g.batch_wait_timeout_s,
+        g.max_batch_images,
     )
     token_sha256 = cfg.resolve_token_hash()
-    return Ingress.options(**cfg.ingress.deployment_options(cfg.retry_after_s)).bind(gen, cfg.model_dump(), token_sha256)
+    return Ingress.options(**cfg.ingress.deployment_options(cfg.retry_after_s)).bind(
+        gen, cfg.model_dump(), token_sha256
+    )

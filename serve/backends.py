@@ -50,7 +50,9 @@ def list_backends() -> list[str]:
 def parse_backend(spec: str) -> tuple[str, str | None]:
     """``"diffusers:runwayml/stable-diffusion-v1-5"`` -> ("diffusers", "runwayml/...")."""
     if not isinstance(spec, str) or not spec.strip():
-        raise TypeError(f"backend must be a non-empty string like 'world' or 'diffusers:MODEL', got {spec!r}")
+        raise TypeError(
+            f"backend must be a non-empty string like 'world' or 'diffusers:MODEL', got {spec!r}"
+        )
     name, _, arg = spec.strip().partition(":")
     return name, (arg or None)
 
@@ -61,13 +63,17 @@ def create_backend(spec: str, **options: Any) -> Backend:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
         hint = f"; did you mean {close}?" if close else ""
-        raise ValueError(f"unknown generator backend {name!r}{hint} Known backends: {list_backends()} (diffusers takes 'diffusers:MODEL_ID_OR_DIR')")
+        raise ValueError(
+            f"unknown generator backend {name!r}{hint} Known backends: {list_backends()} (diffusers takes 'diffusers:MODEL_ID_OR_DIR')"
+        )
     return _REGISTRY[name](arg, **options)
 
 
 def image_seed(seed: int, index: int) -> int:
     """Seed of the ``index``-th image of a prompt in a request with seed ``seed`` (32-bit)."""
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFF, int(index)]).generate_state(1)[0])
+    return int(
+        np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFF, int(index)]).generate_state(1)[0]
+    )
 
 
 def _resize(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -76,7 +82,9 @@ def _resize(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     from PIL import Image
 
     h, w = size
-    return np.stack([np.asarray(Image.fromarray(im).resize((w, h), Image.BICUBIC)) for im in images])
+    return np.stack(
+        [np.asarray(Image.fromarray(im).resize((w, h), Image.BICUBIC)) for im in images]
+    )
 
 
 class Backend:
@@ -89,7 +97,14 @@ class Backend:
         """Request parameters used when a request leaves them out: steps, guidance, size [H, W]."""
         raise NotImplementedError
 
-    def generate(self, prompts: list[str], seeds: list[int], steps: int, guidance: float, size: tuple[int, int]) -> np.ndarray:
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        steps: int,
+        guidance: float,
+        size: tuple[int, int],
+    ) -> np.ndarray:
         raise NotImplementedError
 
     def check_prompt(self, prompt: str) -> None:
@@ -110,7 +125,9 @@ class WorldBackend(Backend):
 
         if world_dir:
             if not os.path.exists(os.path.join(world_dir, "spec.toml")):
-                raise FileNotFoundError(f"world directory {world_dir!r} has no spec.toml; build one with `zoo-audit world build`")
+                raise FileNotFoundError(
+                    f"world directory {world_dir!r} has no spec.toml; build one with `zoo-audit world build`"
+                )
             self.renderer = WorldRenderer.from_world_dir(world_dir)
         else:
             # The renderer needs only the spec (items come from Fashion-MNIST train), so the
@@ -118,7 +135,9 @@ class WorldBackend(Backend):
             # gives, without building the 11k-image world first.
             spec = spec or config_path("world", "default.toml")
             if spec is None:
-                raise FileNotFoundError("world backend: give world_dir or spec; configs/world/default.toml is not shipped with this install")
+                raise FileNotFoundError(
+                    "world backend: give world_dir or spec; configs/world/default.toml is not shipped with this install"
+                )
             self.renderer = WorldRenderer(WorldSpec.from_toml(spec))
         self.name = "world"
 
@@ -130,7 +149,9 @@ class WorldBackend(Backend):
         self.renderer.spec.parse_caption(prompt)
 
     def generate(self, prompts, seeds, steps, guidance, size):
-        imgs = [self.renderer.render(p, seed=s, n=1)[0] for p, s in zip(prompts, seeds, strict=True)]
+        imgs = [
+            self.renderer.render(p, seed=s, n=1)[0] for p, s in zip(prompts, seeds, strict=True)
+        ]
         return _resize(np.stack(imgs), tuple(size))
 
 
@@ -144,8 +165,19 @@ class NullBackend(Backend):
 
     max_batch = 1024
 
-    def __init__(self, delay_s: float = 0.0, fail_prompt: str | None = None, size: int = 32, exit_prompt: str | None = None):
-        self.delay_s, self.fail_prompt, self.size, self.exit_prompt = float(delay_s), fail_prompt, int(size), exit_prompt
+    def __init__(
+        self,
+        delay_s: float = 0.0,
+        fail_prompt: str | None = None,
+        size: int = 32,
+        exit_prompt: str | None = None,
+    ):
+        self.delay_s, self.fail_prompt, self.size, self.exit_prompt = (
+            float(delay_s),
+            fail_prompt,
+            int(size),
+            exit_prompt,
+        )
         self.name = "null"
 
     def defaults(self) -> dict:
@@ -157,7 +189,9 @@ class NullBackend(Backend):
         if self.exit_prompt and any(self.exit_prompt in p for p in prompts):
             os._exit(1)
         if self.fail_prompt and any(self.fail_prompt in p for p in prompts):
-            raise RuntimeError(f"null backend: injected failure for a prompt containing {self.fail_prompt!r}")
+            raise RuntimeError(
+                f"null backend: injected failure for a prompt containing {self.fail_prompt!r}"
+            )
         return np.full((len(prompts), *size, 3), 127, dtype=np.uint8)
 
 
@@ -186,12 +220,16 @@ class DiffusersBackend(Backend):
         num_threads: int | None = None,
     ):
         if not model:
-            raise ValueError("diffusers backend needs a model: 'diffusers:MODEL_ID' (from the HF cache) or 'diffusers:/path/to/dir'")
+            raise ValueError(
+                "diffusers backend needs a model: 'diffusers:MODEL_ID' (from the HF cache) or 'diffusers:/path/to/dir'"
+            )
         try:
             import diffusers
             import torch
         except ImportError as e:  # pragma: no cover - diffusers is a dependency
-            raise ImportError(f"the diffusers backend needs `pip install diffusers transformers torch`: {e}") from e
+            raise ImportError(
+                f"the diffusers backend needs `pip install diffusers transformers torch`: {e}"
+            ) from e
 
         if num_threads:  # CPU replicas sharing a machine: oversubscribed intra-op threads crawl
             torch.set_num_threads(int(num_threads))
@@ -201,10 +239,20 @@ class DiffusersBackend(Backend):
         local = os.path.isdir(model)
         offline = bool(local_files_only or local or os.environ.get("HF_HUB_OFFLINE") == "1")
         try:
-            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(model, dtype=self.dtype, local_files_only=offline)
+            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
+                model, dtype=self.dtype, local_files_only=offline
+            )
         except (OSError, ValueError) as e:
-            where = "directory" if local else "Hugging Face cache (local_files_only: no download)" if offline else "Hugging Face hub"
-            raise FileNotFoundError(f"diffusers backend: could not load {model!r} from the {where}: {e}") from e
+            where = (
+                "directory"
+                if local
+                else "Hugging Face cache (local_files_only: no download)"
+                if offline
+                else "Hugging Face hub"
+            )
+            raise FileNotFoundError(
+                f"diffusers backend: could not load {model!r} from the {where}: {e}"
+            ) from e
         if getattr(pipe, "safety_checker", None) is not None:
             pipe.safety_checker = None  # the audit generates benign product photos; the checker blanks false positives
         if scheduler:
@@ -212,7 +260,9 @@ class DiffusersBackend(Backend):
             if cls is None or not hasattr(cls, "from_config"):
                 known = [n for n in dir(diffusers) if n.endswith("Scheduler")]
                 close = difflib.get_close_matches(scheduler, known, n=3)
-                raise ValueError(f"unknown diffusers scheduler {scheduler!r}; close matches {close}; known: {known}")
+                raise ValueError(
+                    f"unknown diffusers scheduler {scheduler!r}; close matches {close}; known: {known}"
+                )
             pipe.scheduler = cls.from_config(pipe.scheduler.config)
         if attention_slicing if attention_slicing is not None else cuda:
             pipe.enable_attention_slicing()
@@ -228,7 +278,12 @@ class DiffusersBackend(Backend):
         return {"steps": self._steps, "guidance": self._guidance, "size": [self._size, self._size]}
 
     def info(self) -> dict:
-        return {**super().info(), "device": self.device, "dtype": str(self.dtype), "scheduler": self.scheduler}
+        return {
+            **super().info(),
+            "device": self.device,
+            "dtype": str(self.dtype),
+            "scheduler": self.scheduler,
+        }
 
     def generate(self, prompts, seeds, steps, guidance, size):
         import torch
@@ -274,7 +329,11 @@ def _diffusers(arg: str | None = None, **options: Any) -> Backend:
 
 def _byte_chars() -> list[str]:
     """The 256 printable characters that byte-level BPE (GPT-2, CLIP) uses for the 256 bytes."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    keep = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     extra = [b for b in range(256) if b not in keep]
     mapping = {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(extra)}
     return [mapping[b] for b in range(256)]
@@ -302,23 +361,50 @@ def build_tiny_sd_pipeline(out_dir: str, seed: int = 0) -> str:
         return out_dir
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=16, attention_head_dim=4,
-    )  # fmt: skip
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=16,
+        attention_head_dim=4,
+    )
     vae = AutoencoderKL(
-        block_out_channels=[16, 32], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=16,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-    )  # fmt: skip
+        block_out_channels=[16, 32],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        norm_num_groups=16,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+    )
     text = CLIPTextModel(
-        CLIPTextConfig(bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                       num_hidden_layers=2, vocab_size=600, max_position_embeddings=77, layer_norm_eps=1e-5)
-    )  # fmt: skip
+        CLIPTextConfig(
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=600,
+            max_position_embeddings=77,
+            layer_norm_eps=1e-5,
+        )
+    )
     # A byte-level vocabulary without merges: every character is a token (no download).
     tok_dir = os.path.join(out_dir, "_tok_src")
     os.makedirs(tok_dir, exist_ok=True)
     chars = _byte_chars()
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    vocab = {
+        t: i
+        for i, t in enumerate(
+            chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+        )
+    }
     with open(os.path.join(tok_dir, "vocab.json"), "w") as f:
         json.dump(vocab, f)
     with open(os.path.join(tok_dir, "merges.txt"), "w") as f:
@@ -326,8 +412,14 @@ def build_tiny_sd_pipeline(out_dir: str, seed: int = 0) -> str:
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
     scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1)
     pipe = StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+        unet=unet,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(out_dir)
     return out_dir

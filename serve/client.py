@@ -48,11 +48,19 @@ def decode_png(data: bytes) -> np.ndarray:
 
 
 class GenerationClient:
-    def __init__(self, url: str = "http://127.0.0.1:8000", token: str | None = None, timeout: float = 600.0, token_env: str = "ZOO_AUDIT_SERVE_TOKEN"):
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        token: str | None = None,
+        timeout: float = 600.0,
+        token_env: str = "ZOO_AUDIT_SERVE_TOKEN",
+    ):
         token = token if token is not None else os.environ.get(token_env)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url, self.timeout = url.rstrip("/"), float(timeout)
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(self.timeout, connect=10.0))
+        self.http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=httpx.Timeout(self.timeout, connect=10.0)
+        )
 
     def close(self) -> None:
         self.http.close()
@@ -74,8 +82,10 @@ class GenerationClient:
                 r = self.http.request(method, path, **kw)
             except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
                 if time.monotonic() + delay > min(deadline, refused_until):
-                    raise ConnectionError(f"generation service {self.url} is unreachable ({type(e).__name__}: {e}); "
-                                          "start it (zoo-audit serve) or fix [generate] url") from e  # fmt: skip
+                    raise ConnectionError(
+                        f"generation service {self.url} is unreachable ({type(e).__name__}: {e}); "
+                        "start it (zoo-audit serve) or fix [generate] url"
+                    ) from e
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
@@ -95,35 +105,76 @@ class GenerationClient:
     def health(self) -> dict:
         return self._call("GET", "/healthz", time.monotonic() + self.timeout).json()
 
-    def generate(self, prompts: list[str], images_per_prompt: int = 1, seed: int = 0, steps: int | None = None,
-                 guidance: float | None = None, size: int | list[int] | None = None, set_id: str | None = None,
-                 return_images: bool = False) -> dict:  # fmt: skip
+    def generate(
+        self,
+        prompts: list[str],
+        images_per_prompt: int = 1,
+        seed: int = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        size: int | list[int] | None = None,
+        set_id: str | None = None,
+        return_images: bool = False,
+    ) -> dict:
         """``POST /v1/generate`` (retrying on 503 until the timeout); returns the JSON reply."""
-        body = {"prompts": list(prompts), "images_per_prompt": images_per_prompt, "seed": seed, "return_images": return_images}
-        body |= {k: v for k, v in {"steps": steps, "guidance": guidance, "size": size, "set_id": set_id}.items() if v is not None}
+        body = {
+            "prompts": list(prompts),
+            "images_per_prompt": images_per_prompt,
+            "seed": seed,
+            "return_images": return_images,
+        }
+        body |= {
+            k: v
+            for k, v in {
+                "steps": steps,
+                "guidance": guidance,
+                "size": size,
+                "set_id": set_id,
+            }.items()
+            if v is not None
+        }
         return self._call("POST", "/v1/generate", time.monotonic() + self.timeout, json=body).json()
 
     def get_set(self, set_id: str) -> dict:
         return self._call("GET", f"/v1/sets/{set_id}", time.monotonic() + self.timeout).json()
 
     def image(self, set_id: str, n: int) -> np.ndarray:
-        return decode_png(self._call("GET", f"/v1/sets/{set_id}/images/{n}.png", time.monotonic() + self.timeout).content)
+        return decode_png(
+            self._call(
+                "GET", f"/v1/sets/{set_id}/images/{n}.png", time.monotonic() + self.timeout
+            ).content
+        )
 
-    def request_set(self, captions: list[str], k: int = 3, seed: int = 0, set_id: str | None = None, **params) -> SyntheticSet:
+    def request_set(
+        self, captions: list[str], k: int = 3, seed: int = 0, set_id: str | None = None, **params
+    ) -> SyntheticSet:
         """One shared synthetic set: ``k`` images for each hard caption; waits until it is stored."""
         if not captions:
             raise ValueError("request_set needs at least one caption")
         if k < 1:
             raise ValueError(f"k (images per caption) must be >= 1, got {k}")
-        r = self.generate(captions, images_per_prompt=k, seed=seed, set_id=set_id, return_images=True, **params)
+        r = self.generate(
+            captions, images_per_prompt=k, seed=seed, set_id=set_id, return_images=True, **params
+        )
         images = np.stack([decode_png(base64.b64decode(b)) for b in r["images"]])
         return SyntheticSet(
-            set_id=r["set_id"], image_ids=r["image_ids"], prompts=[c for c in captions for _ in range(k)],
-            images=images, generator=r["generator"], cached=r["cached"],
-        )  # fmt: skip
+            set_id=r["set_id"],
+            image_ids=r["image_ids"],
+            prompts=[c for c in captions for _ in range(k)],
+            images=images,
+            generator=r["generator"],
+            cached=r["cached"],
+        )
 
 
-def request_synthetic_set(url: str, captions: list[str], k: int = 3, token: str | None = None, timeout: float = 600.0, **params) -> SyntheticSet:
+def request_synthetic_set(
+    url: str,
+    captions: list[str],
+    k: int = 3,
+    token: str | None = None,
+    timeout: float = 600.0,
+    **params,
+) -> SyntheticSet:
     """Convenience: ``GenerationClient(url, token, timeout).request_set(captions, k, **params)``."""
     with GenerationClient(url, token=token, timeout=timeout) as c:
         return c.request_set(captions, k=k, **params)

@@ -43,14 +43,22 @@ class Limits(_Strict):
     max_prompts: int = Field(64, ge=1)
     max_images_per_prompt: int = Field(16, ge=1)
     max_images: int = Field(64, ge=1, description="prompts x images_per_prompt")
-    max_pixels: int = Field(16 * 1024 * 1024, ge=64, description="images x height x width of one request (16 at 1024 px, 64 at 512 px)")
+    max_pixels: int = Field(
+        16 * 1024 * 1024,
+        ge=64,
+        description="images x height x width of one request (16 at 1024 px, 64 at 512 px)",
+    )
     max_steps: int = Field(100, ge=1)
     max_size: int = Field(1024, ge=8)
     min_size: int = Field(8, ge=1)
     size_multiple: int = Field(8, ge=1)
     max_guidance: float = Field(30.0, ge=0)
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="checked while the body streams in")
-    client_pixels_per_minute: int = Field(64 * 1024 * 1024, ge=0, description="new image pixels one client (address) may ask for per minute, per ingress replica (4 full requests); 0 = no quota")
+    client_pixels_per_minute: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="new image pixels one client (address) may ask for per minute, per ingress replica (4 full requests); 0 = no quota",
+    )
 
 
 class GeneratorOptions(_Strict):
@@ -61,11 +69,23 @@ class GeneratorOptions(_Strict):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(2.0, gt=0)
-    max_ongoing_requests: int = Field(16, ge=1, description="per replica: the batch in flight plus the next one (>= 2 x max_batch_size keeps the backend busy)")
-    max_queued_requests: int = Field(16, ge=0, description="per caller (ingress replica); beyond it 503")
+    max_ongoing_requests: int = Field(
+        16,
+        ge=1,
+        description="per replica: the batch in flight plus the next one (>= 2 x max_batch_size keeps the backend busy)",
+    )
+    max_queued_requests: int = Field(
+        16, ge=0, description="per caller (ingress replica); beyond it 503"
+    )
     max_batch_size: int = Field(8, ge=1, description="requests merged by @serve.batch")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, description="wait for more requests once one arrives (queued requests batch anyway)")
-    max_batch_images: int | None = Field(None, ge=1, description="images per backend call (default: the backend's)")
+    batch_wait_timeout_s: float = Field(
+        0.005,
+        ge=0,
+        description="wait for more requests once one arrives (queued requests batch anyway)",
+    )
+    max_batch_images: int | None = Field(
+        None, ge=1, description="images per backend call (default: the backend's)"
+    )
 
     def deployment_options(self, retry_after_s: float) -> dict:
         opts: dict[str, Any] = {
@@ -112,7 +132,11 @@ class ServeAppConfig(_Strict):
     token_env: str = "ZOO_AUDIT_SERVE_TOKEN"
     token_file: str | None = None
     retry_after_s: float = Field(1.0, ge=0)
-    claim_timeout_s: float = Field(900.0, gt=0, description="a set id claimed this long without a set is taken over (its holder died)")
+    claim_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="a set id claimed this long without a set is taken over (its holder died)",
+    )
     limits: Limits = Field(default_factory=Limits)
     generator: GeneratorOptions = Field(default_factory=GeneratorOptions)
     ingress: IngressOptions = Field(default_factory=IngressOptions)
@@ -122,15 +146,23 @@ class ServeAppConfig(_Strict):
         token = None
         if self.token_file:
             if not os.path.exists(self.token_file):
-                raise FileNotFoundError(f"token_file {self.token_file!r} does not exist; create it or drop token_file")
+                raise FileNotFoundError(
+                    f"token_file {self.token_file!r} does not exist; create it or drop token_file"
+                )
             mode = os.stat(self.token_file).st_mode
             if mode & 0o077:
-                log.warning("token_file %r is readable by group or others (mode %o): run `chmod 600 %s`",
-                            self.token_file, mode & 0o777, self.token_file)  # fmt: skip
+                log.warning(
+                    "token_file %r is readable by group or others (mode %o): run `chmod 600 %s`",
+                    self.token_file,
+                    mode & 0o777,
+                    self.token_file,
+                )
             with open(self.token_file) as f:
                 token = f.read().strip()
             if not token:
-                raise ValueError(f"token_file {self.token_file!r} is empty; write the bearer token into it")
+                raise ValueError(
+                    f"token_file {self.token_file!r} is empty; write the bearer token into it"
+                )
         elif os.environ.get(self.token_env):
             token = os.environ[self.token_env].strip()
         return hashlib.sha256(token.encode()).hexdigest() if token else None
@@ -154,7 +186,9 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
 def _deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
     return out
 
 
@@ -215,21 +249,31 @@ class GenerateRequest(_Strict):
     def check_limits(self, limits: Limits) -> None:
         """Raise ValueError naming the first bound of ``limits`` that this request exceeds."""
         if len(self.prompts) > limits.max_prompts:
-            raise ValueError(f"limits.max_prompts={limits.max_prompts}: got {len(self.prompts)} prompts")
+            raise ValueError(
+                f"limits.max_prompts={limits.max_prompts}: got {len(self.prompts)} prompts"
+            )
         for i, p in enumerate(self.prompts):
             if not p.strip():
                 raise ValueError(f"prompts[{i}] is empty")
             if len(p) > limits.max_prompt_chars:
-                raise ValueError(f"limits.max_prompt_chars={limits.max_prompt_chars}: prompts[{i}] has {len(p)} characters")
+                raise ValueError(
+                    f"limits.max_prompt_chars={limits.max_prompt_chars}: prompts[{i}] has {len(p)} characters"
+                )
         if self.images_per_prompt > limits.max_images_per_prompt:
-            raise ValueError(f"limits.max_images_per_prompt={limits.max_images_per_prompt}: got images_per_prompt={self.images_per_prompt}")
+            raise ValueError(
+                f"limits.max_images_per_prompt={limits.max_images_per_prompt}: got images_per_prompt={self.images_per_prompt}"
+            )
         n = len(self.prompts) * self.images_per_prompt
         if n > limits.max_images:
-            raise ValueError(f"limits.max_images={limits.max_images}: {len(self.prompts)} prompts x {self.images_per_prompt} images = {n}")
+            raise ValueError(
+                f"limits.max_images={limits.max_images}: {len(self.prompts)} prompts x {self.images_per_prompt} images = {n}"
+            )
         if self.steps is not None and self.steps > limits.max_steps:
             raise ValueError(f"limits.max_steps={limits.max_steps}: got steps={self.steps}")
         if self.guidance is not None and self.guidance > limits.max_guidance:
-            raise ValueError(f"limits.max_guidance={limits.max_guidance}: got guidance={self.guidance}")
+            raise ValueError(
+                f"limits.max_guidance={limits.max_guidance}: got guidance={self.guidance}"
+            )
         if self.size is not None:
             for s in [self.size] * 2 if isinstance(self.size, int) else self.size:
                 if s > limits.max_size:
@@ -237,7 +281,9 @@ class GenerateRequest(_Strict):
                 if s < limits.min_size:
                     raise ValueError(f"limits.min_size={limits.min_size}: got size={self.size}")
                 if s % limits.size_multiple:
-                    raise ValueError(f"limits.size_multiple={limits.size_multiple}: size={self.size} is not a multiple")
+                    raise ValueError(
+                        f"limits.size_multiple={limits.size_multiple}: size={self.size} is not a multiple"
+                    )
 
     def resolved(self, defaults: dict) -> dict:
         """The parameters that determine the images (defaults filled in, size as [H, W])."""
@@ -258,5 +304,7 @@ def check_pixels(resolved: dict, limits: Limits) -> None:
     n = len(resolved["prompts"]) * resolved["images_per_prompt"]
     h, w = resolved["size"]
     if n * h * w > limits.max_pixels:
-        raise ValueError(f"limits.max_pixels={limits.max_pixels}: {n} images of {h}x{w} = {n * h * w} pixels; "
-                         "ask for fewer or smaller images")  # fmt: skip
+        raise ValueError(
+            f"limits.max_pixels={limits.max_pixels}: {n} images of {h}x{w} = {n * h * w} pixels; "
+            "ask for fewer or smaller images"
+        )

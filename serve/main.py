@@ -16,8 +16,11 @@ def startup_lines(cfg: ServeAppConfig, port: int) -> list[str]:
     """What ``zoo-audit serve`` prints when it is up; a loud warning first when auth is off."""
     auth = cfg.resolve_token_hash() is not None
     lines = [] if auth else [f"WARNING: {AUTH_OFF}"]
-    return [*lines, f"zoo-audit serve: backend {cfg.backend}, store {RunStore(cfg.store).uri}, auth {'on' if auth else 'OFF'}",
-            f"  listening on http://127.0.0.1:{port}  (GET /healthz, POST /v1/generate); Ctrl-C stops"]  # fmt: skip
+    return [
+        *lines,
+        f"zoo-audit serve: backend {cfg.backend}, store {RunStore(cfg.store).uri}, auth {'on' if auth else 'OFF'}",
+        f"  listening on http://127.0.0.1:{port}  (GET /healthz, POST /v1/generate); Ctrl-C stops",
+    ]
 
 
 _CLI_DEFAULTS = {"backend": "world", "store": "runs/serve", "token_file": None}

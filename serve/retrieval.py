@@ -43,11 +43,15 @@ class RetrievalBackend(Backend):
         from audit.store import RunStore
 
         if not run:
-            raise ValueError("the retrieval backend needs an audit run directory: 'retrieval:RUN_DIR'")
+            raise ValueError(
+                "the retrieval backend needs an audit run directory: 'retrieval:RUN_DIR'"
+            )
         store = RunStore(run)
         manifest = store.manifest()
         if "config" not in manifest:
-            raise FileNotFoundError(f"{run!r} holds no audit run (no config in manifest.json); run `zoo-audit run` first")
+            raise FileNotFoundError(
+                f"{run!r} holds no audit run (no config in manifest.json); run `zoo-audit run` first"
+            )
         cfg = AuditConfig(**manifest["config"])
         data, _ = load_data(cfg)
         have = set(data.column("split").tolist())
@@ -55,8 +59,10 @@ class RetrievalBackend(Backend):
         if pool_split is None:
             pool_split = next((s for s in ("pool", "train") if s in have and s != eval_split), "")
         if not pool_split or pool_split == eval_split or pool_split not in SPLITS:
-            raise ValueError(f"the retrieval backend needs a pool split other than the evaluation split {eval_split!r}; "
-                             f"the dataset has {sorted(have)}")  # fmt: skip
+            raise ValueError(
+                f"the retrieval backend needs a pool split other than the evaluation split {eval_split!r}; "
+                f"the dataset has {sorted(have)}"
+            )
         self.emb, _ = run_embedder(cfg, data, train=False)
         pool = data.split(pool_split)
         if not len(pool):
@@ -75,9 +81,20 @@ class RetrievalBackend(Backend):
         self.pool_split = pool_split
         self.name = "retrieval"
         # longest class names first, so "ankle boot" wins over "boot"
-        self._class_res = sorted(((re.compile(rf"(?<![\w-]){re.escape(c.lower())}(?![\w-])"), i) for i, c in enumerate(self.classes)),
-                                 key=lambda t: -len(t[0].pattern))  # fmt: skip
-        log.info("retrieval backend: %d %s images of %s (embedder %s)", len(ids), pool_split, run, self.emb.name)
+        self._class_res = sorted(
+            (
+                (re.compile(rf"(?<![\w-]){re.escape(c.lower())}(?![\w-])"), i)
+                for i, c in enumerate(self.classes)
+            ),
+            key=lambda t: -len(t[0].pattern),
+        )
+        log.info(
+            "retrieval backend: %d %s images of %s (embedder %s)",
+            len(ids),
+            pool_split,
+            run,
+            self.emb.name,
+        )
 
     def class_of(self, prompt: str) -> int | None:
         """The class a caption names (the longest class name in it), or None."""
@@ -92,7 +109,12 @@ class RetrievalBackend(Backend):
         return {"steps": 1, "guidance": 0.0, "size": [int(h), int(w)]}
 
     def info(self) -> dict:
-        return {**super().info(), "pool_split": self.pool_split, "pool_images": int(len(self.images)), "embedder": self.emb.name}
+        return {
+            **super().info(),
+            "pool_split": self.pool_split,
+            "pool_images": int(len(self.images)),
+            "embedder": self.emb.name,
+        }
 
     def neighbours(self, prompts: list[str]) -> dict[str, np.ndarray]:
         """``{prompt: pool row ids of its top_n nearest images}`` (within its class when it names one)."""

@@ -62,9 +62,19 @@ def write_set(
     k = request["images_per_prompt"]
     n = len(request["prompts"]) * k
     assert len(pngs) == n == len(seeds), (len(pngs), n, len(seeds))
-    params = json.dumps({key: request[key] for key in ("steps", "guidance", "size", "images_per_prompt")} | {"request_seed": request["seed"]}, sort_keys=True)
+    params = json.dumps(
+        {key: request[key] for key in ("steps", "guidance", "size", "images_per_prompt")}
+        | {"request_seed": request["seed"]},
+        sort_keys=True,
+    )
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    meta = {"set_id": set_id, "generator": generator, "request": request, "request_hash": request_hash, "created": created}
+    meta = {
+        "set_id": set_id,
+        "generator": generator,
+        "request": request,
+        "request_hash": request_hash,
+        "created": created,
+    }
     table = pa.table(
         {
             "image_id": [image_id(set_id, i) for i in range(n)],
@@ -128,7 +138,11 @@ def claim_set(store: RunStore, set_id: str, request_hash: str, stale_after_s: fl
     (its holder died) is moved aside and the id is claimed again.
     """
     rel = claim_path(set_id)
-    mine = {"request_hash": request_hash, "time": time.time(), "owner": f"{socket.gethostname()}:{os.getpid()}"}
+    mine = {
+        "request_hash": request_hash,
+        "time": time.time(),
+        "owner": f"{socket.gethostname()}:{os.getpid()}",
+    }
     for _ in range(3):
         if store.create_exclusive(rel, json.dumps(mine).encode()):
             return None
@@ -141,7 +155,10 @@ def claim_set(store: RunStore, set_id: str, request_hash: str, stale_after_s: fl
         if time.time() - float(held.get("time", 0)) <= stale_after_s:
             return held
         try:  # a dead holder's claim: move it aside (only one mover succeeds), then claim
-            store.fs.move(store.path(rel), store.path(f"synthetic/{set_id}/.claim-stale-{uuid.uuid4().hex}.json"))
+            store.fs.move(
+                store.path(rel),
+                store.path(f"synthetic/{set_id}/.claim-stale-{uuid.uuid4().hex}.json"),
+            )
         except OSError:
             pass
     return held
@@ -219,5 +236,7 @@ def load_set(store: RunStore, set_id: str) -> tuple[np.ndarray, pa.Table]:
     from PIL import Image
 
     t = store.read_table(set_path(set_id))
-    imgs = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in t["png"].to_pylist()])
+    imgs = np.stack(
+        [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in t["png"].to_pylist()]
+    )
     return imgs, t.drop(["png"])

@@ -59,7 +59,9 @@ kwargs = { img_size = 16, patch_size = 4, embed_dim = 16, depth = 1, num_heads =
 
 def _write_idx(path: str, arr: np.ndarray) -> None:
     dtype_code = 0x08
-    header = struct.pack(">I", (dtype_code << 8) | arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    header = struct.pack(">I", (dtype_code << 8) | arr.ndim) + struct.pack(
+        f">{arr.ndim}I", *arr.shape
+    )
     with gzip.open(path, "wb") as f:
         f.write(header + arr.astype(np.uint8).tobytes())
 
@@ -75,7 +77,11 @@ def make_fake_fmnist(directory: str, n_train: int = 400, n_test: int = 200, seed
         for i, c in enumerate(labels):
             ang = np.pi * c / 10
             d = np.abs(np.cos(ang) * yy - np.sin(ang) * xx)
-            imgs[i] = np.clip((4 - d) * 70 + rng.normal(0, 10, (28, 28)), 0, 255) * (np.abs(yy) < 12) * (np.abs(xx) < 12)
+            imgs[i] = (
+                np.clip((4 - d) * 70 + rng.normal(0, 10, (28, 28)), 0, 255)
+                * (np.abs(yy) < 12)
+                * (np.abs(xx) < 12)
+            )
         _write_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"), imgs)
         _write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"), labels)
     return directory

@@ -24,12 +24,20 @@ from audit.captions import (
 from audit.data.world import WorldSpec
 from audit.directions import FailureDirections, directions_table
 
-WORLD = dict(items=["t-shirt", "sandal", "bag"], colors=["red", "green", "blue"], backgrounds=["brick", "grass", "gravel"])
+WORLD = dict(
+    items=["t-shirt", "sandal", "bag"],
+    colors=["red", "green", "blue"],
+    backgrounds=["brick", "grass", "gravel"],
+)
 
 
 def test_grammar_captions():
     caps = grammar_captions("apple", ["red"], ["on grass"])
-    assert caps == ["a photo of an apple on grass", "a photo of a red apple", "a photo of a red apple on grass"]
+    assert caps == [
+        "a photo of an apple on grass",
+        "a photo of a red apple",
+        "a photo of a red apple on grass",
+    ]
     assert reference_caption("owl") == "a photo of an owl"
     with pytest.raises(ValueError, match="noun"):
         grammar_captions("")
@@ -77,10 +85,19 @@ class _Stub:
                     "slow": json.dumps(GOOD),
                 }[stub.mode]
                 answer = {
-                    "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+                    "id": "x",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": content},
+                        }
+                    ],
                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                }  # fmt: skip
+                }
                 data = json.dumps(answer).encode()
                 try:
                     self.send_response(200)
@@ -110,8 +127,12 @@ def stub():
 
 
 def test_llm_proposals_are_validated_cached_and_reused(stub, tmp_path):
-    cfg = LLMConfig(model="stub-model", base_url=stub.url, api_key="x", timeout=5, cache_dir=str(tmp_path))
-    cands = candidate_captions(["owl"], adjectives=["small"], prepositions=["on grass"], llm=cfg)["owl"]
+    cfg = LLMConfig(
+        model="stub-model", base_url=stub.url, api_key="x", timeout=5, cache_dir=str(tmp_path)
+    )
+    cands = candidate_captions(["owl"], adjectives=["small"], prepositions=["on grass"], llm=cfg)[
+        "owl"
+    ]
     llm = [c for c, s in cands if s == "llm"]
     assert "a photo of a plaid owl" in llm and "a photo of an owl on a beach" in llm
     assert "a photo of an owl on snow" in llm and "a photo of an owl in a library" in llm
@@ -119,7 +140,9 @@ def test_llm_proposals_are_validated_cached_and_reused(stub, tmp_path):
     cached = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert cached["model"] == "stub-model" and "owl" in cached["prompt"]
     stub.mode = "malformed"  # a second run is served from the cache, not the endpoint
-    again = candidate_captions(["owl"], adjectives=["small"], prepositions=["on grass"], llm=cfg)["owl"]
+    again = candidate_captions(["owl"], adjectives=["small"], prepositions=["on grass"], llm=cfg)[
+        "owl"
+    ]
     assert again == cands and stub.hits == 1
 
 
@@ -138,7 +161,13 @@ def test_timeout_and_unreachable_fall_back_to_grammar(stub, tmp_path, caplog):
     t0 = time.perf_counter()
     with caplog.at_level(logging.WARNING, logger="audit.captions"):
         cands = candidate_captions(["owl"], llm=cfg)["owl"]
-        dead = LLMConfig(model="m", base_url="http://127.0.0.1:9/v1", api_key="x", timeout=1, cache_dir=str(tmp_path))
+        dead = LLMConfig(
+            model="m",
+            base_url="http://127.0.0.1:9/v1",
+            api_key="x",
+            timeout=1,
+            cache_dir=str(tmp_path),
+        )
         cands_dead = candidate_captions(["owl"], llm=dead)["owl"]
     assert time.perf_counter() - t0 < 5
     assert {s for _, s in cands} == {"grammar"} and {s for _, s in cands_dead} == {"grammar"}
@@ -147,7 +176,11 @@ def test_timeout_and_unreachable_fall_back_to_grammar(stub, tmp_path, caplog):
 
 def test_parse_proposal_rejects_bad_json():
     assert parse_proposal("text before " + json.dumps(GOOD)).attributes == ["plaid", "metallic"]
-    for bad in ("no json here", '{"backgrounds": [], "attributes": ["x"]}', '{"backgrounds": ["a\\nb"], "attributes": ["x"]}'):
+    for bad in (
+        "no json here",
+        '{"backgrounds": [], "attributes": ["x"]}',
+        '{"backgrounds": ["a\\nb"], "attributes": ["x"]}',
+    ):
         with pytest.raises(ValueError):
             parse_proposal(bad)
 
@@ -160,7 +193,12 @@ def test_planted_caption_ranks_hardest():
     vocab = {w: rng.normal(size=d) for w in spec.items + spec.colors + spec.backgrounds}
 
     def embed(item, color, background, noise=0.0):
-        v = vocab[item] + (vocab[color] if color else 0) + (vocab[background] if background else 0) + noise * rng.normal(size=d)
+        v = (
+            vocab[item]
+            + (vocab[color] if color else 0)
+            + (vocab[background] if background else 0)
+            + noise * rng.normal(size=d)
+        )
         return v / np.linalg.norm(v)
 
     def encode_text(texts):
@@ -170,11 +208,15 @@ def test_planted_caption_ranks_hardest():
     color = rng.choice(spec.colors, n)
     bg = rng.choice(spec.backgrounds, n)
     X = np.stack([embed("bag", c, b, noise=0.3) for c, b in zip(color, bg, strict=True)])
-    correct = ~((color == "blue") & (rng.random(n) < 0.9)) & (rng.random(n) > 0.03)  # blue bags fail
+    correct = ~((color == "blue") & (rng.random(n) < 0.9)) & (
+        rng.random(n) > 0.03
+    )  # blue bags fail
     est = FailureDirections(n_permutations=10, max_modes=1).fit(X, correct, labels=np.full(n, 2))
     table = directions_table({"m": est}, spec.items)
     cands = candidate_captions(spec.items, world_spec=spec)
-    caps = captions_table(table, cands, encode_text, references={"bag": spec.caption("bag")}, top_k=3)
+    caps = captions_table(
+        table, cands, encode_text, references={"bag": spec.caption("bag")}, top_k=3
+    )
     assert caps.schema == CAPTIONS_SCHEMA
     hard = [r for r in caps.to_pylist() if r["polarity"] == "hard"]
     easy = [r for r in caps.to_pylist() if r["polarity"] == "easy"]
@@ -190,7 +232,9 @@ def test_image_grounded_scoring_ranks_the_caption_of_the_failing_cluster_hardest
 
     rng = np.random.default_rng(0)
     d = 16
-    centres = {name: v / np.linalg.norm(v) for name, v in zip("abc", rng.normal(size=(3, d)), strict=True)}
+    centres = {
+        name: v / np.linalg.norm(v) for name, v in zip("abc", rng.normal(size=(3, d)), strict=True)
+    }
     X, labels, correct = [], [], []
     for name, fails in (("a", True), ("b", False), ("c", False)):
         X.append(centres[name] + 0.15 * rng.normal(size=(60, d)))
@@ -205,8 +249,17 @@ def test_image_grounded_scoring_ranks_the_caption_of_the_failing_cluster_hardest
     def encode(ts):
         return np.stack([texts.get(t, np.zeros(d)) for t in ts])
 
-    caps = captions_table(dirs, {"thing": [(t, "grammar") for t in texts]}, encode, {"thing": "ref"}, top_k=1,
-                          grounding=CaptionGrounding(X, labels, ["thing"], k=20))  # fmt: skip
+    caps = captions_table(
+        dirs,
+        {"thing": [(t, "grammar") for t in texts]},
+        encode,
+        {"thing": "ref"},
+        top_k=1,
+        grounding=CaptionGrounding(X, labels, ["thing"], k=20),
+    )
     rows = {r["polarity"]: r for r in caps.to_pylist()}
     assert rows["hard"]["caption"] == "caption a"
-    assert rows["easy"]["caption"] in ("caption b", "caption c") and rows["hard"]["score"] < rows["easy"]["score"]
+    assert (
+        rows["easy"]["caption"] in ("caption b", "caption c")
+        and rows["hard"]["score"] < rows["easy"]["score"]
+    )

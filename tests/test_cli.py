@@ -15,13 +15,44 @@ import pytest
 from cluster.cli import main
 
 
-def test_world_build_render_and_zoo_list(tmp_path, tiny_spec_path, fake_fmnist, tiny_zoo_path, capsys):
+def test_world_build_render_and_zoo_list(
+    tmp_path, tiny_spec_path, fake_fmnist, tiny_zoo_path, capsys
+):
     out = tmp_path / "w"
-    assert main(["world", "build", "--spec", tiny_spec_path, "--out", str(out), "--fashion-mnist", fake_fmnist]) == 0
+    assert (
+        main(
+            [
+                "world",
+                "build",
+                "--spec",
+                tiny_spec_path,
+                "--out",
+                str(out),
+                "--fashion-mnist",
+                fake_fmnist,
+            ]
+        )
+        == 0
+    )
     assert os.path.exists(out / "examples.parquet") and "840 examples" in capsys.readouterr().out
     png = tmp_path / "r.png"
-    assert main(["world", "render", "--world", str(out), "--caption", "a photo of a red sandal on grass", "--n", "2",
-                 "--out", str(png)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "world",
+                "render",
+                "--world",
+                str(out),
+                "--caption",
+                "a photo of a red sandal on grass",
+                "--n",
+                "2",
+                "--out",
+                str(png),
+            ]
+        )
+        == 0
+    )
     from PIL import Image
 
     assert Image.open(png).size == (32, 16)  # two 16x16 images side by side
@@ -31,11 +62,41 @@ def test_world_build_render_and_zoo_list(tmp_path, tiny_spec_path, fake_fmnist, 
 
 
 def test_zoo_train_and_embed_train(tmp_path, tiny_world, tiny_zoo_path, capsys, monkeypatch):
-    monkeypatch.setenv("ZOO_AUDIT_CACHE", str(tmp_path / "cache"))  # trained here, whatever ran before
-    assert main(["zoo", "train", "--zoo", tiny_zoo_path, "--data", tiny_world, "--models", "tiny-resnet"]) == 0
+    monkeypatch.setenv(
+        "ZOO_AUDIT_CACHE", str(tmp_path / "cache")
+    )  # trained here, whatever ran before
+    assert (
+        main(
+            [
+                "zoo",
+                "train",
+                "--zoo",
+                tiny_zoo_path,
+                "--data",
+                tiny_world,
+                "--models",
+                "tiny-resnet",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "tiny-resnet" in out and "trained" in out
-    assert main(["zoo", "train", "--zoo", tiny_zoo_path, "--data", tiny_world, "--models", "tiny-resnet"]) == 0
+    assert (
+        main(
+            [
+                "zoo",
+                "train",
+                "--zoo",
+                tiny_zoo_path,
+                "--data",
+                tiny_world,
+                "--models",
+                "tiny-resnet",
+            ]
+        )
+        == 0
+    )
     assert "cached" in capsys.readouterr().out
     assert main(["embed", "train", "--data", tiny_world]) == 0
     out = capsys.readouterr().out
@@ -45,7 +106,12 @@ def test_zoo_train_and_embed_train(tmp_path, tiny_world, tiny_zoo_path, capsys, 
 def test_mistakes_exit_2_with_the_fix(tmp_path, tiny_zoo_path, tiny_world, capsys):
     assert main(["zoo", "list", "--zoo", str(tmp_path / "nope.toml")]) == 2
     assert "zoo manifest" in capsys.readouterr().err
-    assert main(["zoo", "train", "--zoo", tiny_zoo_path, "--data", tiny_world, "--models", "tiny-resnt"]) == 2
+    assert (
+        main(
+            ["zoo", "train", "--zoo", tiny_zoo_path, "--data", tiny_world, "--models", "tiny-resnt"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "unknown model 'tiny-resnt'" in err and "tiny-resnet" in err
     assert main(["serve", "--port", "0"]) == 2
@@ -85,15 +151,20 @@ n_boot = 20
 enabled = false
 """)
     monkeypatch.setenv("ZOO_AUDIT_CONFIGS", str(tmp_path / "configs"))
-    monkeypatch.setattr(cluster.runner, "ray_services",
-                        lambda *a: Services(executor=ThreadExecutor(2), sweeper=LocalSweeper(threads=1)))  # fmt: skip
+    monkeypatch.setattr(
+        cluster.runner,
+        "ray_services",
+        lambda *a: Services(executor=ThreadExecutor(2), sweeper=LocalSweeper(threads=1)),
+    )
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("zoo-audit run") and "demo.toml" in lines[0]
     assert any(line.startswith("  directions  off") for line in lines)
     assert lines[-2].startswith("run directory: ") and os.path.exists(out / "summary.txt")
-    assert lines[-1] == f"report: {out / 'report' / 'index.html'}"  # the report's path, printed last
+    assert (
+        lines[-1] == f"report: {out / 'report' / 'index.html'}"
+    )  # the report's path, printed last
 
 
 def _free_port() -> int:
@@ -109,8 +180,13 @@ def test_serve_subcommand_serves_until_terminated(tmp_path):
 
     port = _free_port()
     exe = os.path.join(os.path.dirname(sys.executable), "zoo-audit")
-    p = subprocess.Popen([exe, "serve", "--backend", "null", "--port", str(port), "--store", str(tmp_path / "s")],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    p = subprocess.Popen(
+        [exe, "serve", "--backend", "null", "--port", str(port), "--store", str(tmp_path / "s")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline, health = time.time() + 120, None
         while time.time() < deadline and health is None:
@@ -118,7 +194,9 @@ def test_serve_subcommand_serves_until_terminated(tmp_path):
                 health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
             except httpx.HTTPError:
                 time.sleep(1)
-        assert health is not None and health["status"] == "ok", p.stdout.read() if p.poll() is not None else "no answer"
+        assert health is not None and health["status"] == "ok", (
+            p.stdout.read() if p.poll() is not None else "no answer"
+        )
     finally:
         os.killpg(p.pid, signal.SIGTERM)
         p.wait(60)

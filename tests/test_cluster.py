@@ -93,8 +93,13 @@ def broken_specs(tmp: str) -> list[ModelSpec]:
     path = os.path.join(tmp, "wrong.pt")
     torch.jit.trace(WrongClasses(), torch.zeros(1, 3, 16, 16)).save(path)
     return [
-        ModelSpec(name="no-weights", family="resnet", arch="resnet18", input=TINY_INPUT,
-                  kwargs={"layers": [1, 1, 1, 1], "channels": [4, 8, 8, 8]}),  # fmt: skip
+        ModelSpec(
+            name="no-weights",
+            family="resnet",
+            arch="resnet18",
+            input=TINY_INPUT,
+            kwargs={"layers": [1, 1, 1, 1], "channels": [4, 8, 8, 8]},
+        ),
         ModelSpec(name="raises", family="local", builder="local", weights=path, input=TINY_INPUT),
     ]
 
@@ -114,12 +119,14 @@ def image_table(n_train: int = 8, n_debug: int = 40, seed: int = 0) -> ImageTabl
         buf = io.BytesIO()
         Image.fromarray(im).save(buf, format="PNG")
         blobs.append(buf.getvalue())
-    t = pa.table({
-        "example_id": [f"ex{i:04d}" for i in range(len(images))],
-        "split": ["train"] * n_train + ["debug"] * n_debug,
-        "label": pa.array(labels.astype(np.int32)),
-        "image": pa.array(blobs, pa.binary()),
-    })  # fmt: skip
+    t = pa.table(
+        {
+            "example_id": [f"ex{i:04d}" for i in range(len(images))],
+            "split": ["train"] * n_train + ["debug"] * n_debug,
+            "label": pa.array(labels.astype(np.int32)),
+            "image": pa.array(blobs, pa.binary()),
+        }
+    )
     return ImageTable(t, CLASSES)
 
 
@@ -172,7 +179,9 @@ def test_cost_estimate_counts_flops_of_wider_models_higher(tmp_path):
     a, b = estimate_cost(zoo.get("res-a"), 3), estimate_cost(zoo.get("res-b"), 3)
     assert a and b and b > a
     costs = model_costs([*zoo, *broken_specs(str(tmp_path))], 3)
-    assert costs["raises"] == pytest.approx(np.median([costs[m] for m in zoo.names] + [costs["no-weights"]]))
+    assert costs["raises"] == pytest.approx(
+        np.median([costs[m] for m in zoo.names] + [costs["no-weights"]])
+    )
 
 
 def test_shard_retries_a_model_at_half_batch_on_out_of_memory(tmp_path):
@@ -190,14 +199,22 @@ def test_shard_retries_a_model_at_half_batch_on_out_of_memory(tmp_path):
     path = str(tmp_path / "oom.pt")
     torch.jit.script(Oom()).save(path)
     zoo = tiny_zoo(str(tmp_path))
-    specs = [ModelSpec(name="oom", family="x", builder="local", weights=path, input=TINY_INPUT), zoo.get("res-a")]
+    specs = [
+        ModelSpec(name="oom", family="x", builder="local", weights=path, input=TINY_INPUT),
+        zoo.get("res-a"),
+    ]
     weights = random_weights([zoo.get("res-a")], str(tmp_path / "w"))
     shard = ZooShard(specs, CLASSES, weights, device="cpu", threads=1, batch_size=16)
     images = random_images(20)[0]
     out = shard.run_batch(images, 0)
     assert out["failed"] == {} and shard.batch_size == {"oom": 4, "res-a": 16}
     assert out["outputs"]["oom"]["logits"].shape == (20, 3)
-    np.testing.assert_allclose(out["outputs"]["oom"]["logits"][:, 0], (images[..., 0] / 255.0 - 0.5).mean((1, 2)) / 0.25, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        out["outputs"]["oom"]["logits"][:, 0],
+        (images[..., 0] / 255.0 - 0.5).mean((1, 2)) / 0.25,
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 # -- Ray -----------------------------------------------------------------------------------
@@ -206,8 +223,13 @@ def setup(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("sweep"))
     zoo = tiny_zoo(tmp)
     specs = [*zoo, *broken_specs(tmp)]
-    return {"tmp": tmp, "specs": specs, "weights": random_weights(list(zoo), os.path.join(tmp, "w")),
-            "data": random_images(), "good": zoo.names}  # fmt: skip
+    return {
+        "tmp": tmp,
+        "specs": specs,
+        "weights": random_weights(list(zoo), os.path.join(tmp, "w")),
+        "data": random_images(),
+        "good": zoo.names,
+    }
 
 
 def sweep(store, setup, specs=None, sweeper=None, **kw):
@@ -216,8 +238,20 @@ def sweep(store, setup, specs=None, sweeper=None, **kw):
 
     images, ids, labels = setup["data"]
     sweeper = sweeper or RaySweeper(num_workers=2, **kw)
-    return sweep_arrays(store, images, ids, labels, CLASSES, specs or setup["specs"], setup["weights"], sweeper,
-                        data_key="random-80", split="debug", batch_size=BATCH, with_features=True)  # fmt: skip
+    return sweep_arrays(
+        store,
+        images,
+        ids,
+        labels,
+        CLASSES,
+        specs or setup["specs"],
+        setup["weights"],
+        sweeper,
+        data_key="random-80",
+        split="debug",
+        batch_size=BATCH,
+        with_features=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +281,11 @@ def test_sweep_covers_every_model_once_and_records_errors(reference, setup):
         assert store.read_table(feature_path(name)).num_rows == N_IMAGES
     assert not store.exists(prediction_path("raises"))
     recs = store.manifest()["sweep"]["models"]
-    assert {m: recs[m]["status"] for m in names} == {**{m: "done" for m in setup["good"]}, "no-weights": "failed", "raises": "failed"}
+    assert {m: recs[m]["status"] for m in names} == {
+        **{m: "done" for m in setup["good"]},
+        "no-weights": "failed",
+        "raises": "failed",
+    }
 
 
 @pytest.mark.ray
@@ -263,8 +301,15 @@ def test_sweep_matches_the_plain_loop(reference, setup, tmp_path):
     for name in setup["good"]:
         got, want = read_model(store, name), read_model(ref_store, name)
         assert got["predictions"]["pred"] == want["predictions"]["pred"], name
-        np.testing.assert_allclose(got["predictions"]["confidence"], want["predictions"]["confidence"], rtol=1e-4)
-        np.testing.assert_allclose(np.asarray(got["features"]["vector"]), np.asarray(want["features"]["vector"]), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            got["predictions"]["confidence"], want["predictions"]["confidence"], rtol=1e-4
+        )
+        np.testing.assert_allclose(
+            np.asarray(got["features"]["vector"]),
+            np.asarray(want["features"]["vector"]),
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
 
 @pytest.mark.ray
@@ -285,7 +330,9 @@ def test_killing_a_shard_mid_sweep_gives_the_uninterrupted_result(reference, set
     assert sorted(res.done) == sorted(setup["good"])
     # the restart is in the sweep's info and the manifest (same node, a new process)
     restarts = store.manifest()["sweep"]["restarts"]
-    assert [(r["shard"], r["from_node"]) for r in restarts] == [(0, r["to_node"]) for r in restarts] and restarts
+    assert [(r["shard"], r["from_node"]) for r in restarts] == [
+        (0, r["to_node"]) for r in restarts
+    ] and restarts
     assert res.info["restarts"] == [{k: v for k, v in r.items() if k != "split"} for r in restarts]
     for name in setup["good"]:
         assert read_model(store, name) == read_model(ref_store, name), name
@@ -303,7 +350,9 @@ def test_resume_redoes_only_unfinished_models(reference, setup, tmp_path):
     # a run killed before "res-a" was written: no outputs, manifest says running
     store.delete("predictions/model=res-a")
     store.delete("features/model=res-a")
-    record_model(store, "res-a", {**store.manifest()["sweep"]["models"]["res-a"], "status": "running"})
+    record_model(
+        store, "res-a", {**store.manifest()["sweep"]["models"]["res-a"], "status": "running"}
+    )
     before = {m: os.path.getmtime(store.path(prediction_path(m))) for m in ("res-b", "vit-a")}
     res = sweep(store, setup, specs=good)
     assert res.done == ["res-a"] and sorted(res.skipped) == ["res-b", "vit-a"]
@@ -365,7 +414,7 @@ def test_ray_job_submit_runs_zoo_audit_against_a_head_node(tmp_path):
     job.mkdir()
     (job / "audit.toml").write_text(f"""
 [data]
-path = "{tmp_path / 'data.parquet'}"
+path = "{tmp_path / "data.parquet"}"
 split = "debug"
 [zoo]
 manifest = "{zoo.path}"
@@ -382,28 +431,78 @@ enabled = false
     out = str(tmp_path / "run")
 
     temp_dir = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # short: Ray's socket paths must fit
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "HOME": str(tmp_path), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "HOME": str(tmp_path),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     env.pop("RAY_ADDRESS", None)
-    subprocess.run([ray_bin, "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [ray_bin, "get-auth-token", "--generate"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     env["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / ".ray" / "auth_token")
     assert os.path.exists(env["RAY_AUTH_TOKEN_PATH"])
     p = _free_ports(9)
     head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp_dir}",
-         f"--port={p[0]}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={p[1]}",
-         f"--ray-client-server-port={p[2]}", f"--node-manager-port={p[3]}", f"--object-manager-port={p[4]}",
-         f"--dashboard-agent-listen-port={p[5]}", f"--metrics-export-port={p[6]}", f"--runtime-env-agent-port={p[7]}",
-         f"--dashboard-agent-grpc-port={p[8]}", "--min-worker-port=0", "--max-worker-port=0", "--disable-usage-stats"],
-        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            f"--temp-dir={temp_dir}",
+            f"--port={p[0]}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={p[1]}",
+            f"--ray-client-server-port={p[2]}",
+            f"--node-manager-port={p[3]}",
+            f"--object-manager-port={p[4]}",
+            f"--dashboard-agent-listen-port={p[5]}",
+            f"--metrics-export-port={p[6]}",
+            f"--runtime-env-agent-port={p[7]}",
+            f"--dashboard-agent-grpc-port={p[8]}",
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         address = f"http://127.0.0.1:{p[1]}"
-        submit = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(job), "--",
-                  zoo_audit, "run", "audit.toml", "--out", out]  # fmt: skip
+        submit = [
+            ray_bin,
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(job),
+            "--",
+            zoo_audit,
+            "run",
+            "audit.toml",
+            "--out",
+            out,
+        ]
         deadline = time.time() + 120
         while True:  # the job server comes up a little after `ray start` prints
             r = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
-            if r.returncode == 0 or time.time() > deadline or "Connection" not in (r.stdout + r.stderr):
+            if (
+                r.returncode == 0
+                or time.time() > deadline
+                or "Connection" not in (r.stdout + r.stderr)
+            ):
                 break
             time.sleep(2)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -427,10 +526,22 @@ enabled = false
     assert m["stages"]["sweep"]["status"] == "done" and m["stages"]["stats"]["status"] == "done"
     overlap = store.read_table("overlap.parquet")
     assert overlap.num_rows == 3 * 2
-    for col in ("model_a", "model_b", "jaccard", "p_b_fails_given_a", "shared_fraction", "error_consistency", "ci_low", "ci_high"):
+    for col in (
+        "model_a",
+        "model_b",
+        "jaccard",
+        "p_b_fails_given_a",
+        "shared_fraction",
+        "error_consistency",
+        "ci_low",
+        "ci_high",
+    ):
         assert col in overlap.column_names
     clusters = store.read_table("clusters.parquet").to_pydict()
-    assert sorted(clusters["model"]) == sorted(zoo.names) and set(clusters["family"]) == {"resnet", "vit"}
+    assert sorted(clusters["model"]) == sorted(zoo.names) and set(clusters["family"]) == {
+        "resnet",
+        "vit",
+    }
     assert store.read_table(prediction_path("res-a")).num_rows == 40
     # a rerun of the finished run does nothing (and needs no Ray)
     from cluster.runner import run_audit

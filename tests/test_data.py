@@ -31,11 +31,15 @@ def _png(color, size=8) -> bytes:
 
 
 def test_parquet_manifest_string_labels_roundtrip(tmp_path):
-    t = pa.table({
-        "example_id": ["a", "b", "c"], "split": ["debug", "debug", "test"],
-        "label": ["cat", "dog", "cat"], "image": [_png("red"), _png("blue"), _png("green")],
-        "site": ["x", "y", "x"],
-    })  # fmt: skip
+    t = pa.table(
+        {
+            "example_id": ["a", "b", "c"],
+            "split": ["debug", "debug", "test"],
+            "label": ["cat", "dog", "cat"],
+            "image": [_png("red"), _png("blue"), _png("green")],
+            "site": ["x", "y", "x"],
+        }
+    )
     pq.write_table(t, tmp_path / "m.parquet")
     tab = read_parquet(str(tmp_path / "m.parquet"))
     assert tab.classes == ["cat", "dog"]
@@ -51,20 +55,41 @@ def test_parquet_manifest_string_labels_roundtrip(tmp_path):
 
 
 def test_label_outside_class_list_names_row_and_classes(tmp_path):
-    t = pa.table({"example_id": ["a", "b"], "split": ["debug", "debug"], "label": ["cat", "cow"], "image": [_png("red"), _png("red")]})
+    t = pa.table(
+        {
+            "example_id": ["a", "b"],
+            "split": ["debug", "debug"],
+            "label": ["cat", "cow"],
+            "image": [_png("red"), _png("red")],
+        }
+    )
     pq.write_table(t, tmp_path / "m.parquet")
     with pytest.raises(ValueError, match=r"row 1 \(example_id='b'\).*'cow'.*\['cat', 'dog'\]"):
         read_parquet(str(tmp_path / "m.parquet"), classes=["cat", "dog"])
 
 
 def test_integer_label_out_of_range_is_an_error():
-    t = pa.table({"example_id": ["a"], "split": ["debug"], "label": pa.array([5], pa.int32()), "image": [_png("red")]})
+    t = pa.table(
+        {
+            "example_id": ["a"],
+            "split": ["debug"],
+            "label": pa.array([5], pa.int32()),
+            "image": [_png("red")],
+        }
+    )
     with pytest.raises(ValueError, match="label 5, outside the 2 known classes"):
         ImageTable(t, ["cat", "dog"])
 
 
 def test_unknown_split_is_an_error():
-    t = pa.table({"example_id": ["a"], "split": ["validation"], "label": pa.array([0], pa.int32()), "image": [_png("red")]})
+    t = pa.table(
+        {
+            "example_id": ["a"],
+            "split": ["validation"],
+            "label": pa.array([0], pa.int32()),
+            "image": [_png("red")],
+        }
+    )
     with pytest.raises(ValueError, match="unknown split"):
         ImageTable(t, ["cat"])
 
@@ -83,7 +108,9 @@ def test_imagefolder_with_split_dirs_and_corrupt_file(tmp_path):
     imgs, ok, errors = tab.split("debug").decode()
     # the corrupt file costs that row only, and is reported with its path and reason
     assert imgs.shape == (4, 12, 10, 3)
-    assert len(errors) == 1 and "broken.png" in errors[0].item and "cannot decode" in errors[0].reason
+    assert (
+        len(errors) == 1 and "broken.png" in errors[0].item and "cannot decode" in errors[0].reason
+    )
     store = RunStore(tmp_path / "run")
     store.record_errors(e.as_row() for e in errors)
     err = store.errors().to_pylist()
@@ -115,7 +142,11 @@ def test_missing_fashion_mnist_says_three_ways(tmp_path, monkeypatch):
     with pytest.raises(DatasetMissing) as e:
         fashion_mnist_dir()
     msg = str(e.value)
-    assert "apt-get install -y dataset-fashion-mnist" in msg and "download" in msg and "ZOO_AUDIT_FASHION_MNIST" in msg
+    assert (
+        "apt-get install -y dataset-fashion-mnist" in msg
+        and "download" in msg
+        and "ZOO_AUDIT_FASHION_MNIST" in msg
+    )
 
 
 def test_world_reader_and_dispatch(tiny_world):
@@ -131,12 +162,18 @@ def test_store_atomic_writes_and_manifest(tmp_path):
     store.write_table("predictions/model=a/part-0.parquet", pa.table({"x": [1, 2]}))
     store.write_table("predictions/model=a/part-1.parquet", pa.table({"x": [3]}))
     assert store.read_table("predictions/model=a")["x"].to_pylist() == [1, 2, 3]
-    assert not [f for f in os.listdir(tmp_path / "run" / "predictions" / "model=a") if f.startswith(".tmp")]
+    assert not [
+        f for f in os.listdir(tmp_path / "run" / "predictions" / "model=a") if f.startswith(".tmp")
+    ]
     store.set_stage("predict", "done", key="abc")
     store.update_manifest(config={"a": 1})
     store.update_manifest(config={"b": 2})
     m = store.manifest()
-    assert m["config"] == {"a": 1, "b": 2} and store.stage_done("predict", key="abc") and not store.stage_done("predict", key="x")
+    assert (
+        m["config"] == {"a": 1, "b": 2}
+        and store.stage_done("predict", key="abc")
+        and not store.stage_done("predict", key="x")
+    )
     with pytest.raises(ValueError, match="escapes"):
         store.path("../outside")
     with pytest.raises(FileNotFoundError, match="not found in run directory"):
@@ -156,17 +193,30 @@ def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     import zlib
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\0" * (1 + 3 * width) * 4, 9)  # a few rows of zeros; the rest never comes
+    idat = zlib.compress(
+        b"\0" * (1 + 3 * width) * 4, 9
+    )  # a few rows of zeros; the rest never comes
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def _table(blobs: list[bytes], ids=None) -> ImageTable:
     ids = ids or [f"e{i}" for i in range(len(blobs))]
-    t = pa.table({"example_id": ids, "split": ["debug"] * len(blobs), "label": pa.array([0] * len(blobs), pa.int32()),
-                  "image": pa.array(blobs, pa.binary())})  # fmt: skip
+    t = pa.table(
+        {
+            "example_id": ids,
+            "split": ["debug"] * len(blobs),
+            "label": pa.array([0] * len(blobs), pa.int32()),
+            "image": pa.array(blobs, pa.binary()),
+        }
+    )
     return ImageTable(t, ["x"])
 
 
@@ -187,7 +237,9 @@ def test_decompression_bomb_is_an_error_row_without_decoding():
     # our own limit, below Pillow's: a real 3000x3000 image over max_pixels=1e6
     big = _png_array(np.zeros((3000, 3000, 3), np.uint8))
     _, ok, errors = _table([big, _png("red")]).decode(max_pixels=1_000_000)
-    assert ok.tolist() == [1] and "9,000,000 pixels, over the limit of 1,000,000" in errors[0].reason
+    assert (
+        ok.tolist() == [1] and "9,000,000 pixels, over the limit of 1,000,000" in errors[0].reason
+    )
 
 
 def test_16bit_png_is_scaled_not_clipped():
@@ -206,10 +258,18 @@ def test_fifo_and_non_regular_paths_are_error_rows_not_hangs(tmp_path):
 
     os.mkfifo(tmp_path / "pipe.png")
     Image.new("RGB", (4, 4), "red").save(tmp_path / "ok.png")
-    t = pa.table({"example_id": ["a", "b"], "split": ["debug"] * 2, "label": pa.array([0, 0], pa.int32()),
-                  "path": ["pipe.png", "ok.png"]})  # fmt: skip
+    t = pa.table(
+        {
+            "example_id": ["a", "b"],
+            "split": ["debug"] * 2,
+            "label": pa.array([0, 0], pa.int32()),
+            "path": ["pipe.png", "ok.png"],
+        }
+    )
     out: list = []
-    th = threading.Thread(target=lambda: out.append(ImageTable(t, ["x"], root=str(tmp_path)).decode()), daemon=True)
+    th = threading.Thread(
+        target=lambda: out.append(ImageTable(t, ["x"], root=str(tmp_path)).decode()), daemon=True
+    )
     th.start()
     th.join(20)
     if th.is_alive():  # unblock the reader so the test process can end
@@ -217,7 +277,11 @@ def test_fifo_and_non_regular_paths_are_error_rows_not_hangs(tmp_path):
             pass
         pytest.fail("decoding blocked on a FIFO")
     _, ok, errors = out[0]
-    assert ok.tolist() == [1] and "not a regular file" in errors[0].reason and "pipe.png" in errors[0].item
+    assert (
+        ok.tolist() == [1]
+        and "not a regular file" in errors[0].reason
+        and "pipe.png" in errors[0].item
+    )
 
 
 def test_imagefolder_strays_are_rows_or_a_logged_count(tmp_path, caplog):
@@ -234,10 +298,20 @@ def test_imagefolder_strays_are_rows_or_a_logged_count(tmp_path, caplog):
     os.mkfifo(tmp_path / "bee" / "fifo.png")
     with caplog.at_level("WARNING", logger="audit.data.readers"):
         tab = read_imagefolder(str(tmp_path))
-    assert sorted(tab.example_ids.tolist()) == ["ant/notes.txt", "ant/x.png", "bee/photo.heic", "bee/x.png"]
+    assert sorted(tab.example_ids.tolist()) == [
+        "ant/notes.txt",
+        "ant/x.png",
+        "bee/photo.heic",
+        "bee/x.png",
+    ]
     msg = " ".join(r.getMessage() for r in caplog.records)
-    for what in ("1 nested folder(s) (e.g. ant/nested)", "1 stray file outside a class folder(s) (e.g. README)",
-                 "1 hidden file(s)", "1 not a regular file(s) (e.g. bee/fifo.png)", "2 file(s) without an image extension"):  # fmt: skip
+    for what in (
+        "1 nested folder(s) (e.g. ant/nested)",
+        "1 stray file outside a class folder(s) (e.g. README)",
+        "1 hidden file(s)",
+        "1 not a regular file(s) (e.g. bee/fifo.png)",
+        "2 file(s) without an image extension",
+    ):
         assert what in msg, (what, msg)
     _, ok, errors = tab.decode()
     assert len(ok) == 3 and [e.item.split(" ")[0] for e in errors] == ["ant/notes.txt"]
@@ -245,8 +319,14 @@ def test_imagefolder_strays_are_rows_or_a_logged_count(tmp_path, caplog):
 
 def test_duplicate_and_null_example_ids_name_the_row():
     """Issue 11 #10: the messages did not say which row."""
-    t = pa.table({"example_id": ["a", "b", "a"], "split": ["debug"] * 3, "label": pa.array([0] * 3, pa.int32()),
-                  "image": [_png("red")] * 3})  # fmt: skip
+    t = pa.table(
+        {
+            "example_id": ["a", "b", "a"],
+            "split": ["debug"] * 3,
+            "label": pa.array([0] * 3, pa.int32()),
+            "image": [_png("red")] * 3,
+        }
+    )
     with pytest.raises(ValueError, match=r"row 2 repeats example_id 'a' of row 0"):
         ImageTable(t, ["x"])
     t = t.set_column(0, "example_id", pa.array(["a", None, "c"]))
@@ -284,8 +364,10 @@ def test_store_write_failure_leaves_no_temporary(tmp_path):
     """Issue 11 #5: a failed write left its .tmp, which kept the disk full."""
     store = RunStore(tmp_path / "run")
     store.fs = _FailingFS(store.fs)
-    for write in (lambda: store.write_bytes("synthetic/s/part-00000.parquet", b"x" * 100),
-                  lambda: store.create_exclusive("synthetic/s/.claim.json", b"x" * 100)):  # fmt: skip
+    for write in (
+        lambda: store.write_bytes("synthetic/s/part-00000.parquet", b"x" * 100),
+        lambda: store.create_exclusive("synthetic/s/.claim.json", b"x" * 100),
+    ):
         with pytest.raises(OSError, match="No space left"):
             write()
     left = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "run") for f in fs]
@@ -298,7 +380,12 @@ def test_create_exclusive_has_one_winner_across_threads(tmp_path):
 
     store = RunStore(tmp_path / "run")
     with cf.ThreadPoolExecutor(8) as ex:
-        won = list(ex.map(lambda i: store.create_exclusive("synthetic/x/.claim.json", str(i).encode()), range(32)))
+        won = list(
+            ex.map(
+                lambda i: store.create_exclusive("synthetic/x/.claim.json", str(i).encode()),
+                range(32),
+            )
+        )
     assert won.count(True) == 1
     assert store.read_bytes("synthetic/x/.claim.json") == str(won.index(True)).encode()
     assert store.listdir("synthetic/x") == [".claim.json"]  # no temporaries left

@@ -37,8 +37,12 @@ def _png(value: int = 0) -> bytes:
 
 def _table(n: int = 40, **extra) -> ImageTable:
     labels = np.arange(n) % 4
-    cols = {"example_id": [f"e{i}" for i in range(n)], "split": ["train"] * n, "label": pa.array(labels, pa.int32()),
-            "image": pa.array([_png(i) for i in range(n)], pa.binary())}  # fmt: skip
+    cols = {
+        "example_id": [f"e{i}" for i in range(n)],
+        "split": ["train"] * n,
+        "label": pa.array(labels, pa.int32()),
+        "image": pa.array([_png(i) for i in range(n)], pa.binary()),
+    }
     cols.update(extra)
     return table_from_labels(pa.table(cols))
 
@@ -80,28 +84,54 @@ def test_string_labels_and_imagefolder_names_stay(tmp_path):
     t = name_classes(read_imagefolder(str(tmp_path / "folder")), classes=["x", "y"])
     assert t.classes == ["cat", "dog"]
     m = tmp_path / "m.parquet"
-    pq.write_table(pa.table({"example_id": ["a", "b"], "split": ["train", "train"], "label": ["dog", "cat"],
-                             "image": pa.array([_png(), _png()], pa.binary())}), m)  # fmt: skip
+    pq.write_table(
+        pa.table(
+            {
+                "example_id": ["a", "b"],
+                "split": ["train", "train"],
+                "label": ["dog", "cat"],
+                "image": pa.array([_png(), _png()], pa.binary()),
+            }
+        ),
+        m,
+    )
     s = read_parquet(str(m))
     assert s.classes == ["cat", "dog"] and s.labels.tolist() == [1, 0]
 
 
 def test_attributes_detected_with_templates():
     n = 40
-    t = name_classes(_table(n, item=[NAMES[i % 4] for i in range(n)], color=[("red", "blue", "green")[i % 3] for i in range(n)],
-                            background=[("grass", "brick", "water", "moon", "coins")[i % 5] for i in range(n)], uid=[f"u{i}" for i in range(n)],
-                            note=[f"free text {i}" for i in range(n)], group=["x", ""] * 20, caption=["c"] * n,
-                            one=["same"] * n),
-                     "item")  # fmt: skip
+    t = name_classes(
+        _table(
+            n,
+            item=[NAMES[i % 4] for i in range(n)],
+            color=[("red", "blue", "green")[i % 3] for i in range(n)],
+            background=[("grass", "brick", "water", "moon", "coins")[i % 5] for i in range(n)],
+            uid=[f"u{i}" for i in range(n)],
+            note=[f"free text {i}" for i in range(n)],
+            group=["x", ""] * 20,
+            caption=["c"] * n,
+            one=["same"] * n,
+        ),
+        "item",
+    )
     assert detect_attributes(t, exclude=["item"]) == ["color", "background"]
     slots = attribute_slots(t, ["color", "background"])
     assert slots == {"color": "{value} {noun}", "background": "{noun} on {value}"}
     assert default_template("scene", ["water", "snow", "forest"]) == "{noun} in {value}"
     assert default_template("pattern", ["striped", "dotted"]) == "{value} {noun}"
-    assert compose_caption("ankle boot", {"color": "orange", "background": "grass"}, slots) == "a photo of an orange ankle boot on grass"
-    assert compose_caption("coat", {"color": None, "background": "moon"}, slots) == "a photo of a coat on moon"
+    assert (
+        compose_caption("ankle boot", {"color": "orange", "background": "grass"}, slots)
+        == "a photo of an orange ankle boot on grass"
+    )
+    assert (
+        compose_caption("coat", {"color": None, "background": "moon"}, slots)
+        == "a photo of a coat on moon"
+    )
     custom = attribute_slots(t, ["background"], {"background": "{noun} lying on {value}"})
-    assert compose_caption("bag", {"background": "brick"}, custom) == "a photo of a bag lying on brick"
+    assert (
+        compose_caption("bag", {"background": "brick"}, custom) == "a photo of a bag lying on brick"
+    )
     with pytest.raises(ValueError, match="must contain"):
         attribute_slots(t, ["color"], {"color": "{value}"})
     with pytest.raises(ValueError, match="not caption attributes"):
@@ -120,9 +150,18 @@ def test_data_grammar_first_then_generic_and_unknown_words_dropped():
     assert len(own) == 2 + 2 + 4 and "a photo of an orange coat on coins" in own
     cands = candidate_captions(["coat"], attributes=values, slots=slots)["coat"]
     assert [c for c, s in cands if s == "data"] == own and any(s == "grammar" for _, s in cands)
-    vocab = known_words([compose_caption("coat", {"color": c, "background": b}, slots) for c in values["color"]
-                         for b in values["background"]], ["a picture of {}"])  # fmt: skip
-    kept, dropped = drop_unknown_words({"coat": cands}, lambda text: [w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in vocab])
+    vocab = known_words(
+        [
+            compose_caption("coat", {"color": c, "background": b}, slots)
+            for c in values["color"]
+            for b in values["background"]
+        ],
+        ["a picture of {}"],
+    )
+    kept, dropped = drop_unknown_words(
+        {"coat": cands},
+        lambda text: [w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in vocab],
+    )
     assert [c for c, _ in kept["coat"]] == own  # the generic words (red, grass, ...) are unknown
     assert dropped["red"] >= 1 and "orange" not in dropped and "coat" not in dropped
 
@@ -141,7 +180,9 @@ def test_c_grid_is_wide_and_edges_are_recorded():
     assert "C_on_edge" in t.column_names
     assert t["C_on_edge"].to_pylist() == [True]  # a two-value grid has only edges
     wide = directions_table({"m": FailureDirections(n_permutations=0, max_modes=1).fit(X, correct)})
-    assert wide["C_on_edge"].to_pylist() == [wide["C"][0].as_py() in (min(DEFAULT_CS), max(DEFAULT_CS))]
+    assert wide["C_on_edge"].to_pylist() == [
+        wide["C"][0].as_py() in (min(DEFAULT_CS), max(DEFAULT_CS))
+    ]
 
 
 def test_world_encoder_needs_captions_or_attributes():
@@ -149,17 +190,25 @@ def test_world_encoder_needs_captions_or_attributes():
 
     with pytest.raises(ValueError, match="open_clip"):
         encoder_table(_table(8))
-    t = name_classes(_table(8, item=[NAMES[i % 4] for i in range(8)], color=["red", "blue"] * 4), "item")
+    t = name_classes(
+        _table(8, item=[NAMES[i % 4] for i in range(8)], color=["red", "blue"] * 4), "item"
+    )
     assert encoder_table(t).column("caption")[1] == "a photo of a blue bag"
 
 
 def test_retrieval_is_chosen_for_data_that_is_not_a_world(tmp_path):
     from cluster.generate import ServeSetGenerator
 
-    assert ServeSetGenerator("world", str(tmp_path), None).resolved_backend() == f"retrieval:{tmp_path}"
+    assert (
+        ServeSetGenerator("world", str(tmp_path), None).resolved_backend()
+        == f"retrieval:{tmp_path}"
+    )
     assert ServeSetGenerator("world", str(tmp_path), "/w").resolved_backend() == "world:/w"
     nothing = "diffusers:" + str(tmp_path / "no-weights")
-    assert ServeSetGenerator(nothing, str(tmp_path), None).resolved_backend() == f"retrieval:{tmp_path}"
+    assert (
+        ServeSetGenerator(nothing, str(tmp_path), None).resolved_backend()
+        == f"retrieval:{tmp_path}"
+    )
 
 
 # -- a second planted world, handed over as a plain Parquet manifest -----------------------
@@ -244,23 +293,45 @@ class RetrievalGenerator:
         for scope, caps in wanted.items():
             n = k if isinstance(k, int) else k[scope]
             prompts = [c for c in caps for _ in range(n)]
-            imgs = backend.generate(prompts, request_seeds(caps, n, seed), 1, 0.0, backend.defaults()["size"])
-            store.write_table(f"synthetic/{set_ids[scope]}/part-00000.parquet",
-                              pa.Table.from_pylist([{"png": _png(im), "prompt": p} for p, im in zip(prompts, imgs, strict=True)]))  # fmt: skip
-            rows.append({"scope": scope, "set_id": set_ids[scope], "captions": caps, "n_images": len(prompts), "generator": backend.name})
+            imgs = backend.generate(
+                prompts, request_seeds(caps, n, seed), 1, 0.0, backend.defaults()["size"]
+            )
+            store.write_table(
+                f"synthetic/{set_ids[scope]}/part-00000.parquet",
+                pa.Table.from_pylist(
+                    [{"png": _png(im), "prompt": p} for p, im in zip(prompts, imgs, strict=True)]
+                ),
+            )
+            rows.append(
+                {
+                    "scope": scope,
+                    "set_id": set_ids[scope],
+                    "captions": caps,
+                    "n_images": len(prompts),
+                    "generator": backend.name,
+                }
+            )
         return pa.Table.from_pylist(rows, schema=SETS_SCHEMA)
 
 
-def planted_naming(store, truth: pa.Table, spec, split: str = "debug", min_gap: float = 0.15) -> list[dict]:
+def planted_naming(
+    store, truth: pa.Table, spec, split: str = "debug", min_gap: float = 0.15
+) -> list[dict]:
     """One row per (model, class, planted mode) whose group fails >= ``min_gap`` below its class
     on ``split``: whether the top-1 hard caption of some mode of the model's class names the value."""
-    caps = [r for r in store.read_table("captions.parquet").to_pylist() if r["polarity"] == "hard" and r["rank"] == 1]
+    caps = [
+        r
+        for r in store.read_table("captions.parquet").to_pylist()
+        if r["polarity"] == "hard" and r["rank"] == 1
+    ]
     gt = {r["example_id"]: r for r in truth.to_pylist()}
     out = []
     for model in store.manifest()["zoo"]["models"]:
         p = store.read_table(f"predictions/model={model}").to_pylist()
         p = [r for r in p if gt[r["example_id"]]["split"] == split]
-        for m in (m for m in spec.planted if m.kind == "rare"):  # associations are the cue, not the target
+        for m in (
+            m for m in spec.planted if m.kind == "rare"
+        ):  # associations are the cue, not the target
             in_c = [r for r in p if gt[r["example_id"]]["item"] == m.cls]
             grp = [r for r in in_c if gt[r["example_id"]][m.attribute] == m.value]
             if not grp:
@@ -270,8 +341,16 @@ def planted_naming(store, truth: pa.Table, spec, split: str = "debug", min_gap: 
                 continue
             tops = [r["caption"] for r in caps if r["scope"] == model and r["class"] == m.cls]
             named = any(re.search(rf"\b{re.escape(m.value)}\b", c) for c in tops)
-            out.append({"model": model, "class": m.cls, "mode": f"{m.attribute}={m.value}", "gap": float(gap),
-                        "named": named, "top_hard": tops})  # fmt: skip
+            out.append(
+                {
+                    "model": model,
+                    "class": m.cls,
+                    "mode": f"{m.attribute}={m.value}",
+                    "gap": float(gap),
+                    "named": named,
+                    "top_hard": tops,
+                }
+            )
     return out
 
 
@@ -301,7 +380,10 @@ def test_second_world_as_a_plain_manifest(tmp_path, fake_fmnist):
     world = build_world(str(spec_path), str(tmp_path / "world"), fmnist_dir=fake_fmnist)
     manifest = export_manifest(world, str(tmp_path / "data" / "examples.parquet"))
     truth = world.table.select(["example_id", "split", "item", "color", "background"])
-    assert pq.read_schema(manifest).metadata is None and "caption" not in pq.read_schema(manifest).names
+    assert (
+        pq.read_schema(manifest).metadata is None
+        and "caption" not in pq.read_schema(manifest).names
+    )
     zoo = tmp_path / "zoo.toml"
     zoo.write_text(ZOO)
     cfg = tmp_path / "audit.toml"
@@ -335,26 +417,52 @@ enabled = false
     assert rows, "some planted group must fail by 15 points"
     assert np.mean([r["named"] for r in rows]) >= 0.9, json.dumps(rows, indent=1)
     dirs = store.read_table("directions.parquet").to_pylist()
-    caps = [r for r in store.read_table("captions.parquet").to_pylist() if r["polarity"] == "hard" and r["rank"] == 1]
+    caps = [
+        r
+        for r in store.read_table("captions.parquet").to_pylist()
+        if r["polarity"] == "hard" and r["rank"] == 1
+    ]
     both = []
     for scope in {r["scope"] for r in dirs}:
-        ok = [r["mode"] for r in dirs if r["scope"] == scope and r["class"] == "pullover" and r["status"] == "ok"]
-        tops = {r["mode"]: r["caption"] for r in caps if r["scope"] == scope and r["class"] == "pullover" and r["mode"] in ok}
-        if len(ok) >= 2 and any("orange" in c for c in tops.values()) and any("coins" in c for c in tops.values()):
+        ok = [
+            r["mode"]
+            for r in dirs
+            if r["scope"] == scope and r["class"] == "pullover" and r["status"] == "ok"
+        ]
+        tops = {
+            r["mode"]: r["caption"]
+            for r in caps
+            if r["scope"] == scope and r["class"] == "pullover" and r["mode"] in ok
+        }
+        if (
+            len(ok) >= 2
+            and any("orange" in c for c in tops.values())
+            and any("coins" in c for c in tops.values())
+        ):
             both.append(scope)
     assert both, [(r["scope"], r["mode"], r["status"]) for r in dirs if r["class"] == "pullover"]
 
     sets = store.read_table("synthetic_sets.parquet")
     assert sets.num_rows and set(sets["generator"].to_pylist()) == {"retrieval"}
     backend = gen.backends[0]
-    assert set(backend.example_ids) <= set(truth.filter(pc.equal(truth["split"], "pool"))["example_id"].to_pylist())
-    again = backend.generate(["a photo of an orange pullover"] * 3, [1, 2, 3], 1, 0.0, backend.defaults()["size"])
-    np.testing.assert_array_equal(again, backend.generate(["a photo of an orange pullover"] * 3, [1, 2, 3], 1, 0.0,
-                                                          backend.defaults()["size"]))  # fmt: skip
+    assert set(backend.example_ids) <= set(
+        truth.filter(pc.equal(truth["split"], "pool"))["example_id"].to_pylist()
+    )
+    again = backend.generate(
+        ["a photo of an orange pullover"] * 3, [1, 2, 3], 1, 0.0, backend.defaults()["size"]
+    )
+    np.testing.assert_array_equal(
+        again,
+        backend.generate(
+            ["a photo of an orange pullover"] * 3, [1, 2, 3], 1, 0.0, backend.defaults()["size"]
+        ),
+    )
     picked = backend.pick(["a photo of an orange pullover"] * 3, [1, 2, 3])
     assert len(set(picked)) == 3
     pool_items = truth.filter(pc.equal(truth["split"], "pool"))
-    item_of = dict(zip(pool_items["example_id"].to_pylist(), pool_items["item"].to_pylist(), strict=True))
+    item_of = dict(
+        zip(pool_items["example_id"].to_pylist(), pool_items["item"].to_pylist(), strict=True)
+    )
     assert {item_of[backend.example_ids[i]] for i in picked} == {"pullover"}
 
 
@@ -369,11 +477,27 @@ def test_imagefolder_of_pngs_end_to_end(tmp_path, tiny_world, tiny_zoo_path):
     from audit.data.readers import read_world
 
     cfg_path = tmp_path / f"{TINY_CLIP}.json"
-    cfg_path.write_text(json.dumps({
-        "embed_dim": 24,
-        "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }))  # fmt: skip
+    cfg_path.write_text(
+        json.dumps(
+            {
+                "embed_dim": 24,
+                "vision_cfg": {
+                    "image_size": 16,
+                    "layers": 1,
+                    "width": 32,
+                    "head_width": 16,
+                    "patch_size": 8,
+                },
+                "text_cfg": {
+                    "context_length": 16,
+                    "vocab_size": 49408,
+                    "width": 32,
+                    "heads": 2,
+                    "layers": 1,
+                },
+            }
+        )
+    )
     open_clip.add_model_config(cfg_path)
     world = read_world(tiny_world)
     root = tmp_path / "folder"
@@ -401,11 +525,19 @@ enabled = false
 """)
     out = str(tmp_path / "run")
     store, _ = _run_with_retrieval(cfg, out)
-    assert store.manifest()["data"]["classes"] == ["sandal", "t-shirt", "trouser"]  # the directories, sorted
+    assert store.manifest()["data"]["classes"] == [
+        "sandal",
+        "t-shirt",
+        "trouser",
+    ]  # the directories, sorted
     caps = store.read_table("captions.parquet")
     assert set(caps["class"].to_pylist()) <= {"sandal", "t-shirt", "trouser"}
     # every direction the tiny models have is named (they may have none: trained for seconds)
-    with_direction = {(r["scope"], r["class"]) for r in store.read_table("directions.parquet").to_pylist() if r["direction"] is not None}
+    with_direction = {
+        (r["scope"], r["class"])
+        for r in store.read_table("directions.parquet").to_pylist()
+        if r["direction"] is not None
+    }
     assert {(r["scope"], r["class"]) for r in caps.to_pylist()} == with_direction
     sets = store.read_table("synthetic_sets.parquet")
     assert set(sets["generator"].to_pylist()) <= {"retrieval"}

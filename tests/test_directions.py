@@ -69,8 +69,16 @@ def test_cv_score_matches_the_papers_reference():
     Z = fdmod.standardize(X, est.mean_, est.scale_)
     y = correct.astype(int)
     best, best_C = -np.inf, None
-    for C in fdmod.DEFAULT_CS:  # the paper's loop: SVC(kernel="linear"), cross_val_score(cv=2), strict '>'
-        s = cross_val_score(SVC(kernel="linear", C=C, class_weight="balanced"), Z, y, cv=2, scoring="balanced_accuracy").mean()
+    for C in (
+        fdmod.DEFAULT_CS
+    ):  # the paper's loop: SVC(kernel="linear"), cross_val_score(cv=2), strict '>'
+        s = cross_val_score(
+            SVC(kernel="linear", C=C, class_weight="balanced"),
+            Z,
+            y,
+            cv=2,
+            scoring="balanced_accuracy",
+        ).mean()
         if s > best:
             best, best_C = s, C
     m = est.mode(0)
@@ -99,7 +107,9 @@ def test_clone_and_pipeline():
     pipe.fit(X, correct, fd__labels=labels)
     fd = pipe.named_steps["fd"]
     assert list(fd.classes_) == [0, 1] and fd.coef_.shape == (2, 1, X.shape[1])
-    one = Pipeline([("id", FunctionTransformer()), ("fd", FailureDirections(**FAST))]).fit(X, correct)
+    one = Pipeline([("id", FunctionTransformer()), ("fd", FailureDirections(**FAST))]).fit(
+        X, correct
+    )
     dec = one.decision_function(X)
     assert dec.shape == (len(X),) and np.isfinite(dec).all()
     assert clone(pipe).get_params()["fd__max_modes"] == 1
@@ -157,15 +167,24 @@ def test_many_models_clusters_table_and_similarity():
     }
     est = FailureDirections(n_permutations=0, n_bootstrap=50, max_modes=1)
     fitted = fit_directions(X, by_model, labels, estimator=est, X_stats=X[:200])
-    clusters = clusters_from_table(__import__("pyarrow").table({"model": ["a1", "a2", "b1"], "cluster": [0, 0, 1]}))
+    clusters = clusters_from_table(
+        __import__("pyarrow").table({"model": ["a1", "a2", "b1"], "cluster": [0, 0, 1]})
+    )
     fitted.update(fit_collective(X, by_model, clusters, labels, estimator=est, X_stats=X[:200]))
     assert set(fitted) == {"a1", "a2", "b1", "cluster:0", "cluster:1"}
     assert -fitted["cluster:0"].mode(0).direction @ u > 0.9
     t = directions_table(fitted, ["even", "odd"])
     assert t.num_rows == 10 and set(t["status"].to_pylist()) == {"ok"}
     row = next(r for r in t.to_pylist() if r["scope"] == "a1" and r["class"] == "odd")
-    np.testing.assert_allclose(decision_from_row(row, X[labels == 1]), fitted["a1"].decision_function(X[labels == 1], labels[labels == 1]), atol=1e-4)
-    sim = {(r["class"], r["scope_a"], r["scope_b"]): r["cosine"] for r in direction_similarity(t).to_pylist()}
+    np.testing.assert_allclose(
+        decision_from_row(row, X[labels == 1]),
+        fitted["a1"].decision_function(X[labels == 1], labels[labels == 1]),
+        atol=1e-4,
+    )
+    sim = {
+        (r["class"], r["scope_a"], r["scope_b"]): r["cosine"]
+        for r in direction_similarity(t).to_pylist()
+    }
     assert sim[("even", "a1", "a2")] > 0.8 and abs(sim[("even", "a1", "b1")]) < 0.4
 
 

@@ -58,16 +58,39 @@ def scenario(out: str) -> dict:
 
     def run(name: str, sweeper) -> dict:
         store = RunStore(os.path.join(out, name))
-        res = sweep_arrays(store, images, ids, labels, CLASSES, specs, weights, sweeper, data_key="random-80",
-                           split="debug", batch_size=BATCH, with_features=True)  # fmt: skip
-        return {"done": sorted(res.done), "failed": sorted(res.failed), "info": res.info, "root": store.root,
-                "reasons": {k: v[:300] for k, v in res.failed.items()}}
+        res = sweep_arrays(
+            store,
+            images,
+            ids,
+            labels,
+            CLASSES,
+            specs,
+            weights,
+            sweeper,
+            data_key="random-80",
+            split="debug",
+            batch_size=BATCH,
+            with_features=True,
+        )
+        return {
+            "done": sorted(res.done),
+            "failed": sorted(res.failed),
+            "info": res.info,
+            "root": store.root,
+            "reasons": {k: v[:300] for k, v in res.failed.items()},
+        }
 
     out_json: dict = {"one_node": run("one-node", LocalSweeper(threads=1))}
     # failure detection tuned so that a lost node is noticed in seconds, not the default ~30 s
-    system = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000, "health_check_failure_threshold": 5}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                            "_system_config": system})  # fmt: skip
+    system = {
+        "health_check_initial_delay_ms": 0,
+        "health_check_period_ms": 1000,
+        "health_check_failure_threshold": 5,
+    }
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": system},
+    )
     try:
         workers = [cluster.add_node(num_cpus=2, resources={RESOURCE: 2}) for _ in range(2)]
         cluster.wait_for_nodes()
@@ -75,18 +98,24 @@ def scenario(out: str) -> dict:
         node_of = {w.node_id: w for w in workers}
         out_json["head"] = cluster.head_node.node_id
         out_json["workers"] = sorted(node_of)
-        out_json["spread"] = run("spread", RaySweeper(2, threads_per_worker=1, shard_resource=RESOURCE))
+        out_json["spread"] = run(
+            "spread", RaySweeper(2, threads_per_worker=1, shard_resource=RESOURCE)
+        )
 
         removed: list[str] = []
 
         def remove_a_node(event):
-            if event["finished"] == 1 and not removed:  # the first batch is back, the rest in flight
+            if (
+                event["finished"] == 1 and not removed
+            ):  # the first batch is back, the rest in flight
                 node = event["nodes"][0]
                 removed.append(node)
                 cluster.remove_node(node_of[node], allow_graceful=False)
 
-        out_json["lost"] = run("lost-node", RaySweeper(2, threads_per_worker=1, shard_resource=RESOURCE,
-                                                       on_batch=remove_a_node))  # fmt: skip
+        out_json["lost"] = run(
+            "lost-node",
+            RaySweeper(2, threads_per_worker=1, shard_resource=RESOURCE, on_batch=remove_a_node),
+        )
         out_json["removed"] = removed
         out_json["alive_after"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
     finally:
@@ -104,9 +133,14 @@ def cluster_run(tmp_path_factory) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), out], env=env, capture_output=True, text=True,
-                       timeout=420)  # fmt: skip
-    assert p.returncode == 0, (p.stdout[-3000:] + p.stderr[-6000:])
+    p = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), out],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
     with open(os.path.join(out, "result.json")) as f:
         return json.load(f)
 
@@ -141,9 +175,15 @@ def test_two_nodes_give_the_predictions_of_one(cluster_run):
         got, want = _read(spread["root"], name), _read(one["root"], name)
         assert got["predictions"]["pred"] == want["predictions"]["pred"], name
         assert got["predictions"]["example_id"] == want["predictions"]["example_id"], name
-        np.testing.assert_allclose(got["predictions"]["confidence"], want["predictions"]["confidence"], rtol=1e-4)
-        np.testing.assert_allclose(np.asarray(got["features"]["vector"]), np.asarray(want["features"]["vector"]),
-                                   rtol=1e-4, atol=1e-5)  # fmt: skip
+        np.testing.assert_allclose(
+            got["predictions"]["confidence"], want["predictions"]["confidence"], rtol=1e-4
+        )
+        np.testing.assert_allclose(
+            np.asarray(got["features"]["vector"]),
+            np.asarray(want["features"]["vector"]),
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
 
 @pytest.mark.ray
@@ -171,7 +211,9 @@ def test_a_lost_node_is_survived_with_identical_predictions_recorded_and_written
         assert len(files) == 1, files
 
 
-if __name__ == "__main__":  # the child process of the `cluster_run` fixture (its directory is on sys.path)
+if (
+    __name__ == "__main__"
+):  # the child process of the `cluster_run` fixture (its directory is on sys.path)
     result = scenario(sys.argv[1])
     with open(os.path.join(sys.argv[1], "result.json"), "w") as f:
         json.dump(result, f)

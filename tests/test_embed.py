@@ -29,8 +29,20 @@ def tiny_clip_config(tmp_path_factory):
 
     cfg = {
         "embed_dim": 24,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 1,
+            "width": 32,
+            "head_width": 16,
+            "patch_size": 16,
+        },
+        "text_cfg": {
+            "context_length": 16,
+            "vocab_size": 49408,
+            "width": 32,
+            "heads": 2,
+            "layers": 1,
+        },
     }
     path = tmp_path_factory.mktemp("clipcfg") / f"{TINY_CLIP}.json"
     path.write_text(json.dumps(cfg))
@@ -93,7 +105,9 @@ def _png(arr):
 
 
 def _captioned_table(n_per=2, size=8):
-    rows = {k: [] for k in ("example_id", "split", "label", "image", "color", "background", "caption")}
+    rows = {
+        k: [] for k in ("example_id", "split", "label", "image", "color", "background", "caption")
+    }
     i = 0
     for split in ("train", "debug"):
         for li, item in enumerate(ITEMS):
@@ -113,8 +127,13 @@ def _captioned_table(n_per=2, size=8):
                         rows["background"].append(b)
                         rows["caption"].append(f"a photo of a {c} {item} on {b}")
                         i += 1
-    t = pa.table({**{k: v for k, v in rows.items() if k not in ("label", "image")},
-                  "label": pa.array(rows["label"], pa.int32()), "image": pa.array(rows["image"], pa.binary())})  # fmt: skip
+    t = pa.table(
+        {
+            **{k: v for k, v in rows.items() if k not in ("label", "image")},
+            "label": pa.array(rows["label"], pa.int32()),
+            "image": pa.array(rows["image"], pa.binary()),
+        }
+    )
     return ImageTable(t, ITEMS)
 
 
@@ -146,11 +165,20 @@ def test_world_encoder_trains_caches_and_embeds(tmp_path):
     assert not again.trained and again.path == res.path and again.metrics == res.metrics
     # other hyper-parameters or other data, other checkpoint
     assert checkpoint_key(table, {**TINY_HP, "epochs": 1}) != res.key
-    assert checkpoint_key(table.take(np.arange(1, len(table))), TINY_HP) != res.key  # a train row less
-    assert checkpoint_key(table.take(np.arange(len(table) - 1)), TINY_HP) == res.key  # a debug row less
+    assert (
+        checkpoint_key(table.take(np.arange(1, len(table))), TINY_HP) != res.key
+    )  # a train row less
+    assert (
+        checkpoint_key(table.take(np.arange(len(table) - 1)), TINY_HP) == res.key
+    )  # a debug row less
 
     emb = create_embedder("world", data=table, hparams=TINY_HP, cache=str(tmp_path), progress=False)
-    assert isinstance(emb, WorldEncoder) and emb.name == "world" and emb.dim == 16 and emb.key == res.key
+    assert (
+        isinstance(emb, WorldEncoder)
+        and emb.name == "world"
+        and emb.dim == 16
+        and emb.key == res.key
+    )
     images, _, _ = table.decode()
     img = emb.encode_images(images[:5])
     txt = emb.encode_text(["a photo of a blue square", "a picture of something red", "a bar"])
@@ -159,9 +187,13 @@ def test_world_encoder_trains_caches_and_embeds(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1, atol=1e-5)
     assert all(0.0 <= a <= 1.0 for a in res.metrics.values())
     with pytest.raises(FileNotFoundError, match="embed train"):
-        create_embedder("world", data=table, hparams={**TINY_HP, "seed": 9}, cache=str(tmp_path), train=False)
+        create_embedder(
+            "world", data=table, hparams={**TINY_HP, "seed": 9}, cache=str(tmp_path), train=False
+        )
     with pytest.raises(ValueError, match="caption"):
-        train_world_encoder(ImageTable(table.table.drop_columns(["caption"]), ITEMS), TINY_HP, cache=str(tmp_path))
+        train_world_encoder(
+            ImageTable(table.table.drop_columns(["caption"]), ITEMS), TINY_HP, cache=str(tmp_path)
+        )
     with pytest.raises(ValueError, match="unknown world-encoder hyper-parameter"):
         train_world_encoder(table, {"epoch": 3}, cache=str(tmp_path))
 
@@ -203,7 +235,9 @@ def test_embedding_cache_is_reused_and_incremental(tmp_path):
     emb = CountingEmbedder()
     first = embed_table(store, emb, table, progress=False)
     assert emb.seen == len(table) and first.vectors.shape == (len(table), 4)
-    assert store.exists(embedding_path(emb)) and embedding_path(emb).startswith("embeddings/embedder=fake_counting-")
+    assert store.exists(embedding_path(emb)) and embedding_path(emb).startswith(
+        "embeddings/embedder=fake_counting-"
+    )
     stored = store.read_table(embedding_path(emb))
     assert pa.types.is_fixed_size_list(stored.schema.field("vector").type)
     assert store.manifest()["embeddings"][emb.slug]["n"] == len(table)
@@ -233,7 +267,12 @@ def test_embedding_cache_records_undecodable_rows(tmp_path):
     table = _captioned_table(n_per=1)
     images = table.table["image"].to_pylist()
     images[3] = b"not a png"
-    bad = ImageTable(table.table.set_column(table.table.schema.get_field_index("image"), "image", pa.array(images, pa.binary())), ITEMS)
+    bad = ImageTable(
+        table.table.set_column(
+            table.table.schema.get_field_index("image"), "image", pa.array(images, pa.binary())
+        ),
+        ITEMS,
+    )
     out = embed_table(store, CountingEmbedder(), bad, progress=False)
     assert len(out) == len(table) - 1 and table.example_ids[3] not in out.example_ids
     errs = store.errors().to_pylist()

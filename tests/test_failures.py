@@ -34,7 +34,9 @@ FAILS = np.array(
 
 def preds(fails_row: np.ndarray, ids, order=None) -> pa.Table:
     order = np.arange(len(ids)) if order is None else order
-    return pa.table({"example_id": [ids[i] for i in order], "correct": [not bool(fails_row[i]) for i in order]})
+    return pa.table(
+        {"example_id": [ids[i] for i in order], "correct": [not bool(fails_row[i]) for i in order]}
+    )
 
 
 def test_packing_roundtrip_and_counts_match_dense():
@@ -67,7 +69,9 @@ def test_pair_statistics_match_hand_computed_values():
 
 def test_undefined_statistics_are_nan():
     f = np.array([[0, 0, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]], bool)
-    st = overlap_statistics(FailureMatrix.from_dense(f, ["never", "half", "always", "never2"]), n_boot=50)
+    st = overlap_statistics(
+        FailureMatrix.from_dense(f, ["never", "half", "always", "never2"]), n_boot=50
+    )
     assert np.isnan(st.jaccard[0, 0]) and np.isnan(st.p_b_fails_given_a[0, 1])
     assert np.isnan(st.error_consistency[0, 3])  # both always right: c_exp = 1, kappa undefined
     assert np.isnan(st.ci_low[0, 3]) and np.isnan(st.ci_high[0, 3])
@@ -105,7 +109,9 @@ def test_bootstrap_matches_resampling_examples():
     a, b = f[0][idx], f[1][idx]
     k = error_consistency(a.sum(1), b.sum(1), (a & b).sum(1), 300)
     direct_lo, direct_hi = np.quantile(k, [0.025, 0.975])
-    assert lo[0, 1] == pytest.approx(direct_lo, abs=0.03) and hi[0, 1] == pytest.approx(direct_hi, abs=0.03)
+    assert lo[0, 1] == pytest.approx(direct_lo, abs=0.03) and hi[0, 1] == pytest.approx(
+        direct_hi, abs=0.03
+    )
 
 
 def test_failure_matrix_aligns_tables_on_example_id():
@@ -127,12 +133,24 @@ def test_failure_matrix_aligns_tables_on_example_id():
 def test_overlap_table_follows_the_contract():
     st = overlap_statistics(FailureMatrix.from_dense(FAILS, ["A", "B", "C"]), n_boot=100)
     t = overlap_table(st)
-    assert t.column_names[:8] == ["model_a", "model_b", "jaccard", "p_b_fails_given_a", "shared_fraction",
-                                  "error_consistency", "ci_low", "ci_high"]  # fmt: skip
+    assert t.column_names[:8] == [
+        "model_a",
+        "model_b",
+        "jaccard",
+        "p_b_fails_given_a",
+        "shared_fraction",
+        "error_consistency",
+        "ci_low",
+        "ci_high",
+    ]
     assert t.num_rows == 6
     rows = {(r["model_a"], r["model_b"]): r for r in t.to_pylist()}
     assert rows[("A", "B")]["jaccard"] == pytest.approx(0.6) and rows[("B", "A")]["n_both"] == 3
-    assert rows[("A", "B")]["ci_low"] <= rows[("A", "B")]["error_consistency"] <= rows[("A", "B")]["ci_high"]
+    assert (
+        rows[("A", "B")]["ci_low"]
+        <= rows[("A", "B")]["error_consistency"]
+        <= rows[("A", "B")]["ci_high"]
+    )
     top, bottom = extreme_pairs(t, "jaccard", k=1)
     assert (top[0]["model_a"], top[0]["model_b"]) == ("A", "B") and bottom[0]["jaccard"] == 0
 
@@ -177,7 +195,9 @@ def test_family_table_and_clusters_table():
     rows = {r["family"]: r for r in fam.to_pylist()}
     assert set(rows) == {"fam0", "fam1", "*"}
     for r in rows.values():
-        assert r["within"] > r["between"] + 0.3 and r["gap"] == pytest.approx(r["within"] - r["between"])
+        assert r["within"] > r["between"] + 0.3 and r["gap"] == pytest.approx(
+            r["within"] - r["between"]
+        )
     assert rows["fam0"]["n_within_pairs"] == 3 and rows["fam0"]["n_between_pairs"] == 9
     assert rows["*"]["n_within_pairs"] == 6 and rows["*"]["n_between_pairs"] == 9
     labels = cluster_models(sim, n_clusters=2)
@@ -193,7 +213,9 @@ def test_input_errors_name_the_fix():
     with pytest.raises(ValueError, match="n_clusters must be between"):
         cluster_models(np.eye(3), n_clusters=5)
     with pytest.raises(ValueError, match="unknown similarity"):
-        similarity_matrix(overlap_statistics(FailureMatrix.from_dense(FAILS, "ABC"), n_boot=0), "cosine")
+        similarity_matrix(
+            overlap_statistics(FailureMatrix.from_dense(FAILS, "ABC"), n_boot=0), "cosine"
+        )
     with pytest.raises(ValueError, match="2 model names for a failure matrix with 3 rows"):
         FailureMatrix.from_dense(FAILS, ["A", "B"])
     with pytest.raises(ValueError, match="run the sweep first"):
@@ -225,7 +247,12 @@ def test_blocked_counts_split_over_an_executor_match_the_dense_product():
     f = rng.random((17, 5_000)) < rng.random((17, 1))  # failure rates from 0 to 1
     fm = FailureMatrix.from_dense(f, [f"m{i}" for i in range(17)])
     want = f.astype(np.int64) @ f.T.astype(np.int64)
-    runs = ((64, ThreadExecutor(3)), (1024, SerialExecutor()), (1 << 15, None), (128, ThreadExecutor(2)))
+    runs = (
+        (64, ThreadExecutor(3)),
+        (1024, SerialExecutor()),
+        (1 << 15, None),
+        (128, ThreadExecutor(2)),
+    )
     for method in ("auto", "int8", "float32"):
         for block, ex in runs:
             n_fail, n_both = pair_counts(fm.packed, fm.n_examples, block, ex, method=method)
@@ -255,7 +282,10 @@ def test_bootstrap_in_pair_chunks_bounds_memory_and_keeps_its_intervals():
     f = np.stack([base ^ (rng.random(3000) < r) for r in (0.05, 0.1, 0.2, 0.4, 0.5)])
     n_fail, n_both = FailureMatrix.from_dense(f, list("abcde")).counts()
     lo, hi = bootstrap_error_consistency(n_fail, n_both, 3000, n_boot=2000, seed=1)
-    small = lambda n_pairs, n_boot: stats_blocks.pair_chunks(n_pairs, n_boot, max_elements=4 * n_boot * 2)  # noqa: E731
+
+    def small(n_pairs, n_boot):
+        return stats_blocks.pair_chunks(n_pairs, n_boot, max_elements=4 * n_boot * 2)
+
     with mock.patch("audit.failures.pair_chunks", small):
         lo2, hi2 = bootstrap_error_consistency(n_fail, n_both, 3000, n_boot=2000, seed=1)
         lo3, _ = bootstrap_error_consistency(n_fail, n_both, 3000, n_boot=2000, seed=1)

@@ -10,18 +10,57 @@ from serve.config import check_set_id
 
 
 def test_cluster_hard_captions_take_the_top_hard_caption_of_significant_directions():
-    dirs = pa.Table.from_pylist([
-        {"scope": "cluster:0", "class": "bag", "mode": 0, "status": "ok"},
-        {"scope": "cluster:0", "class": "dress", "mode": 0, "status": "not_significant"},
-        {"scope": "m1", "class": "bag", "mode": 0, "status": "ok"},
-    ])  # fmt: skip
-    caps = pa.Table.from_pylist([
-        {"scope": "cluster:0", "class": "bag", "mode": 0, "polarity": "hard", "rank": 1, "caption": "a photo of a green bag"},
-        {"scope": "cluster:0", "class": "bag", "mode": 0, "polarity": "hard", "rank": 2, "caption": "a photo of a red bag"},
-        {"scope": "cluster:0", "class": "bag", "mode": 0, "polarity": "easy", "rank": 1, "caption": "a photo of a bag"},
-        {"scope": "cluster:0", "class": "dress", "mode": 0, "polarity": "hard", "rank": 1, "caption": "a photo of a dress"},
-        {"scope": "m1", "class": "bag", "mode": 0, "polarity": "hard", "rank": 1, "caption": "a photo of a blue bag"},
-    ])  # fmt: skip
+    dirs = pa.Table.from_pylist(
+        [
+            {"scope": "cluster:0", "class": "bag", "mode": 0, "status": "ok"},
+            {"scope": "cluster:0", "class": "dress", "mode": 0, "status": "not_significant"},
+            {"scope": "m1", "class": "bag", "mode": 0, "status": "ok"},
+        ]
+    )
+    caps = pa.Table.from_pylist(
+        [
+            {
+                "scope": "cluster:0",
+                "class": "bag",
+                "mode": 0,
+                "polarity": "hard",
+                "rank": 1,
+                "caption": "a photo of a green bag",
+            },
+            {
+                "scope": "cluster:0",
+                "class": "bag",
+                "mode": 0,
+                "polarity": "hard",
+                "rank": 2,
+                "caption": "a photo of a red bag",
+            },
+            {
+                "scope": "cluster:0",
+                "class": "bag",
+                "mode": 0,
+                "polarity": "easy",
+                "rank": 1,
+                "caption": "a photo of a bag",
+            },
+            {
+                "scope": "cluster:0",
+                "class": "dress",
+                "mode": 0,
+                "polarity": "hard",
+                "rank": 1,
+                "caption": "a photo of a dress",
+            },
+            {
+                "scope": "m1",
+                "class": "bag",
+                "mode": 0,
+                "polarity": "hard",
+                "rank": 1,
+                "caption": "a photo of a blue bag",
+            },
+        ]
+    )
     assert cluster_hard_captions(caps, dirs) == {"cluster:0": ["a photo of a green bag"]}
     assert check_set_id(set_id_for("cluster:0", "0123456789abcdef")) == "cluster-0-hard-01234567"
 
@@ -34,7 +73,10 @@ def test_serve_generator_makes_one_set_per_cluster_in_the_run(ray_session, tiny_
     from serve.sets import load_set
 
     store = RunStore(str(tmp_path / "run"))
-    wanted = {"cluster:0": ["a photo of a blue t-shirt", "a photo of a sandal on brick"], "cluster:1": ["a photo of a red trouser"]}
+    wanted = {
+        "cluster:0": ["a photo of a blue t-shirt", "a photo of a sandal on brick"],
+        "cluster:1": ["a photo of a red trouser"],
+    }
     ids = {s: set_id_for(s, "feedbeef00") for s in wanted}
     table = ServeSetGenerator("world", store.uri, tiny_world).request_sets(wanted, ids, 3, 0)
     assert table["scope"].to_pylist() == ["cluster:0", "cluster:1"]

@@ -34,7 +34,9 @@ def write_config(path, data_path: str, zoo: str, extra: str = "") -> str:
     """An audit config of the sweep and statistics only (the later stages are off)."""
     from audit.pipeline.config import SECTIONS
 
-    off = "".join(f"[{name}]\nenabled = false\n" for name in ("mitigate", "report") if name in SECTIONS)
+    off = "".join(
+        f"[{name}]\nenabled = false\n" for name in ("mitigate", "report") if name in SECTIONS
+    )
     path.write_text(f"""
 [data]
 path = "{data_path}"
@@ -65,29 +67,53 @@ def _bomb_png(side: int = 100_000) -> bytes:
     import zlib
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     idat = zlib.compress(b"\0" * (1 + 3 * side) * 2, 9)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
 
 
-def _manifest(world: str, path, extra: dict[str, bytes], first: dict[str, bytes] | None = None,
-              all_debug: bytes | None = None) -> str:  # fmt: skip
+def _manifest(
+    world: str,
+    path,
+    extra: dict[str, bytes],
+    first: dict[str, bytes] | None = None,
+    all_debug: bytes | None = None,
+) -> str:
     """The tiny world's train and debug rows as a Parquet manifest, plus debug rows with the
     given images (``first`` placed before every other row), or every debug image replaced."""
     tab = read_dataset(world)
     t = tab.split(["train", "debug"]).table
     if all_debug is not None:
         debug = pa.array([s == "debug" for s in t["split"].to_pylist()])
-        imgs = [all_debug if d else b for d, b in zip(debug.to_pylist(), t["image"].to_pylist(), strict=True)]
+        imgs = [
+            all_debug if d else b
+            for d, b in zip(debug.to_pylist(), t["image"].to_pylist(), strict=True)
+        ]
         t = t.set_column(t.schema.get_field_index("image"), "image", pa.array(imgs, pa.binary()))
     template = tab.split("debug").table.slice(0, 1)
 
     def rows(blobs: dict[str, bytes]) -> list[pa.Table]:
         out = []
         for eid, blob in blobs.items():
-            r = template.set_column(template.schema.get_field_index("example_id"), "example_id", pa.array([eid]))
-            out.append(r.set_column(r.schema.get_field_index("image"), "image", pa.array([blob], pa.binary())))
+            r = template.set_column(
+                template.schema.get_field_index("example_id"), "example_id", pa.array([eid])
+            )
+            out.append(
+                r.set_column(
+                    r.schema.get_field_index("image"), "image", pa.array([blob], pa.binary())
+                )
+            )
         return out
 
     table = pa.concat_tables([*rows(first or {}), t, *rows(extra)])
@@ -101,7 +127,9 @@ def _preds(store: RunStore, model: str, ids: list[str]) -> pa.Table:
     return t.sort_by("example_id")
 
 
-def test_bad_images_do_not_stop_the_audit_and_good_rows_are_unchanged(tmp_path, tiny_world, tiny_zoo_path, monkeypatch, capsys):
+def test_bad_images_do_not_stop_the_audit_and_good_rows_are_unchanged(
+    tmp_path, tiny_world, tiny_zoo_path, monkeypatch, capsys
+):
     """Issue 11 #1 (with #4 and #9): corrupt, empty, truncated, 16-bit, huge-first and bomb
     images in a Parquet manifest: exit 0, one error row per undecodable image, and the good
     rows' predictions those of a run on the good rows alone."""
@@ -109,9 +137,15 @@ def test_bad_images_do_not_stop_the_audit_and_good_rows_are_unchanged(tmp_path, 
     from cluster.cli import main
 
     good_png = read_dataset(tiny_world).split("debug").table["image"][0].as_py()
-    bad = {"bad-corrupt": b"\x89PNG\r\n\x1a\n" + os.urandom(200), "bad-empty": b"", "bad-truncated": good_png[: len(good_png) // 2],
-           "bad-bomb": _bomb_png()}  # fmt: skip
-    odd = {"odd-16bit": _png((np.arange(256, dtype=np.uint32).reshape(16, 16) * 250).astype(np.uint16))}
+    bad = {
+        "bad-corrupt": b"\x89PNG\r\n\x1a\n" + os.urandom(200),
+        "bad-empty": b"",
+        "bad-truncated": good_png[: len(good_png) // 2],
+        "bad-bomb": _bomb_png(),
+    }
+    odd = {
+        "odd-16bit": _png((np.arange(256, dtype=np.uint32).reshape(16, 16) * 250).astype(np.uint16))
+    }
     huge = {"odd-huge-first": _png(np.full((2500, 2500, 3), 90, np.uint8))}
     hostile = _manifest(tiny_world, tmp_path / "hostile.parquet", {**bad, **odd}, first=huge)
     clean = _manifest(tiny_world, tmp_path / "clean.parquet", {})
@@ -124,15 +158,21 @@ def test_bad_images_do_not_stop_the_audit_and_good_rows_are_unchanged(tmp_path, 
     h, c = RunStore(tmp_path / "hostile"), RunStore(tmp_path / "clean")
     assert h.manifest()["status"] == "done"
     errors = [r for r in h.errors().to_pylist() if r["stage"] == "decode"]
-    assert sorted(r["item"] for r in errors) == sorted(bad)  # one row per undecodable image, nothing else
+    assert sorted(r["item"] for r in errors) == sorted(
+        bad
+    )  # one row per undecodable image, nothing else
     assert "over the limit" in next(r["reason"] for r in errors if r["item"] == "bad-bomb")
     good = read_dataset(tiny_world).split("debug").example_ids.tolist()
     for model in ("tiny-resnet", "tiny-vit"):
         hp, cp = _preds(h, model, good), _preds(c, model, good)
         assert hp.num_rows == cp.num_rows == len(good)
         assert hp["pred"].to_pylist() == cp["pred"].to_pylist()
-        np.testing.assert_allclose(hp["confidence"].to_numpy(), cp["confidence"].to_numpy(), atol=1e-5)
-        assert set(h.read_table(f"predictions/model={model}")["example_id"].to_pylist()) == set(good) | set(odd) | set(huge)
+        np.testing.assert_allclose(
+            hp["confidence"].to_numpy(), cp["confidence"].to_numpy(), atol=1e-5
+        )
+        assert set(h.read_table(f"predictions/model={model}")["example_id"].to_pylist()) == set(
+            good
+        ) | set(odd) | set(huge)
     assert h.exists("overlap.parquet") and h.exists("accuracy.parquet")
     # the huge first image no longer sets the size of every decoded image (2500x2500 x 92 = 1.7 GB)
     images, _, _ = read_dataset(hostile).split("debug").decode()
@@ -145,9 +185,17 @@ def test_nothing_decodes_is_one_clear_failure(tmp_path, tiny_world, tiny_zoo_pat
 
     data = _manifest(tiny_world, tmp_path / "m.parquet", {}, all_debug=b"not an image")
     with pytest.raises(StageFailed) as e:
-        run_audit(write_config(tmp_path / "a.toml", data, tiny_zoo_path), str(tmp_path / "run"), services=threads(),
-                  console=lambda s: None)  # fmt: skip
-    assert e.value.stage == "sweep" and "no image of split" in e.value.reason and "could be decoded" in e.value.reason
+        run_audit(
+            write_config(tmp_path / "a.toml", data, tiny_zoo_path),
+            str(tmp_path / "run"),
+            services=threads(),
+            console=lambda s: None,
+        )
+    assert (
+        e.value.stage == "sweep"
+        and "no image of split" in e.value.reason
+        and "could be decoded" in e.value.reason
+    )
     assert "Must pass" not in e.value.reason
 
 
@@ -168,8 +216,10 @@ def _evil_zoo(tmp_path, tiny_zoo_path: str, keep_tiny: bool) -> tuple[str, list[
     with open(tmp_path / "evil.pkl", "wb") as f:
         pickle.dump(_Payload(markers[0]), f)
     torch.save(_Payload(markers[1]), tmp_path / "evil.pt")  # the zip format torch.load reads
-    evil = "".join(f'\n[[models]]\nname = "{n}"\nfamily = "local"\nbuilder = "local"\nweights = "{tmp_path / f}"\n'
-                   for n, f in (("evil-pickle", "evil.pkl"), ("evil-torch-save", "evil.pt")))  # fmt: skip
+    evil = "".join(
+        f'\n[[models]]\nname = "{n}"\nfamily = "local"\nbuilder = "local"\nweights = "{tmp_path / f}"\n'
+        for n, f in (("evil-pickle", "evil.pkl"), ("evil-torch-save", "evil.pt"))
+    )
     zoo = tmp_path / "zoo.toml"
     tiny = open(tiny_zoo_path).read()
     zoo.write_text((tiny if keep_tiny else tiny.split("[[models]]")[0]) + evil)
@@ -181,8 +231,12 @@ def test_pickled_model_file_does_not_run_and_is_an_error_row(tmp_path, tiny_worl
     from cluster.runner import run_audit
 
     zoo, markers = _evil_zoo(tmp_path, tiny_zoo_path, keep_tiny=True)
-    store, outcome = run_audit(write_config(tmp_path / "a.toml", tiny_world, zoo), str(tmp_path / "run"),
-                               services=threads(), console=lambda s: None)  # fmt: skip
+    store, outcome = run_audit(
+        write_config(tmp_path / "a.toml", tiny_world, zoo),
+        str(tmp_path / "run"),
+        services=threads(),
+        console=lambda s: None,
+    )
     assert outcome.failed is None
     assert not any(os.path.exists(m) for m in markers)  # no payload ran
     rows = {r["item"]: r["reason"] for r in store.errors().to_pylist()}
@@ -199,9 +253,17 @@ def test_every_model_failing_is_one_clear_failure(tmp_path, tiny_world, tiny_zoo
 
     zoo, markers = _evil_zoo(tmp_path, tiny_zoo_path, keep_tiny=False)
     with pytest.raises(StageFailed) as e:
-        run_audit(write_config(tmp_path / "a.toml", tiny_world, zoo), str(tmp_path / "run"), services=threads(),
-                  console=lambda s: None)  # fmt: skip
-    assert e.value.stage == "sweep" and "every model failed" in e.value.reason and "errors.parquet" in e.value.reason
+        run_audit(
+            write_config(tmp_path / "a.toml", tiny_world, zoo),
+            str(tmp_path / "run"),
+            services=threads(),
+            console=lambda s: None,
+        )
+    assert (
+        e.value.stage == "sweep"
+        and "every model failed" in e.value.reason
+        and "errors.parquet" in e.value.reason
+    )
     assert not any(os.path.exists(m) for m in markers)
 
 
@@ -223,7 +285,9 @@ def test_cli_port_backend_and_out_mistakes_exit_2(tmp_path, capsys):
     assert main(["run", "demo", "--out", ""]) == 2 and "--out is empty" in _one_line(capsys)
     f = tmp_path / "file"
     f.write_text("x")
-    assert main(["run", "demo", "--out", str(f)]) == 2 and "is an existing file" in _one_line(capsys)
+    assert main(["run", "demo", "--out", str(f)]) == 2 and "is an existing file" in _one_line(
+        capsys
+    )
     assert main(["run", "demo", "--out", str(f / "sub")]) == 2  # a path through a file
     assert str(f) in _one_line(capsys)
 
@@ -262,14 +326,26 @@ def test_cli_config_mistakes_exit_2_before_any_work(tmp_path, tiny_world, tiny_z
     assert not os.path.exists(tmp_path / "run-typo" / "manifest.json")
 
 
-@pytest.mark.parametrize(("uri", "hint"), [("gs://zoo-audit-no-such-bucket/run", "GOOGLE_APPLICATION_CREDENTIALS"),
-                                           ("s3://zoo-audit-no-such-bucket/run", "AWS_ACCESS_KEY_ID")])  # fmt: skip
-def test_cli_out_uri_without_credentials_fails_fast(tmp_path, tiny_world, tiny_zoo_path, monkeypatch, capsys, uri, hint):
+@pytest.mark.parametrize(
+    ("uri", "hint"),
+    [
+        ("gs://zoo-audit-no-such-bucket/run", "GOOGLE_APPLICATION_CREDENTIALS"),
+        ("s3://zoo-audit-no-such-bucket/run", "AWS_ACCESS_KEY_ID"),
+    ],
+)
+def test_cli_out_uri_without_credentials_fails_fast(
+    tmp_path, tiny_world, tiny_zoo_path, monkeypatch, capsys, uri, hint
+):
     """``--out gs://...`` hung for minutes and ``s3://`` without credentials was a traceback."""
     from cluster.cli import main
 
     monkeypatch.setenv("ZOO_AUDIT_STORE_TIMEOUT_S", "3")
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS"):
+    for k in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_PROFILE",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+    ):
         monkeypatch.delenv(k, raising=False)
     cfg = write_config(tmp_path / "a.toml", tiny_world, tiny_zoo_path)
     t = time.monotonic()
@@ -319,12 +395,19 @@ def test_embedded_ray_goes_with_a_killed_driver(tmp_path):
     import time
 
     pid_file = tmp_path / "pids"
-    code = ("import sys, time, ray\nfrom cluster.runtime import connect\nconnect(num_cpus=1)\n"
-            "n = ray._private.worker._global_node\n"
-            "open(sys.argv[1], 'w').write(' '.join(str(p.process.pid) for v in n.all_processes.values() for p in v))\n"
-            "time.sleep(300)\n")  # fmt: skip
+    code = (
+        "import sys, time, ray\nfrom cluster.runtime import connect\nconnect(num_cpus=1)\n"
+        "n = ray._private.worker._global_node\n"
+        "open(sys.argv[1], 'w').write(' '.join(str(p.process.pid) for v in n.all_processes.values() for p in v))\n"
+        "time.sleep(300)\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    p = subprocess.Popen([sys.executable, "-c", code, str(pid_file)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, str(pid_file)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
         time.sleep(0.5)
@@ -345,4 +428,6 @@ def test_embedded_ray_goes_with_a_killed_driver(tmp_path):
     deadline = time.time() + 20
     while any(alive(pid) for pid in pids) and time.time() < deadline:
         time.sleep(0.5)
-    assert not [pid for pid in pids if alive(pid)], "Ray processes outlived the killed driver by 20 s"
+    assert not [pid for pid in pids if alive(pid)], (
+        "Ray processes outlived the killed driver by 20 s"
+    )

@@ -33,7 +33,9 @@ def test_approximate_index_measures_recall_and_agrees_with_exact(kind):
     # clustered data, like real embeddings
     rng = np.random.default_rng(0)
     centres = _unit(20, 24, seed=3)
-    x = l2_normalize(centres[rng.integers(0, 20, 3000)] + 0.3 * rng.standard_normal((3000, 24)) / np.sqrt(24))
+    x = l2_normalize(
+        centres[rng.integers(0, 20, 3000)] + 0.3 * rng.standard_normal((3000, 24)) / np.sqrt(24)
+    )
     ix = VectorIndex(x, kind=kind, target_recall=0.95, recall_k=10, recall_queries=100)
     assert ix.kind_ == kind and ix.recall_ >= 0.95
     q = x[:50] + 0.01 * rng.standard_normal((50, 24)).astype(np.float32)
@@ -78,23 +80,37 @@ def test_subpopulation_accuracy_matches_hand_computation():
         "m1": np.array([0, 0, 1, 1, 1, 1, 1, 1], bool),  # fails near angle 0
         "m2": np.array([1, 1, 1, 1, 0, 1, 0, 1], bool),
     }
-    caption_vecs = {"hard": np.array([1.0, 0.0], np.float32), "easy": np.array([np.cos(2.5), np.sin(2.5)], np.float32)}
+    caption_vecs = {
+        "hard": np.array([1.0, 0.0], np.float32),
+        "easy": np.array([np.cos(2.5), np.sin(2.5)], np.float32),
+    }
     rows = [
         {"scope": "m1", "class": "a", "caption": "hard", "polarity": "hard"},
         {"scope": "m1", "class": "a", "caption": "easy", "polarity": "easy"},
         {"scope": "fam", "class": "a", "caption": "hard", "polarity": "hard"},
         {"scope": "m2", "class": "b", "caption": "hard", "polarity": "hard"},
     ]
-    t = subpopulations_table(rows, correct, caption_vecs, ClassIndex(x, labels), ["a", "b"], k=3,
-                             scopes={"fam": ["m1", "m2"]})  # fmt: skip
+    t = subpopulations_table(
+        rows,
+        correct,
+        caption_vecs,
+        ClassIndex(x, labels),
+        ["a", "b"],
+        k=3,
+        scopes={"fam": ["m1", "m2"]},
+    )
     r = t.to_pylist()
     # m1, hard: nearest of class a are images 0,1,2 -> 1/3 correct; class a accuracy 4/6
-    assert r[0]["accuracy_on_nearest"] == pytest.approx(1 / 3) and r[0]["class_accuracy"] == pytest.approx(4 / 6)
+    assert r[0]["accuracy_on_nearest"] == pytest.approx(1 / 3) and r[0][
+        "class_accuracy"
+    ] == pytest.approx(4 / 6)
     assert r[0]["n"] == 3 and r[0]["k"] == 3 and r[0]["ci_low"] < 1 / 3 < r[0]["ci_high"]
     # m1, easy: nearest to angle 2.5 are images 4,3,5 -> all correct
     assert r[1]["accuracy_on_nearest"] == pytest.approx(1.0)
     # the family pools both models: (1 + 3) / 6 on the nearest, (4 + 5) / 12 on the class
-    assert r[2]["accuracy_on_nearest"] == pytest.approx(4 / 6) and r[2]["class_accuracy"] == pytest.approx(9 / 12)
+    assert r[2]["accuracy_on_nearest"] == pytest.approx(4 / 6) and r[2][
+        "class_accuracy"
+    ] == pytest.approx(9 / 12)
     assert r[2]["n"] == 6 and r[2]["n_models"] == 2
     # class b has only 2 images: k is capped, m2 gets 1 of 2
     assert r[3]["n"] == 2 and r[3]["accuracy_on_nearest"] == pytest.approx(0.5)
@@ -102,9 +118,27 @@ def test_subpopulation_accuracy_matches_hand_computation():
 
     lo, hi = wilson_interval(np.array([1]), np.array([3]))
     assert (r[0]["ci_low"], r[0]["ci_high"]) == pytest.approx((lo[0], hi[0]))
-    assert t.column_names[:10] == ["scope", "class", "caption", "polarity", "k", "accuracy_on_nearest",
-                                   "class_accuracy", "ci_low", "ci_high", "n"]  # fmt: skip
+    assert t.column_names[:10] == [
+        "scope",
+        "class",
+        "caption",
+        "polarity",
+        "k",
+        "accuracy_on_nearest",
+        "class_accuracy",
+        "ci_low",
+        "ci_high",
+        "n",
+    ]
     with pytest.raises(ValueError, match="neither a model"):
-        subpopulations_table([{**rows[0], "scope": "nobody"}], correct, caption_vecs, ClassIndex(x, labels), ["a", "b"])
+        subpopulations_table(
+            [{**rows[0], "scope": "nobody"}],
+            correct,
+            caption_vecs,
+            ClassIndex(x, labels),
+            ["a", "b"],
+        )
     with pytest.raises(ValueError, match="aligned"):
-        subpopulations_table(rows[:1], {"m1": correct["m1"][:3]}, caption_vecs, ClassIndex(x, labels), ["a", "b"])
+        subpopulations_table(
+            rows[:1], {"m1": correct["m1"][:3]}, caption_vecs, ClassIndex(x, labels), ["a", "b"]
+        )

@@ -39,22 +39,60 @@ _CONTAINER = {
     "properties": {
         "name": {"type": "string"},
         "image": {"type": "string"},
-        "env": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
-            "name": {"type": "string"}, "value": {"type": "string"},
-            "valueFrom": {"type": "object", "properties": {"secretKeyRef": {
-                "type": "object", "required": ["name", "key"],
-                "properties": {"name": {"type": "string"}, "key": {"type": "string"}}}}}},
-            "additionalProperties": False}},
-        "resources": {"type": "object", "additionalProperties": False, "properties": {
-            "requests": {"type": "object", "additionalProperties": _QUANTITY},
-            "limits": {"type": "object", "additionalProperties": _QUANTITY}}},
-        "ports": {"type": "array", "items": {"type": "object", "required": ["containerPort"], "properties": {
-            "containerPort": {"type": "integer"}, "name": {"type": "string"}}}},
+        "env": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "value": {"type": "string"},
+                    "valueFrom": {
+                        "type": "object",
+                        "properties": {
+                            "secretKeyRef": {
+                                "type": "object",
+                                "required": ["name", "key"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "key": {"type": "string"},
+                                },
+                            }
+                        },
+                    },
+                },
+                "additionalProperties": False,
+            },
+        },
+        "resources": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "requests": {"type": "object", "additionalProperties": _QUANTITY},
+                "limits": {"type": "object", "additionalProperties": _QUANTITY},
+            },
+        },
+        "ports": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["containerPort"],
+                "properties": {"containerPort": {"type": "integer"}, "name": {"type": "string"}},
+            },
+        },
     },
-}  # fmt: skip
-_TEMPLATE = {"type": "object", "required": ["spec"], "properties": {"spec": {
-    "type": "object", "required": ["containers"],
-    "properties": {"containers": {"type": "array", "minItems": 1, "items": _CONTAINER}}}}}  # fmt: skip
+}
+_TEMPLATE = {
+    "type": "object",
+    "required": ["spec"],
+    "properties": {
+        "spec": {
+            "type": "object",
+            "required": ["containers"],
+            "properties": {"containers": {"type": "array", "minItems": 1, "items": _CONTAINER}},
+        }
+    },
+}
 RAYJOB_SCHEMA = {
     "$schema": "http://json-schema.org/draft-07/schema#",
     "title": "KubeRay RayJob (ray.io/v1), the fields zoo-audit uses; written from KubeRay's API docs",
@@ -63,8 +101,17 @@ RAYJOB_SCHEMA = {
     "properties": {
         "apiVersion": {"const": "ray.io/v1"},
         "kind": {"const": "RayJob"},
-        "metadata": {"type": "object", "required": ["name"], "properties": {
-            "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}}},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {
+                    "type": "string",
+                    "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                    "maxLength": 63,
+                }
+            },
+        },
         "spec": {
             "type": "object",
             "required": ["entrypoint", "rayClusterSpec"],
@@ -87,22 +134,39 @@ RAYJOB_SCHEMA = {
                     "properties": {
                         "rayVersion": {"type": "string"},
                         "enableInTreeAutoscaling": {"type": "boolean"},
-                        "headGroupSpec": {"type": "object", "required": ["template"], "additionalProperties": False,
-                                          "properties": {"rayStartParams": _STR_MAP, "template": _TEMPLATE,
-                                                         "serviceType": {"type": "string"}}},
-                        "workerGroupSpecs": {"type": "array", "items": {
-                            "type": "object", "required": ["groupName", "template"], "additionalProperties": False,
-                            "properties": {"groupName": {"type": "string"}, "replicas": {"type": "integer", "minimum": 0},
-                                           "minReplicas": {"type": "integer", "minimum": 0},
-                                           "maxReplicas": {"type": "integer", "minimum": 0},
-                                           "numOfHosts": {"type": "integer", "minimum": 1},
-                                           "rayStartParams": _STR_MAP, "template": _TEMPLATE}}},
+                        "headGroupSpec": {
+                            "type": "object",
+                            "required": ["template"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "rayStartParams": _STR_MAP,
+                                "template": _TEMPLATE,
+                                "serviceType": {"type": "string"},
+                            },
+                        },
+                        "workerGroupSpecs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["groupName", "template"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "groupName": {"type": "string"},
+                                    "replicas": {"type": "integer", "minimum": 0},
+                                    "minReplicas": {"type": "integer", "minimum": 0},
+                                    "maxReplicas": {"type": "integer", "minimum": 0},
+                                    "numOfHosts": {"type": "integer", "minimum": 1},
+                                    "rayStartParams": _STR_MAP,
+                                    "template": _TEMPLATE,
+                                },
+                            },
+                        },
                     },
                 },
             },
         },
     },
-}  # fmt: skip
+}
 
 
 def _validator(schema):
@@ -127,7 +191,9 @@ def load(path: str) -> dict:
 
 
 def errors(validator, doc) -> list[str]:
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    return [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)
+    ]
 
 
 def test_ray_cluster_yaml_is_valid_for_the_cluster_launcher():
@@ -143,7 +209,10 @@ def test_ray_cluster_yaml_is_valid_for_the_cluster_launcher():
     assert errors(v, bad)
     # the node types the head names exist, and the workers' bounds fit the cluster's
     assert cfg["head_node_type"] in cfg["available_node_types"]
-    assert sum(t.get("max_workers", 0) for t in cfg["available_node_types"].values()) <= cfg["max_workers"]
+    assert (
+        sum(t.get("max_workers", 0) for t in cfg["available_node_types"].values())
+        <= cfg["max_workers"]
+    )
 
 
 def test_rayjob_yaml_is_valid_against_the_rayjob_api():
@@ -154,7 +223,9 @@ def test_rayjob_yaml_is_valid_against_the_rayjob_api():
     bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replica"] = 2  # typo for replicas
     assert errors(v, bad)
     bad = copy.deepcopy(job)
-    bad["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-gpus"] = 0  # must be a string
+    bad["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-gpus"] = (
+        0  # must be a string
+    )
     assert errors(v, bad)
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert isinstance(env, dict) and set(env) <= {"working_dir", "env_vars", "pip", "py_modules"}

@@ -35,7 +35,9 @@ def test_linear_head_matches_logistic_regression_and_keeps_the_sklearn_contract(
 
     X, y, _ = planted_features()
     h = LinearHead(alpha=1e-2).fit(X, y)
-    ref = LogisticRegression(C=1 / (1e-2 * len(X)), max_iter=1000).fit(X, y)  # same objective, sklearn's scaling
+    ref = LogisticRegression(C=1 / (1e-2 * len(X)), max_iter=1000).fit(
+        X, y
+    )  # same objective, sklearn's scaling
     assert np.mean(h.predict(X) == ref.predict(X)) > 0.99
     assert clone(h).get_params() == {"alpha": 1e-2, "max_iter": 200, "tol": 1e-7}
     with pytest.raises(ValueError, match="labels"):
@@ -49,22 +51,36 @@ def test_anchor_keeps_the_initial_head_and_targeted_data_fixes_the_subgroup():
     acc_rare = lambda h: float(np.mean(h.predict(X[rare]) == 2))  # noqa: E731
     assert acc_rare(base) < 0.3  # the planted failure
     # a very strong anchor: the retrained head is the initial one
-    same = LinearHead(alpha=1e6).fit(X[common], y[common], coef_init=base.coef_, intercept_init=base.intercept_)
+    same = LinearHead(alpha=1e6).fit(
+        X[common], y[common], coef_init=base.coef_, intercept_init=base.intercept_
+    )
     np.testing.assert_allclose(same.coef_, base.coef_, atol=1e-3)
     # 20 "synthetic" examples of the subgroup with weight lambda fix it, the rest stays
     rng = np.random.default_rng(1)
     Xs = rng.normal(0, 0.3, (20, 4)) + np.array([2.0, 0, 0, 2.0])
     ys = np.full(20, 2)
     w = mix_weights(int(common.sum()), 20, 0.3)
-    fixed = LinearHead(alpha=1e-3).fit(np.concatenate([X[common], Xs]), np.concatenate([y[common], ys]), w,
-                                       base.coef_, base.intercept_)  # fmt: skip
+    fixed = LinearHead(alpha=1e-3).fit(
+        np.concatenate([X[common], Xs]),
+        np.concatenate([y[common], ys]),
+        w,
+        base.coef_,
+        base.intercept_,
+    )
     assert acc_rare(fixed) > 0.9
-    assert np.mean(fixed.predict(X[common]) == y[common]) >= np.mean(base.predict(X[common]) == y[common]) - 0.01
+    assert (
+        np.mean(fixed.predict(X[common]) == y[common])
+        >= np.mean(base.predict(X[common]) == y[common]) - 0.01
+    )
 
 
 def test_mix_weights_and_selections():
     w = mix_weights(8, 2, 0.25)
-    assert w.sum() == pytest.approx(1.0) and w[:8].sum() == pytest.approx(0.75) and w[8:].sum() == pytest.approx(0.25)
+    assert (
+        w.sum() == pytest.approx(1.0)
+        and w[:8].sum() == pytest.approx(0.75)
+        and w[8:].sum() == pytest.approx(0.25)
+    )
     assert mix_weights(4, 0, 0.5).tolist() == [0.25] * 4
     with pytest.raises(ValueError, match="lambda"):
         mix_weights(4, 2, 1.0)
@@ -77,7 +93,9 @@ def test_choose_respects_the_overall_constraint_and_reports_every_try():
     scores = {"a": (0.5, 0.90), "b": (0.9, 0.80), "c": (0.7, 0.899)}
     best, tried = choose(["a", "b", "c"], lambda c: scores[c], baseline_overall=0.9, max_drop=0.005)
     assert best == "c" and [t[0] for t in tried] == ["a", "b", "c"]
-    best, _ = choose(["b"], lambda c: scores[c], baseline_overall=0.9)  # none keeps it: the least drop
+    best, _ = choose(
+        ["b"], lambda c: scores[c], baseline_overall=0.9
+    )  # none keeps it: the least drop
     assert best == "b"
 
 
@@ -127,8 +145,14 @@ def mitigated(tmp_path_factory, tiny_world):
 
     root = tmp_path_factory.mktemp("mitigate")
     (root / "zoo.toml").write_text(LEARNING_ZOO)
-    cfg = load_config(write_config(root / "audit.toml", f'path = "{tiny_world}"', str(root / "zoo.toml"),
-                                   "[report]\nenabled = false\n[generate]\nk = 4\nprobe_k = 8\n[mitigate]\nlambdas = [0.25, 0.5]\npool_k = 10\nk_nearest = 10\nn_boot = 100\n"))  # fmt: skip
+    cfg = load_config(
+        write_config(
+            root / "audit.toml",
+            f'path = "{tiny_world}"',
+            str(root / "zoo.toml"),
+            "[report]\nenabled = false\n[generate]\nk = 4\nprobe_k = 8\n[mitigate]\nlambdas = [0.25, 0.5]\npool_k = 10\nk_nearest = 10\nn_boot = 100\n",
+        )
+    )
     store = RunStore(str(root / "run"))
 
     def significant(store_, inputs, section):
@@ -136,13 +160,26 @@ def mitigated(tmp_path_factory, tiny_world):
 
         line = directions_stage(store_, inputs, section)
         t = store_.read_table("directions.parquet")
-        rows = [{**r, "status": "ok" if r["mode"] == 0 and r["direction"] is not None else r["status"]} for r in t.to_pylist()]
+        rows = [
+            {**r, "status": "ok" if r["mode"] == 0 and r["direction"] is not None else r["status"]}
+            for r in t.to_pylist()
+        ]
         store_.write_table("directions.parquet", pa.Table.from_pylist(rows, schema=t.schema))
         return line
 
-    stages = [runner.Stage(**{**s.__dict__, "fn": significant}) if s.name == "directions" else s for s in runner.default_stages()]
+    stages = [
+        runner.Stage(**{**s.__dict__, "fn": significant}) if s.name == "directions" else s
+        for s in runner.default_stages()
+    ]
     base = load_inputs(cfg)
-    inputs = RunInputs(cfg, base.data, base.data_key, base.world_dir, base.zoo, threads(RecordingGenerator(world_dir=tiny_world, store=store)))
+    inputs = RunInputs(
+        cfg,
+        base.data,
+        base.data_key,
+        base.world_dir,
+        base.zoo,
+        threads(RecordingGenerator(world_dir=tiny_world, store=store)),
+    )
     out = runner.run_pipeline(store, inputs, stages=stages, console=lambda s: None)
     assert out.failed is None, out.failed
     return store, inputs, stages
@@ -155,16 +192,26 @@ def test_mitigate_stage_writes_every_method_and_confirmation(mitigated):
     t = store.read_table("mitigation.parquet").to_pylist()
     assert {r["method"] for r in t} == set(METHODS)
     assert {r["model"] for r in t} == {"small-a", "small-b"}
-    assert {r["eval"] for r in t} == {"nearest_caption"} | ({"planted"} if any(r["eval"] == "planted" for r in t) else set())
+    assert {r["eval"] for r in t} == {"nearest_caption"} | (
+        {"planted"} if any(r["eval"] == "planted" for r in t) else set()
+    )
     for r in t:
-        assert r["gain"] == pytest.approx(r["hard_after"] - r["hard_before"]) and r["gain_ci_low"] <= r["gain"] <= r["gain_ci_high"]
+        assert (
+            r["gain"] == pytest.approx(r["hard_after"] - r["hard_before"])
+            and r["gain_ci_low"] <= r["gain"] <= r["gain_ci_high"]
+        )
         assert (r["scope"].startswith("cluster:")) == (r["method"] == "synthetic_cluster")
     syn = [r for r in t if r["method"] == "synthetic"]
-    assert all(r["lambda"] in (0.25, 0.5) and "chose lambda" in r["choice"] and r["n_added"] > 0 for r in syn)
+    assert all(
+        r["lambda"] in (0.25, 0.5) and "chose lambda" in r["choice"] and r["n_added"] > 0
+        for r in syn
+    )
     assert all(r["lambda"] == 0.0 and r["n_added"] == 0 for r in t if r["method"] == "control")
     conf = store.read_table("confirmations.parquet").to_pylist()
     assert conf and all(r["n_images"] == 8 for r in conf)
-    assert all(r["counterfactual_caption"] != r["caption"] for r in conf if r["counterfactual_caption"])
+    assert all(
+        r["counterfactual_caption"] != r["caption"] for r in conf if r["counterfactual_caption"]
+    )
     assert any(r["counterfactual_caption"] for r in conf)
 
 
@@ -173,7 +220,10 @@ def test_eval_split_is_never_used_for_a_choice(mitigated, monkeypatch):
     from audit.pipeline.inputs import RunInputs
 
     store, inputs, stages = mitigated
-    before = {(r["model"], r["method"]): (r["lambda"], r["n_added"], r["choice"]) for r in store.read_table("mitigation.parquet").to_pylist()}
+    before = {
+        (r["model"], r["method"]): (r["lambda"], r["n_added"], r["choice"])
+        for r in store.read_table("mitigation.parquet").to_pylist()
+    }
     table = inputs.data.table
     split = table["split"].to_numpy(zero_copy_only=False)
     labels = table["label"].to_numpy().copy()
@@ -181,12 +231,20 @@ def test_eval_split_is_never_used_for_a_choice(mitigated, monkeypatch):
     labels[ev] = np.random.default_rng(0).permutation(labels[ev])
     from audit.data.table import ImageTable
 
-    scrambled = ImageTable(table.set_column(table.schema.get_field_index("label"), "label", pa_array(labels)), inputs.data.classes)
-    inputs2 = RunInputs(inputs.config, scrambled, inputs.data_key, inputs.world_dir, inputs.zoo, inputs.services)
+    scrambled = ImageTable(
+        table.set_column(table.schema.get_field_index("label"), "label", pa_array(labels)),
+        inputs.data.classes,
+    )
+    inputs2 = RunInputs(
+        inputs.config, scrambled, inputs.data_key, inputs.world_dir, inputs.zoo, inputs.services
+    )
     from audit.pipeline.mitigate import mitigate_stage
 
     mitigate_stage(store, inputs2, inputs.config.mitigate)
-    after = {(r["model"], r["method"]): (r["lambda"], r["n_added"], r["choice"]) for r in store.read_table("mitigation.parquet").to_pylist()}
+    after = {
+        (r["model"], r["method"]): (r["lambda"], r["n_added"], r["choice"])
+        for r in store.read_table("mitigation.parquet").to_pylist()
+    }
     assert after == before
 
 

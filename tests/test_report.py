@@ -41,8 +41,10 @@ class WorldSetGenerator:
         from audit.store import RunStore
 
         store = RunStore(self.store_uri)
-        renderer = WorldRenderer(WorldSpec.from_toml(os.path.join(self.world_dir, "spec.toml")),
-                                 load_fashion_mnist_arrays(self.fmnist_dir))  # fmt: skip
+        renderer = WorldRenderer(
+            WorldSpec.from_toml(os.path.join(self.world_dir, "spec.toml")),
+            load_fashion_mnist_arrays(self.fmnist_dir),
+        )
         out = []
         for scope, captions in wanted.items():
             rows = []
@@ -51,12 +53,30 @@ class WorldSetGenerator:
                 for i, img in enumerate(renderer.render(cap, seed=seed + p, n=n)):
                     buf = io.BytesIO()
                     Image.fromarray(img).save(buf, format="PNG")
-                    rows.append({"image_id": f"{set_ids[scope]}-{len(rows):05d}", "png": buf.getvalue(), "prompt": cap,
-                                 "seed": seed + p * 1000 + i, "generator": "world", "params": "{}",
-                                 "prompt_index": p, "image_index": i})  # fmt: skip
-            store.write_table(f"synthetic/{set_ids[scope]}/part-00000.parquet", pa.Table.from_pylist(rows))
-            out.append({"scope": scope, "set_id": set_ids[scope], "captions": captions, "n_images": len(rows),
-                        "generator": "world"})  # fmt: skip
+                    rows.append(
+                        {
+                            "image_id": f"{set_ids[scope]}-{len(rows):05d}",
+                            "png": buf.getvalue(),
+                            "prompt": cap,
+                            "seed": seed + p * 1000 + i,
+                            "generator": "world",
+                            "params": "{}",
+                            "prompt_index": p,
+                            "image_index": i,
+                        }
+                    )
+            store.write_table(
+                f"synthetic/{set_ids[scope]}/part-00000.parquet", pa.Table.from_pylist(rows)
+            )
+            out.append(
+                {
+                    "scope": scope,
+                    "set_id": set_ids[scope],
+                    "captions": captions,
+                    "n_images": len(rows),
+                    "generator": "world",
+                }
+            )
         return pa.Table.from_pylist(out, schema=SETS_SCHEMA)
 
 
@@ -66,7 +86,11 @@ def trained_zoo_path(tmp_path_factory) -> str:
     from conftest import TINY_ZOO
 
     p = tmp_path_factory.mktemp("zoo") / "tiny-trained.toml"
-    p.write_text(TINY_ZOO.replace("epochs = 1, batch_size = 64, lr = 0.003", "epochs = 12, batch_size = 32, lr = 0.01"))
+    p.write_text(
+        TINY_ZOO.replace(
+            "epochs = 1, batch_size = 64, lr = 0.003", "epochs = 12, batch_size = 32, lr = 0.01"
+        )
+    )
     return str(p)
 
 
@@ -99,8 +123,11 @@ k = 2
 images = 6
 """)
     out = str(tmp_path_factory.mktemp("run") / "run")
-    services = Services(executor=ThreadExecutor(2), sweeper=LocalSweeper(threads=1),
-                        generator=WorldSetGenerator(out, tiny_world, fake_fmnist))  # fmt: skip
+    services = Services(
+        executor=ThreadExecutor(2),
+        sweeper=LocalSweeper(threads=1),
+        generator=WorldSetGenerator(out, tiny_world, fake_fmnist),
+    )
     lines: list[str] = []
     store, outcome = run_audit(str(cfg), out, services=services, console=lines.append)
     return store, outcome, lines
@@ -141,7 +168,9 @@ def test_every_page_is_offline_and_every_image_is_a_file(audited):
         assert "static/report.css" in html and "static/report.js" in html
         for src in IMG_SRC.findall(html):
             assert not src.startswith("data:"), f"{rel}: images are files, never inlined"
-            assert os.path.isfile(os.path.normpath(os.path.join(root, os.path.dirname(rel), src))), f"{rel}: {src}"
+            assert os.path.isfile(
+                os.path.normpath(os.path.join(root, os.path.dirname(rel), src))
+            ), f"{rel}: {src}"
             n_images += 1
     assert n_images > 20
     # the figures of the shared-failures page and the run's stages on the overview
@@ -160,15 +189,26 @@ def test_cards_show_failure_modes_with_real_and_generated_images(audited):
     best = max(ok, key=lambda d: d["cv_score"])
     card = pages[f"models/{best['scope']}.html"]
     assert f'id="{best["class"]}-mode-{best["mode"]}"' in card
-    assert "Real images nearest the failure direction" in card and "Typical images of the class" in card
+    assert (
+        "Real images nearest the failure direction" in card
+        and "Typical images of the class" in card
+    )
     assert "img/syn/" in card, "generated images of the mode's hard captions"
-    top_hard = [c for c in store.read_table("captions.parquet").to_pylist()
-                if (c["scope"], c["class"], c["mode"], c["polarity"], c["rank"]) == (best["scope"], best["class"], best["mode"], "hard", 1)]  # fmt: skip
+    top_hard = [
+        c
+        for c in store.read_table("captions.parquet").to_pylist()
+        if (c["scope"], c["class"], c["mode"], c["polarity"], c["rank"])
+        == (best["scope"], best["class"], best["mode"], "hard", 1)
+    ]
     assert top_hard and top_hard[0]["caption"] in card
     # the sets page shows every stored image with its seed
     sets = pages["sets.html"]
-    n_set_images = sum(r["n_images"] for r in store.read_table("synthetic_sets.parquet").to_pylist())
-    assert sets.count("img/syn/") == n_set_images and sets.count('title="a photo of') == n_set_images
+    n_set_images = sum(
+        r["n_images"] for r in store.read_table("synthetic_sets.parquet").to_pylist()
+    )
+    assert (
+        sets.count("img/syn/") == n_set_images and sets.count('title="a photo of') == n_set_images
+    )
 
 
 def test_hard_images_are_the_models_errors_more_often_than_easy_ones(audited):
@@ -180,8 +220,16 @@ def test_hard_images_are_the_models_errors_more_often_than_easy_ones(audited):
     for rel, html in _pages(store.path("report")).items():
         if not rel.startswith("models/"):
             continue
-        for block in re.findall(r'<div class="gridlabel">(.*?)</div>\s*<div class="grid">(.*?)</div>', html, re.S):
-            side = "hard" if "nearest the failure" in block[0] else "easy" if "Typical" in block[0] else None
+        for block in re.findall(
+            r'<div class="gridlabel">(.*?)</div>\s*<div class="grid">(.*?)</div>', html, re.S
+        ):
+            side = (
+                "hard"
+                if "nearest the failure" in block[0]
+                else "easy"
+                if "Typical" in block[0]
+                else None
+            )
             if side:
                 wrong[side] += block[1].count('class="wrong"')
                 shown[side] += block[1].count("<img")
@@ -204,11 +252,29 @@ def test_report_command_and_optional_tables(audited, tmp_path, capsys):
     assert "Mitigation" not in open(f"{out}/models/{model}.html").read()
 
     cls = store.read_table("accuracy.parquet").to_pylist()[1]["class"]
-    row = {"scope": model, "model": model, "class": cls, "method": "synthetic", "lambda": 0.25, "n_added": 12,
-           "overall_before": 0.70, "overall_after": 0.72, "hard_before": 0.40, "hard_after": 0.55, "gain": 0.15,
-           "gain_ci_low": 0.05, "gain_ci_high": 0.25, "eval": "test"}  # fmt: skip
+    row = {
+        "scope": model,
+        "model": model,
+        "class": cls,
+        "method": "synthetic",
+        "lambda": 0.25,
+        "n_added": 12,
+        "overall_before": 0.70,
+        "overall_after": 0.72,
+        "hard_before": 0.40,
+        "hard_after": 0.55,
+        "gain": 0.15,
+        "gain_ci_low": 0.05,
+        "gain_ci_high": 0.25,
+        "eval": "test",
+    }
     pq.write_table(pa.Table.from_pylist([row]), f"{run}/mitigation.parquet")
-    for rel in ("directions.parquet", "captions.parquet", "subpopulations.parquet", "synthetic_sets.parquet"):
+    for rel in (
+        "directions.parquet",
+        "captions.parquet",
+        "subpopulations.parquet",
+        "synthetic_sets.parquet",
+    ):
         os.remove(f"{run}/{rel}")  # a run whose directions stage never ran: the report still builds
     assert main(["report", run, "--out", out]) == 0
     card = open(f"{out}/models/{model}.html").read()
@@ -265,44 +331,89 @@ def find_chromium() -> str | None:
 
 
 def _chromium(exe: str, *args: str, timeout: int = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                           "--no-first-run", "--hide-scrollbars", *args],
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--hide-scrollbars",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.browser
 def test_report_in_headless_chromium(audited, tmp_path):
     exe = find_chromium()
     if exe is None:
-        pytest.skip("no Chromium found (chromium, chromium-browser, google-chrome); `make test` installs Debian's "
-                    "`chromium` when apt-get is available")  # fmt: skip
+        pytest.skip(
+            "no Chromium found (chromium, chromium-browser, google-chrome); `make test` installs Debian's "
+            "`chromium` when apt-get is available"
+        )
     store, _, _ = audited
     src = store.path("report")
-    model = max((d for d in store.read_table("directions.parquet").to_pylist()
-                 if d["status"] == "ok" and not d["scope"].startswith("cluster:")), key=lambda d: d["cv_score"])["scope"]  # fmt: skip
-    pages = {"overview": "index.html", "shared": "shared.html", "model": f"models/{model}.html", "sets": "sets.html"}
+    model = max(
+        (
+            d
+            for d in store.read_table("directions.parquet").to_pylist()
+            if d["status"] == "ok" and not d["scope"].startswith("cluster:")
+        ),
+        key=lambda d: d["cv_score"],
+    )["scope"]
+    pages = {
+        "overview": "index.html",
+        "shared": "shared.html",
+        "model": f"models/{model}.html",
+        "sets": "sets.html",
+    }
     # screenshots of the report as it is
     for name, rel in pages.items():
         shot = tmp_path / f"{name}.png"
-        r = _chromium(exe, f"--screenshot={shot}", "--window-size=1280,1600", "--virtual-time-budget=5000",
-                      f"file://{os.path.join(src, rel)}")  # fmt: skip
-        assert shot.is_file() and shot.stat().st_size > 10_000, f"no screenshot of {rel}: {r.stderr[-2000:]}"
+        r = _chromium(
+            exe,
+            f"--screenshot={shot}",
+            "--window-size=1280,1600",
+            "--virtual-time-budget=5000",
+            f"file://{os.path.join(src, rel)}",
+        )
+        assert shot.is_file() and shot.stat().st_size > 10_000, (
+            f"no screenshot of {rel}: {r.stderr[-2000:]}"
+        )
     # the same pages, with a probe that loads every (lazy) image and records errors
     checked = tmp_path / "checked"
     shutil.copytree(src, checked)
     for name, rel in pages.items():
         p = checked / rel
         p.write_text(p.read_text().replace("<head>", "<head>\n" + CHECK, 1))
-        r = _chromium(exe, "--dump-dom", "--virtual-time-budget=10000", "--allow-file-access-from-files",
-                      f"file://{p}")  # fmt: skip
+        r = _chromium(
+            exe,
+            "--dump-dom",
+            "--virtual-time-budget=10000",
+            "--allow-file-access-from-files",
+            f"file://{p}",
+        )
         m = re.search(r'<pre id="zoo-audit-check">(.*?)</pre>', r.stdout, re.S)
         assert m, f"{rel}: the page did not finish loading in Chromium: {r.stderr[-2000:]}"
-        res = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
+        res = json.loads(
+            m.group(1)
+            .replace("&quot;", '"')
+            .replace("&amp;", "&")
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+        )
         assert res["broken"] == [], f"{rel}: broken images {res['broken'][:5]}"
         assert res["errors"] == [], f"{rel}: console errors {res['errors'][:5]}"
         assert res["css"] != "rgba(0, 0, 0, 0)", f"{rel}: the stylesheet did not load"
         assert res["sortable"] > 0 or name in ("shared", "sets"), f"{rel}: no sortable table"
-        console = [line for line in r.stderr.splitlines() if "CONSOLE" in line and "error" in line.lower()]
+        console = [
+            line for line in r.stderr.splitlines() if "CONSOLE" in line and "error" in line.lower()
+        ]
         assert not console, f"{rel}: {console[:3]}"
         if name == "shared":
             assert res["heatmap"] > 200, "the heatmap did not render"

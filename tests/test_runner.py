@@ -14,7 +14,10 @@ from audit.pipeline.runner import StageFailed
 from audit.store import RunStore
 from audit.zoo.shard import LocalSweeper
 
-STAGES = [s.name for s in __import__("audit.pipeline.runner", fromlist=["default_stages"]).default_stages()]
+STAGES = [
+    s.name
+    for s in __import__("audit.pipeline.runner", fromlist=["default_stages"]).default_stages()
+]
 
 
 def write_config(path, data: str, zoo: str, extra: str = "") -> str:
@@ -41,7 +44,12 @@ class RecordingGenerator:
     service would (png, prompt, seed per image), records what was asked, or fails like an
     unreachable service."""
 
-    def __init__(self, fail: Exception | None = None, world_dir: str | None = None, store: RunStore | None = None):
+    def __init__(
+        self,
+        fail: Exception | None = None,
+        world_dir: str | None = None,
+        store: RunStore | None = None,
+    ):
         self.calls, self.fail, self.world_dir, self.store = [], fail, world_dir, store
 
     def request_sets(self, wanted, set_ids, k, seed):
@@ -55,21 +63,40 @@ class RecordingGenerator:
             renderer = WorldRenderer.from_world_dir(self.world_dir)
             for scope, caps in wanted.items():
                 n = k if isinstance(k, int) else k[scope]
-                rows = [{"png": _png(img), "prompt": c, "seed": seed * 1000 + i}
-                        for c in caps for i, img in enumerate(renderer.render(c, seed=seed, n=n))]  # fmt: skip
-                self.store.write_table(f"synthetic/{set_ids[scope]}/part-00000.parquet", pa.Table.from_pylist(rows))
-        rows = [{"scope": s, "set_id": set_ids[s], "captions": c, "n_images": (k if isinstance(k, int) else k[s]) * len(c),
-                 "generator": "fake"} for s, c in wanted.items()]  # fmt: skip
+                rows = [
+                    {"png": _png(img), "prompt": c, "seed": seed * 1000 + i}
+                    for c in caps
+                    for i, img in enumerate(renderer.render(c, seed=seed, n=n))
+                ]
+                self.store.write_table(
+                    f"synthetic/{set_ids[scope]}/part-00000.parquet", pa.Table.from_pylist(rows)
+                )
+        rows = [
+            {
+                "scope": s,
+                "set_id": set_ids[s],
+                "captions": c,
+                "n_images": (k if isinstance(k, int) else k[s]) * len(c),
+                "generator": "fake",
+            }
+            for s, c in wanted.items()
+        ]
         return pa.Table.from_pylist(rows, schema=SETS_SCHEMA)
 
 
 def threads(generator=None) -> Services:
-    return Services(executor=ThreadExecutor(2), sweeper=LocalSweeper(threads=1), generator=generator or RecordingGenerator())
+    return Services(
+        executor=ThreadExecutor(2),
+        sweeper=LocalSweeper(threads=1),
+        generator=generator or RecordingGenerator(),
+    )
 
 
 @pytest.fixture(scope="module")
 def world_config(tmp_path_factory, tiny_world, tiny_zoo_path):
-    return write_config(tmp_path_factory.mktemp("cfg") / "audit.toml", f'path = "{tiny_world}"', tiny_zoo_path)
+    return write_config(
+        tmp_path_factory.mktemp("cfg") / "audit.toml", f'path = "{tiny_world}"', tiny_zoo_path
+    )
 
 
 def rendering(out: str, world: str) -> Services:
@@ -82,14 +109,27 @@ def test_stages_run_once_then_skip_and_force_redoes_one(world_config, tiny_world
 
     lines: list[str] = []
     out = str(tmp_path / "run")
-    store, first = run_audit(world_config, out, services=rendering(out, tiny_world), console=lines.append)
+    store, first = run_audit(
+        world_config, out, services=rendering(out, tiny_world), console=lines.append
+    )
     assert first.ran == STAGES and first.failed is None
-    for name in ("manifest.json", "accuracy.parquet", "overlap.parquet", "clusters.parquet", "directions.parquet",
-                 "captions.parquet", "subpopulations.parquet", "synthetic_sets.parquet", "summary.txt"):  # fmt: skip
+    for name in (
+        "manifest.json",
+        "accuracy.parquet",
+        "overlap.parquet",
+        "clusters.parquet",
+        "directions.parquet",
+        "captions.parquet",
+        "subpopulations.parquet",
+        "synthetic_sets.parquet",
+        "summary.txt",
+    ):
         assert store.exists(name), name
     m = store.manifest()
     assert m["status"] == "done" and all(m["stages"][s]["status"] == "done" for s in STAGES)
-    assert store.read_table("predictions/model=tiny-resnet").num_rows == 840  # every split: mitigation needs train and pool features
+    assert (
+        store.read_table("predictions/model=tiny-resnet").num_rows == 840
+    )  # every split: mitigation needs train and pool features
     assert store.read_table("overlap.parquet").num_rows == 2  # failure statistics on debug only
     # one line per stage, then the summary, which is also summary.txt
     assert sum(line.startswith(f"  {s} ") for line in lines for s in STAGES) == len(STAGES)
@@ -97,19 +137,37 @@ def test_stages_run_once_then_skip_and_force_redoes_one(world_config, tiny_world
     _check_planted_script(out)
 
     lines.clear()
-    _, again = run_audit(world_config, out, services=rendering(out, tiny_world), console=lines.append)
+    _, again = run_audit(
+        world_config, out, services=rendering(out, tiny_world), console=lines.append
+    )
     assert again.ran == [] and again.skipped == STAGES
-    assert all("(current)" in line for line in lines if line.startswith("  ") and line.split()[0] in STAGES)
+    assert all(
+        "(current)" in line for line in lines if line.startswith("  ") and line.split()[0] in STAGES
+    )
 
-    _, forced = run_audit(world_config, out, force=["stats"], services=rendering(out, tiny_world), console=lines.append)
+    _, forced = run_audit(
+        world_config,
+        out,
+        force=["stats"],
+        services=rendering(out, tiny_world),
+        console=lines.append,
+    )
     assert forced.ran[0] == "stats" and "sweep" in forced.skipped and "train" in forced.skipped
     # what reads the forced stage's outputs is redone too; what does not stays
     assert {"directions", "mitigate", "report"} <= set(forced.ran) and "embed" in forced.skipped
     lines.clear()
-    _, after = run_audit(world_config, out, services=rendering(out, tiny_world), console=lines.append)
+    _, after = run_audit(
+        world_config, out, services=rendering(out, tiny_world), console=lines.append
+    )
     assert after.ran == []
     with pytest.raises(ValueError, match="unknown stage"):
-        run_audit(world_config, out, force=["stat"], services=rendering(out, tiny_world), console=lines.append)
+        run_audit(
+            world_config,
+            out,
+            force=["stat"],
+            services=rendering(out, tiny_world),
+            console=lines.append,
+        )
 
 
 def _check_planted_script(out: str) -> None:
@@ -140,15 +198,19 @@ def test_changed_section_reruns_that_stage_and_what_reads_it(world_config, tiny_
     changed.write_text(open(world_config).read().replace("n_boot = 50", "n_boot = 60"))
     with pytest.raises(ValueError, match="--resume"):  # another config in the same directory
         run_audit(str(changed), out, services=rendering(out, tiny_world), console=lambda s: None)
-    _, res = run_audit(str(changed), out, resume=True, services=rendering(out, tiny_world), console=lambda s: None)
+    _, res = run_audit(
+        str(changed), out, resume=True, services=rendering(out, tiny_world), console=lambda s: None
+    )
     assert res.skipped[:2] == ["train", "sweep"] and "stats" in res.ran and "embed" in res.skipped
 
 
 def wanted_sets(monkeypatch):
     """Tiny models trained for seconds have no significant direction; pretend one cluster has
     one, so that the generator is really asked."""
-    monkeypatch.setattr("audit.pipeline.generate.cluster_hard_captions",
-                        lambda caps, dirs: {"cluster:0": ["a photo of a blue t-shirt"]})  # fmt: skip
+    monkeypatch.setattr(
+        "audit.pipeline.generate.cluster_hard_captions",
+        lambda caps, dirs: {"cluster:0": ["a photo of a blue t-shirt"]},
+    )
 
 
 def test_failing_stage_is_recorded_and_the_next_run_resumes(world_config, tmp_path, monkeypatch):
@@ -165,20 +227,34 @@ def test_failing_stage_is_recorded_and_the_next_run_resumes(world_config, tmp_pa
     m = store.manifest()
     assert m["status"] == "failed" and m["stages"]["generate"]["status"] == "failed"
     assert "refused the connection" in m["stages"]["generate"]["reason"]
-    assert any(r["stage"] == "generate" and "refused" in r["reason"] for r in store.errors().to_pylist())
-    assert [line for line in lines if "FAILED" in line] == ["  generate    FAILED: ConnectionError: http://127.0.0.1:9 refused the connection"]
-    for name in ("accuracy.parquet", "overlap.parquet", "directions.parquet", "captions.parquet", "summary.txt"):
+    assert any(
+        r["stage"] == "generate" and "refused" in r["reason"] for r in store.errors().to_pylist()
+    )
+    assert [line for line in lines if "FAILED" in line] == [
+        "  generate    FAILED: ConnectionError: http://127.0.0.1:9 refused the connection"
+    ]
+    for name in (
+        "accuracy.parquet",
+        "overlap.parquet",
+        "directions.parquet",
+        "captions.parquet",
+        "summary.txt",
+    ):
         assert store.exists(name), name
     # the next run starts at the failed stage
     ok = RecordingGenerator(world_dir=m["data"]["world_dir"], store=store)
     _, res = run_audit(world_config, out, services=threads(ok), console=lines.append)
     assert res.failed is None and res.ran[0] == "generate" and "directions" in res.skipped
     assert ok.calls[0]["cluster:0"] == ["a photo of a blue t-shirt"]
-    sets = {r["scope"]: r["n_images"] for r in store.read_table("synthetic_sets.parquet").to_pylist()}
+    sets = {
+        r["scope"]: r["n_images"] for r in store.read_table("synthetic_sets.parquet").to_pylist()
+    }
     assert sets["cluster:0"] == 3
 
 
-def test_cli_failing_stage_exits_1_with_one_line(tmp_path, tiny_world, tiny_zoo_path, monkeypatch, capsys):
+def test_cli_failing_stage_exits_1_with_one_line(
+    tmp_path, tiny_world, tiny_zoo_path, monkeypatch, capsys
+):
     """A generation backend that does not exist: the generate stage cannot work; the CLI says
     so in one line, exits 1, and the manifest says why; every earlier output stays."""
     import cluster.runner
@@ -188,9 +264,16 @@ def test_cli_failing_stage_exits_1_with_one_line(tmp_path, tiny_world, tiny_zoo_
 
     manifest = tmp_path / "data.parquet"
     read_dataset(tiny_world).with_metadata().to_parquet(str(manifest))
-    cfg = write_config(tmp_path / "audit.toml", f'path = "{manifest}"', tiny_zoo_path, '[generate]\nbackend = "stable-diffusion"\n')
+    cfg = write_config(
+        tmp_path / "audit.toml",
+        f'path = "{manifest}"',
+        tiny_zoo_path,
+        '[generate]\nbackend = "stable-diffusion"\n',
+    )
 
-    def thread_services(cfg_, store, world_dir, ray, progress):  # the real generator, no Ray for the rest
+    def thread_services(
+        cfg_, store, world_dir, ray, progress
+    ):  # the real generator, no Ray for the rest
         return threads(ServeSetGenerator(cfg_.generate.backend, store.uri, world_dir))
 
     monkeypatch.setattr(cluster.runner, "ray_services", thread_services)
@@ -198,7 +281,9 @@ def test_cli_failing_stage_exits_1_with_one_line(tmp_path, tiny_world, tiny_zoo_
     out = tmp_path / "run"
     assert main(["run", cfg, "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[0].startswith("zoo-audit: stage 'generate' failed: [generate] backend 'stable-diffusion' is no generation backend")
+    assert err[0].startswith(
+        "zoo-audit: stage 'generate' failed: [generate] backend 'stable-diffusion' is no generation backend"
+    )
     assert len(err) == 2 and "rerun the same command to resume" in err[1]
     store = RunStore(str(out))
     assert store.manifest()["stages"]["generate"]["status"] == "failed"
@@ -212,7 +297,11 @@ def test_cli_typo_in_config_exits_2_naming_the_key(tmp_path, capsys):
     bad.write_text("[data]\npath = 'x'\n[ray]\nnum_cpu_worker = 2\n")
     assert main(["run", str(bad), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert "[ray] num_cpu_worker" in err and "did you mean 'num_cpu_workers'" in err and str(bad) in err
+    assert (
+        "[ray] num_cpu_worker" in err
+        and "did you mean 'num_cpu_workers'" in err
+        and str(bad) in err
+    )
     assert not os.path.exists(tmp_path / "run" / "manifest.json")
 
 
@@ -226,8 +315,12 @@ def test_cli_run_end_to_end_on_ray(ray_session, world_config, tmp_path, capsys):
     assert main(["run", world_config, "--out", str(out)]) == 0
     printed = capsys.readouterr()
     lines = printed.out.splitlines()
-    assert len(lines) < 150 and not any(" INFO " in line or line.startswith("INFO") for line in lines + printed.err.splitlines())
+    assert len(lines) < 150 and not any(
+        " INFO " in line or line.startswith("INFO") for line in lines + printed.err.splitlines()
+    )
     store = RunStore(str(out))
     assert store.manifest()["status"] == "done"
-    assert {s for s, v in store.manifest()["stages"].items() if v["status"] == "done"} == set(STAGES)
+    assert {s for s, v in store.manifest()["stages"].items() if v["status"] == "done"} == set(
+        STAGES
+    )
     assert ray_session.is_initialized()  # a run that joined Ray leaves it running

@@ -50,10 +50,14 @@ def test_registry_and_config_errors():
     cfg = load_config({"backend": "null", "generator.num_gpus": "1", "limits.max_steps": "7"})
     assert cfg.generator.num_gpus == 1.0 and cfg.limits.max_steps == 7
     assert cfg.generator.deployment_options(1.0)["num_replicas"] == 1
-    auto = load_config({"generator": {"min_replicas": 1, "max_replicas": 4}}).generator.deployment_options(1.0)
+    auto = load_config(
+        {"generator": {"min_replicas": 1, "max_replicas": 4}}
+    ).generator.deployment_options(1.0)
     assert auto["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in auto
     with pytest.raises(ValueError, match="limits.max_images_per_prompt=2"):
-        GenerateRequest(prompts=["a"], images_per_prompt=3).check_limits(Limits(max_images_per_prompt=2))
+        GenerateRequest(prompts=["a"], images_per_prompt=3).check_limits(
+            Limits(max_images_per_prompt=2)
+        )
 
 
 @pytest.fixture
@@ -101,20 +105,58 @@ def service(tmp_path_factory, ray_session):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    limits = {"max_prompts": 4, "max_prompt_chars": 80, "max_images_per_prompt": 4, "max_images": 12,
-              "max_steps": 10, "max_size": 64, "max_guidance": 20}  # fmt: skip
-    small = {"num_cpus": 0.25, "max_batch_size": 4, "max_ongoing_requests": 4, "batch_wait_timeout_s": 0.05}
+    limits = {
+        "max_prompts": 4,
+        "max_prompt_chars": 80,
+        "max_images_per_prompt": 4,
+        "max_images": 12,
+        "max_steps": 10,
+        "max_size": 64,
+        "max_guidance": 20,
+    }
+    small = {
+        "num_cpus": 0.25,
+        "max_batch_size": 4,
+        "max_ongoing_requests": 4,
+        "batch_wait_timeout_s": 0.05,
+    }
     apps = {
-        "w": ServeAppConfig(backend="world", store=str(root / "w"), token_file=str(token_file), limits=limits, generator=small),
-        "n": ServeAppConfig(backend="null", backend_options={"delay_s": 0.6, "fail_prompt": "boom"}, store=str(root / "n"),
-                            generator={"num_cpus": 0.25, "max_batch_size": 1, "max_ongoing_requests": 1, "max_queued_requests": 1},
-                            retry_after_s=2),  # fmt: skip
-        "x": ServeAppConfig(backend="null", backend_options={"exit_prompt": "vanish"}, store=str(root / "x"),
-                            generator={"num_cpus": 0.25}, retry_after_s=1),  # fmt: skip
+        "w": ServeAppConfig(
+            backend="world",
+            store=str(root / "w"),
+            token_file=str(token_file),
+            limits=limits,
+            generator=small,
+        ),
+        "n": ServeAppConfig(
+            backend="null",
+            backend_options={"delay_s": 0.6, "fail_prompt": "boom"},
+            store=str(root / "n"),
+            generator={
+                "num_cpus": 0.25,
+                "max_batch_size": 1,
+                "max_ongoing_requests": 1,
+                "max_queued_requests": 1,
+            },
+            retry_after_s=2,
+        ),
+        "x": ServeAppConfig(
+            backend="null",
+            backend_options={"exit_prompt": "vanish"},
+            store=str(root / "x"),
+            generator={"num_cpus": 0.25},
+            retry_after_s=1,
+        ),
     }
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run_many([serve.RunTarget(build_app(c), name=n, route_prefix=f"/{n}") for n, c in apps.items()])
-    yield {"url": f"http://127.0.0.1:{port}", "stores": {n: c.store for n, c in apps.items()}, "root": root}
+    serve.run_many(
+        [serve.RunTarget(build_app(c), name=n, route_prefix=f"/{n}") for n, c in apps.items()]
+    )
+    yield {
+        "url": f"http://127.0.0.1:{port}",
+        "stores": {n: c.store for n, c in apps.items()},
+        "root": root,
+    }
     serve.shutdown()
 
 
@@ -137,29 +179,47 @@ def _gen(http, app: str, auth: bool = True, **body):
 def test_world_round_trip_and_stored_set(service, http):
     from audit.store import RunStore
 
-    r = _gen(http, "w", prompts=[RED_SANDAL, BLUE_BAG], images_per_prompt=3, seed=5, set_id="rt", return_images=True)
+    r = _gen(
+        http,
+        "w",
+        prompts=[RED_SANDAL, BLUE_BAG],
+        images_per_prompt=3,
+        seed=5,
+        set_id="rt",
+        return_images=True,
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["set_id"] == "rt" and body["n_images"] == 6 and not body["cached"]
     assert body["image_ids"] == [f"rt-{i:05d}" for i in range(6)]
     imgs = np.stack([_png(base64.b64decode(b)) for b in body["images"]])
     # The images are the renderer's for each (caption, image seed): they show the caption.
-    want = WorldBackend().generate([RED_SANDAL] * 3, [image_seed(5, i) for i in range(3)], 1, 0.0, (32, 32))
+    want = WorldBackend().generate(
+        [RED_SANDAL] * 3, [image_seed(5, i) for i in range(3)], 1, 0.0, (32, 32)
+    )
     np.testing.assert_array_equal(imgs[:3], want)
 
     t = RunStore(service["stores"]["w"]).read_table("synthetic/rt")
-    assert t.num_rows == 6 and {"image_id", "png", "prompt", "seed", "generator", "params"} <= set(t.column_names)
-    assert t["prompt"].to_pylist() == [RED_SANDAL] * 3 + [BLUE_BAG] * 3 and set(t["generator"].to_pylist()) == {"world"}
+    assert t.num_rows == 6 and {"image_id", "png", "prompt", "seed", "generator", "params"} <= set(
+        t.column_names
+    )
+    assert t["prompt"].to_pylist() == [RED_SANDAL] * 3 + [BLUE_BAG] * 3 and set(
+        t["generator"].to_pylist()
+    ) == {"world"}
     np.testing.assert_array_equal(_png(t["png"][4].as_py()), imgs[4])
 
     meta = http.get("/w/v1/sets/rt", headers=AUTH).json()
-    assert meta["n_images"] == 6 and meta["n_prompts"] == 2 and {c["n"] for c in meta["counts"]} == {3}
+    assert (
+        meta["n_images"] == 6 and meta["n_prompts"] == 2 and {c["n"] for c in meta["counts"]} == {3}
+    )
     img = http.get("/w/v1/sets/rt/images/4.png", headers=AUTH)
     assert img.headers["content-type"] == "image/png"
     np.testing.assert_array_equal(_png(img.content), imgs[4])
     assert http.get("/w/v1/sets/rt/images/6.png", headers=AUTH).status_code == 404
     assert http.get("/w/v1/sets/nope", headers=AUTH).status_code == 404
-    assert "images" not in _gen(http, "w", prompts=[RED_SANDAL], set_id="rt2").json()  # inline only when asked
+    assert (
+        "images" not in _gen(http, "w", prompts=[RED_SANDAL], set_id="rt2").json()
+    )  # inline only when asked
 
 
 @pytest.mark.ray
@@ -167,12 +227,22 @@ def test_determinism_and_batching(service, http):
     from ray import serve
 
     def get(seed, sid):
-        r = _gen(http, "w", prompts=[RED_SANDAL], images_per_prompt=2, seed=seed, set_id=sid, return_images=True)
+        r = _gen(
+            http,
+            "w",
+            prompts=[RED_SANDAL],
+            images_per_prompt=2,
+            seed=seed,
+            set_id=sid,
+            return_images=True,
+        )
         assert r.status_code == 200, r.text
         return r.json()["images"]
 
     with cf.ThreadPoolExecutor(4) as ex:  # concurrent clients: merged by @serve.batch
-        a, b, c, _ = ex.map(lambda x: get(*x), [(7, "det-a"), (7, "det-b"), (8, "det-c"), (9, "det-d")])
+        a, b, c, _ = ex.map(
+            lambda x: get(*x), [(7, "det-a"), (7, "det-b"), (8, "det-c"), (9, "det-d")]
+        )
     assert a == b and a != c
     sizes = serve.get_deployment_handle("Generator", app_name="w").batch_sizes.remote().result()
     assert max(sizes) > 1, sizes
@@ -188,7 +258,11 @@ def test_idempotent_and_conflict(service, http):
     path = store.path("synthetic/idem/part-00000.parquet")
     mtime = os.stat(path).st_mtime_ns
     again = _gen(http, "w", **req)
-    assert again.status_code == 200 and again.json()["cached"] and again.json()["image_ids"] == first.json()["image_ids"]
+    assert (
+        again.status_code == 200
+        and again.json()["cached"]
+        and again.json()["image_ids"] == first.json()["image_ids"]
+    )
     assert os.stat(path).st_mtime_ns == mtime  # not generated or written twice
     conflict = _gen(http, "w", **{**req, "seed": 4})
     assert conflict.status_code == 409 and "idem" in conflict.json()["detail"]
@@ -223,9 +297,13 @@ def test_limits_are_422_naming_the_bound(service, http, body, bound):
 @pytest.mark.ray
 def test_auth(service, http):
     assert _gen(http, "w", auth=False, prompts=[RED_SANDAL]).status_code == 401
-    bad = http.post("/w/v1/generate", json={"prompts": [RED_SANDAL]}, headers={"Authorization": "Bearer nope"})
+    bad = http.post(
+        "/w/v1/generate", json={"prompts": [RED_SANDAL]}, headers={"Authorization": "Bearer nope"}
+    )
     assert bad.status_code == 401 and bad.headers["www-authenticate"] == "Bearer"
-    assert http.post("/w/v1/generate", content=b"not json").status_code == 401  # auth before parsing
+    assert (
+        http.post("/w/v1/generate", content=b"not json").status_code == 401
+    )  # auth before parsing
     assert http.get("/w/v1/sets/rt").status_code == 401
     assert http.get("/w/healthz").json()["auth"] is True
     assert http.get("/n/healthz").json()["auth"] is False
@@ -236,7 +314,12 @@ def test_path_traversal_rejected(service, http):
     for sid in ["../escape", "/etc", "a/../../b", ".hidden", "..", "a\\b"]:
         r = _gen(http, "w", prompts=[RED_SANDAL], set_id=sid)
         assert r.status_code == 422 and "set_id" in str(r.json()["detail"]), (sid, r.text)
-    for path in ["/w/v1/sets/..%2F..%2Fetc", "/w/v1/sets/%2E%2E", "/w/v1/sets/.hidden", "/w/v1/sets/..%2Fn/images/0.png"]:
+    for path in [
+        "/w/v1/sets/..%2F..%2Fetc",
+        "/w/v1/sets/%2E%2E",
+        "/w/v1/sets/.hidden",
+        "/w/v1/sets/..%2Fn/images/0.png",
+    ]:
         assert http.get(path, headers=AUTH).status_code in (404, 422), path
     root = os.path.dirname(service["stores"]["w"])
     assert not any(n in os.listdir(root) for n in ("escape", "b", "etc"))
@@ -266,7 +349,10 @@ def test_overload_is_503_with_retry_after(service, http):
 
     def one(i):
         with httpx.Client(base_url=service["url"], timeout=60) as c:
-            return i, c.post("/n/v1/generate", json={"prompts": ["load"], "seed": 1000 + i, "set_id": f"load-{i}"})
+            return i, c.post(
+                "/n/v1/generate",
+                json={"prompts": ["load"], "seed": 1000 + i, "set_id": f"load-{i}"},
+            )
 
     with cf.ThreadPoolExecutor(8) as ex:
         res = list(ex.map(one, range(8)))
@@ -285,8 +371,12 @@ def sd_app(service, tiny_sd):
 
     from serve.app import build_app
 
-    cfg = ServeAppConfig(backend=f"diffusers:{tiny_sd}", backend_options={"steps": 2, "num_threads": 1},
-                         store=str(service["root"] / "d"), generator={"num_cpus": 0.25})  # fmt: skip
+    cfg = ServeAppConfig(
+        backend=f"diffusers:{tiny_sd}",
+        backend_options={"steps": 2, "num_threads": 1},
+        store=str(service["root"] / "d"),
+        generator={"num_cpus": 0.25},
+    )
     serve.run(build_app(cfg), name="d", route_prefix="/d")
     return cfg
 
@@ -294,13 +384,25 @@ def sd_app(service, tiny_sd):
 @pytest.mark.ray
 @pytest.mark.slow  # a third replica importing diffusers: ~15 s on 2 busy cores; the backend is tested directly above
 def test_diffusers_over_http(sd_app, http, tiny_sd, one_thread):
-    body = {"prompts": ["a red sandal", "a bag"], "images_per_prompt": 2, "seed": 1, "size": 32, "return_images": True}
+    body = {
+        "prompts": ["a red sandal", "a bag"],
+        "images_per_prompt": 2,
+        "seed": 1,
+        "size": 32,
+        "return_images": True,
+    }
     r = http.post("/d/v1/generate", json=body)
     assert r.status_code == 200, r.text
     out = r.json()
-    assert out["generator"] == f"diffusers:{tiny_sd}" and out["request"]["steps"] == 2 and out["n_images"] == 4
+    assert (
+        out["generator"] == f"diffusers:{tiny_sd}"
+        and out["request"]["steps"] == 2
+        and out["n_images"] == 4
+    )
     imgs = np.stack([_png(base64.b64decode(b)) for b in out["images"]])
-    direct = create_backend(f"diffusers:{tiny_sd}", steps=2, num_threads=one_thread).generate(["a bag"], [image_seed(1, 1)], 2, 7.5, (32, 32))
+    direct = create_backend(f"diffusers:{tiny_sd}", steps=2, num_threads=one_thread).generate(
+        ["a bag"], [image_seed(1, 1)], 2, 7.5, (32, 32)
+    )
     np.testing.assert_array_equal(imgs[3], direct[0])  # same image as the backend called directly
     again = http.post("/d/v1/generate", json={**body, "set_id": "sd-again"}).json()
     assert again["images"] == out["images"]
@@ -318,7 +420,10 @@ def test_client_request_set(service):
         assert c.get_set(s.set_id)["n_images"] == 6
         with pytest.raises(ServiceError, match="limits.max_prompts"):
             c.request_set([RED_SANDAL] * 5, k=1)
-    with GenerationClient(f"{service['url']}/w", token="wrong", timeout=5) as c, pytest.raises(ServiceError, match="401"):
+    with (
+        GenerationClient(f"{service['url']}/w", token="wrong", timeout=5) as c,
+        pytest.raises(ServiceError, match="401"),
+    ):
         c.request_set([RED_SANDAL])
 
 
@@ -334,7 +439,12 @@ def test_default_limits_are_lower_and_count_pixels():
     req.check_limits(lim)
     with pytest.raises(ValueError, match="limits.max_pixels"):
         check_pixels(req.resolved({"steps": 1, "guidance": 0.0, "size": [32, 32]}), lim)
-    check_pixels(GenerateRequest(prompts=["a"] * 16, size=1024).resolved({"steps": 1, "guidance": 0, "size": 8}), lim)
+    check_pixels(
+        GenerateRequest(prompts=["a"] * 16, size=1024).resolved(
+            {"steps": 1, "guidance": 0, "size": 8}
+        ),
+        lim,
+    )
     assert lim.max_body_bytes <= 64 * 1024 and lim.client_pixels_per_minute > 0
 
 
@@ -365,7 +475,9 @@ def test_token_file_readable_by_others_warns_and_auth_off_is_loud(tmp_path, capl
     with caplog.at_level("WARNING", logger="zoo_audit.serve"):
         ServeAppConfig(token_file=str(tok)).resolve_token_hash()
     assert caplog.text == ""
-    off = startup_lines(ServeAppConfig(token_env="ZOO_AUDIT_NO_SUCH_TOKEN_VAR", store=str(tmp_path / "s")), 8000)
+    off = startup_lines(
+        ServeAppConfig(token_env="ZOO_AUDIT_NO_SUCH_TOKEN_VAR", store=str(tmp_path / "s")), 8000
+    )
     assert off[0].startswith("WARNING: auth is OFF") and "auth OFF" in off[1]
     on = startup_lines(ServeAppConfig(token_file=str(tok), store=str(tmp_path / "s")), 8000)
     assert not any("WARNING" in line for line in on)
@@ -381,7 +493,14 @@ def test_store_failure_in_write_set_leaves_nothing_and_the_claim_is_released(tmp
     assert claim_set(store, "s", "hash-a", 60) is None
     held = claim_set(store, "s", "hash-b", 60)
     assert held is not None and held["request_hash"] == "hash-a"
-    req = {"prompts": ["p"], "images_per_prompt": 1, "seed": 0, "steps": 1, "guidance": 0.0, "size": [8, 8]}
+    req = {
+        "prompts": ["p"],
+        "images_per_prompt": 1,
+        "seed": 0,
+        "steps": 1,
+        "guidance": 0.0,
+        "size": [8, 8],
+    }
 
     class Full:
         def __init__(self, fs):
@@ -402,7 +521,9 @@ def test_store_failure_in_write_set_leaves_nothing_and_the_claim_is_released(tmp
     assert not store.exists("synthetic/s")  # no temporary, no claim, no set: the id is free
     assert claim_set(store, "s", "hash-b", 60) is None  # and can be claimed again
     assert claim_set(store, "s", "hash-c", 0) is None  # a stale claim (holder dead) is taken over
-    assert write_set(store, "s", req, "hash-c", "null", [1], [b"png"])["counts"] == [{"prompt": "p", "n": 1}]
+    assert write_set(store, "s", req, "hash-c", "null", [1], [b"png"])["counts"] == [
+        {"prompt": "p", "n": 1}
+    ]
     assert write_set(store, "s", req, "hash-c", "null", [1], [b"png"]) is None  # never overwritten
     store.write_bytes("synthetic/s/part-00000.parquet", b"garbage")
     with pytest.raises(SetUnreadable, match="cannot be read"):
@@ -416,9 +537,18 @@ def replicas_app(service):
 
     from serve.app import build_app
 
-    cfg = ServeAppConfig(backend="null", backend_options={"delay_s": 0.3}, store=str(service["root"] / "r"),
-                         ingress={"num_replicas": 2, "num_cpus": 0.25},
-                         generator={"num_cpus": 0.25, "max_batch_size": 16, "max_ongoing_requests": 32, "max_queued_requests": 64})  # fmt: skip
+    cfg = ServeAppConfig(
+        backend="null",
+        backend_options={"delay_s": 0.3},
+        store=str(service["root"] / "r"),
+        ingress={"num_replicas": 2, "num_cpus": 0.25},
+        generator={
+            "num_cpus": 0.25,
+            "max_batch_size": 16,
+            "max_ongoing_requests": 32,
+            "max_queued_requests": 64,
+        },
+    )
     serve.run(build_app(cfg), name="r", route_prefix="/r")
     return cfg
 
@@ -433,11 +563,17 @@ def test_two_ingress_replicas_keep_one_set_per_id(service, replicas_app):
     from serve.sets import read_set_meta
 
     def post(body):
-        with httpx.Client(base_url=service["url"], timeout=60) as c:  # one connection each: spread over replicas
+        with httpx.Client(
+            base_url=service["url"], timeout=60
+        ) as c:  # one connection each: spread over replicas
             return c.post("/r/v1/generate", json=body)
 
-    conflicting = [{"prompts": ["x"], "seed": s, "set_id": f"pair-{i}"} for i in range(10) for s in (1, 2)]
-    identical = [{"prompts": ["y"], "seed": 7, "set_id": f"same-{i}"} for i in range(5) for _ in range(2)]
+    conflicting = [
+        {"prompts": ["x"], "seed": s, "set_id": f"pair-{i}"} for i in range(10) for s in (1, 2)
+    ]
+    identical = [
+        {"prompts": ["y"], "seed": 7, "set_id": f"same-{i}"} for i in range(5) for _ in range(2)
+    ]
     with cf.ThreadPoolExecutor(30) as ex:
         res = list(ex.map(post, conflicting + identical))
     store = RunStore(str(service["root"] / "r"))
@@ -446,12 +582,16 @@ def test_two_ingress_replicas_keep_one_set_per_id(service, replicas_app):
         assert sorted([a.status_code, b.status_code]) == [200, 409], (i, a.text, b.text)
         winner = a if a.status_code == 200 else b
         # the acknowledged set is the one stored (never overwritten by the loser)
-        assert read_set_meta(store, f"pair-{i}")["request"]["seed"] == winner.json()["request"]["seed"]
+        assert (
+            read_set_meta(store, f"pair-{i}")["request"]["seed"] == winner.json()["request"]["seed"]
+        )
     for i in range(5):
         a, b = res[20 + 2 * i], res[21 + 2 * i]
         assert a.status_code == b.status_code == 200, (a.text, b.text)
         assert sorted([a.json()["cached"], b.json()["cached"]]) == [False, True]  # generated once
-    assert not [f for d, _, fs in os.walk(service["root"] / "r") for f in fs if f.startswith(".")]  # no claims, temps
+    assert not [
+        f for d, _, fs in os.walk(service["root"] / "r") for f in fs if f.startswith(".")
+    ]  # no claims, temps
 
 
 def _raw(port: int, head: str, body: bytes, timeout: float = 15) -> str:
@@ -472,7 +612,9 @@ def test_body_is_limited_while_streaming_and_only_json_is_accepted(service, http
 
     body = b'{"prompts": ["x"], "set_id": "xsite"}'
     for app, headers in (("n", {}), ("w", AUTH)):
-        r = http.post(f"/{app}/v1/generate", content=body, headers={**headers, "content-type": "text/plain"})
+        r = http.post(
+            f"/{app}/v1/generate", content=body, headers={**headers, "content-type": "text/plain"}
+        )
         assert r.status_code == 415 and "application/json" in r.json()["detail"]
         assert not RunStore(service["stores"][app]).exists("synthetic/xsite")
     port = int(service["url"].rsplit(":", 1)[1])
@@ -493,14 +635,19 @@ def test_deleted_or_corrupt_set_is_404_or_500_with_an_error_id(service, http):
     store = RunStore(service["stores"]["w"])
     for sid in ("gone", "bad"):
         assert _gen(http, "w", prompts=[BLUE_BAG], seed=11, set_id=sid).status_code == 200
-        assert http.get(f"/w/v1/sets/{sid}", headers=AUTH).status_code == 200  # now in the replica's cache
+        assert (
+            http.get(f"/w/v1/sets/{sid}", headers=AUTH).status_code == 200
+        )  # now in the replica's cache
     os.remove(store.path("synthetic/gone/part-00000.parquet"))
     assert http.get("/w/v1/sets/gone", headers=AUTH).status_code == 404
     assert http.get("/w/v1/sets/gone/images/0.png", headers=AUTH).status_code == 404
     with open(store.path("synthetic/bad/part-00000.parquet"), "wb") as f:
         f.write(b"PAR1 this is not parquet at all PAR1")
-    for r in (http.get("/w/v1/sets/bad", headers=AUTH), http.get("/w/v1/sets/bad/images/0.png", headers=AUTH),
-              _gen(http, "w", prompts=[BLUE_BAG], seed=11, set_id="bad")):  # fmt: skip
+    for r in (
+        http.get("/w/v1/sets/bad", headers=AUTH),
+        http.get("/w/v1/sets/bad/images/0.png", headers=AUTH),
+        _gen(http, "w", prompts=[BLUE_BAG], seed=11, set_id="bad"),
+    ):
         assert r.status_code == 500 and r.json()["error_id"] in r.json()["detail"], r.text
         assert any(r.json()["error_id"] in x for x in store.errors()["reason"].to_pylist())
 
@@ -508,7 +655,15 @@ def test_deleted_or_corrupt_set_is_404_or_500_with_an_error_id(service, http):
 @pytest.mark.ray
 def test_duplicate_prompts_over_http_distinct_images_and_counts(service, http):
     """Issue 11 #10: duplicate prompts gave 2 distinct images of 4; fresh counts were wrong."""
-    r = _gen(http, "w", prompts=[RED_SANDAL, RED_SANDAL], images_per_prompt=2, seed=4, set_id="dups", return_images=True)
+    r = _gen(
+        http,
+        "w",
+        prompts=[RED_SANDAL, RED_SANDAL],
+        images_per_prompt=2,
+        seed=4,
+        set_id="dups",
+        return_images=True,
+    )
     assert r.status_code == 200, r.text
     assert len(set(r.json()["images"])) == 4
     meta = http.get("/w/v1/sets/dups", headers=AUTH).json()
@@ -522,14 +677,21 @@ def quota_app(service):
 
     from serve.app import build_app
 
-    cfg = ServeAppConfig(backend="null", backend_options={"size": 8}, store=str(service["root"] / "q"),
-                         limits={"client_pixels_per_minute": 6 * 64}, generator={"num_cpus": 0.25})  # fmt: skip
+    cfg = ServeAppConfig(
+        backend="null",
+        backend_options={"size": 8},
+        store=str(service["root"] / "q"),
+        limits={"client_pixels_per_minute": 6 * 64},
+        generator={"num_cpus": 0.25},
+    )
     serve.run(build_app(cfg), name="q", route_prefix="/q")
     return cfg
 
 
 @pytest.mark.ray
-def test_store_failure_is_500_with_error_id_healthz_says_so_and_it_recovers(service, http, quota_app):
+def test_store_failure_is_500_with_error_id_healthz_says_so_and_it_recovers(
+    service, http, quota_app
+):
     """Issue 11 #5: a failing store gave a bare 500, left its temporary and /healthz said ok;
     /healthz also showed the store's absolute path (#10)."""
     root = service["root"]
@@ -538,12 +700,18 @@ def test_store_failure_is_500_with_error_id_healthz_says_so_and_it_recovers(serv
     assert h.status_code == 200 and h.json()["store"] == "ok" and str(root) not in h.text
     syn.mkdir(parents=True, exist_ok=True)
     os.rename(syn, root / "q-aside")
-    syn.write_bytes(b"")  # the store cannot create anything under synthetic/ (a full or broken disk)
+    syn.write_bytes(
+        b""
+    )  # the store cannot create anything under synthetic/ (a full or broken disk)
     try:
         r = http.post("/q/v1/generate", json={"prompts": ["p"], "set_id": "full"})
         assert r.status_code == 500 and r.json()["error_id"] in r.json()["detail"], r.text
         h = http.get("/q/healthz")
-        assert h.status_code == 503 and "store not writable" in h.json()["detail"] and str(root) not in h.text
+        assert (
+            h.status_code == 503
+            and "store not writable" in h.json()["detail"]
+            and str(root) not in h.text
+        )
     finally:
         os.remove(syn)
         os.rename(root / "q-aside", syn)
@@ -555,11 +723,21 @@ def test_store_failure_is_500_with_error_id_healthz_says_so_and_it_recovers(serv
 
 @pytest.mark.ray
 def test_per_client_quota_is_429_with_retry_after(service, http, quota_app):
-    a = http.post("/q/v1/generate", json={"prompts": ["p"], "images_per_prompt": 4, "set_id": "quota-a"})
+    a = http.post(
+        "/q/v1/generate", json={"prompts": ["p"], "images_per_prompt": 4, "set_id": "quota-a"}
+    )
     assert a.status_code == 200, a.text
-    b = http.post("/q/v1/generate", json={"prompts": ["p"], "images_per_prompt": 4, "set_id": "quota-b"})
-    assert b.status_code == 429 and "client_pixels_per_minute" in b.json()["detail"] and int(b.headers["retry-after"]) >= 1
-    again = http.post("/q/v1/generate", json={"prompts": ["p"], "images_per_prompt": 4, "set_id": "quota-a"})
+    b = http.post(
+        "/q/v1/generate", json={"prompts": ["p"], "images_per_prompt": 4, "set_id": "quota-b"}
+    )
+    assert (
+        b.status_code == 429
+        and "client_pixels_per_minute" in b.json()["detail"]
+        and int(b.headers["retry-after"]) >= 1
+    )
+    again = http.post(
+        "/q/v1/generate", json={"prompts": ["p"], "images_per_prompt": 4, "set_id": "quota-a"}
+    )
     assert again.status_code == 200 and again.json()["cached"]  # a stored set costs no quota
 
 
@@ -567,13 +745,19 @@ def test_per_client_quota_is_429_with_retry_after(service, http, quota_app):
 def test_generator_lost_mid_request_is_503_with_retry_after_and_nothing_stored(service, http):
     """The generator's process ends in the middle of a request (what losing its node does):
     503 with Retry-After and an error id, no set, the id free; Serve brings a replica back."""
-    r = _gen(http, "x", auth=False, prompts=["a vanish prompt"], images_per_prompt=1, set_id="lost-1")
+    r = _gen(
+        http, "x", auth=False, prompts=["a vanish prompt"], images_per_prompt=1, set_id="lost-1"
+    )
     assert r.status_code == 503 and r.headers.get("retry-after") == "1", r.text
     assert "generator was lost" in r.json()["detail"] and r.json()["error_id"]
-    assert not os.path.exists(os.path.join(service["stores"]["x"], "synthetic", "lost-1", "part-00000.parquet"))
+    assert not os.path.exists(
+        os.path.join(service["stores"]["x"], "synthetic", "lost-1", "part-00000.parquet")
+    )
     deadline = time.time() + 90
     while True:  # the replacement replica serves the same id with another request
-        ok = _gen(http, "x", auth=False, prompts=["a fine prompt"], images_per_prompt=1, set_id="lost-1")
+        ok = _gen(
+            http, "x", auth=False, prompts=["a fine prompt"], images_per_prompt=1, set_id="lost-1"
+        )
         if ok.status_code == 200 or time.time() > deadline:
             break
         time.sleep(1)

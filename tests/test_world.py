@@ -25,7 +25,9 @@ def test_planted_train_rates_match_spec(tiny_world, tiny_spec_path):
     # the planted group column marks exactly the planted rows
     groups = train.column("group")
     assert np.array_equal(groups == "t-shirt:color=blue", (items == "t-shirt") & (colors == "blue"))
-    assert np.array_equal(groups == "sandal:background!=grass", (items == "sandal") & (bgs != "grass"))
+    assert np.array_equal(
+        groups == "sandal:background!=grass", (items == "sandal") & (bgs != "grass")
+    )
 
 
 @pytest.mark.parametrize("split", ["debug", "test", "pool"])
@@ -37,7 +39,11 @@ def test_eval_splits_are_balanced(tiny_world, split):
     for attr in ("color", "background"):
         for item in set(items):
             counts = collections.Counter(tab.column(attr)[items == item])
-            assert len(counts) == 3 and max(counts.values()) - min(counts.values()) <= 1, (attr, item, counts)
+            assert len(counts) == 3 and max(counts.values()) - min(counts.values()) <= 1, (
+                attr,
+                item,
+                counts,
+            )
 
 
 def test_same_spec_and_seed_give_identical_bytes(tmp_path, tiny_spec_path, fake_fmnist, tiny_world):
@@ -67,10 +73,20 @@ def test_images_and_captions(tiny_world):
 
 def test_caption_grammar_and_vocabulary_errors(tiny_spec_path):
     spec = WorldSpec.from_toml(tiny_spec_path)
-    assert spec.parse_caption("a photo of a blue t-shirt on grass") == {"item": "t-shirt", "color": "blue", "background": "grass"}
-    assert spec.parse_caption("A photo of a sandal.") == {"item": "sandal", "color": None, "background": None}
+    assert spec.parse_caption("a photo of a blue t-shirt on grass") == {
+        "item": "t-shirt",
+        "color": "blue",
+        "background": "grass",
+    }
+    assert spec.parse_caption("A photo of a sandal.") == {
+        "item": "sandal",
+        "color": None,
+        "background": None,
+    }
     assert spec.caption("trouser", "red") == "a photo of a red trouser"
-    with pytest.raises(ValueError, match=r"unknown colour 'magenta'.*colours \['red', 'green', 'blue'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown colour 'magenta'.*colours \['red', 'green', 'blue'\]"
+    ):
         spec.parse_caption("a photo of a magenta sandal")
     with pytest.raises(ValueError, match=r"unknown background 'lava'.*backgrounds"):
         spec.parse_caption("a photo of a red sandal on lava")
@@ -84,7 +100,12 @@ def test_spec_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="unknown colour"):
         WorldSpec.from_dict({"colors": ["red", "chartreuse"]})
     with pytest.raises(ValueError, match="planted mode names class 'coat'"):
-        WorldSpec.from_dict({"items": ["sandal", "bag"], "planted": [{"class": "coat", "attribute": "color", "value": "red", "rate": 0.1}]})
+        WorldSpec.from_dict(
+            {
+                "items": ["sandal", "bag"],
+                "planted": [{"class": "coat", "attribute": "color", "value": "red", "rate": 0.1}],
+            }
+        )
     with pytest.raises(ValueError, match="unknown world spec key"):
         WorldSpec.from_dict({"colours": ["red"]})
 
@@ -105,12 +126,23 @@ def test_renderer_is_deterministic_and_follows_caption(tiny_spec_path, fake_fmni
 
 
 DECOY = {
-    "items": ["t-shirt", "trouser", "sandal"], "colors": ["red", "green", "blue"],
-    "backgrounds": ["brick", "grass", "gravel"], "image_size": 16, "seed": 1,
+    "items": ["t-shirt", "trouser", "sandal"],
+    "colors": ["red", "green", "blue"],
+    "backgrounds": ["brick", "grass", "gravel"],
+    "image_size": 16,
+    "seed": 1,
     "splits": {"train": 600, "debug": 90, "test": 0, "pool": 0},
-    "planted": [{"class": "sandal", "attribute": "background", "value": "grass", "rate": 0.02,
-                 "decoy": "trouser", "decoy_rate": 0.8}],
-}  # fmt: skip
+    "planted": [
+        {
+            "class": "sandal",
+            "attribute": "background",
+            "value": "grass",
+            "rate": 0.02,
+            "decoy": "trouser",
+            "decoy_rate": 0.8,
+        }
+    ],
+}
 
 
 def test_a_decoy_makes_the_value_predict_another_class_in_train(fake_fmnist):
@@ -119,7 +151,11 @@ def test_a_decoy_makes_the_value_predict_another_class_in_train(fake_fmnist):
     spec = WorldSpec.from_dict(DECOY)
     assert spec.train_distribution("trouser", "background").round(3).tolist() == [0.1, 0.8, 0.1]
     assert spec.train_distribution("sandal", "background").round(3).tolist() == [0.49, 0.02, 0.49]
-    assert spec.train_distribution("t-shirt", "background").round(3).tolist() == [0.333, 0.333, 0.333]
+    assert spec.train_distribution("t-shirt", "background").round(3).tolist() == [
+        0.333,
+        0.333,
+        0.333,
+    ]
     tab = WorldBuilder(spec, load_fashion_mnist_arrays(fake_fmnist)).build()
     train, debug = tab.split("train"), tab.split("debug")
     items, bgs = train.column("item"), train.column("background")
@@ -129,16 +165,23 @@ def test_a_decoy_makes_the_value_predict_another_class_in_train(fake_fmnist):
     groups = set(train.column("group")) | set(debug.column("group"))
     assert groups == {"", "sandal:background=grass"}
     d_items, d_bgs = debug.column("item"), debug.column("background")
-    assert collections.Counter(d_bgs[d_items == "trouser"]) == {"brick": 10, "grass": 10, "gravel": 10}
+    assert collections.Counter(d_bgs[d_items == "trouser"]) == {
+        "brick": 10,
+        "grass": 10,
+        "gravel": 10,
+    }
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"decoy": "sandal"}, "decoy 'sandal' must be another of the world's items"),
-    ({"decoy": "coat"}, "decoy 'coat' must be another"),
-    ({"decoy_rate": 0.2}, r"decoy_rate must be in \(0.333, 1\]"),
-    ({"rate": 0.9}, "a decoy needs a rare mode"),
-    ({"decoys": "trouser"}, r"unknown key\(s\) \['decoys'\]"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"decoy": "sandal"}, "decoy 'sandal' must be another of the world's items"),
+        ({"decoy": "coat"}, "decoy 'coat' must be another"),
+        ({"decoy_rate": 0.2}, r"decoy_rate must be in \(0.333, 1\]"),
+        ({"rate": 0.9}, "a decoy needs a rare mode"),
+        ({"decoys": "trouser"}, r"unknown key\(s\) \['decoys'\]"),
+    ],
+)
 def test_decoy_errors_name_the_problem(change, message):
     bad = {**DECOY, "planted": [{**DECOY["planted"][0], **change}]}
     with pytest.raises(ValueError, match=message):
@@ -146,12 +189,27 @@ def test_decoy_errors_name_the_problem(change, message):
 
 
 def test_two_shares_fixed_for_one_value_are_an_error():
-    two = {**DECOY, "planted": [*DECOY["planted"],
-                                {"class": "trouser", "attribute": "background", "value": "grass", "rate": 0.01}]}  # fmt: skip
+    two = {
+        **DECOY,
+        "planted": [
+            *DECOY["planted"],
+            {"class": "trouser", "attribute": "background", "value": "grass", "rate": 0.01},
+        ],
+    }
     with pytest.raises(ValueError, match="two planted shares for 'trouser'/background=grass"):
         WorldSpec.from_dict(two)
-    over = {**DECOY, "planted": [*DECOY["planted"],
-                                 {"class": "trouser", "attribute": "background", "value": "brick", "rate": 0.3,
-                                  "kind": "association"}]}  # fmt: skip
+    over = {
+        **DECOY,
+        "planted": [
+            *DECOY["planted"],
+            {
+                "class": "trouser",
+                "attribute": "background",
+                "value": "brick",
+                "rate": 0.3,
+                "kind": "association",
+            },
+        ],
+    }
     with pytest.raises(ValueError, match="add up to more than 1"):
         WorldSpec.from_dict(over)

@@ -47,9 +47,13 @@ def test_shipped_manifests_parse():
 
 
 def test_weights_status_explains_missing_weights():
-    ok, why = weights_status(ModelSpec(name="r50", family="resnet", arch="resnet50.a1_in1k", weights="timm"))
+    ok, why = weights_status(
+        ModelSpec(name="r50", family="resnet", arch="resnet50.a1_in1k", weights="timm")
+    )
     assert not ok and "Hugging Face cache" in why
-    ok, why = weights_status(ModelSpec(name="l", family="x", builder="local", weights="/no/such/file.pt"))
+    ok, why = weights_status(
+        ModelSpec(name="l", family="x", builder="local", weights="/no/such/file.pt")
+    )
     assert not ok and "not found" in why
 
 

@@ -9,4 +9,12 @@ from audit.data.readers import (
 )
 from audit.data.table import SPLITS, ImageTable
 
-__all__ = ["SPLITS", "ImageTable", "read_dataset", "read_fashion_mnist", "read_imagefolder", "read_parquet", "read_world"]
+__all__ = [
+    "SPLITS",
+    "ImageTable",
+    "read_dataset",
+    "read_fashion_mnist",
+    "read_imagefolder",
+    "read_parquet",
+    "read_world",
+]

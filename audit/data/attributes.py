@@ -26,24 +26,107 @@ from audit.data.table import CORE_COLUMNS, ImageTable
 log = logging.getLogger(__name__)
 
 #: columns that are never attributes: the table's own, free text, and planted ground truth
-NOT_ATTRIBUTES = {*CORE_COLUMNS, "caption", "captions", "text", "group", "groups", "filename", "file", "index", "fold"}
+NOT_ATTRIBUTES = {
+    *CORE_COLUMNS,
+    "caption",
+    "captions",
+    "text",
+    "group",
+    "groups",
+    "filename",
+    "file",
+    "index",
+    "fold",
+}
 MIN_VALUES, MAX_VALUES = 2, 50
 
 _COLOUR_NAMES = {
-    "color", "colour", "colors", "colours", "hue", "tint", "material", "pattern", "texture_type", "shape", "size",
-    "style", "finish", "fabric", "state", "age", "gender",
-}  # fmt: skip
+    "color",
+    "colour",
+    "colors",
+    "colours",
+    "hue",
+    "tint",
+    "material",
+    "pattern",
+    "texture_type",
+    "shape",
+    "size",
+    "style",
+    "finish",
+    "fabric",
+    "state",
+    "age",
+    "gender",
+}
 _PLACE_NAMES = {
-    "background", "backgrounds", "bg", "place", "scene", "location", "setting", "environment", "habitat", "surface",
-    "texture", "backdrop", "terrain", "weather", "site", "where",
-}  # fmt: skip
+    "background",
+    "backgrounds",
+    "bg",
+    "place",
+    "scene",
+    "location",
+    "setting",
+    "environment",
+    "habitat",
+    "surface",
+    "texture",
+    "backdrop",
+    "terrain",
+    "weather",
+    "site",
+    "where",
+}
 _COLOUR_WORDS = {
-    "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "brown", "grey", "gray",
-    "cyan", "magenta", "violet", "beige", "gold", "silver", "teal", "navy",
-}  # fmt: skip
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "purple",
+    "orange",
+    "white",
+    "black",
+    "pink",
+    "brown",
+    "grey",
+    "gray",
+    "cyan",
+    "magenta",
+    "violet",
+    "beige",
+    "gold",
+    "silver",
+    "teal",
+    "navy",
+}
 #: places written with "in" rather than "on"
-_IN_WORDS = {"water", "snow", "forest", "sky", "rain", "fog", "dark", "night", "city", "desert", "field", "jungle", "ocean",
-             "sea", "lake", "river", "room", "kitchen", "house", "cave", "space", "stars", "cells", "shade", "mud"}  # fmt: skip
+_IN_WORDS = {
+    "water",
+    "snow",
+    "forest",
+    "sky",
+    "rain",
+    "fog",
+    "dark",
+    "night",
+    "city",
+    "desert",
+    "field",
+    "jungle",
+    "ocean",
+    "sea",
+    "lake",
+    "river",
+    "room",
+    "kitchen",
+    "house",
+    "cave",
+    "space",
+    "stars",
+    "cells",
+    "shade",
+    "mud",
+}
 _NUMERIC = re.compile(r"^\d+$")
 
 
@@ -55,7 +138,9 @@ def _string_column(table: ImageTable, name: str) -> np.ndarray | None:
     t = table.table[name].type
     if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t)):
         return None
-    return np.asarray([None if v is None else str(v) for v in table.table[name].to_pylist()], dtype=object)
+    return np.asarray(
+        [None if v is None else str(v) for v in table.table[name].to_pylist()], dtype=object
+    )
 
 
 def class_names_from_column(table: ImageTable, column: str) -> list[str] | None:
@@ -72,7 +157,9 @@ def class_names_from_column(table: ImageTable, column: str) -> list[str] | None:
     return [names.get(i, str(c)) for i, c in enumerate(table.classes)]
 
 
-def name_classes(table: ImageTable, class_column: str = "", classes: Sequence[str] = ()) -> ImageTable:
+def name_classes(
+    table: ImageTable, class_column: str = "", classes: Sequence[str] = ()
+) -> ImageTable:
     """``table`` with its classes named, in order of preference:
 
     1. ``class_column``: a column whose value names each row's class (one-to-one with ``label``);
@@ -86,12 +173,16 @@ def name_classes(table: ImageTable, class_column: str = "", classes: Sequence[st
     """
     if class_column:
         if class_column not in table.columns:
-            raise ValueError(f"[data] class_column {class_column!r} is not a column of the dataset; its columns are "
-                             f"{table.columns}")  # fmt: skip
+            raise ValueError(
+                f"[data] class_column {class_column!r} is not a column of the dataset; its columns are "
+                f"{table.columns}"
+            )
         names = class_names_from_column(table, class_column)
         if names is None:
-            raise ValueError(f"[data] class_column {class_column!r} does not name one class per label: some label has "
-                             "several (or no) values, or two labels share one; give a column with exactly one name per label")  # fmt: skip
+            raise ValueError(
+                f"[data] class_column {class_column!r} does not name one class per label: some label has "
+                "several (or no) values, or two labels share one; give a column with exactly one name per label"
+            )
         return _renamed(table, names)
     if _is_numeric_names(table.classes):
         for col in table.columns:
@@ -99,15 +190,21 @@ def name_classes(table: ImageTable, class_column: str = "", classes: Sequence[st
                 continue
             names = class_names_from_column(table, col)
             if names is not None and not _is_numeric_names(names):
-                log.info("class names from column %r (one-to-one with label): %s", col, ", ".join(names))
+                log.info(
+                    "class names from column %r (one-to-one with label): %s", col, ", ".join(names)
+                )
                 return _renamed(table, names)
         if classes:
             if len(classes) != len(table.classes):
-                raise ValueError(f"[data] classes has {len(classes)} names but the labels have {len(table.classes)} classes "
-                                 f"(0..{len(table.classes) - 1}); give one name per label, in label order")  # fmt: skip
+                raise ValueError(
+                    f"[data] classes has {len(classes)} names but the labels have {len(table.classes)} classes "
+                    f"(0..{len(table.classes) - 1}); give one name per label, in label order"
+                )
             return _renamed(table, [str(c) for c in classes])
     elif classes and list(classes) != list(table.classes):
-        log.warning("[data] classes is ignored: the data names its classes (%s)", ", ".join(table.classes))
+        log.warning(
+            "[data] classes is ignored: the data names its classes (%s)", ", ".join(table.classes)
+        )
     return table
 
 
@@ -121,7 +218,9 @@ def _class_copy(table: ImageTable, col: str) -> bool:
     """A column that only repeats the class (its values are the class names, or one per label)."""
     vals = set(table.table[col].to_pylist())
     classes = {c.lower() for c in table.classes}
-    return {str(v).lower() for v in vals} <= classes or class_names_from_column(table, col) is not None
+    return {str(v).lower() for v in vals} <= classes or class_names_from_column(
+        table, col
+    ) is not None
 
 
 def detect_attributes(table: ImageTable, exclude: Sequence[str] = ()) -> list[str]:
@@ -130,7 +229,13 @@ def detect_attributes(table: ImageTable, exclude: Sequence[str] = ()) -> list[st
     out = []
     for col in table.columns:
         low = col.lower()
-        if col in NOT_ATTRIBUTES or low in NOT_ATTRIBUTES or col in exclude or low.endswith("id") or low.endswith("_path"):
+        if (
+            col in NOT_ATTRIBUTES
+            or low in NOT_ATTRIBUTES
+            or col in exclude
+            or low.endswith("id")
+            or low.endswith("_path")
+        ):
             continue
         vals = _string_column(table, col)
         if vals is None:
@@ -143,22 +248,31 @@ def detect_attributes(table: ImageTable, exclude: Sequence[str] = ()) -> list[st
     return out
 
 
-def resolve_attributes(table: ImageTable, attributes: Sequence[str] | None = None, class_column: str = "") -> list[str]:
+def resolve_attributes(
+    table: ImageTable, attributes: Sequence[str] | None = None, class_column: str = ""
+) -> list[str]:
     """``attributes`` checked against the table's columns, or (None) the detected ones, logged."""
     if attributes is None:
         found = detect_attributes(table, exclude=[class_column] if class_column else [])
         if found:
-            log.info("caption attributes detected: %s", ", ".join(f"{a} ({len(attribute_values(table, a))} values)" for a in found))
+            log.info(
+                "caption attributes detected: %s",
+                ", ".join(f"{a} ({len(attribute_values(table, a))} values)" for a in found),
+            )
         return found
     missing = [a for a in attributes if a not in table.columns]
     if missing:
-        raise ValueError(f"[data] attributes names column(s) {missing} that the dataset lacks; its columns are {table.columns}")
+        raise ValueError(
+            f"[data] attributes names column(s) {missing} that the dataset lacks; its columns are {table.columns}"
+        )
     return list(attributes)
 
 
 def attribute_values(table: ImageTable, attribute: str) -> list[str]:
     """The distinct non-empty values of an attribute column, sorted."""
-    return sorted({str(v) for v in table.table[attribute].to_pylist() if v is not None and str(v).strip()})
+    return sorted(
+        {str(v) for v in table.table[attribute].to_pylist() if v is not None and str(v).strip()}
+    )
 
 
 def default_template(attribute: str, values: Sequence[str] = ()) -> str:
@@ -166,7 +280,9 @@ def default_template(attribute: str, values: Sequence[str] = ()) -> str:
     (and for any attribute of single words that is not place-like), ``on``/``in`` a place after it."""
     a = attribute.lower()
     vals = {str(v).lower() for v in values}
-    place = a in _PLACE_NAMES or any(k in a for k in ("background", "scene", "place", "location", "habitat", "setting"))
+    place = a in _PLACE_NAMES or any(
+        k in a for k in ("background", "scene", "place", "location", "habitat", "setting")
+    )
     colour = a in _COLOUR_NAMES or "colo" in a or (vals and vals <= _COLOUR_WORDS)
     if place and not colour:
         ins = sum(any(w in _IN_WORDS for w in v.split()) for v in vals)
@@ -176,18 +292,24 @@ def default_template(attribute: str, values: Sequence[str] = ()) -> str:
     return "{noun} with {value}"
 
 
-def attribute_slots(table: ImageTable, attributes: Sequence[str], templates: Mapping[str, str] | None = None) -> dict[str, str]:
+def attribute_slots(
+    table: ImageTable, attributes: Sequence[str], templates: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """``{attribute: template}``: ``templates`` where given (each must hold ``{noun}`` and
     ``{value}``), else :func:`default_template`."""
     templates = dict(templates or {})
     unknown = set(templates) - set(attributes)
     if unknown:
-        raise ValueError(f"[data] attribute_templates names {sorted(unknown)}, which are not caption attributes {list(attributes)}")
+        raise ValueError(
+            f"[data] attribute_templates names {sorted(unknown)}, which are not caption attributes {list(attributes)}"
+        )
     out = {}
     for a in attributes:
         t = templates.get(a) or default_template(a, attribute_values(table, a))
         if "{noun}" not in t or "{value}" not in t:
-            raise ValueError(f"the caption template of attribute {a!r} must contain {{noun}} and {{value}}; got {t!r}")
+            raise ValueError(
+                f"the caption template of attribute {a!r} must contain {{noun}} and {{value}}; got {t!r}"
+            )
         out[a] = t
     return out
 
@@ -219,6 +341,11 @@ def with_captions(table: ImageTable, slots: Mapping[str, str]) -> ImageTable:
         raise ValueError("no attribute columns to compose captions from")
     cols = {a: table.table[a].to_pylist() for a in slots}
     labels = table.labels
-    caps = [compose_caption(table.classes[int(labels[i])], {a: cols[a][i] for a in slots}, slots) for i in range(len(table))]
+    caps = [
+        compose_caption(table.classes[int(labels[i])], {a: cols[a][i] for a in slots}, slots)
+        for i in range(len(table))
+    ]
     t = table.table.drop_columns(["caption"]) if "caption" in table.columns else table.table
-    return ImageTable(t.append_column("caption", pa.array(caps, pa.string())), table.classes, table.root, True)
+    return ImageTable(
+        t.append_column("caption", pa.array(caps, pa.string())), table.classes, table.root, True
+    )

@@ -14,13 +14,17 @@ def default_world_dir(spec_path: str) -> str:
         return cache_dir("worlds", content_hash(f.read()))
 
 
-def prepare_world(spec_path: str | None = None, world_dir: str | None = None) -> tuple[ImageTable, str]:
+def prepare_world(
+    spec_path: str | None = None, world_dir: str | None = None
+) -> tuple[ImageTable, str]:
     """Build (or reuse) the world of ``spec_path`` (default: the shipped default spec);
     returns the table and its directory."""
     from audit.data.world import build_world
 
     spec_path = spec_path or config_path("world", "default.toml")
     if spec_path is None:
-        raise FileNotFoundError("no world spec given and configs/world/default.toml is not shipped with this install")
+        raise FileNotFoundError(
+            "no world spec given and configs/world/default.toml is not shipped with this install"
+        )
     world_dir = world_dir or default_world_dir(spec_path)
     return build_world(spec_path, world_dir), world_dir

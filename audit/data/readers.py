@@ -28,9 +28,17 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 FASHION_MNIST_CLASSES = [
-    "t-shirt", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle boot",
-]  # fmt: skip
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
 
 FASHION_MNIST_ENV = "ZOO_AUDIT_FASHION_MNIST"
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -41,20 +49,32 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_URL = "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/"
 
 
-def table_from_labels(table: pa.Table, classes: Sequence[str] | None = None, root: str | None = None) -> ImageTable:
+def table_from_labels(
+    table: pa.Table, classes: Sequence[str] | None = None, root: str | None = None
+) -> ImageTable:
     """Map a string ``label`` column onto class indices (classes sorted if not given)."""
     labels = table["label"]
     if pa.types.is_integer(labels.type):
         if classes is None:
             n = int(np.max(labels.to_numpy())) + 1 if len(labels) else 0
             classes = [str(i) for i in range(n)]
-        return ImageTable(table.set_column(table.schema.get_field_index("label"), "label", labels.cast(pa.int32())), list(classes), root)
+        return ImageTable(
+            table.set_column(
+                table.schema.get_field_index("label"), "label", labels.cast(pa.int32())
+            ),
+            list(classes),
+            root,
+        )
     names = [str(x) for x in labels.to_pylist()]
     if classes is None:
         classes = sorted(set(names))
     index = {c: i for i, c in enumerate(classes)}
     out = np.empty(len(names), np.int32)
-    ids = table["example_id"].to_pylist() if "example_id" in table.column_names else list(range(len(names)))
+    ids = (
+        table["example_id"].to_pylist()
+        if "example_id" in table.column_names
+        else list(range(len(names)))
+    )
     for i, n in enumerate(names):
         if n not in index:
             raise ValueError(
@@ -62,11 +82,15 @@ def table_from_labels(table: pa.Table, classes: Sequence[str] | None = None, roo
                 f"known classes: {list(classes)}. Fix the label or add the class to the class list."
             )
         out[i] = index[n]
-    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(out, pa.int32()))
+    table = table.set_column(
+        table.schema.get_field_index("label"), "label", pa.array(out, pa.int32())
+    )
     return ImageTable(table, list(classes), root)
 
 
-def read_parquet(path: str, classes: Sequence[str] | None = None, split: str | None = None) -> ImageTable:
+def read_parquet(
+    path: str, classes: Sequence[str] | None = None, split: str | None = None
+) -> ImageTable:
     """Read a Parquet manifest: example_id, split, label, image bytes or path, attributes.
 
     ``classes`` fixes the class order (required for integer labels without metadata);
@@ -76,7 +100,9 @@ def read_parquet(path: str, classes: Sequence[str] | None = None, split: str | N
     root = os.path.dirname(os.path.abspath(path))
     if "example_id" not in t.column_names:
         t = t.append_column("example_id", pa.array([f"{i:08d}" for i in range(t.num_rows)]))
-    t = t.set_column(t.schema.get_field_index("example_id"), "example_id", t["example_id"].cast(pa.string()))
+    t = t.set_column(
+        t.schema.get_field_index("example_id"), "example_id", t["example_id"].cast(pa.string())
+    )
     if "split" not in t.column_names:
         if split is None:
             raise ValueError(f"{path} has no 'split' column; pass split= (one of {list(SPLITS)})")
@@ -89,7 +115,9 @@ def read_parquet(path: str, classes: Sequence[str] | None = None, split: str | N
     return table_from_labels(t, classes, root)
 
 
-def read_imagefolder(root: str, split: str | None = None, classes: Sequence[str] | None = None) -> ImageTable:
+def read_imagefolder(
+    root: str, split: str | None = None, classes: Sequence[str] | None = None
+) -> ImageTable:
     """Read ``ROOT/SPLIT/CLASS/IMG`` (split directories named as splits) or ``ROOT/CLASS/IMG``.
 
     Images are referenced by path and decoded later, so a corrupt file becomes an error row
@@ -132,14 +160,27 @@ def read_imagefolder(root: str, split: str | None = None, classes: Sequence[str]
                     rel = os.path.relpath(p, root)
                     rows.append({"example_id": rel, "split": s, "label": c, "path": rel})
     if skipped:
-        log.warning("ImageFolder %s: not read: %s", root,
-                    "; ".join(f"{len(v)} {k}(s) (e.g. {', '.join(sorted(v)[:3])})" for k, v in sorted(skipped.items())))  # fmt: skip
+        log.warning(
+            "ImageFolder %s: not read: %s",
+            root,
+            "; ".join(
+                f"{len(v)} {k}(s) (e.g. {', '.join(sorted(v)[:3])})"
+                for k, v in sorted(skipped.items())
+            ),
+        )
     n_other = sum(not r["path"].lower().endswith(IMAGE_EXTENSIONS) for r in rows)
     if n_other:
-        log.warning("ImageFolder %s: %d file(s) without an image extension (%s) are read as images; "
-                    "those that are not become error rows", root, n_other, ", ".join(IMAGE_EXTENSIONS))  # fmt: skip
+        log.warning(
+            "ImageFolder %s: %d file(s) without an image extension (%s) are read as images; "
+            "those that are not become error rows",
+            root,
+            n_other,
+            ", ".join(IMAGE_EXTENSIONS),
+        )
     if not rows:
-        raise ValueError(f"no images found under {root!r} in CLASS/ folders (or SPLIT/CLASS/ with splits {list(SPLITS)})")
+        raise ValueError(
+            f"no images found under {root!r} in CLASS/ folders (or SPLIT/CLASS/ with splits {list(SPLITS)})"
+        )
     t = pa.Table.from_pylist(rows)
     return table_from_labels(t, classes or sorted(found), root)
 
@@ -149,7 +190,7 @@ def _read_idx(path: str) -> np.ndarray:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
         data = f.read()
-    magic, = struct.unpack(">I", data[:4])
+    (magic,) = struct.unpack(">I", data[:4])
     ndim = magic & 0xFF
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
@@ -215,7 +256,9 @@ def _download_fashion_mnist(dest: str) -> None:
                 write_atomic_bytes(target, data)
 
 
-def load_fashion_mnist_arrays(directory: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def load_fashion_mnist_arrays(
+    directory: str | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{"train": (images [60000,28,28] uint8, labels), "test": (...)}``."""
     directory = directory or fashion_mnist_dir()
     out = {}
@@ -242,7 +285,13 @@ def read_fashion_mnist(directory: str | None = None, test_split: str = "debug") 
             rows["split"].append(name)
             rows["label"].append(int(lab))
             rows["image"].append(buf.getvalue())
-    t = pa.table({**rows, "label": pa.array(rows["label"], pa.int32()), "image": pa.array(rows["image"], pa.binary())})
+    t = pa.table(
+        {
+            **rows,
+            "label": pa.array(rows["label"], pa.int32()),
+            "image": pa.array(rows["image"], pa.binary()),
+        }
+    )
     return ImageTable(t, list(FASHION_MNIST_CLASSES))
 
 

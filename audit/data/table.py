@@ -96,7 +96,12 @@ class ImageTable:
         return ImageTable(self.table.filter(mask), self.classes, self.root, True)
 
     def take(self, indices) -> ImageTable:
-        return ImageTable(self.table.take(pa.array(np.asarray(indices, dtype=np.int64))), self.classes, self.root, True)
+        return ImageTable(
+            self.table.take(pa.array(np.asarray(indices, dtype=np.int64))),
+            self.classes,
+            self.root,
+            True,
+        )
 
     def column(self, name: str) -> np.ndarray:
         return self.table[name].to_numpy(zero_copy_only=False)
@@ -110,8 +115,9 @@ class ImageTable:
         return self.column("example_id")
 
     # -- decoding ----------------------------------------------------------------------
-    def decode(self, size: int | tuple[int, int] | None = None,
-               max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, np.ndarray, list[DecodeError]]:  # fmt: skip
+    def decode(
+        self, size: int | tuple[int, int] | None = None, max_pixels: int = MAX_PIXELS
+    ) -> tuple[np.ndarray, np.ndarray, list[DecodeError]]:
         """Decode every image to RGB uint8, each resized to one target as it is decoded.
 
         Returns ``(images [N_ok, H, W, 3] uint8, ok_index [N_ok] int64, errors)``: rows that
@@ -126,11 +132,15 @@ class ImageTable:
 
         ids = self.example_ids
         sources: list[tuple[str, object]] = [self._source(i, ids) for i in range(len(self))]
-        target: tuple[int, int] | None = (size, size) if isinstance(size, int) else (tuple(size) if size else None)
+        target: tuple[int, int] | None = (
+            (size, size) if isinstance(size, int) else (tuple(size) if size else None)
+        )
         if target is None:
             target = _common_size(sources, max_pixels)
         h, w = target or (0, 0)
-        images = np.empty((len(sources) if target else 0, h, w, 3), np.uint8)  # filled in place: no second copy
+        images = np.empty(
+            (len(sources) if target else 0, h, w, 3), np.uint8
+        )  # filled in place: no second copy
         ok: list[int] = []
         errors: list[DecodeError] = []
         for i, (item, src) in enumerate(sources):
@@ -176,15 +186,21 @@ def _open_image(src, max_pixels: int):
         if not stat.S_ISREG(mode):
             raise ValueError(f"{src} is not a regular file; only regular files are read")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below decides
+        warnings.simplefilter(
+            "ignore", Image.DecompressionBombWarning
+        )  # our own limit below decides
         try:
             im = Image.open(src)
         except Image.DecompressionBombError as e:  # Pillow's own, higher limit
-            raise ValueError(f"{e}: over the limit of {max_pixels:,} pixels (a decompression bomb?)") from None
+            raise ValueError(
+                f"{e}: over the limit of {max_pixels:,} pixels (a decompression bomb?)"
+            ) from None
     if im.width * im.height > max_pixels:
         im.close()
-        raise ValueError(f"image is {im.width}x{im.height} = {im.width * im.height:,} pixels, over the limit of "
-                         f"{max_pixels:,} (a decompression bomb?); shrink it or raise max_pixels")  # fmt: skip
+        raise ValueError(
+            f"image is {im.width}x{im.height} = {im.width * im.height:,} pixels, over the limit of "
+            f"{max_pixels:,} (a decompression bomb?); shrink it or raise max_pixels"
+        )
     return im
 
 
@@ -215,9 +231,17 @@ def _common_size(sources, max_pixels: int, sample: int = 2048) -> tuple[int, int
     from collections import Counter
 
     counts: Counter = Counter()
-    picks = np.unique(np.linspace(0, len(sources) - 1, min(len(sources), sample)).round().astype(int)).tolist() if sources else []
+    picks = (
+        np.unique(
+            np.linspace(0, len(sources) - 1, min(len(sources), sample)).round().astype(int)
+        ).tolist()
+        if sources
+        else []
+    )
     picked = set(picks)
-    rest = (i for i in range(len(sources)) if i not in picked)  # read only while no sampled image opened
+    rest = (
+        i for i in range(len(sources)) if i not in picked
+    )  # read only while no sampled image opened
     for i in itertools.chain(picks, itertools.takewhile(lambda _: not counts, rest)):
         _, src = sources[i]
         if isinstance(src, Exception):
@@ -254,14 +278,20 @@ def validate_table(table: pa.Table, classes: Sequence[str]) -> None:
         )
     splits = set(pc.unique(table["split"]).to_pylist())
     if not splits <= set(SPLITS):
-        raise ValueError(f"unknown split value(s) {sorted(splits - set(SPLITS))}; use one of {list(SPLITS)}")
+        raise ValueError(
+            f"unknown split value(s) {sorted(splits - set(SPLITS))}; use one of {list(SPLITS)}"
+        )
     ids = table["example_id"]
     if ids.null_count:
         i = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
-        raise ValueError(f"row {i} has a null example_id ({ids.null_count} rows do); give every row a unique example_id")
+        raise ValueError(
+            f"row {i} has a null example_id ({ids.null_count} rows do); give every row a unique example_id"
+        )
     if pc.count_distinct(ids).as_py() != table.num_rows:
         seen: dict = {}
         for i, e in enumerate(ids.to_pylist()):
             if e in seen:
-                raise ValueError(f"example_id values must be unique: row {i} repeats example_id {e!r} of row {seen[e]}")
+                raise ValueError(
+                    f"example_id values must be unique: row {i} repeats example_id {e!r} of row {seen[e]}"
+                )
             seen[e] = i

@@ -34,8 +34,18 @@ from audit.data.readers import FASHION_MNIST_CLASSES, load_fashion_mnist_arrays
 from audit.data.table import SPLITS, ImageTable
 from audit.data.world_spec import ATTRIBUTES, BACKGROUNDS, COLORS, PlantedMode, WorldSpec
 
-__all__ = ["ATTRIBUTES", "BACKGROUNDS", "COLORS", "PlantedMode", "WorldSpec", "Compositor", "WorldBuilder",
-           "WorldRenderer", "build_world", "export_manifest"]  # fmt: skip
+__all__ = [
+    "ATTRIBUTES",
+    "BACKGROUNDS",
+    "COLORS",
+    "PlantedMode",
+    "WorldSpec",
+    "Compositor",
+    "WorldBuilder",
+    "WorldRenderer",
+    "build_world",
+    "export_manifest",
+]
 
 
 def _exact_counts(probs: np.ndarray, n: int) -> np.ndarray:
@@ -86,15 +96,24 @@ class Compositor:
         crop = int(min(h, w) * rng.uniform(0.25, 0.45))
         y, x = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
         patch = (tex[y : y + crop, x : x + crop] * 255).astype(np.uint8)
-        return np.asarray(Image.fromarray(patch).resize((self.size, self.size), Image.BILINEAR), np.float32) / 255
+        return (
+            np.asarray(
+                Image.fromarray(patch).resize((self.size, self.size), Image.BILINEAR), np.float32
+            )
+            / 255
+        )
 
-    def render(self, item: np.ndarray, color: str, background: str, rng: np.random.Generator) -> np.ndarray:
+    def render(
+        self, item: np.ndarray, color: str, background: str, rng: np.random.Generator
+    ) -> np.ndarray:
         from PIL import Image
 
         s = self.size
         bg = self.background(background, rng)
         side = max(8, int(round(s * self.item_scale * rng.uniform(0.9, 1.0))))
-        alpha = np.asarray(Image.fromarray(item).resize((side, side), Image.BILINEAR), np.float32) / 255
+        alpha = (
+            np.asarray(Image.fromarray(item).resize((side, side), Image.BILINEAR), np.float32) / 255
+        )
         oy, ox = rng.integers(0, s - side + 1), rng.integers(0, s - side + 1)
         a = np.zeros((s, s), np.float32)
         a[oy : oy + side, ox : ox + side] = alpha
@@ -150,7 +169,20 @@ class WorldBuilder:
     def build(self) -> ImageTable:
         spec = self.spec
         rng = np.random.default_rng(spec.seed)
-        cols: dict[str, list] = {k: [] for k in ("example_id", "split", "label", "image", "item", "color", "background", "group", "caption")}
+        cols: dict[str, list] = {
+            k: []
+            for k in (
+                "example_id",
+                "split",
+                "label",
+                "image",
+                "item",
+                "color",
+                "background",
+                "group",
+                "caption",
+            )
+        }
         n_cls = len(spec.items)
         for split in SPLITS:
             n = spec.splits.get(split, 0)
@@ -163,14 +195,20 @@ class WorldBuilder:
                 attrs = {}
                 for attr in ATTRIBUTES:
                     values = spec.vocab(attr)
-                    probs = spec.train_distribution(item, attr) if split == "train" else np.full(len(values), 1 / len(values))
+                    probs = (
+                        spec.train_distribution(item, attr)
+                        if split == "train"
+                        else np.full(len(values), 1 / len(values))
+                    )
                     counts = _exact_counts(probs, k)
                     seq = np.repeat(np.arange(len(values)), counts)
                     attrs[attr] = [values[j] for j in rng.permutation(seq)]
                 sources = self._sources[split][item]
                 picks = rng.choice(sources, size=k, replace=k > len(sources))
                 for j in range(k):
-                    rows.append((ci, item, attrs["color"][j], attrs["background"][j], int(picks[j])))
+                    rows.append(
+                        (ci, item, attrs["color"][j], attrs["background"][j], int(picks[j]))
+                    )
             order = rng.permutation(len(rows))
             images = self._images(split)
             for pos, r in enumerate(order):
@@ -189,15 +227,33 @@ class WorldBuilder:
                 cols["caption"].append(spec.caption(item, color, bg))
         table = pa.table(
             {
-                **{k: pa.array(v, pa.string()) for k, v in cols.items() if k not in ("label", "image")},
+                **{
+                    k: pa.array(v, pa.string())
+                    for k, v in cols.items()
+                    if k not in ("label", "image")
+                },
                 "label": pa.array(cols["label"], pa.int32()),
                 "image": pa.array(cols["image"], pa.binary()),
             }
-        ).select(["example_id", "split", "label", "image", "item", "color", "background", "group", "caption"])
+        ).select(
+            [
+                "example_id",
+                "split",
+                "label",
+                "image",
+                "item",
+                "color",
+                "background",
+                "group",
+                "caption",
+            ]
+        )
         return ImageTable(table, list(spec.items))
 
 
-def build_world(spec_path: str, out_dir: str, fmnist_dir: str | None = None, force: bool = False) -> ImageTable:
+def build_world(
+    spec_path: str, out_dir: str, fmnist_dir: str | None = None, force: bool = False
+) -> ImageTable:
     """Build the world of ``spec_path`` into ``out_dir`` (examples.parquet, spec.toml).
 
     Skips the work when ``out_dir`` already holds a world built from byte-identical spec text.
@@ -247,12 +303,17 @@ class WorldRenderer:
         out = []
         for _ in range(n):
             color = parsed["color"] or self.spec.colors[rng.integers(len(self.spec.colors))]
-            bg = parsed["background"] or self.spec.backgrounds[rng.integers(len(self.spec.backgrounds))]
+            bg = (
+                parsed["background"]
+                or self.spec.backgrounds[rng.integers(len(self.spec.backgrounds))]
+            )
             out.append(self.compositor.render(pool[rng.integers(len(pool))], color, bg, rng))
         return np.stack(out)
 
 
-def export_manifest(table: ImageTable, path: str, columns: tuple[str, ...] = ("item", "color", "background")) -> str:
+def export_manifest(
+    table: ImageTable, path: str, columns: tuple[str, ...] = ("item", "color", "background")
+) -> str:
     """Write a world as a user would hand over a dataset: a plain Parquet manifest
     (``example_id, split, label`` as integers, ``image`` bytes and the ``columns`` kept) with
     no class list in its metadata, no spec, no captions and no ``group`` ground truth."""

@@ -69,7 +69,9 @@ class WorldSpec:
     backgrounds: list[str]
     image_size: int = 32
     seed: int = 0
-    splits: dict[str, int] = field(default_factory=lambda: {"train": 6000, "debug": 1800, "test": 1800, "pool": 1800})
+    splits: dict[str, int] = field(
+        default_factory=lambda: {"train": 6000, "debug": 1800, "test": 1800, "pool": 1800}
+    )
     planted: list[PlantedMode] = field(default_factory=list)
     item_scale: float = 0.9
     source_text: str = ""
@@ -84,10 +86,21 @@ class WorldSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> WorldSpec:
-        known = {"items", "colors", "backgrounds", "image_size", "seed", "splits", "planted", "item_scale"}
+        known = {
+            "items",
+            "colors",
+            "backgrounds",
+            "image_size",
+            "seed",
+            "splits",
+            "planted",
+            "item_scale",
+        }
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown world spec key(s) {sorted(unknown)}; known keys: {sorted(known)}")
+            raise ValueError(
+                f"unknown world spec key(s) {sorted(unknown)}; known keys: {sorted(known)}"
+            )
         items = list(d.get("items", FASHION_MNIST_CLASSES))
         colors = list(d.get("colors", list(COLORS)[:6]))
         backgrounds = list(d.get("backgrounds", list(BACKGROUNDS)[:6]))
@@ -101,50 +114,85 @@ class WorldSpec:
         vocab = {"color": colors, "background": backgrounds}
         planted = []
         for p in d.get("planted", []):
-            cls_, attr, value, rate = p.get("class"), p.get("attribute"), p.get("value"), float(p.get("rate", -1))
+            cls_, attr, value, rate = (
+                p.get("class"),
+                p.get("attribute"),
+                p.get("value"),
+                float(p.get("rate", -1)),
+            )
             if cls_ not in items:
-                raise ValueError(f"planted mode names class {cls_!r}; the world's items are {items}")
+                raise ValueError(
+                    f"planted mode names class {cls_!r}; the world's items are {items}"
+                )
             if attr not in vocab:
                 raise ValueError(f"planted mode attribute {attr!r} is not one of {list(vocab)}")
             if value not in vocab[attr]:
-                raise ValueError(f"planted {attr} {value!r} is not in the spec's {attr}s {vocab[attr]}")
+                raise ValueError(
+                    f"planted {attr} {value!r} is not in the spec's {attr}s {vocab[attr]}"
+                )
             if not 0.0 <= rate <= 1.0:
-                raise ValueError(f"planted mode {cls_}/{attr}={value} needs a rate in [0, 1], got {p.get('rate')}")
+                raise ValueError(
+                    f"planted mode {cls_}/{attr}={value} needs a rate in [0, 1], got {p.get('rate')}"
+                )
             uniform = 1.0 / len(vocab[attr])
             kind = p.get("kind", "rare" if rate < uniform else "association")
             if kind not in ("rare", "association"):
                 raise ValueError(f"planted mode kind must be 'rare' or 'association', got {kind!r}")
             decoy, decoy_rate = p.get("decoy"), float(p.get("decoy_rate", 0.0))
             where = f"planted mode {cls_}/{attr}={value}"
-            unknown_keys = set(p) - {"class", "attribute", "value", "rate", "kind", "decoy", "decoy_rate"}
+            unknown_keys = set(p) - {
+                "class",
+                "attribute",
+                "value",
+                "rate",
+                "kind",
+                "decoy",
+                "decoy_rate",
+            }
             if unknown_keys:
-                raise ValueError(f"{where}: unknown key(s) {sorted(unknown_keys)}; known: class, attribute, value, "
-                                 "rate, kind, decoy, decoy_rate")  # fmt: skip
+                raise ValueError(
+                    f"{where}: unknown key(s) {sorted(unknown_keys)}; known: class, attribute, value, "
+                    "rate, kind, decoy, decoy_rate"
+                )
             if decoy is not None:
                 if kind != "rare":
-                    raise ValueError(f"{where}: a decoy needs a rare mode (rate below {uniform:.3f}), not {kind!r}")
+                    raise ValueError(
+                        f"{where}: a decoy needs a rare mode (rate below {uniform:.3f}), not {kind!r}"
+                    )
                 if decoy not in items or decoy == cls_:
-                    raise ValueError(f"{where}: decoy {decoy!r} must be another of the world's items {items}")
+                    raise ValueError(
+                        f"{where}: decoy {decoy!r} must be another of the world's items {items}"
+                    )
                 if not uniform < decoy_rate <= 1.0:
-                    raise ValueError(f"{where}: decoy_rate must be in ({uniform:.3f}, 1] so the value predicts "
-                                     f"{decoy!r}, got {p.get('decoy_rate')}")  # fmt: skip
+                    raise ValueError(
+                        f"{where}: decoy_rate must be in ({uniform:.3f}, 1] so the value predicts "
+                        f"{decoy!r}, got {p.get('decoy_rate')}"
+                    )
             planted.append(PlantedMode(cls_, attr, value, rate, kind, decoy, decoy_rate))
         seen = {}
         for m in planted:
             key = (m.cls, m.attribute)
             if key in seen:
-                raise ValueError(f"two planted modes for class {m.cls!r} and attribute {m.attribute!r}; give one")
+                raise ValueError(
+                    f"two planted modes for class {m.cls!r} and attribute {m.attribute!r}; give one"
+                )
             seen[key] = m
         for who, attr in {(w, m.attribute) for m in planted for w in (m.cls, m.decoy) if w}:
             fixed = _fixed_shares(planted, who, attr)  # raises on a value fixed twice
             if sum(fixed.values()) > 1.0 + 1e-9:
-                raise ValueError(f"planted train shares for {who!r}/{attr} add up to more than 1: {fixed}")
+                raise ValueError(
+                    f"planted train shares for {who!r}/{attr} add up to more than 1: {fixed}"
+                )
         return cls(
-            items=items, colors=colors, backgrounds=backgrounds,
-            image_size=int(d.get("image_size", 32)), seed=int(d.get("seed", 0)),
-            splits={k: int(v) for k, v in splits.items()}, planted=planted,
+            items=items,
+            colors=colors,
+            backgrounds=backgrounds,
+            image_size=int(d.get("image_size", 32)),
+            seed=int(d.get("seed", 0)),
+            splits={k: int(v) for k, v in splits.items()},
+            planted=planted,
             item_scale=float(d.get("item_scale", 0.9)),
-        )  # fmt: skip
+        )
 
     def vocab(self, attribute: str) -> list[str]:
         return {"color": self.colors, "background": self.backgrounds}[attribute]
@@ -170,7 +218,10 @@ class WorldSpec:
         Raises ValueError listing the vocabulary when a word is outside the grammar.
         """
         text = caption.strip().lower().rstrip(".")
-        m = re.fullmatch(r"(?:a )?(?:photo|picture|image) of (?:a|an|the) (.+?)(?: on (?:a |an |the )?(.+))?", text)
+        m = re.fullmatch(
+            r"(?:a )?(?:photo|picture|image) of (?:a|an|the) (.+?)(?: on (?:a |an |the )?(.+))?",
+            text,
+        )
         if not m:
             raise ValueError(
                 f"caption {caption!r} does not follow the grammar 'a photo of a [COLOUR] ITEM [on BACKGROUND]'; "

@@ -39,7 +39,9 @@ class FailureMode:
     ci_high: float = float("nan")
     p_value: float = float("nan")
     C: float = float("nan")
-    C_on_edge: bool = False  # the chosen C is the grid's smallest or largest: widen the grid that way
+    C_on_edge: bool = (
+        False  # the chosen C is the grid's smallest or largest: widen the grid that way
+    )
     direction: np.ndarray | None = None
     weight_norm: float = float("nan")
     intercept: float = float("nan")
@@ -79,12 +81,16 @@ def standardize(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarra
 def _check_X(X, name: str = "X") -> np.ndarray:
     X = np.asarray(X)
     if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D array of embeddings [N, D]; got shape {X.shape}")
+        raise ValueError(
+            f"{name} must be a non-empty 2-D array of embeddings [N, D]; got shape {X.shape}"
+        )
     if not np.issubdtype(X.dtype, np.number):
         raise TypeError(f"{name} must be numeric embeddings; got dtype {X.dtype}")
     if not np.isfinite(X).all():
         bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
-        raise ValueError(f"{name} has non-finite values in {len(bad)} row(s) (first: {bad[:5].tolist()}); drop or re-embed them")
+        raise ValueError(
+            f"{name} has non-finite values in {len(bad)} row(s) (first: {bad[:5].tolist()}); drop or re-embed them"
+        )
     return X
 
 
@@ -96,7 +102,9 @@ def _check_correct(correct, n: int) -> np.ndarray:
         )
     if c.dtype != bool:
         if not np.issubdtype(c.dtype, np.number) or not np.isin(c, (0, 1)).all():
-            raise ValueError("correct must hold booleans or 0/1 (1 = the model got the example right)")
+            raise ValueError(
+                "correct must hold booleans or 0/1 (1 = the model got the example right)"
+            )
     c = c.astype(np.float64)
     return c[:, None] if c.ndim == 1 else c
 
@@ -107,13 +115,17 @@ def _prepare(X, labels, X_stats, gram_limit: int = GRAM_LIMIT) -> _Prepared:
         labels = np.zeros(len(X), np.int64)
     labels = np.asarray(labels)
     if labels.shape != (len(X),):
-        raise ValueError(f"labels must be [N] class labels with N={len(X)} like X; got shape {labels.shape}")
+        raise ValueError(
+            f"labels must be [N] class labels with N={len(X)} like X; got shape {labels.shape}"
+        )
     if X_stats is None:
         stats = X
     else:
         stats = _check_X(X_stats, "X_stats")
         if stats.shape[1] != X.shape[1]:
-            raise ValueError(f"X_stats has {stats.shape[1]} features but X has {X.shape[1]}; both must come from one embedder")
+            raise ValueError(
+                f"X_stats has {stats.shape[1]} features but X has {X.shape[1]}; both must come from one embedder"
+            )
     stats = np.asarray(stats, np.float64)
     mean = stats.mean(axis=0)
     scale = stats.std(axis=0)
@@ -159,12 +171,24 @@ class FailureDirections(BaseEstimator):
     the first mode.
     """
 
-    def __init__(self, Cs=None, cv: int = 2, max_modes: int = 3, n_permutations: int = 20,
-                 permutation_search: str = "best", alpha: float = 0.05, min_errors: int = 10,
-                 min_correct: int = 10, ci_level: float = 0.95, n_bootstrap: int = 500,
-                 tol: float = 1e-3, explained_fpr: float = 0.2, n_refine: int = 3,
-                 n_jobs: int | None = None,
-                 random_state: int | None = 0):  # fmt: skip
+    def __init__(
+        self,
+        Cs=None,
+        cv: int = 2,
+        max_modes: int = 3,
+        n_permutations: int = 20,
+        permutation_search: str = "best",
+        alpha: float = 0.05,
+        min_errors: int = 10,
+        min_correct: int = 10,
+        ci_level: float = 0.95,
+        n_bootstrap: int = 500,
+        tol: float = 1e-3,
+        explained_fpr: float = 0.2,
+        n_refine: int = 3,
+        n_jobs: int | None = None,
+        random_state: int | None = 0,
+    ):
         self.Cs = Cs
         self.cv = cv
         self.max_modes = max_modes
@@ -196,9 +220,13 @@ class FailureDirections(BaseEstimator):
         if self.n_permutations < 0 or self.n_bootstrap < 0:
             raise ValueError("n_permutations and n_bootstrap must be >= 0")
         if self.permutation_search not in ("best", "grid"):
-            raise ValueError(f"permutation_search must be 'best' or 'grid'; got {self.permutation_search!r}")
+            raise ValueError(
+                f"permutation_search must be 'best' or 'grid'; got {self.permutation_search!r}"
+            )
         if not 0 < self.alpha < 1 or not 0 < self.ci_level < 1:
-            raise ValueError(f"alpha and ci_level must lie in (0, 1); got {self.alpha!r}, {self.ci_level!r}")
+            raise ValueError(
+                f"alpha and ci_level must lie in (0, 1); got {self.alpha!r}, {self.ci_level!r}"
+            )
 
     # -- fitting -------------------------------------------------------------------------
     def fit(self, X, correct, labels=None, X_stats=None):
@@ -226,7 +254,8 @@ class FailureDirections(BaseEstimator):
             from joblib import Parallel, delayed
 
             per = Parallel(n_jobs=n_jobs, prefer="threads")(
-                delayed(self._fit_class)(cd, err[cd.index], i) for i, cd in enumerate(prep.per_class)
+                delayed(self._fit_class)(cd, err[cd.index], i)
+                for i, cd in enumerate(prep.per_class)
             )
         D = prep.mean.shape[0]
         self.classes_ = prep.classes
@@ -248,7 +277,9 @@ class FailureDirections(BaseEstimator):
         return self
 
     def _fit_class(self, cd: _ClassData, err: np.ndarray, class_pos: int) -> list[FailureMode]:
-        seed = np.random.SeedSequence([0 if self.random_state is None else int(self.random_state), class_pos])
+        seed = np.random.SeedSequence(
+            [0 if self.random_state is None else int(self.random_state), class_pos]
+        )
         rng = np.random.default_rng(seed)
         min_err, min_cor = max(int(self.min_errors), self.cv), max(int(self.min_correct), self.cv)
         n_err, n_cor = int((err > 0).sum()), int((err < 1).sum())
@@ -277,7 +308,10 @@ class FailureDirections(BaseEstimator):
             heldout.append(self._heldout(cd, planes[-1][0], err, planes[-1][1], folds))
             for _ in range(self.n_refine):
                 owner = np.argmin(np.stack(heldout), axis=0)
-                planes = [(np.flatnonzero(~is_err | (is_err & (owner == m))), C) for m, (_, C) in enumerate(planes)]
+                planes = [
+                    (np.flatnonzero(~is_err | (is_err & (owner == m))), C)
+                    for m, (_, C) in enumerate(planes)
+                ]
                 heldout = [self._heldout(cd, sub, err, C, folds) for sub, C in planes]
             owner = np.argmin(np.stack(heldout), axis=0)
             sub = np.flatnonzero(~is_err | (owner == mode))
@@ -306,20 +340,33 @@ class FailureDirections(BaseEstimator):
         norm = float(np.linalg.norm(w))
         lo, hi = fitter.bootstrap_ci(rows, oof[best])
         p = fitter.p_value(e, folds, C, float(scores[best]))
-        significant = not (p > self.alpha) and norm > 0  # NaN (no permutations) counts as significant
+        significant = (
+            not (p > self.alpha) and norm > 0
+        )  # NaN (no permutations) counts as significant
         fm = FailureMode(
-            int(cd.label), mode, "ok" if significant else "not_significant",
-            int((e > 0).sum()), int((e < 1).sum()),
-            cv_score=float(scores[best]), ci_low=lo, ci_high=hi, p_value=p, C=C,
+            int(cd.label),
+            mode,
+            "ok" if significant else "not_significant",
+            int((e > 0).sum()),
+            int((e < 1).sum()),
+            cv_score=float(scores[best]),
+            ci_low=lo,
+            ci_high=hi,
+            p_value=p,
+            C=C,
             C_on_edge=len(Cs) > 1 and C in (min(Cs), max(Cs)),
-            direction=(w / norm) if norm > 0 else None, weight_norm=norm, intercept=b,
+            direction=(w / norm) if norm > 0 else None,
+            weight_norm=norm,
+            intercept=b,
             cv_scores=[float(s) for s in scores],
-        )  # fmt: skip
+        )
         full_folds = np.empty(len(err), int)
         full_folds[sub] = folds
         return fm, oof[best], full_folds
 
-    def _heldout(self, cd: _ClassData, sub: np.ndarray, err: np.ndarray, C: float, folds: np.ndarray) -> np.ndarray:
+    def _heldout(
+        self, cd: _ClassData, sub: np.ndarray, err: np.ndarray, C: float, folds: np.ndarray
+    ) -> np.ndarray:
         """Held-out signed distance ``[n]`` of every example to an SVM trained on ``sub`` (2-fold cross-fit)."""
         out = np.zeros(len(err))
         fitter = _ModeFitter(cd.Z, cd.K, self, None)
@@ -338,7 +385,9 @@ class FailureDirections(BaseEstimator):
         if not hasattr(self, "modes_"):
             from sklearn.exceptions import NotFittedError
 
-            raise NotFittedError("this FailureDirections is not fitted yet; call fit(X, correct, labels) first")
+            raise NotFittedError(
+                "this FailureDirections is not fitted yet; call fit(X, correct, labels) first"
+            )
 
     def transform_embeddings(self, X) -> np.ndarray:
         """``[N, D]`` embeddings -> the standardised, L2-normalised space of the directions."""

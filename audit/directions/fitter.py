@@ -35,7 +35,9 @@ def _rows(err: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
 class _ModeFitter:
     """Cross-validated grid search, final fit, bootstrap CI and permutations for one mode."""
 
-    def __init__(self, Zp: np.ndarray, K: np.ndarray | None, est: FailureDirections, rng: np.random.Generator):
+    def __init__(
+        self, Zp: np.ndarray, K: np.ndarray | None, est: FailureDirections, rng: np.random.Generator
+    ):
         self.Zp, self.K, self.est, self.rng = Zp, K, est, rng
         self.kernel = "precomputed" if K is not None else "linear"
 
@@ -93,7 +95,9 @@ class _ModeFitter:
             for c in (0, 1):
                 m = ww * (yy == c)
                 tot = m.sum(1)
-                rec.append(np.where(tot > 0, (m * (pp == c)).sum(1) / np.maximum(tot, 1e-300), np.nan))
+                rec.append(
+                    np.where(tot > 0, (m * (pp == c)).sum(1) / np.maximum(tot, 1e-300), np.nan)
+                )
             with np.errstate(invalid="ignore"):
                 total += np.nanmean(np.stack(rec), axis=0)
         boot = total / est.cv

@@ -26,14 +26,36 @@ _LOWLEVEL: object = None  # None: not yet checked; False: unusable; else sklearn
 _LOWLEVEL_LOCK = threading.Lock()
 
 
-def _fit_lowlevel(lib, data: np.ndarray, y: np.ndarray, sw: np.ndarray | None, C: float,
-                  class_weight: np.ndarray, tol: float, kernel: str):  # fmt: skip
+def _fit_lowlevel(
+    lib,
+    data: np.ndarray,
+    y: np.ndarray,
+    sw: np.ndarray | None,
+    C: float,
+    class_weight: np.ndarray,
+    tol: float,
+    kernel: str,
+):
     out = lib.fit(
-        data, y, svm_type=0, kernel=kernel, degree=3, gamma=1.0, coef0=0.0, tol=tol, C=C,
-        nu=0.5, epsilon=0.1, class_weight=class_weight,
+        data,
+        y,
+        svm_type=0,
+        kernel=kernel,
+        degree=3,
+        gamma=1.0,
+        coef0=0.0,
+        tol=tol,
+        C=C,
+        nu=0.5,
+        epsilon=0.1,
+        class_weight=class_weight,
         sample_weight=np.empty(0) if sw is None else np.ascontiguousarray(sw, np.float64),
-        shrinking=1, probability=0, cache_size=200.0, max_iter=-1, random_seed=0,
-    )  # fmt: skip
+        shrinking=1,
+        probability=0,
+        cache_size=200.0,
+        max_iter=-1,
+        random_seed=0,
+    )
     # (support, support_vectors, n_class_SV, sv_coef, intercept, ...); libsvm's sign is the
     # opposite of sklearn's for two classes (sklearn flips it in BaseLibSVM.fit)
     return np.asarray(out[0]), -np.asarray(out[3])[0], -float(np.asarray(out[4])[0])
@@ -42,7 +64,9 @@ def _fit_lowlevel(lib, data: np.ndarray, y: np.ndarray, sw: np.ndarray | None, C
 def _fit_public(data, y, sw, C, class_weight, tol, kernel):
     from sklearn.svm import SVC
 
-    clf = SVC(kernel=kernel, C=C, tol=tol, class_weight={0.0: class_weight[0], 1.0: class_weight[1]})
+    clf = SVC(
+        kernel=kernel, C=C, tol=tol, class_weight={0.0: class_weight[0], 1.0: class_weight[1]}
+    )
     clf.fit(data, y, sample_weight=sw)
     return clf.support_, clf.dual_coef_[0], float(clf.intercept_[0])
 
@@ -51,6 +75,7 @@ def _check_lowlevel():
     """sklearn's private libsvm binding, if it reproduces ``SVC`` exactly here; else False."""
     try:
         from sklearn.svm import _libsvm
+
         _libsvm.set_verbosity_wrap(0)
     except (ImportError, AttributeError):
         return False
@@ -61,7 +86,9 @@ def _check_lowlevel():
     cw = _balanced_weights(y, None)
     try:
         for kernel, data in (("precomputed", K), ("linear", z)):
-            s1, c1, b1 = _fit_lowlevel(_libsvm, np.ascontiguousarray(data), y, None, 0.3, cw, 1e-3, kernel)
+            s1, c1, b1 = _fit_lowlevel(
+                _libsvm, np.ascontiguousarray(data), y, None, 0.3, cw, 1e-3, kernel
+            )
             s2, c2, b2 = _fit_public(data, y, None, 0.3, cw, 1e-3, kernel)
             d1, d2 = K[:, s1] @ c1 + b1, K[:, s2] @ c2 + b2
             if not np.allclose(d1, d2, atol=1e-8):

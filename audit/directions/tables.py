@@ -44,13 +44,21 @@ DIRECTIONS_SCHEMA = pa.schema(
 
 def _correct_matrix(correct_by_model: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     if not correct_by_model:
-        raise ValueError("correct_by_model is empty; pass {model name: correct [N]} for at least one model")
+        raise ValueError(
+            "correct_by_model is empty; pass {model name: correct [N]} for at least one model"
+        )
     return {name: _check_correct(c, n) for name, c in correct_by_model.items()}
 
 
-def fit_directions(X, correct_by_model: Mapping[str, np.ndarray], labels=None, *, X_stats=None,
-                   estimator: FailureDirections | None = None, n_jobs: int | None = None
-                   ) -> dict[str, FailureDirections]:  # fmt: skip
+def fit_directions(
+    X,
+    correct_by_model: Mapping[str, np.ndarray],
+    labels=None,
+    *,
+    X_stats=None,
+    estimator: FailureDirections | None = None,
+    n_jobs: int | None = None,
+) -> dict[str, FailureDirections]:
     """One :class:`FailureDirections` per model on shared embeddings ``X [N, D]``.
 
     The standardisation and each class's Gram matrix are computed once for all models.
@@ -74,9 +82,15 @@ def fit_directions(X, correct_by_model: Mapping[str, np.ndarray], labels=None, *
     return dict(zip(mats, fitted, strict=True))
 
 
-def fit_collective(X, correct_by_model: Mapping[str, np.ndarray], clusters: Mapping[str, Sequence[str]],
-                   labels=None, *, X_stats=None, estimator: FailureDirections | None = None
-                   ) -> dict[str, FailureDirections]:  # fmt: skip
+def fit_collective(
+    X,
+    correct_by_model: Mapping[str, np.ndarray],
+    clusters: Mapping[str, Sequence[str]],
+    labels=None,
+    *,
+    X_stats=None,
+    estimator: FailureDirections | None = None,
+) -> dict[str, FailureDirections]:
     """Directions of each cluster's pooled failures: ``{"cluster:<id>": fitted estimator}``.
 
     ``clusters`` maps a cluster id to its member models (e.g. from ``clusters.parquet``);
@@ -103,14 +117,18 @@ def fit_collective(X, correct_by_model: Mapping[str, np.ndarray], clusters: Mapp
 def clusters_from_table(table: pa.Table) -> dict[str, list[str]]:
     """``clusters.parquet`` (model, family, cluster) -> ``{cluster id: [models]}``."""
     if "model" not in table.column_names or "cluster" not in table.column_names:
-        raise ValueError(f"a clusters table needs columns model and cluster; got {table.column_names}")
+        raise ValueError(
+            f"a clusters table needs columns model and cluster; got {table.column_names}"
+        )
     out: dict[str, list[str]] = {}
     for m, c in zip(table["model"].to_pylist(), table["cluster"].to_pylist(), strict=True):
         out.setdefault(str(c), []).append(str(m))
     return out
 
 
-def directions_table(fitted: Mapping[str, FailureDirections], class_names: Sequence[str] | None = None) -> pa.Table:
+def directions_table(
+    fitted: Mapping[str, FailureDirections], class_names: Sequence[str] | None = None
+) -> pa.Table:
     """The ``directions.parquet`` rows: one per scope x class x mode (schema :data:`DIRECTIONS_SCHEMA`).
 
     ``fitted`` maps a scope (model name or ``"cluster:<id>"``) to a fitted estimator;
@@ -125,15 +143,28 @@ def directions_table(fitted: Mapping[str, FailureDirections], class_names: Seque
         for m in est.modes_:
             name = str(class_names[int(m.label)]) if class_names is not None else str(m.label)
             has = m.direction is not None
-            rows.append({
-                "scope": str(scope), "class": name, "class_index": int(m.label), "mode": m.mode,
-                "status": m.status, "cv_score": m.cv_score, "ci_low": m.ci_low, "ci_high": m.ci_high,
-                "p_value": m.p_value, "n_errors": m.n_errors, "n_correct": m.n_correct, "C": m.C,
-                "C_on_edge": bool(m.C_on_edge),
-                "direction": m.direction.astype(np.float32).tolist() if has else None,
-                "weight_norm": m.weight_norm if has else None, "intercept": m.intercept if has else None,
-                "mean": mean, "scale": scale,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "scope": str(scope),
+                    "class": name,
+                    "class_index": int(m.label),
+                    "mode": m.mode,
+                    "status": m.status,
+                    "cv_score": m.cv_score,
+                    "ci_low": m.ci_low,
+                    "ci_high": m.ci_high,
+                    "p_value": m.p_value,
+                    "n_errors": m.n_errors,
+                    "n_correct": m.n_correct,
+                    "C": m.C,
+                    "C_on_edge": bool(m.C_on_edge),
+                    "direction": m.direction.astype(np.float32).tolist() if has else None,
+                    "weight_norm": m.weight_norm if has else None,
+                    "intercept": m.intercept if has else None,
+                    "mean": mean,
+                    "scale": scale,
+                }
+            )
     return pa.Table.from_pylist(rows, schema=DIRECTIONS_SCHEMA)
 
 
@@ -141,11 +172,17 @@ def decision_from_row(row: Mapping, X) -> np.ndarray:
     """Decision values ``[N]`` of embeddings ``X [N, D]`` under one ``directions.parquet`` row."""
     if row.get("direction") is None:
         return np.full(len(X), np.nan)
-    Z = standardize(_check_X(X), np.asarray(row["mean"], np.float64), np.asarray(row["scale"], np.float64))
-    return float(row["weight_norm"]) * (Z @ np.asarray(row["direction"], np.float64)) + float(row["intercept"])
+    Z = standardize(
+        _check_X(X), np.asarray(row["mean"], np.float64), np.asarray(row["scale"], np.float64)
+    )
+    return float(row["weight_norm"]) * (Z @ np.asarray(row["direction"], np.float64)) + float(
+        row["intercept"]
+    )
 
 
-def direction_similarity(directions: pa.Table, mode: int = 0, scopes: Sequence[str] | None = None) -> pa.Table:
+def direction_similarity(
+    directions: pa.Table, mode: int = 0, scopes: Sequence[str] | None = None
+) -> pa.Table:
     """Cosine similarity between scopes' directions for the same class and mode.
 
     Rows (class, mode, scope_a, scope_b, cosine) for every unordered pair a < b of scopes that
@@ -153,9 +190,15 @@ def direction_similarity(directions: pa.Table, mode: int = 0, scopes: Sequence[s
     """
     by_class: dict[str, list[tuple[str, np.ndarray]]] = {}
     for r in directions.to_pylist():
-        if r["mode"] != mode or r["direction"] is None or (scopes is not None and r["scope"] not in scopes):
+        if (
+            r["mode"] != mode
+            or r["direction"] is None
+            or (scopes is not None and r["scope"] not in scopes)
+        ):
             continue
-        by_class.setdefault(r["class"], []).append((r["scope"], np.asarray(r["direction"], np.float64)))
+        by_class.setdefault(r["class"], []).append(
+            (r["scope"], np.asarray(r["direction"], np.float64))
+        )
     out = {"class": [], "mode": [], "scope_a": [], "scope_b": [], "cosine": []}
     for cls, items in by_class.items():
         items.sort(key=lambda t: t[0])
@@ -172,9 +215,16 @@ def direction_similarity(directions: pa.Table, mode: int = 0, scopes: Sequence[s
                 out["cosine"].append(float(S[i, j]))
     return pa.table(
         out,
-        schema=pa.schema([("class", pa.string()), ("mode", pa.int32()), ("scope_a", pa.string()),
-                          ("scope_b", pa.string()), ("cosine", pa.float64())]),
-    )  # fmt: skip
+        schema=pa.schema(
+            [
+                ("class", pa.string()),
+                ("mode", pa.int32()),
+                ("scope_a", pa.string()),
+                ("scope_b", pa.string()),
+                ("cosine", pa.float64()),
+            ]
+        ),
+    )
 
 
 def with_q_values(dirs: pa.Table) -> pa.Table:

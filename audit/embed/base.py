@@ -36,7 +36,9 @@ def check_images(images) -> np.ndarray:
     """Validate a uint8 ``[N, H, W, 3]`` batch (the one input check every backend shares)."""
     arr = np.asarray(images)
     if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"images must be uint8 [N, H, W, 3]; got shape {arr.shape}. Decode with ImageTable.decode() first")
+        raise ValueError(
+            f"images must be uint8 [N, H, W, 3]; got shape {arr.shape}. Decode with ImageTable.decode() first"
+        )
     if arr.dtype != np.uint8:
         raise TypeError(f"images must be uint8 RGB in 0..255; got dtype {arr.dtype}")
     return arr
@@ -80,7 +82,12 @@ class Embedder:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         out = [np.zeros((0, self.dim), np.float32)]
-        for i in tqdm(range(0, len(images), batch_size), desc=f"embed {self.name}", disable=not progress, leave=False):
+        for i in tqdm(
+            range(0, len(images), batch_size),
+            desc=f"embed {self.name}",
+            disable=not progress,
+            leave=False,
+        ):
             out.append(np.asarray(self._encode_images(images[i : i + batch_size]), np.float32))
         return l2_normalize(np.concatenate(out))
 
@@ -148,13 +155,19 @@ def create_embedder(name: str, device: str = "cpu", **kwargs) -> Embedder:
     Unknown backends raise ValueError listing close matches and the registered backends.
     """
     if not isinstance(name, str) or not name:
-        raise TypeError(f"embedder name must be a non-empty string like 'open_clip:ViT-B-32:openai', got {name!r}")
+        raise TypeError(
+            f"embedder name must be a non-empty string like 'open_clip:ViT-B-32:openai', got {name!r}"
+        )
     _ensure_builtin()
     backend, _, args = name.partition(":")
     if backend not in _FACTORIES:
         candidates = list(_FACTORIES) + list_embedders()
         close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.4)
-        close += [c for c in difflib.get_close_matches(backend, list(_FACTORIES), n=3, cutoff=0.4) if c not in close]
+        close += [
+            c
+            for c in difflib.get_close_matches(backend, list(_FACTORIES), n=3, cutoff=0.4)
+            if c not in close
+        ]
         raise ValueError(
             f"unknown embedder {name!r}: no backend {backend!r}. Close matches: {close or 'none'}. "
             f"Registered backends: {sorted(_FACTORIES)} (names look like {list_embedders()[:4]})"

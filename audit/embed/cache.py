@@ -46,8 +46,10 @@ class TableEmbeddings:
         ids = [str(e) for e in np.asarray(example_ids).tolist()]
         missing = [e for e in ids if e not in pos]
         if missing:
-            raise ValueError(f"{len(missing)} example(s) have no {self.embedder} embedding (first: {missing[0]!r}); "
-                             "embed them with embed_table(store, embedder, table) first")  # fmt: skip
+            raise ValueError(
+                f"{len(missing)} example(s) have no {self.embedder} embedding (first: {missing[0]!r}); "
+                "embed them with embed_table(store, embedder, table) first"
+            )
         return self.vectors[np.fromiter((pos[e] for e in ids), np.int64, len(ids))]
 
 
@@ -64,12 +66,16 @@ def row_hashes(table: ImageTable) -> np.ndarray:
 def _to_arrow(name: str, key: str, ids, hashes, vectors: np.ndarray) -> pa.Table:
     d = int(vectors.shape[1])
     flat = pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1), pa.float32())
-    t = pa.table({
-        "example_id": pa.array([str(e) for e in ids], pa.string()),
-        "image_hash": pa.array([str(h) for h in hashes], pa.string()),
-        "vector": pa.FixedSizeListArray.from_arrays(flat, d),
-    })  # fmt: skip
-    return t.replace_schema_metadata({b"embedder": name.encode(), b"key": key.encode(), b"dim": str(d).encode()})
+    t = pa.table(
+        {
+            "example_id": pa.array([str(e) for e in ids], pa.string()),
+            "image_hash": pa.array([str(h) for h in hashes], pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(flat, d),
+        }
+    )
+    return t.replace_schema_metadata(
+        {b"embedder": name.encode(), b"key": key.encode(), b"dim": str(d).encode()}
+    )
 
 
 def _vectors(t: pa.Table) -> np.ndarray:
@@ -83,54 +89,112 @@ def load_embeddings(store: RunStore, embedder: Embedder | str) -> TableEmbedding
     rel = embedding_path(embedder)
     if not store.exists(rel):
         name = embedder if isinstance(embedder, str) else embedder.name
-        raise FileNotFoundError(f"no embeddings for {name!r} in {store.uri} ({rel}); compute them with embed_table()")
+        raise FileNotFoundError(
+            f"no embeddings for {name!r} in {store.uri} ({rel}); compute them with embed_table()"
+        )
     t = store.read_table(rel)
     meta = t.schema.metadata or {}
-    return TableEmbeddings(meta.get(b"embedder", b"").decode(), meta.get(b"key", b"").decode(),
-                           t["example_id"].to_numpy(zero_copy_only=False).astype(str), _vectors(t))  # fmt: skip
+    return TableEmbeddings(
+        meta.get(b"embedder", b"").decode(),
+        meta.get(b"key", b"").decode(),
+        t["example_id"].to_numpy(zero_copy_only=False).astype(str),
+        _vectors(t),
+    )
 
 
-def embed_table(store: RunStore, embedder: Embedder, table: ImageTable, batch_size: int = 256,
-                progress: bool = True) -> TableEmbeddings:  # fmt: skip
+def embed_table(
+    store: RunStore,
+    embedder: Embedder,
+    table: ImageTable,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> TableEmbeddings:
     """Embeddings of ``table``'s images, computing only those not already cached in ``store``.
 
     Returns them in the table's row order, without rows whose image cannot be decoded (those
     are recorded in ``errors.parquet``, stage ``embed``).
     """
     if not isinstance(embedder, Embedder):
-        raise TypeError(f"embedder must be an audit.embed.Embedder (create_embedder(name)); got {type(embedder).__name__}")
+        raise TypeError(
+            f"embedder must be an audit.embed.Embedder (create_embedder(name)); got {type(embedder).__name__}"
+        )
     rel = embedding_path(embedder)
     ids = table.example_ids.astype(str)
     hashes = row_hashes(table)
-    old_ids, old_hashes, old_vecs = np.zeros(0, object), np.zeros(0, object), np.zeros((0, embedder.dim), np.float32)
+    old_ids, old_hashes, old_vecs = (
+        np.zeros(0, object),
+        np.zeros(0, object),
+        np.zeros((0, embedder.dim), np.float32),
+    )
     if store.exists(rel):
         t = store.read_table(rel)
         meta = t.schema.metadata or {}
-        if meta.get(b"key", b"").decode() == embedder.key and int(meta.get(b"dim", b"0")) == embedder.dim:
+        if (
+            meta.get(b"key", b"").decode() == embedder.key
+            and int(meta.get(b"dim", b"0")) == embedder.dim
+        ):
             old_ids = t["example_id"].to_numpy(zero_copy_only=False).astype(object)
             old_hashes = t["image_hash"].to_numpy(zero_copy_only=False).astype(object)
             old_vecs = _vectors(t)
         else:
-            log.info("embeddings in %s were made by another %s (key changed); recomputing", rel, embedder.name)
-    have = {(e, h): i for i, (e, h) in enumerate(zip(old_ids.tolist(), old_hashes.tolist(), strict=True))}
-    todo = np.asarray([i for i, (e, h) in enumerate(zip(ids.tolist(), hashes.tolist(), strict=True)) if (e, h) not in have], np.int64)
+            log.info(
+                "embeddings in %s were made by another %s (key changed); recomputing",
+                rel,
+                embedder.name,
+            )
+    have = {
+        (e, h): i
+        for i, (e, h) in enumerate(zip(old_ids.tolist(), old_hashes.tolist(), strict=True))
+    }
+    todo = np.asarray(
+        [
+            i
+            for i, (e, h) in enumerate(zip(ids.tolist(), hashes.tolist(), strict=True))
+            if (e, h) not in have
+        ],
+        np.int64,
+    )
     new_rows: dict[tuple, np.ndarray] = {}
     if len(todo):
         images, ok, errors = table.take(todo).decode()
         store.record_errors({**e.as_row(), "stage": "embed"} for e in errors)
-        vecs = embedder.encode_images(images, batch_size=batch_size, progress=progress) if len(ok) else np.zeros((0, embedder.dim), np.float32)
+        vecs = (
+            embedder.encode_images(images, batch_size=batch_size, progress=progress)
+            if len(ok)
+            else np.zeros((0, embedder.dim), np.float32)
+        )
         for j, v in zip(todo[ok], vecs, strict=True):
             new_rows[(ids[j], hashes[j])] = v
         # replaced rows (same id, new image) drop their stale vectors
         new_ids = {ids[j] for j in todo}
         keep = [i for i, e in enumerate(old_ids.tolist()) if e not in new_ids]
         all_ids = np.concatenate([old_ids[keep], np.asarray([k[0] for k in new_rows], object)])
-        all_hashes = np.concatenate([old_hashes[keep], np.asarray([k[1] for k in new_rows], object)])
-        all_vecs = np.concatenate([old_vecs[keep], np.asarray(list(new_rows.values()), np.float32).reshape(-1, embedder.dim)])
-        store.write_table(rel, _to_arrow(embedder.name, embedder.key, all_ids, all_hashes, all_vecs))
-        store.update_manifest(embeddings={embedder_slug(embedder.name): {
-            "embedder": embedder.name, "key": embedder.key, "dim": embedder.dim, "n": int(len(all_ids)), "path": rel}})  # fmt: skip
-        log.info("embedded %d new image(s) with %s (%d cached)", len(new_rows), embedder.name, len(have))
+        all_hashes = np.concatenate(
+            [old_hashes[keep], np.asarray([k[1] for k in new_rows], object)]
+        )
+        all_vecs = np.concatenate(
+            [
+                old_vecs[keep],
+                np.asarray(list(new_rows.values()), np.float32).reshape(-1, embedder.dim),
+            ]
+        )
+        store.write_table(
+            rel, _to_arrow(embedder.name, embedder.key, all_ids, all_hashes, all_vecs)
+        )
+        store.update_manifest(
+            embeddings={
+                embedder_slug(embedder.name): {
+                    "embedder": embedder.name,
+                    "key": embedder.key,
+                    "dim": embedder.dim,
+                    "n": int(len(all_ids)),
+                    "path": rel,
+                }
+            }
+        )
+        log.info(
+            "embedded %d new image(s) with %s (%d cached)", len(new_rows), embedder.name, len(have)
+        )
     out_idx, out_vecs = [], []
     for i, (e, h) in enumerate(zip(ids.tolist(), hashes.tolist(), strict=True)):
         if (e, h) in have:

@@ -30,7 +30,9 @@ def parse_name(args: str) -> tuple[str, str]:
 
 
 class OpenClipEmbedder(Embedder):
-    def __init__(self, arch: str = DEFAULT_ARCH, pretrained: str = DEFAULT_PRETRAINED, device: str = "cpu"):
+    def __init__(
+        self, arch: str = DEFAULT_ARCH, pretrained: str = DEFAULT_PRETRAINED, device: str = "cpu"
+    ):
         import open_clip
         import torch
 
@@ -40,8 +42,10 @@ class OpenClipEmbedder(Embedder):
             import difflib
 
             close = difflib.get_close_matches(arch, open_clip.list_models(), n=5)
-            raise ValueError(f"open_clip has no architecture {arch!r}; close matches: {close}. "
-                             "Register a custom config with open_clip.add_model_config(path)")  # fmt: skip
+            raise ValueError(
+                f"open_clip has no architecture {arch!r}; close matches: {close}. "
+                "Register a custom config with open_clip.add_model_config(path)"
+            )
         random_init = pretrained.lower() in RANDOM
         if random_init:
             torch.manual_seed(0)  # a random test model is still reproducible
@@ -56,7 +60,12 @@ class OpenClipEmbedder(Embedder):
         self.dim = int(probe.shape[-1])
         # weights identity: the tag/file for real weights, a hash of the tensors for random ones
         if random_init:
-            h = content_hash(*[t.detach().cpu().numpy().tobytes()[:4096] for t in list(self.model.state_dict().values())[:8]])
+            h = content_hash(
+                *[
+                    t.detach().cpu().numpy().tobytes()[:4096]
+                    for t in list(self.model.state_dict().values())[:8]
+                ]
+            )
         else:
             h = content_hash(arch, pretrained, open_clip.__version__)
         self.key = content_hash(self.name, h)
@@ -74,10 +83,19 @@ class OpenClipEmbedder(Embedder):
         import torch
 
         with torch.inference_mode():
-            return self.model.encode_text(self.tokenizer(texts).to(self.device)).float().cpu().numpy()
+            return (
+                self.model.encode_text(self.tokenizer(texts).to(self.device)).float().cpu().numpy()
+            )
 
 
-@register_embedder("open_clip", examples=["open_clip:ViT-B-32:openai", "open_clip:ViT-B-16:openai", "open_clip:ViT-L-14:openai"])
+@register_embedder(
+    "open_clip",
+    examples=[
+        "open_clip:ViT-B-32:openai",
+        "open_clip:ViT-B-16:openai",
+        "open_clip:ViT-L-14:openai",
+    ],
+)
 def _create_open_clip(args: str, device: str = "cpu", **kwargs) -> OpenClipEmbedder:
     if kwargs:
         raise TypeError(f"open_clip embedders take no options besides device; got {sorted(kwargs)}")

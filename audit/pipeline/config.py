@@ -34,14 +34,25 @@ class DataSection(Section):
     split: str = "debug"  # where failures are found and directions fitted
     eval_split: str = "test"  # where captions are checked on their nearest images
     limit: int = Field(0, ge=0)  # 0 = the whole split
-    class_column: str = ""  # the column naming each label's class; "" = auto-detect (or directory names, `classes`)
+    class_column: str = (
+        ""  # the column naming each label's class; "" = auto-detect (or directory names, `classes`)
+    )
     classes: list[str] = []  # class names in label order, when nothing in the data names the labels
-    attributes: list[str] | None = None  # caption slots (attribute columns); unset = auto-detected, [] = none
-    attribute_templates: dict[str, str] = {}  # per attribute, e.g. {background = "{noun} on {value}"}
+    attributes: list[str] | None = (
+        None  # caption slots (attribute columns); unset = auto-detected, [] = none
+    )
+    attribute_templates: dict[
+        str, str
+    ] = {}  # per attribute, e.g. {background = "{noun} on {value}"}
 
     def key_fields(self) -> dict[str, Any]:
         d = self.model_dump()
-        for k, default in (("class_column", ""), ("classes", []), ("attributes", None), ("attribute_templates", {})):
+        for k, default in (
+            ("class_column", ""),
+            ("classes", []),
+            ("attributes", None),
+            ("attribute_templates", {}),
+        ):
             if d[k] == default:  # runs made before these keys existed keep their keys
                 d.pop(k)
         return d
@@ -49,7 +60,9 @@ class DataSection(Section):
     @model_validator(mode="after")
     def _one_source(self) -> DataSection:
         if not self.path and not self.world_spec:
-            raise ValueError("[data] needs a 'path' (a dataset) or a 'world_spec' (a world built on first use)")
+            raise ValueError(
+                "[data] needs a 'path' (a dataset) or a 'world_spec' (a world built on first use)"
+            )
         return self
 
 
@@ -71,13 +84,17 @@ class RaySection(Section):
     max_restarts: int = Field(3, ge=0)
 
     def key_fields(self) -> dict[str, Any]:
-        return {"with_features": self.with_features}  # placement and batching do not change predictions
+        return {
+            "with_features": self.with_features
+        }  # placement and batching do not change predictions
 
 
 class StatsSection(Section):
     similarity: Literal["jaccard", "shared_fraction", "error_consistency"] = "jaccard"
     threshold: float | None = None  # cut the dendrogram at this similarity, or
-    n_clusters: int | None = Field(None, ge=1)  # into this many clusters; neither = as many as families
+    n_clusters: int | None = Field(
+        None, ge=1
+    )  # into this many clusters; neither = as many as families
     method: Literal["average", "complete", "single", "weighted"] = "average"
     n_boot: int = Field(1000, ge=1)
     ci: float = Field(0.95, gt=0, lt=1)
@@ -107,7 +124,9 @@ class GenerateSection(Section):
     url: str = ""  # a running `zoo-audit serve`; "" = start the app in-process with `backend`
     backend: str = "world"  # in-process only: "world" (the data's world) or "diffusers:MODEL"
     k: int = Field(3, ge=1)  # images per hard caption
-    probe_k: int = Field(32, ge=1)  # images per caption of the probe set that confirms failures (with mitigation)
+    probe_k: int = Field(
+        32, ge=1
+    )  # images per caption of the probe set that confirms failures (with mitigation)
     seed: int = 0
 
     def key_fields(self) -> dict[str, Any]:
@@ -118,25 +137,41 @@ class GenerateSection(Section):
 
 class MitigateSection(Section):
     enabled: bool = True
-    lambdas: list[float] = [0.5, 0.75, 0.9]  # weight of the synthetic images, chosen on the fit split
-    max_real: int = Field(3000, ge=0)  # real train examples in a head's training (stratified; 0 = all)
+    lambdas: list[float] = [
+        0.5,
+        0.75,
+        0.9,
+    ]  # weight of the synthetic images, chosen on the fit split
+    max_real: int = Field(
+        3000, ge=0
+    )  # real train examples in a head's training (stratified; 0 = all)
     pool_k: int = Field(50, ge=1)  # pool (and upweighted fit) images per hard class
     upweight: float = Field(5.0, gt=0)  # weight of the fit split's direction-selected images
     k_nearest: int = Field(50, ge=1)  # nearest images of a hard caption: its subpopulation
     alpha: float = Field(1e-3, ge=0)  # L2 anchor of the retrained head to the original one
     max_iter: int = Field(60, ge=1)
-    max_drop: float = Field(0.005, ge=0)  # a choice may lower the fit split's overall accuracy this much
-    min_gap: float = Field(0.15, gt=0, lt=1)  # a planted group "fails" this far below its class; confirmation gap
+    max_drop: float = Field(
+        0.005, ge=0
+    )  # a choice may lower the fit split's overall accuracy this much
+    min_gap: float = Field(
+        0.15, gt=0, lt=1
+    )  # a planted group "fails" this far below its class; confirmation gap
     n_boot: int = Field(1000, ge=1)
 
 
 class ReportSection(Section):
     enabled: bool = True  # write RUN/report/index.html at the end of the run
-    max_modes: int = Field(12, ge=0)  # failure modes per card shown with image grids (strongest first)
-    images: int = Field(8, ge=1)  # real images per grid (hardest / easiest) and generated images per mode
+    max_modes: int = Field(
+        12, ge=0
+    )  # failure modes per card shown with image grids (strongest first)
+    images: int = Field(
+        8, ge=1
+    )  # real images per grid (hardest / easiest) and generated images per mode
     max_rows: int = Field(200, ge=1)  # rows per table on a card (worst first)
     max_set_images: int = Field(240, ge=0)  # thumbnails per synthetic set on the sets page
-    max_index_rows: int = Field(5000, ge=0)  # failure modes listed on the cards page (strongest first)
+    max_index_rows: int = Field(
+        5000, ge=0
+    )  # failure modes listed on the cards page (strongest first)
     thumb_size: int = Field(64, ge=16)  # pixels; larger images are scaled down to JPEG
 
 
@@ -189,7 +224,9 @@ def find_config(path: str) -> str:
 
     shipped = config_path("audit", path if path.endswith(".toml") else path + ".toml")
     if not shipped:
-        raise FileNotFoundError(f"audit config {path!r} not found (give a TOML path or a shipped name such as 'demo')")
+        raise FileNotFoundError(
+            f"audit config {path!r} not found (give a TOML path or a shipped name such as 'demo')"
+        )
     return shipped
 
 
@@ -198,7 +235,11 @@ def _explain(path: str, err: ValidationError) -> str:
     for e in err.errors():
         loc = [str(x) for x in e["loc"]]
         section = loc[0] if loc else ""
-        where = f"[{section}] {'.'.join(loc[1:])}" if len(loc) > 1 else (f"[{section}]" if section else "config")
+        where = (
+            f"[{section}] {'.'.join(loc[1:])}"
+            if len(loc) > 1
+            else (f"[{section}]" if section else "config")
+        )
         if e["type"] == "extra_forbidden":
             if len(loc) == 1:
                 known = list(SECTIONS)
@@ -208,9 +249,16 @@ def _explain(path: str, err: ValidationError) -> str:
                 what = f"unknown key; known keys: {', '.join(known)}"
             close = difflib.get_close_matches(loc[-1], known, n=1)
             if close:
-                what = f"unknown {'section' if len(loc) == 1 else 'key'} (did you mean {close[0]!r}?); " + what.split("; ", 1)[1]
+                what = (
+                    f"unknown {'section' if len(loc) == 1 else 'key'} (did you mean {close[0]!r}?); "
+                    + what.split("; ", 1)[1]
+                )
         else:
-            what = e["msg"] + (f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else "")
+            what = e["msg"] + (
+                f" (got {e['input']!r})"
+                if e["type"] != "missing" and not isinstance(e["input"], dict)
+                else ""
+            )
         lines.append(f"{path}: {where}: {what}")
     return "\n".join(lines)
 
@@ -236,7 +284,11 @@ def load_config(path: str, overrides: dict[str, dict[str, Any]] | None = None) -
                 if isinstance(raw[section].get(k), str):
                     raw[section][k] = _resolve(raw[section][k], base)
     zoo = raw.get("zoo")
-    if isinstance(zoo, dict) and isinstance(zoo.get("manifest"), str) and os.path.isfile(os.path.join(base, zoo["manifest"])):
+    if (
+        isinstance(zoo, dict)
+        and isinstance(zoo.get("manifest"), str)
+        and os.path.isfile(os.path.join(base, zoo["manifest"]))
+    ):
         zoo["manifest"] = os.path.join(base, zoo["manifest"])
     raw.setdefault("data", {})
     try:

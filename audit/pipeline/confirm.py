@@ -21,12 +21,23 @@ import pyarrow as pa
 
 from audit.data.table import ImageTable
 
-CONFIRM_SCHEMA = pa.schema([
-    ("scope", pa.string()), ("class", pa.string()), ("caption", pa.string()), ("easy_caption", pa.string()),
-    ("counterfactual_caption", pa.string()), ("n_images", pa.int32()), ("hard_gen_accuracy", pa.float64()),
-    ("easy_gen_accuracy", pa.float64()), ("gap_ci_low", pa.float64()), ("gap_ci_high", pa.float64()),
-    ("counterfactual_accuracy", pa.float64()), ("counterfactual_delta", pa.float64()), ("confirmed", pa.bool_()),
-])  # fmt: skip
+CONFIRM_SCHEMA = pa.schema(
+    [
+        ("scope", pa.string()),
+        ("class", pa.string()),
+        ("caption", pa.string()),
+        ("easy_caption", pa.string()),
+        ("counterfactual_caption", pa.string()),
+        ("n_images", pa.int32()),
+        ("hard_gen_accuracy", pa.float64()),
+        ("easy_gen_accuracy", pa.float64()),
+        ("gap_ci_low", pa.float64()),
+        ("gap_ci_high", pa.float64()),
+        ("counterfactual_accuracy", pa.float64()),
+        ("counterfactual_delta", pa.float64()),
+        ("confirmed", pa.bool_()),
+    ]
+)
 
 SKIP = {"example_id", "split", "label", "image", "path", "caption", "group", "item"}
 
@@ -50,12 +61,18 @@ def _has_word(caption: str, word: str) -> bool:
     return re.search(rf"(?<![\w-]){re.escape(word.lower())}(?![\w-])", caption.lower()) is not None
 
 
-def counterfactual(caption: str, cls: str, data: ImageTable, slots: Mapping[str, list[str]] | None = None) -> str | None:
+def counterfactual(
+    caption: str, cls: str, data: ImageTable, slots: Mapping[str, list[str]] | None = None
+) -> str | None:
     """The caption with its rarest-for-``cls`` attribute word replaced by the class's most
     common value of that attribute in the train split; None when it names no attribute."""
     slots = slot_values(data) if slots is None else slots
     train = data.split("train")
-    in_c = train.labels == data.classes.index(cls) if cls in data.classes else np.zeros(len(train), bool)
+    in_c = (
+        train.labels == data.classes.index(cls)
+        if cls in data.classes
+        else np.zeros(len(train), bool)
+    )
     best = None
     for attr, values in slots.items():
         present = [v for v in values if _has_word(caption, v)]
@@ -73,9 +90,15 @@ def counterfactual(caption: str, cls: str, data: ImageTable, slots: Mapping[str,
     return re.sub(rf"(?<![\w-]){re.escape(v)}(?![\w-])", common, caption, count=1, flags=re.I)
 
 
-def hard_and_easy(captions: pa.Table, directions: pa.Table) -> dict[tuple[str, str], tuple[str, str | None]]:
+def hard_and_easy(
+    captions: pa.Table, directions: pa.Table
+) -> dict[tuple[str, str], tuple[str, str | None]]:
     """``{(scope, class): (top-1 hard caption, top-1 easy caption)}`` of every significant mode-0 direction."""
-    ok = {(r["scope"], r["class"]) for r in directions.to_pylist() if r["mode"] == 0 and r["status"] == "ok"}
+    ok = {
+        (r["scope"], r["class"])
+        for r in directions.to_pylist()
+        if r["mode"] == 0 and r["status"] == "ok"
+    }
     hard, easy = {}, {}
     for r in captions.to_pylist():
         key = (r["scope"], r["class"])
@@ -84,7 +107,9 @@ def hard_and_easy(captions: pa.Table, directions: pa.Table) -> dict[tuple[str, s
     return {k: (h, easy.get(k)) for k, h in sorted(hard.items())}
 
 
-def probe_captions(pairs: Mapping[tuple[str, str], tuple[str, str | None]], data: ImageTable) -> dict[str, str]:
+def probe_captions(
+    pairs: Mapping[tuple[str, str], tuple[str, str | None]], data: ImageTable
+) -> dict[str, str]:
     """``{hard caption: counterfactual}`` plus the easy captions (mapped to themselves): what
     the probe set must hold besides the hard sets."""
     slots = slot_values(data)
@@ -103,8 +128,14 @@ def _acc_ci(correct: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     return correct[rng.integers(0, len(correct), (n_boot, len(correct)))].mean(1)
 
 
-def confirmations(pairs: Mapping[tuple[str, str], tuple[str, str | None]], correct_on: Mapping[str, Mapping[str, np.ndarray]],
-                  cf_of: Mapping[str, str], min_gap: float = 0.15, n_boot: int = 1000, ci: float = 0.95) -> pa.Table:  # fmt: skip
+def confirmations(
+    pairs: Mapping[tuple[str, str], tuple[str, str | None]],
+    correct_on: Mapping[str, Mapping[str, np.ndarray]],
+    cf_of: Mapping[str, str],
+    min_gap: float = 0.15,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+) -> pa.Table:
     """One row per (scope, class, hard caption). ``correct_on[scope][caption]`` is the scope's
     per-image correctness (a cluster: its members' mean) on the generated images of a caption."""
     rows = []
@@ -116,16 +147,34 @@ def confirmations(pairs: Mapping[tuple[str, str], tuple[str, str | None]], corre
         c = got.get(cf) if cf else None
         if h is None or not len(h):
             continue
-        row = {"scope": scope, "class": cls, "caption": hard, "easy_caption": easy, "counterfactual_caption": cf,
-               "n_images": len(h), "hard_gen_accuracy": float(h.mean()), "easy_gen_accuracy": float("nan"),
-               "gap_ci_low": float("nan"), "gap_ci_high": float("nan"), "counterfactual_accuracy": float("nan"),
-               "counterfactual_delta": float("nan"), "confirmed": False}  # fmt: skip
+        row = {
+            "scope": scope,
+            "class": cls,
+            "caption": hard,
+            "easy_caption": easy,
+            "counterfactual_caption": cf,
+            "n_images": len(h),
+            "hard_gen_accuracy": float(h.mean()),
+            "easy_gen_accuracy": float("nan"),
+            "gap_ci_low": float("nan"),
+            "gap_ci_high": float("nan"),
+            "counterfactual_accuracy": float("nan"),
+            "counterfactual_delta": float("nan"),
+            "confirmed": False,
+        }
         if e is not None and len(e):
             gap = _acc_ci(e, n_boot, 1) - _acc_ci(h, n_boot, 2)
             lo, hi = float(np.quantile(gap, a)), float(np.quantile(gap, 1 - a))
-            row.update(easy_gen_accuracy=float(e.mean()), gap_ci_low=lo, gap_ci_high=hi,
-                       confirmed=bool(e.mean() - h.mean() >= min_gap and lo > 0))  # fmt: skip
+            row.update(
+                easy_gen_accuracy=float(e.mean()),
+                gap_ci_low=lo,
+                gap_ci_high=hi,
+                confirmed=bool(e.mean() - h.mean() >= min_gap and lo > 0),
+            )
         if c is not None and len(c):
-            row.update(counterfactual_accuracy=float(c.mean()), counterfactual_delta=float(c.mean() - h.mean()))
+            row.update(
+                counterfactual_accuracy=float(c.mean()),
+                counterfactual_delta=float(c.mean() - h.mean()),
+            )
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=CONFIRM_SCHEMA)

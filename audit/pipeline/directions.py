@@ -47,7 +47,9 @@ def run_embedder(config, data, train: bool = False, progress: bool = False):
     )
     from audit.pipeline.inputs import caption_attributes
 
-    table = encoder_table(data, None if "caption" in data.columns else caption_attributes(config, data))
+    table = encoder_table(
+        data, None if "caption" in data.columns else caption_attributes(config, data)
+    )
     if not train:
         return load_or_train(table, train=False), None
     res = train_world_encoder(table, progress=progress)
@@ -55,7 +57,9 @@ def run_embedder(config, data, train: bool = False, progress: bool = False):
 
 
 def embed_splits(inputs) -> list[str]:
-    splits = ["train", inputs.fit_split, inputs.eval_split] + (["pool"] if inputs.mitigating() else [])
+    splits = ["train", inputs.fit_split, inputs.eval_split] + (
+        ["pool"] if inputs.mitigating() else []
+    )
     return [s for s in dict.fromkeys(splits) if len(inputs.data.split(s))]
 
 
@@ -79,7 +83,12 @@ def correct_for(preds: Mapping[str, pa.Table], ids) -> tuple[dict, dict]:
     for m, t in preds.items():
         idx = align_ids(t["example_id"].to_numpy(zero_copy_only=False), ids)
         if (idx < 0).any():
-            log.warning("model %s has no prediction for %d of %d examples; skipped", m, int((idx < 0).sum()), len(ids))
+            log.warning(
+                "model %s has no prediction for %d of %d examples; skipped",
+                m,
+                int((idx < 0).sum()),
+                len(ids),
+            )
             continue
         correct[m] = t["correct"].to_numpy(zero_copy_only=False)[idx]
         conf[m] = t["confidence"].to_numpy(zero_copy_only=False)[idx]
@@ -89,7 +98,9 @@ def correct_for(preds: Mapping[str, pa.Table], ids) -> tuple[dict, dict]:
 def _fit_one(name, *, X, X_stats, labels, correct, estimator):
     from audit.directions import fit_directions
 
-    return fit_directions(X, {name: correct[name]}, labels, X_stats=X_stats, estimator=estimator)[name]
+    return fit_directions(X, {name: correct[name]}, labels, X_stats=X_stats, estimator=estimator)[
+        name
+    ]
 
 
 class _Split:
@@ -123,20 +134,39 @@ def directions_stage(store: RunStore, inputs, cfg) -> str:
 
     emb, _ = embedder_for(inputs, train=False)
     data = inputs.data
-    E = embed_table(store, emb, data.split(embed_splits(inputs)), progress=False)  # cached by the embed stage
+    E = embed_table(
+        store, emb, data.split(embed_splits(inputs)), progress=False
+    )  # cached by the embed stage
     preds = load_predictions(store, swept_models(store, inputs.zoo))
     fit = _Split(data.split(inputs.fit_split), E, preds)
     if not fit.correct:
-        raise ValueError(f"no model has predictions for the {inputs.fit_split!r} split; run the sweep over it first")
+        raise ValueError(
+            f"no model has predictions for the {inputs.fit_split!r} split; run the sweep over it first"
+        )
     train_ids = data.split("train").example_ids.astype(str)
     X_train = E.align(train_ids[np.isin(train_ids, E.example_ids.astype(str))])
     est = FailureDirections(max_modes=cfg.max_modes, n_permutations=cfg.n_permutations)
     names = sorted(fit.correct)
-    fits = inputs.services.executor.map(_fit_one, names, shared={"X": fit.X, "X_stats": X_train, "labels": fit.labels,
-                                                                 "correct": fit.correct, "estimator": est})  # fmt: skip
+    fits = inputs.services.executor.map(
+        _fit_one,
+        names,
+        shared={
+            "X": fit.X,
+            "X_stats": X_train,
+            "labels": fit.labels,
+            "correct": fit.correct,
+            "estimator": est,
+        },
+    )
     fitted = dict(zip(names, fits, strict=True))
-    clusters = clusters_from_table(store.read_table("clusters.parquet")) if store.exists("clusters.parquet") else {}
-    fitted.update(fit_collective(fit.X, fit.correct, clusters, fit.labels, X_stats=X_train, estimator=est))
+    clusters = (
+        clusters_from_table(store.read_table("clusters.parquet"))
+        if store.exists("clusters.parquet")
+        else {}
+    )
+    fitted.update(
+        fit_collective(fit.X, fit.correct, clusters, fit.labels, X_stats=X_train, estimator=est)
+    )
     dirs = with_q_values(directions_table(fitted, data.classes))
     store.write_table("directions.parquet", dirs)
     store.write_table("direction_similarity.parquet", direction_similarity(dirs))
@@ -148,10 +178,15 @@ def directions_stage(store: RunStore, inputs, cfg) -> str:
 
     ev = _Split(data.split(inputs.eval_split), E, {m: preds[m] for m in fit.correct})
     scopes = {f"cluster:{cid}": members for cid, members in clusters.items()}
-    subs = subpopulations_table(caps, ev.correct, emb, ClassIndex(ev.X, ev.labels), data.classes, k=cfg.k, scopes=scopes)
+    subs = subpopulations_table(
+        caps, ev.correct, emb, ClassIndex(ev.X, ev.labels), data.classes, k=cfg.k, scopes=scopes
+    )
     store.write_table("subpopulations.parquet", subs)
     if "group" in data.columns and store.exists("accuracy.parquet"):
-        store.write_table("planted.parquet", _planted(store, inputs, cfg, dirs, caps, cands, refs, emb, fit, grounding))
+        store.write_table(
+            "planted.parquet",
+            _planted(store, inputs, cfg, dirs, caps, cands, refs, emb, fit, grounding),
+        )
     n_ok = sum(s == "ok" for s in dirs["status"].to_pylist())
     return f"{dirs.num_rows} directions ({n_ok} significant), {caps.num_rows:,} captions, {subs.num_rows:,} nearest-image checks"
 
@@ -177,23 +212,51 @@ def _captions(store, inputs, cfg, dirs, emb, fit):
     classes = inputs.data.classes
     llm = None
     if cfg.llm_model:
-        llm = LLMConfig(model=cfg.llm_model, base_url=cfg.llm_base_url or os.environ.get("OPENAI_BASE_URL") or None)
+        llm = LLMConfig(
+            model=cfg.llm_model,
+            base_url=cfg.llm_base_url or os.environ.get("OPENAI_BASE_URL") or None,
+        )
     slots = {} if spec is not None else caption_attributes(inputs.config, inputs.data)
     values = {a: attribute_values(inputs.data, a) for a in slots}
     cands = candidate_captions(classes, world_spec=spec, llm=llm, attributes=values, slots=slots)
     n_before = sum(len(v) for v in cands.values())
     cands, dropped = drop_unknown_words(cands, emb.unknown_words)
     n_kept = sum(len(v) for v in cands.values())
-    store.update_manifest(captions={"embedder": emb.name, "candidates": n_before, "kept": n_kept,
-                                    "dropped_unknown_words": n_before - n_kept, "unknown_words": len(dropped)})  # fmt: skip
+    store.update_manifest(
+        captions={
+            "embedder": emb.name,
+            "candidates": n_before,
+            "kept": n_kept,
+            "dropped_unknown_words": n_before - n_kept,
+            "unknown_words": len(dropped),
+        }
+    )
     if dropped:
-        log.warning("%s does not know %d word(s) (%s); candidate captions with them are dropped",
-                    emb.name, len(dropped), ", ".join(sorted(dropped)[:10]))  # fmt: skip
-        store.record_errors({"stage": "directions", "item": f"word:{w}",
-                             "reason": f"not in the vocabulary of embedder {emb.name!r}: {n} candidate caption(s) with it dropped"}
-                            for w, n in sorted(dropped.items()))  # fmt: skip
-    refs = {c: world_reference(spec, c) if spec is not None and c in spec.items else reference_caption(c) for c in classes}
-    grounding = CaptionGrounding(fit.X, fit.labels, classes, cfg.grounding_k) if cfg.caption_scoring == "images" else None
+        log.warning(
+            "%s does not know %d word(s) (%s); candidate captions with them are dropped",
+            emb.name,
+            len(dropped),
+            ", ".join(sorted(dropped)[:10]),
+        )
+        store.record_errors(
+            {
+                "stage": "directions",
+                "item": f"word:{w}",
+                "reason": f"not in the vocabulary of embedder {emb.name!r}: {n} candidate caption(s) with it dropped",
+            }
+            for w, n in sorted(dropped.items())
+        )
+    refs = {
+        c: world_reference(spec, c)
+        if spec is not None and c in spec.items
+        else reference_caption(c)
+        for c in classes
+    }
+    grounding = (
+        CaptionGrounding(fit.X, fit.labels, classes, cfg.grounding_k)
+        if cfg.caption_scoring == "images"
+        else None
+    )
     caps = captions_table(dirs, cands, emb.encode_text, refs, top_k=cfg.top_k, grounding=grounding)
     return caps, cands, refs, grounding
 
@@ -210,11 +273,29 @@ def _planted(store, inputs, cfg, dirs, caps, cands, refs, emb, fit, grounding) -
         if row["mode"] == 0 and row["direction"] is not None and row["scope"] in fit.correct:
             in_c = fit.labels == classes.index(row["class"])
             decisions[(row["scope"], row["class"])] = decision_from_row(row, fit.X[in_c])
-    other_grounding = None if grounding is not None else CaptionGrounding(fit.X, fit.labels, classes, cfg.grounding_k)
+    other_grounding = (
+        None
+        if grounding is not None
+        else CaptionGrounding(fit.X, fit.labels, classes, cfg.grounding_k)
+    )
     other = captions_table(dirs, cands, emb.encode_text, refs, top_k=1, grounding=other_grounding)
     acc = store.read_table("accuracy.parquet")
     tables = []
-    for scoring, c in ((cfg.caption_scoring, caps), ("text" if grounding is not None else "images", other)):
-        t = planted_evaluation(acc, c, decisions, fit.confidence, fit.correct, fit.labels, fit.table.column("group"), classes)
-        tables.append(t.append_column("caption_scoring", pa.array([scoring] * t.num_rows, pa.string())))
+    for scoring, c in (
+        (cfg.caption_scoring, caps),
+        ("text" if grounding is not None else "images", other),
+    ):
+        t = planted_evaluation(
+            acc,
+            c,
+            decisions,
+            fit.confidence,
+            fit.correct,
+            fit.labels,
+            fit.table.column("group"),
+            classes,
+        )
+        tables.append(
+            t.append_column("caption_scoring", pa.array([scoring] * t.num_rows, pa.string()))
+        )
     return pa.concat_tables(tables)

@@ -22,8 +22,14 @@ class Executor(Protocol):
     inside ``fn``).
     """
 
-    def map(self, fn: Callable[..., Any], items: Sequence[Any], *, shared: Mapping[str, Any] | None = None,
-            cpus: float = 1) -> list[Any]: ...  # fmt: skip
+    def map(
+        self,
+        fn: Callable[..., Any],
+        items: Sequence[Any],
+        *,
+        shared: Mapping[str, Any] | None = None,
+        cpus: float = 1,
+    ) -> list[Any]: ...
 
     @property
     def parallelism(self) -> int: ...

@@ -23,25 +23,46 @@ from audit.store import RunStore
 
 log = logging.getLogger(__name__)
 
-SETS_SCHEMA = pa.schema([("scope", pa.string()), ("set_id", pa.string()), ("captions", pa.list_(pa.string())),
-                         ("n_images", pa.int64()), ("generator", pa.string())])  # fmt: skip
+SETS_SCHEMA = pa.schema(
+    [
+        ("scope", pa.string()),
+        ("set_id", pa.string()),
+        ("captions", pa.list_(pa.string())),
+        ("n_images", pa.int64()),
+        ("generator", pa.string()),
+    ]
+)
 PROBE = "probe"
 
 
 class SetGenerator(Protocol):
-    def request_sets(self, wanted: Mapping[str, list[str]], set_ids: Mapping[str, str], k: int | Mapping[str, int],
-                     seed: int) -> pa.Table:  # fmt: skip
+    def request_sets(
+        self,
+        wanted: Mapping[str, list[str]],
+        set_ids: Mapping[str, str],
+        k: int | Mapping[str, int],
+        seed: int,
+    ) -> pa.Table:
         """Make (or find) one set per scope, ``k`` (or ``k[scope]``) images per caption;
         returns rows of :data:`SETS_SCHEMA`."""
 
 
 def cluster_hard_captions(captions: pa.Table, directions: pa.Table) -> dict[str, list[str]]:
     """``{cluster scope: [top-1 hard caption of each class whose mode-0 direction is ok]}``."""
-    ok = {(r["scope"], r["class"]) for r in directions.to_pylist() if r["mode"] == 0 and r["status"] == "ok"}
+    ok = {
+        (r["scope"], r["class"])
+        for r in directions.to_pylist()
+        if r["mode"] == 0 and r["status"] == "ok"
+    }
     out: dict[str, list[str]] = {}
     for r in captions.to_pylist():
-        if (r["scope"].startswith("cluster:") and r["mode"] == 0 and r["polarity"] == "hard" and r["rank"] == 1
-                and (r["scope"], r["class"]) in ok):  # fmt: skip
+        if (
+            r["scope"].startswith("cluster:")
+            and r["mode"] == 0
+            and r["polarity"] == "hard"
+            and r["rank"] == 1
+            and (r["scope"], r["class"]) in ok
+        ):
             out.setdefault(r["scope"], []).append(r["caption"])
     return {s: sorted(set(c)) for s, c in sorted(out.items())}
 
@@ -85,12 +106,17 @@ def generate_stage(store: RunStore, inputs, cfg) -> str:
         if inputs.services.generator is None:
             raise RuntimeError("no generation service was given to this run")
         k_of = {s: cfg.probe_k if s == PROBE else cfg.k for s in wanted}
-        ids = {s: set_id_for(s, content_hash(c, k_of[s], cfg.seed, cfg.backend)) for s, c in wanted.items()}
+        ids = {
+            s: set_id_for(s, content_hash(c, k_of[s], cfg.seed, cfg.backend))
+            for s, c in wanted.items()
+        }
         table = inputs.services.generator.request_sets(wanted, ids, k_of, cfg.seed)
     store.write_table("synthetic_sets.parquet", table)
     if not table.num_rows:
         return "no significant failure direction: no set requested"
     gens = sorted(set(table["generator"].to_pylist()))
     n_clusters = sum(s.startswith("cluster:") for s in table["scope"].to_pylist())
-    return (f"{table.num_rows} sets ({n_clusters} shared by clusters), {sum(table['n_images'].to_pylist()):,} images "
-            f"({', '.join(gens)})")  # fmt: skip
+    return (
+        f"{table.num_rows} sets ({n_clusters} shared by clusters), {sum(table['n_images'].to_pylist()):,} images "
+        f"({', '.join(gens)})"
+    )

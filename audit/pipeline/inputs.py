@@ -81,8 +81,10 @@ def load_data(cfg: AuditConfig) -> tuple[ImageTable, str | None]:
     d = cfg.data
     if d.path:
         if not os.path.exists(d.path):
-            raise FileNotFoundError(f"[data] path {d.path!r} does not exist; give an existing world directory, "
-                                    "Parquet manifest or ImageFolder (or leave it empty to build [data] world_spec)")  # fmt: skip
+            raise FileNotFoundError(
+                f"[data] path {d.path!r} does not exist; give an existing world directory, "
+                "Parquet manifest or ImageFolder (or leave it empty to build [data] world_spec)"
+            )
         world = d.path if os.path.isfile(os.path.join(d.path, "spec.toml")) else None
         return name_classes(read_dataset(d.path), d.class_column, d.classes), world
     if not os.path.isfile(d.world_spec):
@@ -113,7 +115,9 @@ def load_inputs(cfg: AuditConfig, services: Services | None = None) -> RunInputs
     data, world_dir = load_data(cfg)
     for split in {cfg.data.split, cfg.data.eval_split}:
         if cfg.data.split == split and not len(data.split(split)):
-            raise ValueError(f"[data] split {split!r} of the dataset is empty; choose a split it has "
-                             f"({sorted(set(data.column('split').tolist()))})")  # fmt: skip
+            raise ValueError(
+                f"[data] split {split!r} of the dataset is empty; choose a split it has "
+                f"({sorted(set(data.column('split').tolist()))})"
+            )
     zoo = ZooSpec.from_toml(cfg.zoo.manifest).select(cfg.zoo.models or None)
     return RunInputs(cfg, data, table_key(data), world_dir, zoo, services or Services())

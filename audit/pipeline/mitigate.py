@@ -32,14 +32,36 @@ from audit.store import RunStore
 
 log = logging.getLogger(__name__)
 
-METHODS = ("control", "synthetic", "synthetic_cluster", "pool_direction", "pool_random", "pool_confidence", "upweight")
-MITIGATION_SCHEMA = pa.schema([
-    ("scope", pa.string()), ("model", pa.string()), ("class", pa.string()), ("method", pa.string()),
-    ("lambda", pa.float64()), ("n_added", pa.int64()), ("overall_before", pa.float64()), ("overall_after", pa.float64()),
-    ("hard_before", pa.float64()), ("hard_after", pa.float64()), ("gain", pa.float64()), ("gain_ci_low", pa.float64()),
-    ("gain_ci_high", pa.float64()), ("eval", pa.string()), ("target", pa.string()), ("n_hard", pa.int64()),
-    ("choice", pa.string()),
-])  # fmt: skip
+METHODS = (
+    "control",
+    "synthetic",
+    "synthetic_cluster",
+    "pool_direction",
+    "pool_random",
+    "pool_confidence",
+    "upweight",
+)
+MITIGATION_SCHEMA = pa.schema(
+    [
+        ("scope", pa.string()),
+        ("model", pa.string()),
+        ("class", pa.string()),
+        ("method", pa.string()),
+        ("lambda", pa.float64()),
+        ("n_added", pa.int64()),
+        ("overall_before", pa.float64()),
+        ("overall_after", pa.float64()),
+        ("hard_before", pa.float64()),
+        ("hard_after", pa.float64()),
+        ("gain", pa.float64()),
+        ("gain_ci_low", pa.float64()),
+        ("gain_ci_high", pa.float64()),
+        ("eval", pa.string()),
+        ("target", pa.string()),
+        ("n_hard", pa.int64()),
+        ("choice", pa.string()),
+    ]
+)
 
 
 # -- the synthetic images through the zoo --------------------------------------------------
@@ -65,8 +87,12 @@ def load_synthetic(store: RunStore, sets: pa.Table) -> SyntheticImages:
     for r in sets.to_pylist():
         t = store.read_table(f"synthetic/{r['set_id']}", columns=["png", "prompt", "seed"])
         rows, seen = [], {}
-        for png, prompt, seed in zip(*(t[c].to_pylist() for c in ("png", "prompt", "seed")), strict=True):
-            rank = seen[prompt] = seen.get(prompt, -1) + 1  # the image's index among its prompt's (row order)
+        for png, prompt, seed in zip(
+            *(t[c].to_pylist() for c in ("png", "prompt", "seed")), strict=True
+        ):
+            rank = seen[prompt] = (
+                seen.get(prompt, -1) + 1
+            )  # the image's index among its prompt's (row order)
             key = (prompt, int(seed))
             if key not in key_to_row:
                 key_to_row[key] = len(images)
@@ -76,7 +102,9 @@ def load_synthetic(store: RunStore, sets: pa.Table) -> SyntheticImages:
             rows.append(key_to_row[key])
         by_set[r["set_id"]] = np.asarray(rows, np.int64)
     if not images:
-        return SyntheticImages(np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, str), np.zeros(0, int), {})
+        return SyntheticImages(
+            np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, str), np.zeros(0, int), {}
+        )
     return SyntheticImages(np.stack(images), np.asarray(prompts), np.asarray(ranks), by_set)
 
 
@@ -108,13 +136,23 @@ def sweep_synthetic(inputs, syn: SyntheticImages, labels: np.ndarray) -> _Keep:
 
     weights = trained_weights(inputs.zoo, inputs.data, cache=inputs.config.zoo.cache or None)
     ids = np.asarray([f"syn-{i}" for i in range(len(syn.images))])
-    job = SweepJob(syn.images, ids, labels, list(inputs.data.classes), list(inputs.zoo), weights,
-                   inputs.config.ray.batch_size, with_features=True)  # fmt: skip
+    job = SweepJob(
+        syn.images,
+        ids,
+        labels,
+        list(inputs.data.classes),
+        list(inputs.zoo),
+        weights,
+        inputs.config.ray.batch_size,
+        with_features=True,
+    )
     keep = _Keep()
     inputs.services.sweeper.run(job, keep)
     if keep.failed and not keep.logits:
         first = next(iter(keep.failed.values())).splitlines()[0]
-        raise RuntimeError(f"no model could classify the generated images ({len(keep.failed)} failed; first: {first})")
+        raise RuntimeError(
+            f"no model could classify the generated images ({len(keep.failed)} failed; first: {first})"
+        )
     return keep
 
 
@@ -124,7 +162,9 @@ class HardClass:
     cls: int
     caption: str
     fit_near: np.ndarray  # fit-split rows nearest to the hard caption (the choice's subpopulation)
-    eval_near: np.ndarray  # eval-split rows nearest to the hard caption (nearest_caption evaluation)
+    eval_near: (
+        np.ndarray
+    )  # eval-split rows nearest to the hard caption (nearest_caption evaluation)
     pool_order: np.ndarray  # pool rows of the class, hardest first by the direction
     fit_order: np.ndarray  # fit rows of the class, hardest first by the direction
 
@@ -158,8 +198,21 @@ def _head(spec, classes, weights_path):
     return None
 
 
-def _run_model(task: ModelTask, *, run_uri, split_ids, split_labels, syn_labels, syn_rank, syn_sets, spec_of, weights,
-               classes, cfg, baseline_check: float = 0.99) -> dict:  # fmt: skip
+def _run_model(
+    task: ModelTask,
+    *,
+    run_uri,
+    split_ids,
+    split_labels,
+    syn_labels,
+    syn_rank,
+    syn_sets,
+    spec_of,
+    weights,
+    classes,
+    cfg,
+    baseline_check: float = 0.99,
+) -> dict:
     """Every method for one model; returns ``{"rows": [...], "error": str | None}``."""
     from audit.evaluate import feature_path, prediction_path
     from audit.mitigate import (
@@ -177,26 +230,46 @@ def _run_model(task: ModelTask, *, run_uri, split_ids, split_labels, syn_labels,
     name = task.model
     head = _head(spec_of[name], classes, weights.get(name))
     if head is None:
-        return {"rows": [], "error": f"model {name} has no linear head to retrain (builder {spec_of[name].builder})"}
+        return {
+            "rows": [],
+            "error": f"model {name} has no linear head to retrain (builder {spec_of[name].builder})",
+        }
     W0, b0 = head
     ft = store.read_table(feature_path(name))
-    fvec = np.asarray(ft["vector"].combine_chunks().flatten().to_numpy(), np.float64).reshape(ft.num_rows, -1)
+    fvec = np.asarray(ft["vector"].combine_chunks().flatten().to_numpy(), np.float64).reshape(
+        ft.num_rows, -1
+    )
     fids = ft["example_id"].to_numpy(zero_copy_only=False)
     preds = store.read_table(prediction_path(name))
     F, Y, conf = {}, {}, {}
     for split, ids in split_ids.items():
         idx = align_ids(fids, ids)
         if (idx < 0).any():
-            return {"rows": [], "error": f"model {name} has no features for {int((idx < 0).sum())} {split} examples"}
+            return {
+                "rows": [],
+                "error": f"model {name} has no features for {int((idx < 0).sum())} {split} examples",
+            }
         F[split], Y[split] = fvec[idx], split_labels[split]
         pidx = align_ids(preds["example_id"].to_numpy(zero_copy_only=False), ids)
         conf[split] = preds["confidence"].to_numpy(zero_copy_only=False)[pidx]
     fs, es = cfg["fit_split"], cfg["eval_split"]
-    agree = float(np.mean((F[fs] @ W0.T + b0).argmax(1) == preds["pred"].to_numpy()[align_ids(preds["example_id"].to_numpy(zero_copy_only=False), split_ids[fs])]))
+    agree = float(
+        np.mean(
+            (F[fs] @ W0.T + b0).argmax(1)
+            == preds["pred"].to_numpy()[
+                align_ids(preds["example_id"].to_numpy(zero_copy_only=False), split_ids[fs])
+            ]
+        )
+    )
     if agree < baseline_check:
-        return {"rows": [], "error": f"model {name}: features x head reproduce only {agree:.1%} of its predictions"}
+        return {
+            "rows": [],
+            "error": f"model {name}: features x head reproduce only {agree:.1%} of its predictions",
+        }
     S = task.syn_features
-    keep = stratified_subsample(Y["train"], int(cfg["max_real"]), seed=0)  # the same real examples for every method
+    keep = stratified_subsample(
+        Y["train"], int(cfg["max_real"]), seed=0
+    )  # the same real examples for every method
     train_X, train_y = F["train"][keep], Y["train"][keep]
 
     def fit(X_add=None, y_add=None, lam=0.0, w_add=None):
@@ -204,8 +277,14 @@ def _run_model(task: ModelTask, *, run_uri, split_ids, split_labels, syn_labels,
             X, y, w = train_X, train_y, None
         else:
             X, y = np.concatenate([train_X, X_add]), np.concatenate([train_y, y_add])
-            w = mix_weights(len(train_X), len(X_add), lam) if w_add is None else np.concatenate([np.ones(len(train_X)), w_add])
-        return LinearHead(alpha=cfg["alpha"], max_iter=cfg["max_iter"]).fit(X, y, w, W0, b0, n_classes=len(classes))
+            w = (
+                mix_weights(len(train_X), len(X_add), lam)
+                if w_add is None
+                else np.concatenate([np.ones(len(train_X)), w_add])
+            )
+        return LinearHead(alpha=cfg["alpha"], max_iter=cfg["max_iter"]).fit(
+            X, y, w, W0, b0, n_classes=len(classes)
+        )
 
     before = {s: (F[s] @ W0.T + b0).argmax(1) == Y[s] for s in (fs, es)}
 
@@ -215,7 +294,11 @@ def _run_model(task: ModelTask, *, run_uri, split_ids, split_labels, syn_labels,
         return float(np.mean(hard)) if hard else float(ok.mean()), float(ok.mean())
 
     def syn_rows(set_ids, k):
-        idx = np.concatenate([syn_sets[s][syn_rank[syn_sets[s]] < k] for s in set_ids]) if set_ids else np.zeros(0, int)
+        idx = (
+            np.concatenate([syn_sets[s][syn_rank[syn_sets[s]] < k] for s in set_ids])
+            if set_ids
+            else np.zeros(0, int)
+        )
         return S[idx], syn_labels[idx]
 
     results = {}  # method -> (head, lambda, n_added, choice)
@@ -233,17 +316,33 @@ def _run_model(task: ModelTask, *, run_uri, split_ids, split_labels, syn_labels,
             return fit_score(fitted[c][0])
 
         # coordinate search on the fit split: lambda at the most images, then fewer images at that lambda
-        lam, tried = choose([(x, k_max) for x in cfg["lambdas"]], score, base_overall, cfg["max_drop"])
-        chosen, tried2 = choose([lam, (lam[0], max(1, k_max // 2))], score, base_overall, cfg["max_drop"])
+        lam, tried = choose(
+            [(x, k_max) for x in cfg["lambdas"]], score, base_overall, cfg["max_drop"]
+        )
+        chosen, tried2 = choose(
+            [lam, (lam[0], max(1, k_max // 2))], score, base_overall, cfg["max_drop"]
+        )
         tried += tried2[1:]
         lam, k = chosen
-        tries = "; ".join(f"lambda={c[0]:g} k={c[1]}: hard {h:.3f} overall {o:.3f}" for c, h, o in tried)
-        results["synthetic"] = (fitted[chosen][0], lam, fitted[chosen][1], f"chose lambda={lam:g} k={k} on {fs}; tried {tries}")
+        tries = "; ".join(
+            f"lambda={c[0]:g} k={c[1]}: hard {h:.3f} overall {o:.3f}" for c, h, o in tried
+        )
+        results["synthetic"] = (
+            fitted[chosen][0],
+            lam,
+            fitted[chosen][1],
+            f"chose lambda={lam:g} k={k} on {fs}; tried {tries}",
+        )
     if task.cluster_sets:
         # the cluster's one shared set, at the model's own choice of lambda and images per caption
         lam, k = chosen or (cfg["lambdas"][0], k_max)
         X_add, y_add = syn_rows(task.cluster_sets, k)
-        results["synthetic_cluster"] = (fit(X_add, y_add, lam), lam, len(X_add), f"lambda={lam:g} k={k} as chosen for the model's own set")
+        results["synthetic_cluster"] = (
+            fit(X_add, y_add, lam),
+            lam,
+            len(X_add),
+            f"lambda={lam:g} k={k} as chosen for the model's own set",
+        )
     K = int(cfg["pool_k"])
     if "pool" in F and task.hard:
         pool_y = Y["pool"]
@@ -255,12 +354,21 @@ def _run_model(task: ModelTask, *, run_uri, split_ids, split_labels, syn_labels,
             picks["pool_confidence"].append(in_c[select_lowest(conf["pool"][in_c], K)])
         for method, parts in picks.items():
             idx = np.unique(np.concatenate(parts))
-            results[method] = (fit(F["pool"][idx], pool_y[idx], w_add=np.ones(len(idx))), 0.0, len(idx), f"K={K} per hard class from pool")
+            results[method] = (
+                fit(F["pool"][idx], pool_y[idx], w_add=np.ones(len(idx))),
+                0.0,
+                len(idx),
+                f"K={K} per hard class from pool",
+            )
     if task.hard:
         idx = np.unique(np.concatenate([hc.fit_order[:K] for hc in task.hard]))
         w_up = float(cfg["upweight"])
-        results["upweight"] = (fit(F[fs][idx], Y[fs][idx], w_add=np.full(len(idx), w_up)), 0.0, len(idx),
-                               f"K={K} per hard class from {fs}, weight {w_up:g}")  # fmt: skip
+        results["upweight"] = (
+            fit(F[fs][idx], Y[fs][idx], w_add=np.full(len(idx), w_up)),
+            0.0,
+            len(idx),
+            f"K={K} per hard class from {fs}, weight {w_up:g}",
+        )
 
     rows = []
     overall_before = float(before[es].mean())
@@ -270,13 +378,30 @@ def _run_model(task: ModelTask, *, run_uri, split_ids, split_labels, syn_labels,
         after = h.predict(F[es]) == Y[es]
         scope = task.cluster if method == "synthetic_cluster" else name
         for kind, cls, target, idx in targets:
-            g, lo, hi = paired_gain(before[es][idx], after[idx], n_boot=cfg["n_boot"], seed=len(rows))
-            rows.append({"scope": scope, "model": name, "class": cls, "method": method, "lambda": lam, "n_added": n_added,
-                         "overall_before": overall_before, "overall_after": float(after.mean()),
-                         "hard_before": float(before[es][idx].mean()) if len(idx) else float("nan"),
-                         "hard_after": float(after[idx].mean()) if len(idx) else float("nan"), "gain": g,
-                         "gain_ci_low": lo, "gain_ci_high": hi, "eval": kind, "target": target, "n_hard": len(idx),
-                         "choice": choice})  # fmt: skip
+            g, lo, hi = paired_gain(
+                before[es][idx], after[idx], n_boot=cfg["n_boot"], seed=len(rows)
+            )
+            rows.append(
+                {
+                    "scope": scope,
+                    "model": name,
+                    "class": cls,
+                    "method": method,
+                    "lambda": lam,
+                    "n_added": n_added,
+                    "overall_before": overall_before,
+                    "overall_after": float(after.mean()),
+                    "hard_before": float(before[es][idx].mean()) if len(idx) else float("nan"),
+                    "hard_after": float(after[idx].mean()) if len(idx) else float("nan"),
+                    "gain": g,
+                    "gain_ci_low": lo,
+                    "gain_ci_high": hi,
+                    "eval": kind,
+                    "target": target,
+                    "n_hard": len(idx),
+                    "choice": choice,
+                }
+            )
     return {"rows": rows, "error": None}
 
 
@@ -324,13 +449,21 @@ def mitigate_stage(store: RunStore, inputs, cfg) -> str:
     syn = load_synthetic(store, sets)
     unknown = sorted({p for p in syn.prompts.tolist() if p not in cap_cls})
     if unknown:  # a set made elsewhere: its images cannot be labelled
-        log.warning("%d generated prompt(s) name no class of the run's captions and are left out: %s", len(unknown), unknown[:3])
-    syn_labels = np.asarray([classes.index(cap_cls[p]) if p in cap_cls else -1 for p in syn.prompts], np.int64)
+        log.warning(
+            "%d generated prompt(s) name no class of the run's captions and are left out: %s",
+            len(unknown),
+            unknown[:3],
+        )
+    syn_labels = np.asarray(
+        [classes.index(cap_cls[p]) if p in cap_cls else -1 for p in syn.prompts], np.int64
+    )
     syn = _labelled(syn, syn_labels >= 0)
     syn_labels = syn_labels[syn_labels >= 0]
     keep = sweep_synthetic(inputs, syn, syn_labels) if len(syn.images) else _Keep()
-    store.record_errors({"stage": "mitigate", "item": f"model {m}", "reason": f"on the generated images: {r}"}
-                        for m, r in keep.failed.items())  # fmt: skip
+    store.record_errors(
+        {"stage": "mitigate", "item": f"model {m}", "reason": f"on the generated images: {r}"}
+        for m, r in keep.failed.items()
+    )
 
     models = [m for m in swept_models(store, inputs.zoo) if m in keep.logits]
     splits = [s for s in dict.fromkeys(["train", fit, ev, "pool"]) if len(data.split(s))]
@@ -338,17 +471,37 @@ def mitigate_stage(store: RunStore, inputs, cfg) -> str:
     E = embed_table(store, emb, data.split(splits), progress=False)
     have = set(E.example_ids.astype(str).tolist())
     for m in models:  # rows every model predicted (undecodable images have none)
-        have &= set(store.read_table(f"predictions/model={m}", columns=["example_id"])["example_id"].to_pylist())
-    part = {s: data.split(s).take(np.flatnonzero(np.isin(data.split(s).example_ids.astype(str), list(have)))) for s in splits}
+        have &= set(
+            store.read_table(f"predictions/model={m}", columns=["example_id"])[
+                "example_id"
+            ].to_pylist()
+        )
+    part = {
+        s: data.split(s).take(
+            np.flatnonzero(np.isin(data.split(s).example_ids.astype(str), list(have)))
+        )
+        for s in splits
+    }
     split_ids = {s: t.example_ids.astype(str) for s, t in part.items()}
     X = {s: E.align(split_ids[s]) for s in splits}
     index = {s: ClassIndex(X[s], part[s].labels) for s in (fit, ev)}
     set_of = {r["scope"]: r["set_id"] for r in sets.to_pylist()}
     clusters = {}
     if store.exists("clusters.parquet"):
-        clusters = {r["model"]: f"cluster:{r['cluster']}" for r in store.read_table("clusters.parquet").to_pylist()}
-    rows_by = {(r["scope"], r["class"]): r for r in dirs.to_pylist() if r["mode"] == 0 and r["status"] == "ok"}
-    planted_groups = _planted_groups(store, part.get(ev), cfg.min_gap, classes) if "group" in data.columns else {}
+        clusters = {
+            r["model"]: f"cluster:{r['cluster']}"
+            for r in store.read_table("clusters.parquet").to_pylist()
+        }
+    rows_by = {
+        (r["scope"], r["class"]): r
+        for r in dirs.to_pylist()
+        if r["mode"] == 0 and r["status"] == "ok"
+    }
+    planted_groups = (
+        _planted_groups(store, part.get(ev), cfg.min_gap, classes)
+        if "group" in data.columns
+        else {}
+    )
 
     tasks = []
     k_near = int(cfg.k_nearest)
@@ -364,15 +517,45 @@ def mitigate_stage(store: RunStore, inputs, cfg) -> str:
                 if s in X:
                     in_c = np.flatnonzero(part[s].labels == c)
                     order[s] = in_c[np.argsort(decision_from_row(row, X[s][in_c]), kind="stable")]
-            hard.append(HardClass(c, hcap, _nearest(index[fit], emb, hcap, c, k_near), _nearest(index[ev], emb, hcap, c, k_near),
-                                  order.get("pool", np.zeros(0, int)), order[fit]))  # fmt: skip
+            hard.append(
+                HardClass(
+                    c,
+                    hcap,
+                    _nearest(index[fit], emb, hcap, c, k_near),
+                    _nearest(index[ev], emb, hcap, c, k_near),
+                    order.get("pool", np.zeros(0, int)),
+                    order[fit],
+                )
+            )
         cl = clusters.get(m)
-        tasks.append(ModelTask(m, cl, hard, planted_groups.get(m, []), keep.features[m],
-                               [set_of[m]] if m in set_of else [], [set_of[cl]] if cl in set_of else []))  # fmt: skip
-    shared = {"run_uri": store.uri, "split_ids": split_ids, "split_labels": {s: t.labels for s, t in part.items()},
-              "syn_labels": syn_labels, "syn_rank": syn.rank, "syn_sets": syn.sets, "spec_of": {s.name: s for s in inputs.zoo},
-              "weights": trained_weights(inputs.zoo, data, cache=inputs.config.zoo.cache or None), "classes": classes,
-              "cfg": {**cfg.model_dump(), "fit_split": fit, "eval_split": ev, "k": inputs.config.generate.k}}  # fmt: skip
+        tasks.append(
+            ModelTask(
+                m,
+                cl,
+                hard,
+                planted_groups.get(m, []),
+                keep.features[m],
+                [set_of[m]] if m in set_of else [],
+                [set_of[cl]] if cl in set_of else [],
+            )
+        )
+    shared = {
+        "run_uri": store.uri,
+        "split_ids": split_ids,
+        "split_labels": {s: t.labels for s, t in part.items()},
+        "syn_labels": syn_labels,
+        "syn_rank": syn.rank,
+        "syn_sets": syn.sets,
+        "spec_of": {s.name: s for s in inputs.zoo},
+        "weights": trained_weights(inputs.zoo, data, cache=inputs.config.zoo.cache or None),
+        "classes": classes,
+        "cfg": {
+            **cfg.model_dump(),
+            "fit_split": fit,
+            "eval_split": ev,
+            "k": inputs.config.generate.k,
+        },
+    }
     out = inputs.services.executor.map(_run_model, tasks, shared=shared)
     rows = [r for o in out for r in o["rows"]]
     errors = [o["error"] for o in out if o["error"]]
@@ -397,7 +580,11 @@ def _planted_groups(store, ev_table, min_gap, classes) -> dict[str, list]:
     groups = ev_table.column("group").astype(str)
     out: dict[str, list] = {}
     for r in store.read_table("accuracy.parquet").to_pylist():
-        if r["attribute"] == "group" and r["class_accuracy"] - r["accuracy"] >= min_gap and r["class"] in classes:
+        if (
+            r["attribute"] == "group"
+            and r["class_accuracy"] - r["accuracy"] >= min_gap
+            and r["class"] in classes
+        ):
             idx = np.flatnonzero(groups == r["value"])
             if len(idx):
                 out.setdefault(r["model"], []).append((classes.index(r["class"]), r["value"], idx))
@@ -409,11 +596,17 @@ def _correct_on(pairs, probe, syn: SyntheticImages, set_of, keep: _Keep, labels,
     out: dict[str, dict[str, np.ndarray]] = {}
     probe_rows = syn.of(set_of.get("probe", ""))
     for (scope, _), (hard, easy) in pairs.items():
-        who = members.get(scope, []) if scope.startswith("cluster:") else ([scope] if scope in keep.logits else [])
+        who = (
+            members.get(scope, [])
+            if scope.startswith("cluster:")
+            else ([scope] if scope in keep.logits else [])
+        )
         if not who:
             continue
         src = {cap: probe_rows for cap in (hard, easy, probe.get(hard)) if cap}
-        if not len(probe_rows[syn.prompts[probe_rows] == hard]):  # no probe images: the scope's own hard set
+        if not len(
+            probe_rows[syn.prompts[probe_rows] == hard]
+        ):  # no probe images: the scope's own hard set
             src[hard] = syn.of(set_of.get(scope, ""))
         for cap, rows in src.items():
             idx = rows[syn.prompts[rows] == cap]
@@ -431,7 +624,9 @@ def _line(table: pa.Table, conf: pa.Table, n_models: int, errors: list[str]) -> 
     gains = {}
     for r in t.to_pylist():
         gains.setdefault(r["method"], []).append(r["gain"])
-    show = ", ".join(f"{m} {np.nanmean(gains[m]) * 100:+.1f}" for m in ("synthetic", "control") if m in gains)
+    show = ", ".join(
+        f"{m} {np.nanmean(gains[m]) * 100:+.1f}" for m in ("synthetic", "control") if m in gains
+    )
     n_conf = int(np.sum(conf["confirmed"].to_numpy(zero_copy_only=False))) if conf.num_rows else 0
     line = f"{n_models} models' heads retrained; mean {kind} gain (points): {show or 'none'}; {n_conf}/{conf.num_rows} hard captions confirmed"
     return line + (f"; {len(errors)} models skipped (errors.parquet)" if errors else "")

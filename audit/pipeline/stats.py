@@ -18,7 +18,9 @@ PARALLEL_COUNTS_AT = 200 * 1_000_000
 def align_ids(have, want) -> np.ndarray:
     """Index into ``have`` of every id of ``want`` (-1 where absent); ids compared as strings."""
     pos = {str(e): i for i, e in enumerate(np.asarray(have).tolist())}
-    return np.fromiter((pos.get(str(e), -1) for e in np.asarray(want).tolist()), np.int64, len(want))
+    return np.fromiter(
+        (pos.get(str(e), -1) for e in np.asarray(want).tolist()), np.int64, len(want)
+    )
 
 
 def accuracy_tables(store: RunStore, data: ImageTable, models: list[str]) -> pa.Table:
@@ -31,8 +33,15 @@ def accuracy_tables(store: RunStore, data: ImageTable, models: list[str]) -> pa.
         idx = align_ids(preds["example_id"].to_numpy(zero_copy_only=False), data.example_ids)
         rows = np.flatnonzero(idx >= 0)  # examples the model has a prediction for (decoded ones)
         correct = preds["correct"].to_numpy(zero_copy_only=False)[idx[rows]]
-        tables.append(group_accuracy(name, correct, data.labels[rows], data.classes,
-                                     {a: data.column(a)[rows] for a in attrs}))  # fmt: skip
+        tables.append(
+            group_accuracy(
+                name,
+                correct,
+                data.labels[rows],
+                data.classes,
+                {a: data.column(a)[rows] for a in attrs},
+            )
+        )
     return pa.concat_tables(tables)
 
 
@@ -63,7 +72,9 @@ def stats_stage(store: RunStore, inputs, cfg) -> str:
 
     names = swept_models(store, inputs.zoo)
     if len(names) < 2:
-        raise ValueError(f"failure overlap needs predictions of at least 2 models; the run has {names}")
+        raise ValueError(
+            f"failure overlap needs predictions of at least 2 models; the run has {names}"
+        )
     preds = load_predictions(store, names)
     # the fit split's examples that every model predicted (an undecodable image has no prediction)
     common = set.intersection(*(set(t["example_id"].to_pylist()) for t in preds.values()))
@@ -71,8 +82,13 @@ def stats_stage(store: RunStore, inputs, cfg) -> str:
     # a zoo-scale matrix (1,000 models x 1,000,000 examples) counts its blocks in parallel; a small one
     # is quicker in this process than the executor's round trip
     big = fm.n_models * fm.n_examples >= PARALLEL_COUNTS_AT
-    stats = overlap_statistics(fm, n_boot=cfg.n_boot, ci=cfg.ci, seed=cfg.seed,
-                               executor=inputs.services.executor if big else None)  # fmt: skip
+    stats = overlap_statistics(
+        fm,
+        n_boot=cfg.n_boot,
+        ci=cfg.ci,
+        seed=cfg.seed,
+        executor=inputs.services.executor if big else None,
+    )
     sim = similarity_matrix(stats, cfg.similarity)
     families = inputs.families
     n_clusters = cfg.n_clusters
@@ -82,12 +98,18 @@ def stats_stage(store: RunStore, inputs, cfg) -> str:
     store.write_table("overlap.parquet", overlap_table(stats))
     store.write_table("clusters.parquet", clusters_table(names, families, labels))
     store.write_table("family_similarity.parquet", family_similarity(sim, names, families))
-    return (f"{len(names)} models x {fm.n_examples:,} examples: {len(names) * (len(names) - 1)} ordered pairs, "
-            f"{int(labels.max() + 1) if len(labels) else 0} clusters by {cfg.similarity}")
+    return (
+        f"{len(names)} models x {fm.n_examples:,} examples: {len(names) * (len(names) - 1)} ordered pairs, "
+        f"{int(labels.max() + 1) if len(labels) else 0} clusters by {cfg.similarity}"
+    )
 
 
 def stats_summary(store: RunStore, cfg) -> str:
     from audit.failures import format_stats
 
-    return format_stats(store.read_table("overlap.parquet"), store.read_table("clusters.parquet"),
-                        store.read_table("family_similarity.parquet"), cfg.similarity)  # fmt: skip
+    return format_stats(
+        store.read_table("overlap.parquet"),
+        store.read_table("clusters.parquet"),
+        store.read_table("family_similarity.parquet"),
+        cfg.similarity,
+    )

@@ -46,15 +46,21 @@ class SweepJob:
     def __post_init__(self):
         n = len(self.images)
         if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
-            raise ValueError(f"images must be uint8 [N, H, W, 3], got {self.images.dtype} {self.images.shape}")
+            raise ValueError(
+                f"images must be uint8 [N, H, W, 3], got {self.images.dtype} {self.images.shape}"
+            )
         if len(self.example_ids) != n or len(self.labels) != n:
-            raise ValueError(f"images ({n}), example_ids ({len(self.example_ids)}) and labels ({len(self.labels)}) differ in length")
+            raise ValueError(
+                f"images ({n}), example_ids ({len(self.example_ids)}) and labels ({len(self.labels)}) differ in length"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 class Sink(Protocol):
-    def model_done(self, name: str, logits: np.ndarray, features: np.ndarray | None, shard: int) -> None: ...
+    def model_done(
+        self, name: str, logits: np.ndarray, features: np.ndarray | None, shard: int
+    ) -> None: ...
     def model_failed(self, name: str, reason: str) -> None: ...
 
 
@@ -82,11 +88,24 @@ def weights_key(spec: ModelSpec, weights_path: str | None) -> str:
     return f"{spec.builder}:{spec.weights}:{spec.pretrained}"
 
 
-def model_key(spec: ModelSpec, weights_path: str | None, data_key: str, classes: Sequence[str], split,
-              with_features: bool) -> str:  # fmt: skip
+def model_key(
+    spec: ModelSpec,
+    weights_path: str | None,
+    data_key: str,
+    classes: Sequence[str],
+    split,
+    with_features: bool,
+) -> str:
     """Content hash of everything a model's stored outputs depend on."""
-    return content_hash(SWEEP_VERSION, spec.to_dict(), weights_key(spec, weights_path), data_key, list(classes),
-                        split, bool(with_features))  # fmt: skip
+    return content_hash(
+        SWEEP_VERSION,
+        spec.to_dict(),
+        weights_key(spec, weights_path),
+        data_key,
+        list(classes),
+        split,
+        bool(with_features),
+    )
 
 
 def sweep_records(store: RunStore) -> dict[str, dict]:
@@ -100,8 +119,12 @@ def record_model(store: RunStore, name: str, entry: dict) -> None:
 
 def is_current(store: RunStore, name: str, key: str, with_features: bool) -> bool:
     e = sweep_records(store).get(name, {})
-    return (e.get("status") == "done" and e.get("key") == key and store.exists(prediction_path(name))
-            and (not with_features or store.exists(feature_path(name))))  # fmt: skip
+    return (
+        e.get("status") == "done"
+        and e.get("key") == key
+        and store.exists(prediction_path(name))
+        and (not with_features or store.exists(feature_path(name)))
+    )
 
 
 class StoreSink:
@@ -113,11 +136,20 @@ class StoreSink:
 
     def model_done(self, name, logits, features, shard):
         if logits.shape != (len(self.job.images), len(self.job.classes)):
-            return self.model_failed(name, f"model outputs logits of shape {logits.shape}, expected "
-                                           f"{(len(self.job.images), len(self.job.classes))}")  # fmt: skip
+            return self.model_failed(
+                name,
+                f"model outputs logits of shape {logits.shape}, expected "
+                f"{(len(self.job.images), len(self.job.classes))}",
+            )
         table = predictions_table(self.job.example_ids, self.job.labels, logits)
-        store_result(self.store, ModelResult(name, table, features, None, self.job.batch_size), stage="sweep")
-        record_model(self.store, name, {"key": self.keys[name], "status": "done", "split": self.split, "shard": shard})
+        store_result(
+            self.store, ModelResult(name, table, features, None, self.job.batch_size), stage="sweep"
+        )
+        record_model(
+            self.store,
+            name,
+            {"key": self.keys[name], "status": "done", "split": self.split, "shard": shard},
+        )
         self.result.done.append(name)
 
     def model_failed(self, name, reason):
@@ -125,29 +157,58 @@ class StoreSink:
             return
         self.result.failed[name] = reason
         self.store.record_errors([{"stage": "sweep", "item": f"model {name}", "reason": reason}])
-        record_model(self.store, name, {"key": self.keys[name], "status": "failed", "split": self.split})
+        record_model(
+            self.store, name, {"key": self.keys[name], "status": "failed", "split": self.split}
+        )
 
 
 # -- the stage -----------------------------------------------------------------------------
-def sweep_arrays(store: RunStore, images: np.ndarray, example_ids, labels, classes: Sequence[str],
-                 specs: Sequence[ModelSpec], weights: Mapping[str, str], sweeper: Sweeper, *, data_key: str, split,
-                 batch_size: int = 256, with_features: bool = False) -> SweepResult:  # fmt: skip
+def sweep_arrays(
+    store: RunStore,
+    images: np.ndarray,
+    example_ids,
+    labels,
+    classes: Sequence[str],
+    specs: Sequence[ModelSpec],
+    weights: Mapping[str, str],
+    sweeper: Sweeper,
+    *,
+    data_key: str,
+    split,
+    batch_size: int = 256,
+    with_features: bool = False,
+) -> SweepResult:
     """Run every model of ``specs`` that is not current over decoded uint8 ``images [N, H, W, 3]``."""
     t0 = time.perf_counter()
-    keys = {s.name: model_key(s, weights.get(s.name), data_key, classes, split, with_features) for s in specs}
+    keys = {
+        s.name: model_key(s, weights.get(s.name), data_key, classes, split, with_features)
+        for s in specs
+    }
     todo = [s for s in specs if not is_current(store, s.name, keys[s.name], with_features)]
     skipped = sorted(set(keys) - {s.name for s in todo})
     if not todo:
         return SweepResult(skipped=skipped, n_images=len(images))
-    job = SweepJob(np.asarray(images), np.asarray(example_ids).astype(str), np.asarray(labels), list(classes), list(todo),
-                   dict(weights), batch_size, with_features)  # fmt: skip
+    job = SweepJob(
+        np.asarray(images),
+        np.asarray(example_ids).astype(str),
+        np.asarray(labels),
+        list(classes),
+        list(todo),
+        dict(weights),
+        batch_size,
+        with_features,
+    )
     sink = StoreSink(store, job, keys, split)
     for s in todo:
         record_model(store, s.name, {"key": keys[s.name], "status": "running", "split": split})
     info = sweeper.run(job, sink)
-    if (info or {}).get("restarts"):  # shards restarted on the way (a lost actor or node): kept for the record
+    if (info or {}).get(
+        "restarts"
+    ):  # shards restarted on the way (a lost actor or node): kept for the record
         prior = store.manifest().get("sweep", {}).get("restarts", [])
-        store.update_manifest(sweep={"restarts": [*prior, *({**r, "split": split} for r in info["restarts"])]})
+        store.update_manifest(
+            sweep={"restarts": [*prior, *({**r, "split": split} for r in info["restarts"])]}
+        )
     for s in todo:  # a sweeper that lost a model without saying so
         if s.name not in sink.result.done and s.name not in sink.result.failed:
             sink.model_failed(s.name, "no outputs (its shard ended early)")
@@ -156,20 +217,47 @@ def sweep_arrays(store: RunStore, images: np.ndarray, example_ids, labels, class
     return res
 
 
-def sweep_models(store: RunStore, table, specs: Sequence[ModelSpec], weights: Mapping[str, str], sweeper: Sweeper, *,
-                 data_key: str, split, batch_size: int = 256, with_features: bool = False) -> SweepResult:  # fmt: skip
+def sweep_models(
+    store: RunStore,
+    table,
+    specs: Sequence[ModelSpec],
+    weights: Mapping[str, str],
+    sweeper: Sweeper,
+    *,
+    data_key: str,
+    split,
+    batch_size: int = 256,
+    with_features: bool = False,
+) -> SweepResult:
     """:func:`sweep_arrays` over an ImageTable, decoded only when some model is not current;
     undecodable images get an error row and are left out."""
-    keys = {s.name: model_key(s, weights.get(s.name), data_key, table.classes, split, with_features) for s in specs}
+    keys = {
+        s.name: model_key(s, weights.get(s.name), data_key, table.classes, split, with_features)
+        for s in specs
+    }
     if all(is_current(store, n, k, with_features) for n, k in keys.items()):
         return SweepResult(skipped=sorted(keys), n_images=len(table))
     images, ok, errors = table.decode()
     store.record_errors(e.as_row() for e in errors)
     if not len(ok):
-        raise ValueError(f"no image of split {split!r} could be decoded ({len(errors)} errors in errors.parquet)")
+        raise ValueError(
+            f"no image of split {split!r} could be decoded ({len(errors)} errors in errors.parquet)"
+        )
     part = table.take(ok)
-    return sweep_arrays(store, images, part.example_ids, part.labels, table.classes, specs, weights, sweeper,
-                        data_key=data_key, split=split, batch_size=batch_size, with_features=with_features)  # fmt: skip
+    return sweep_arrays(
+        store,
+        images,
+        part.example_ids,
+        part.labels,
+        table.classes,
+        specs,
+        weights,
+        sweeper,
+        data_key=data_key,
+        split=split,
+        batch_size=batch_size,
+        with_features=with_features,
+    )
 
 
 def sweep_stage(store: RunStore, inputs, cfg) -> tuple[str, SweepResult]:
@@ -183,13 +271,26 @@ def sweep_stage(store: RunStore, inputs, cfg) -> tuple[str, SweepResult]:
         keep = np.concatenate([np.flatnonzero(table.column("split") == s)[:limit] for s in splits])
         table = table.take(np.sort(keep))
     weights = trained_weights(inputs.zoo, inputs.data, cache=inputs.config.zoo.cache or None)
-    res = sweep_models(store, table, list(inputs.zoo), weights, inputs.services.sweeper, data_key=inputs.data_key,
-                       split=splits, batch_size=cfg.batch_size, with_features=cfg.with_features)  # fmt: skip
+    res = sweep_models(
+        store,
+        table,
+        list(inputs.zoo),
+        weights,
+        inputs.services.sweeper,
+        data_key=inputs.data_key,
+        split=splits,
+        batch_size=cfg.batch_size,
+        with_features=cfg.with_features,
+    )
     n_models = len(res.done) + len(res.skipped) + len(res.failed)
-    line = (f"{n_models} models x {len(table):,} images ({'+'.join(splits)}): {len(res.done)} run, "
-            f"{len(res.skipped)} current, {len(res.failed)} failed")  # fmt: skip
+    line = (
+        f"{n_models} models x {len(table):,} images ({'+'.join(splits)}): {len(res.done)} run, "
+        f"{len(res.skipped)} current, {len(res.failed)} failed"
+    )
     if res.failed:
-        line += "; failed: " + ", ".join(f"{k} ({v.splitlines()[0][:80]})" for k, v in res.failed.items())
+        line += "; failed: " + ", ".join(
+            f"{k} ({v.splitlines()[0][:80]})" for k, v in res.failed.items()
+        )
     if len(res.done) + len(res.skipped) == 0:
         raise RuntimeError("every model failed in the sweep; the reasons are in errors.parquet")
     return line, res
@@ -198,4 +299,8 @@ def sweep_stage(store: RunStore, inputs, cfg) -> tuple[str, SweepResult]:
 def swept_models(store: RunStore, zoo) -> list[str]:
     """The zoo's models whose predictions are stored in this run (in zoo order)."""
     rec = sweep_records(store)
-    return [m.name for m in zoo if rec.get(m.name, {}).get("status") == "done" and store.exists(prediction_path(m.name))]
+    return [
+        m.name
+        for m in zoo
+        if rec.get(m.name, {}).get("status") == "done" and store.exists(prediction_path(m.name))
+    ]

@@ -35,12 +35,24 @@ def train_pending(store: RunStore, inputs, cfg) -> str:
     train = TrainSet.decode(inputs.data.split("train"))
     # one thread per model when models run side by side; all of them when one runs alone
     threads = 1 if ex.parallelism > 1 and len(todo) > 1 else None
-    results = ex.map(_train_one, todo, shared={"train": train, "device": cfg.device, "threads": threads,
-                                               "progress": inputs.services.progress})  # fmt: skip
+    results = ex.map(
+        _train_one,
+        todo,
+        shared={
+            "train": train,
+            "device": cfg.device,
+            "threads": threads,
+            "progress": inputs.services.progress,
+        },
+    )
     failed = [r for r in results if isinstance(r, tuple)]
     if failed:
-        store.record_errors({"stage": "train", "item": f"model {name}", "reason": reason} for name, reason in failed)
+        store.record_errors(
+            {"stage": "train", "item": f"model {name}", "reason": reason} for name, reason in failed
+        )
     seconds = sum(r.seconds for r in results if not isinstance(r, tuple))
-    line = (f"{len(all_members)} trainable models: {len(todo) - len(failed)} trained, "
-            f"{len(all_members) - len(todo)} from cache, {len(failed)} failed ({seconds:.0f} model-seconds)")  # fmt: skip
+    line = (
+        f"{len(all_members)} trainable models: {len(todo) - len(failed)} trained, "
+        f"{len(all_members) - len(todo)} from cache, {len(failed)} failed ({seconds:.0f} model-seconds)"
+    )
     return line + "".join(f"; {name}: {reason[:100]}" for name, reason in failed)

@@ -17,15 +17,43 @@ from audit.store import RunStore
 
 log = logging.getLogger(__name__)
 
-NAV = [("index.html", "Overview", "index"), ("shared.html", "Shared failures", "shared"),
-       ("cards.html", "Models & clusters", "cards"), ("sets.html", "Synthetic sets", "sets")]  # fmt: skip
-METRIC_LABELS = {"jaccard": "Jaccard overlap", "shared_fraction": "shared fraction of errors",
-                 "error_consistency": "error consistency"}  # fmt: skip
-DIRECTION_COLUMNS = ["scope", "class", "class_index", "mode", "status", "cv_score", "ci_low", "ci_high", "p_value",
-                     "n_errors", "n_correct"]  # fmt: skip
+NAV = [
+    ("index.html", "Overview", "index"),
+    ("shared.html", "Shared failures", "shared"),
+    ("cards.html", "Models & clusters", "cards"),
+    ("sets.html", "Synthetic sets", "sets"),
+]
+METRIC_LABELS = {
+    "jaccard": "Jaccard overlap",
+    "shared_fraction": "shared fraction of errors",
+    "error_consistency": "error consistency",
+}
+DIRECTION_COLUMNS = [
+    "scope",
+    "class",
+    "class_index",
+    "mode",
+    "status",
+    "cv_score",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "n_errors",
+    "n_correct",
+]
 MARKER = "<!-- zoo-audit report -->"
 #: the pipeline's stage order (audit.pipeline.runner.default_stages); others follow by time
-STAGE_ORDER = ("train", "sweep", "accuracy", "stats", "embed", "directions", "generate", "mitigate", "report")
+STAGE_ORDER = (
+    "train",
+    "sweep",
+    "accuracy",
+    "stats",
+    "embed",
+    "directions",
+    "generate",
+    "mitigate",
+    "report",
+)
 
 
 @dataclass(frozen=True)
@@ -55,8 +83,10 @@ class ReportResult:
     seconds: float
 
     def line(self) -> str:
-        return (f"report/index.html: {self.n_models} model pages, {self.n_clusters} cluster pages, "
-                f"{self.n_bytes / 1e6:.1f} MB")  # fmt: skip
+        return (
+            f"report/index.html: {self.n_models} model pages, {self.n_clusters} cluster pages, "
+            f"{self.n_bytes / 1e6:.1f} MB"
+        )
 
 
 # -- small helpers ---------------------------------------------------------------------------
@@ -65,14 +95,20 @@ def _f(x) -> float:
 
 
 def _pct(x, digits: int = 1) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}%"
+    return (
+        "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}%"
+    )
 
 
 def _env():
     from jinja2 import Environment, PackageLoader, select_autoescape
 
-    env = Environment(loader=PackageLoader("audit.report", "templates"), autoescape=select_autoescape(["html"]),
-                      trim_blocks=True, lstrip_blocks=True)  # fmt: skip
+    env = Environment(
+        loader=PackageLoader("audit.report", "templates"),
+        autoescape=select_autoescape(["html"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     nan = lambda x: x is None or (isinstance(x, float) and math.isnan(x))  # noqa: E731
     env.filters.update(
         pct=_pct,
@@ -82,12 +118,16 @@ def _env():
         fmt3=lambda x: "n/a" if nan(x) else (f"{x:.3f}" if x >= 0.001 else f"{x:.1e}"),
         num=lambda x: f"{x:,}" if isinstance(x, int) else x,
         when=lambda t: str(t or "").replace("T", " ").replace("+00:00", " UTC"),
-        secs=lambda s: "" if s is None else (f"{s:.1f}s" if s < 60 else f"{int(s // 60)}m{int(s % 60):02d}s"),
+        secs=lambda s: (
+            "" if s is None else (f"{s:.1f}s" if s < 60 else f"{int(s // 60)}m{int(s % 60):02d}s")
+        ),
     )
     return env
 
 
-def _bootstrap_mean(values, n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def _bootstrap_mean(
+    values, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """``(mean, low, high)`` with a percentile bootstrap over the values (NaN interval below 2 values)."""
     v = np.asarray(values, float)
     v = v[np.isfinite(v)]
@@ -138,7 +178,9 @@ class _Run:
                 self.clusters[r["model"]] = f"cluster:{r['cluster']}"
                 self.families.setdefault(r["model"], r["family"])
         self.acc = self.opt("accuracy.parquet")
-        self.models = [m for m in (zoo.get("models") or []) if m in self.clusters or self._has_acc(m)]
+        self.models = [
+            m for m in (zoo.get("models") or []) if m in self.clusters or self._has_acc(m)
+        ]
         for m in sorted(set(self.clusters) | self._acc_models()):
             if m not in self.models:
                 self.models.append(m)
@@ -171,4 +213,8 @@ def _cluster_title(scope: str, members: list[str], families: Mapping[str, str]) 
 
 
 def _page(scope: str) -> str:
-    return f"clusters/{_safe(scope.replace(':', '-'))}.html" if scope.startswith("cluster:") else f"models/{_safe(scope)}.html"
+    return (
+        f"clusters/{_safe(scope.replace(':', '-'))}.html"
+        if scope.startswith("cluster:")
+        else f"models/{_safe(scope)}.html"
+    )

@@ -37,7 +37,9 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def linkage_order(similarity: np.ndarray, method: str = "average") -> tuple[np.ndarray | None, np.ndarray]:
+def linkage_order(
+    similarity: np.ndarray, method: str = "average"
+) -> tuple[np.ndarray | None, np.ndarray]:
     """``(linkage matrix or None, leaf order [M])`` of hierarchical clustering on 1 - similarity."""
     from scipy.cluster.hierarchy import leaves_list, linkage, optimal_leaf_ordering
     from scipy.spatial.distance import squareform
@@ -54,8 +56,14 @@ def linkage_order(similarity: np.ndarray, method: str = "average") -> tuple[np.n
     return z, leaves_list(z)
 
 
-def heatmap_png(similarity: np.ndarray, names: Sequence[str], order: np.ndarray, families: Mapping[str, str],
-                clusters: Mapping[str, str], label: str) -> bytes:  # fmt: skip
+def heatmap_png(
+    similarity: np.ndarray,
+    names: Sequence[str],
+    order: np.ndarray,
+    families: Mapping[str, str],
+    clusters: Mapping[str, str],
+    label: str,
+) -> bytes:
     """``similarity [M, M]`` as a heatmap in ``order``; ticks coloured by family, clusters outlined."""
     plt = _plt()
     from matplotlib.patches import Rectangle
@@ -79,25 +87,51 @@ def heatmap_png(similarity: np.ndarray, names: Sequence[str], order: np.ndarray,
         for i in range(m):
             for j in range(m):
                 if i != j and not np.isnan(s[i, j]):
-                    ax.text(j, i, f"{s[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if s[i, j] > 0.6 * vmax else "black")  # fmt: skip
+                    ax.text(
+                        j,
+                        i,
+                        f"{s[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if s[i, j] > 0.6 * vmax else "black",
+                    )
     # outline runs of the same cluster along the diagonal
     cl = [clusters.get(n) for n in ordered]
     start = 0
     for i in range(1, m + 1):
         if i == m or cl[i] != cl[start]:
             if cl[start] is not None:
-                ax.add_patch(Rectangle((start - 0.5, start - 0.5), i - start, i - start, fill=False, lw=2, ec="black"))
+                ax.add_patch(
+                    Rectangle(
+                        (start - 0.5, start - 0.5),
+                        i - start,
+                        i - start,
+                        fill=False,
+                        lw=2,
+                        ec="black",
+                    )
+                )
             start = i
     cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
     cb.set_label(label)
     handles = [Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    ax.legend(handles, list(colors), title="family", loc="upper left", bbox_to_anchor=(1.25, 1.0), fontsize=8, frameon=False)
+    ax.legend(
+        handles,
+        list(colors),
+        title="family",
+        loc="upper left",
+        bbox_to_anchor=(1.25, 1.0),
+        fontsize=8,
+        frameon=False,
+    )
     ax.set_title(f"Failure overlap ({label}) between models", fontsize=11)
     return _png(fig)
 
 
-def dendrogram_png(z: np.ndarray | None, names: Sequence[str], families: Mapping[str, str], label: str) -> bytes:
+def dendrogram_png(
+    z: np.ndarray | None, names: Sequence[str], families: Mapping[str, str], label: str
+) -> bytes:
     """The dendrogram of linkage ``z`` over ``names``, leaves coloured by family; y = similarity."""
     plt = _plt()
     from matplotlib.patches import Rectangle
@@ -107,21 +141,50 @@ def dendrogram_png(z: np.ndarray | None, names: Sequence[str], families: Mapping
     colors = family_colors([families.get(n, "") for n in names])
     fig, ax = plt.subplots(figsize=(min(max(6.0, 0.28 * m + 2.5), 16.0), 3.8))
     if z is None:
-        ax.text(0.5, 0.5, "fewer than 3 models: no tree", ha="center", va="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "fewer than 3 models: no tree",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
         ax.set_axis_off()
         return _png(fig)
-    d = dendrogram(z, labels=list(names), ax=ax, color_threshold=0, above_threshold_color="#555555", leaf_rotation=90,
-                   leaf_font_size=9 if m <= 24 else 6)  # fmt: skip
+    d = dendrogram(
+        z,
+        labels=list(names),
+        ax=ax,
+        color_threshold=0,
+        above_threshold_color="#555555",
+        leaf_rotation=90,
+        leaf_font_size=9 if m <= 24 else 6,
+    )
     for lab in ax.get_xticklabels():
         lab.set_color(colors.get(families.get(lab.get_text(), ""), "black"))
     xs = 5 + 10 * np.arange(m)
-    ax.scatter(xs, np.zeros(m), c=[colors.get(families.get(n, ""), "black") for n in d["ivl"]], s=40, zorder=3, clip_on=False)
+    ax.scatter(
+        xs,
+        np.zeros(m),
+        c=[colors.get(families.get(n, ""), "black") for n in d["ivl"]],
+        s=40,
+        zorder=3,
+        clip_on=False,
+    )
     ticks = ax.get_yticks()
     ax.set_yticks(ticks, [f"{1 - t:.2f}" for t in ticks])
     ax.set_ylabel(f"{label} at which\nthe groups join")
     ax.spines[["top", "right"]].set_visible(False)
     handles = [Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    ax.legend(handles, list(colors), title="family", loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    ax.legend(
+        handles,
+        list(colors),
+        title="family",
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        fontsize=8,
+        frameon=False,
+    )
     return _png(fig)
 
 
@@ -137,14 +200,34 @@ def family_png(rows: Sequence[Mapping], label: str) -> bytes:
     fig, ax = plt.subplots(figsize=(6.4, max(2.2, 0.55 * len(rows) + 1.2)))
     rng = np.random.default_rng(0)
     for i, r in enumerate(rows):
-        for dy, key, col, mk in ((-0.16, "within", colors[r["family"]], "o"), (0.16, "between", "#888888", "s")):
+        for dy, key, col, mk in (
+            (-0.16, "within", colors[r["family"]], "o"),
+            (0.16, "between", "#888888", "s"),
+        ):
             vals = np.asarray(r[key], float)
             if vals.size:
-                ax.scatter(vals, i + dy + rng.uniform(-0.05, 0.05, vals.size), s=8, color=col, alpha=0.35, lw=0)
+                ax.scatter(
+                    vals,
+                    i + dy + rng.uniform(-0.05, 0.05, vals.size),
+                    s=8,
+                    color=col,
+                    alpha=0.35,
+                    lw=0,
+                )
             mean, lo, hi = r[f"{key}_mean"], r[f"{key}_lo"], r[f"{key}_hi"]
             if np.isfinite(mean):
                 err = [[mean - lo], [hi - mean]] if np.isfinite(lo) else None
-                ax.errorbar([mean], [i + dy], xerr=err, fmt=mk, color=col, mec="black", ms=7, capsize=3, lw=1.5)
+                ax.errorbar(
+                    [mean],
+                    [i + dy],
+                    xerr=err,
+                    fmt=mk,
+                    color=col,
+                    mec="black",
+                    ms=7,
+                    capsize=3,
+                    lw=1.5,
+                )
     ax.set_yticks(range(len(rows)), fams)
     for lab in ax.get_yticklabels():
         lab.set_color(colors.get(lab.get_text(), "black"))
@@ -158,17 +241,32 @@ def family_png(rows: Sequence[Mapping], label: str) -> bytes:
     return _png(fig)
 
 
-def consistency_png(value: np.ndarray, lo: np.ndarray, hi: np.ndarray, same_family: np.ndarray) -> bytes:
+def consistency_png(
+    value: np.ndarray, lo: np.ndarray, hi: np.ndarray, same_family: np.ndarray
+) -> bytes:
     """Error consistency of every model pair, sorted, with intervals; same-family pairs in red."""
     plt = _plt()
     order = np.argsort(value)
     v, lo, hi, same = (np.asarray(a)[order] for a in (value, lo, hi, same_family))
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     x = np.arange(len(v))
-    for mask, col, lab in ((~same, "#9e9e9e", "different families"), (same, "#c62828", "same family")):
+    for mask, col, lab in (
+        (~same, "#9e9e9e", "different families"),
+        (same, "#c62828", "same family"),
+    ):
         if mask.any():
-            ax.errorbar(x[mask], v[mask], yerr=[v[mask] - lo[mask], hi[mask] - v[mask]], fmt="o", ms=3, color=col,
-                        ecolor=col, elinewidth=0.8, alpha=0.9, label=lab)  # fmt: skip
+            ax.errorbar(
+                x[mask],
+                v[mask],
+                yerr=[v[mask] - lo[mask], hi[mask] - v[mask]],
+                fmt="o",
+                ms=3,
+                color=col,
+                ecolor=col,
+                elinewidth=0.8,
+                alpha=0.9,
+                label=lab,
+            )
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xlabel("model pairs, sorted")
     ax.set_ylabel("error consistency (κ)")

@@ -83,7 +83,11 @@ class DatasetImages:
             return self._image[i].as_py()
         if self._path is not None and self._path[i].is_valid:
             p = self._path[i].as_py()
-            return p if os.path.isabs(p) or self.table.root is None else os.path.join(self.table.root, p)
+            return (
+                p
+                if os.path.isabs(p) or self.table.root is None
+                else os.path.join(self.table.root, p)
+            )
         return None
 
 
@@ -115,7 +119,9 @@ class NearestImages:
         if idx is None or not len(idx) or row.get("direction") is None:
             return [], []
         d = decision_from_row(row, self.X[idx])
-        order = np.argsort(d, kind="stable")  # negative decision = predicted error (hard), positive = easy
+        order = np.argsort(
+            d, kind="stable"
+        )  # negative decision = predicted error (hard), positive = easy
         k = min(n, max(1, len(order) // 2))  # a small class splits evenly between the two ends
         hard = idx[order[:k]]
         easy = idx[order[::-1][: min(k, len(order) - k)]]

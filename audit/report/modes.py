@@ -25,25 +25,42 @@ class _Modes:
             q = d.get("q_value") or [None] * self.dirs.num_rows
             for i in range(self.dirs.num_rows):
                 if d["status"][i] == "ok":
-                    self.by_scope[d["scope"][i]].append({
-                        "row": i, "scope": d["scope"][i], "cls": d["class"][i], "class_index": d["class_index"][i],
-                        "mode": int(d["mode"][i]), "cv": _f(d["cv_score"][i]), "lo": _f(d["ci_low"][i]),
-                        "hi": _f(d["ci_high"][i]), "p": _f(d["p_value"][i]), "q": _f(q[i]),
-                        "n_errors": int(d["n_errors"][i]), "n_correct": int(d["n_correct"][i])})  # fmt: skip
+                    self.by_scope[d["scope"][i]].append(
+                        {
+                            "row": i,
+                            "scope": d["scope"][i],
+                            "cls": d["class"][i],
+                            "class_index": d["class_index"][i],
+                            "mode": int(d["mode"][i]),
+                            "cv": _f(d["cv_score"][i]),
+                            "lo": _f(d["ci_low"][i]),
+                            "hi": _f(d["ci_high"][i]),
+                            "p": _f(d["p_value"][i]),
+                            "q": _f(q[i]),
+                            "n_errors": int(d["n_errors"][i]),
+                            "n_correct": int(d["n_correct"][i]),
+                        }
+                    )
             for modes in self.by_scope.values():
                 modes.sort(key=lambda m: -m["cv"])
         self.captions: dict[tuple, list[str]] = defaultdict(list)
-        caps = run.opt("captions.parquet", ["scope", "class", "mode", "caption", "rank", "polarity"])
+        caps = run.opt(
+            "captions.parquet", ["scope", "class", "mode", "caption", "rank", "polarity"]
+        )
         if caps is not None:
             c = caps.to_pydict()
             for i in np.argsort(np.asarray(c["rank"]), kind="stable"):
-                self.captions[(c["scope"][i], c["class"][i], c["mode"][i], c["polarity"][i])].append(c["caption"][i])
+                self.captions[
+                    (c["scope"][i], c["class"][i], c["mode"][i], c["polarity"][i])
+                ].append(c["caption"][i])
         self.checks: dict[tuple, dict] = {}
         subs = run.opt("subpopulations.parquet")
         if subs is not None:
             s = subs.to_pydict()
             for i in range(subs.num_rows):
-                self.checks[(s["scope"][i], s["class"][i], s["caption"][i])] = {k: s[k][i] for k in s}
+                self.checks[(s["scope"][i], s["class"][i], s["caption"][i])] = {
+                    k: s[k][i] for k in s
+                }
         conf = run.opt("confirmations.parquet")
         if conf is not None:
             s = conf.to_pydict()
@@ -56,13 +73,18 @@ class _Modes:
             r = {**r, "cls": r.get("class"), "lam": r.get("lambda")}
             self._mit_by[r.get("model")].append(r)  # a model's card: every row of that model
             if str(r.get("scope", "")).startswith("cluster:"):
-                self._mit_by[r["scope"]].append(r)  # a cluster's card: the rows of its collective fix
+                self._mit_by[r["scope"]].append(
+                    r
+                )  # a cluster's card: the rows of its collective fix
         self.sets = self._sets()
         self._images = self._nearest(data)
         self._preds: dict[str, tuple] = {}
         self._set_cache: dict[str, pa.Table | None] = {}
         self._vectors = None
-        self.classes = list((run.manifest.get("data") or {}).get("classes") or (data.classes if data is not None else []))
+        self.classes = list(
+            (run.manifest.get("data") or {}).get("classes")
+            or (data.classes if data is not None else [])
+        )
 
     # -- inputs for images
     def _nearest(self, data):
@@ -71,7 +93,9 @@ class _Modes:
         self.source = DatasetImages(data)
         emb = None
         info = (self.run.manifest.get("embeddings") or {}).get(self.run.embedder) or {}
-        rel = info.get("path") or next((f"embeddings/{d}" for d in self.run.store.listdir("embeddings")), None)
+        rel = info.get("path") or next(
+            (f"embeddings/{d}" for d in self.run.store.listdir("embeddings")), None
+        )
         if rel and self.run.store.exists(rel):
             emb = self.run.store.read_table(rel, columns=["example_id", "vector"])
         if emb is None:
@@ -90,8 +114,10 @@ class _Modes:
 
     def _vector_rows(self, rows: list[int]) -> dict[int, dict]:
         if self._vectors is None:
-            self._vectors = self.run.store.read_table("directions.parquet",
-                                                      columns=["class_index", "direction", "weight_norm", "intercept", "mean", "scale"])  # fmt: skip
+            self._vectors = self.run.store.read_table(
+                "directions.parquet",
+                columns=["class_index", "direction", "weight_norm", "intercept", "mean", "scale"],
+            )
         t = self._vectors.take(pa.array(rows, pa.int64())).to_pylist()
         return dict(zip(rows, t, strict=True))
 
@@ -104,8 +130,11 @@ class _Modes:
                 t = self.run.store.read_table(rel, columns=["example_id", "pred", "correct"])
                 ids = np.asarray(t["example_id"].to_pylist(), dtype=object).astype(str)
                 o = np.argsort(ids)
-                self._preds[model] = (ids[o], t["pred"].to_numpy(zero_copy_only=False)[o],
-                                      t["correct"].to_numpy(zero_copy_only=False)[o])  # fmt: skip
+                self._preds[model] = (
+                    ids[o],
+                    t["pred"].to_numpy(zero_copy_only=False)[o],
+                    t["correct"].to_numpy(zero_copy_only=False)[o],
+                )
         return self._preds[model]
 
     def _verdict(self, models: list[str], example_id: str) -> tuple[int, int, int | None]:
@@ -135,11 +164,23 @@ class _Modes:
             if of == 0:
                 cls, label = "", ""
             elif len(models) == 1:
-                name = self.classes[pred] if pred is not None and 0 <= pred < len(self.classes) else str(pred)
+                name = (
+                    self.classes[pred]
+                    if pred is not None and 0 <= pred < len(self.classes)
+                    else str(pred)
+                )
                 cls, label = ("wrong", f"→ {name}") if wrong else ("right", "correct")
             else:
                 cls, label = ("wrong" if 2 * wrong > of else "right"), f"{wrong}/{of} wrong"
-            out.append({"src": rel, "cls": cls, "label": label, "alt": f"image {e}", "title": f"{e} {label}"})
+            out.append(
+                {
+                    "src": rel,
+                    "cls": cls,
+                    "label": label,
+                    "alt": f"image {e}",
+                    "title": f"{e} {label}",
+                }
+            )
         return out
 
     # -- synthetic sets
@@ -150,16 +191,27 @@ class _Modes:
     def set_table(self, set_id: str) -> pa.Table | None:
         if set_id not in self._set_cache:
             rel = f"synthetic/{set_id}"
-            self._set_cache[set_id] = self.run.store.read_table(rel) if self.run.store.exists(rel) else None
+            self._set_cache[set_id] = (
+                self.run.store.read_table(rel) if self.run.store.exists(rel) else None
+            )
         return self._set_cache[set_id]
 
     def set_thumbs(self, rows: list[dict]) -> list[dict]:
         out = []
         for r in rows:
-            rel = self.thumbs.add("syn", str(r.get("image_id") or f"{r['prompt']}-{r['seed']}"), r["png"])
+            rel = self.thumbs.add(
+                "syn", str(r.get("image_id") or f"{r['prompt']}-{r['seed']}"), r["png"]
+            )
             if rel is not None:
-                out.append({"src": rel, "cls": "", "label": str(r["seed"]), "alt": r["prompt"],
-                            "title": f"{r['prompt']} (seed {r['seed']})"})  # fmt: skip
+                out.append(
+                    {
+                        "src": rel,
+                        "cls": "",
+                        "label": str(r["seed"]),
+                        "alt": r["prompt"],
+                        "title": f"{r['prompt']} (seed {r['seed']})",
+                    }
+                )
         return out
 
     def _generated(self, scope: str, hard: list[str]) -> list[dict]:
@@ -172,7 +224,9 @@ class _Modes:
                 prompts = t["prompt"].to_pylist()
                 idx = [i for i, p in enumerate(prompts) if p in set(hard)]
                 idx.sort(key=lambda i: hard.index(prompts[i]))
-                return self.set_thumbs(t.take(pa.array(idx[: self.opts.images], pa.int64())).to_pylist())
+                return self.set_thumbs(
+                    t.take(pa.array(idx[: self.opts.images], pa.int64())).to_pylist()
+                )
         return []
 
     # -- one card's modes
@@ -182,23 +236,40 @@ class _Modes:
             chk = self.checks.get((scope, cls, c), {})
             confirm = ""
             if chk.get("confirmed") is not None:
-                confirm = ("confirmed by generation" if chk["confirmed"] else "not confirmed by generation")
+                confirm = (
+                    "confirmed by generation" if chk["confirmed"] else "not confirmed by generation"
+                )
                 if chk.get("hard_gen_accuracy") is not None:
                     confirm += f" (generated {_pct(chk['hard_gen_accuracy'], 0)} vs {_pct(chk.get('easy_gen_accuracy'), 0)})"
-            rows.append({"caption": c, "acc": chk.get("accuracy_on_nearest"), "lo": chk.get("ci_low"), "hi": chk.get("ci_high"),
-                         "class_acc": chk.get("class_accuracy"), "confirm": confirm,
-                         "confirmed": chk.get("confirmed")})  # fmt: skip
+            rows.append(
+                {
+                    "caption": c,
+                    "acc": chk.get("accuracy_on_nearest"),
+                    "lo": chk.get("ci_low"),
+                    "hi": chk.get("ci_high"),
+                    "class_acc": chk.get("class_accuracy"),
+                    "confirm": confirm,
+                    "confirmed": chk.get("confirmed"),
+                }
+            )
         return rows
 
     def mitigation_rows(self, scope: str) -> list[dict]:
         """Rows of ``mitigation.parquet`` for a model's card (its rows) or a cluster's (scope = the cluster)."""
         return self._mit_by.get(scope, [])
 
-    def card_modes(self, scope: str, members: list[str], page: str) -> tuple[list[dict], list[dict], list[dict]]:
+    def card_modes(
+        self, scope: str, members: list[str], page: str
+    ) -> tuple[list[dict], list[dict], list[dict]]:
         """``(modes with images, other modes, mitigation rows not attached to a mode)``."""
         modes = self.by_scope.get(scope, [])
-        full, rest = modes[: self.opts.max_modes], modes[self.opts.max_modes : self.opts.max_modes + self.opts.max_rows]
-        vectors = self._vector_rows([m["row"] for m in full]) if full and self._images is not None else {}
+        full, rest = (
+            modes[: self.opts.max_modes],
+            modes[self.opts.max_modes : self.opts.max_modes + self.opts.max_rows],
+        )
+        vectors = (
+            self._vector_rows([m["row"] for m in full]) if full and self._images is not None else {}
+        )
         mitig = self.mitigation_rows(scope)
         used = set()
         out = []
@@ -206,8 +277,16 @@ class _Modes:
             hard = self._caption_rows(scope, m["cls"], m["mode"], "hard")
             easy = self._caption_rows(scope, m["cls"], m["mode"], "easy")
             conf = [c["confirmed"] for c in hard if c["confirmed"] is not None]
-            md = {**m, "anchor": f"{_safe(m['cls'])}-mode-{m['mode']}", "hard": hard, "easy": easy,
-                  "confirmed": any(conf) if conf else None, "hard_imgs": [], "easy_imgs": [], "gen_imgs": []}  # fmt: skip
+            md = {
+                **m,
+                "anchor": f"{_safe(m['cls'])}-mode-{m['mode']}",
+                "hard": hard,
+                "easy": easy,
+                "confirmed": any(conf) if conf else None,
+                "hard_imgs": [],
+                "easy_imgs": [],
+                "gen_imgs": [],
+            }
             if m["row"] in vectors:
                 hard_ids, easy_ids = self._images.extremes(vectors[m["row"]], self.opts.images)
                 md["hard_imgs"] = self._real_thumbs(hard_ids, members)
@@ -216,12 +295,25 @@ class _Modes:
             # a hard caption's rows go to the mode it names; the class's other rows (its planted
             # group) to the class's strongest mode shown
             hard_caps = {c["caption"] for c in hard}
-            mine = [i for i, r in enumerate(mitig) if r["cls"] == m["cls"] and i not in used
-                    and (r.get("eval") != "nearest_caption" or r.get("target") in hard_caps)]  # fmt: skip
+            mine = [
+                i
+                for i, r in enumerate(mitig)
+                if r["cls"] == m["cls"]
+                and i not in used
+                and (r.get("eval") != "nearest_caption" or r.get("target") in hard_caps)
+            ]
             md["mitigation"] = _pivot([mitig[i] for i in mine])
             used |= set(mine)
             out.append(md)
-        others = [{**m, "top_hard": next(iter(self.captions.get((scope, m["cls"], m["mode"], "hard"), [])), "")} for m in rest]
+        others = [
+            {
+                **m,
+                "top_hard": next(
+                    iter(self.captions.get((scope, m["cls"], m["mode"], "hard"), [])), ""
+                ),
+            }
+            for m in rest
+        ]
         return out, others, [r for i, r in enumerate(mitig) if i not in used]
 
 
@@ -234,14 +326,31 @@ def _pivot(rows: list[dict]) -> dict | None:
     table: dict[tuple, dict] = {}
     for r in rows:
         key = (r.get("model"), r.get("method"))
-        t = table.setdefault(key, {"model": r.get("model"), "method": r.get("method"), "lam": r.get("lam"),
-                                   "n_added": r.get("n_added"), "overall_before": r.get("overall_before"),
-                                   "overall_after": r.get("overall_after"), "cells": [None] * len(targets)})  # fmt: skip
+        t = table.setdefault(
+            key,
+            {
+                "model": r.get("model"),
+                "method": r.get("method"),
+                "lam": r.get("lam"),
+                "n_added": r.get("n_added"),
+                "overall_before": r.get("overall_before"),
+                "overall_after": r.get("overall_after"),
+                "cells": [None] * len(targets),
+            },
+        )
         t["cells"][targets.index((r.get("eval") or "", r.get("target") or ""))] = r
     heads = []
     for e, t in targets:
-        heads.append(f"planted group {t}" if e == "planted" else (f"nearest images of '{t}'" if e == "nearest_caption" else f"{e} {t}".strip()))
-    return {"targets": heads, "rows": list(table.values()), "models": len({k[0] for k in table}) > 1}
+        heads.append(
+            f"planted group {t}"
+            if e == "planted"
+            else (f"nearest images of '{t}'" if e == "nearest_caption" else f"{e} {t}".strip())
+        )
+    return {
+        "targets": heads,
+        "rows": list(table.values()),
+        "models": len({k[0] for k in table}) > 1,
+    }
 
 
 # -- the report ------------------------------------------------------------------------------------

@@ -39,7 +39,9 @@ def preprocess(images, cfg: InputConfig, device: str = "cpu"):
     return (x - mean) / std
 
 
-def forward(module, x, batch_size: int, device: str = "cpu", with_features: bool = False) -> dict[str, np.ndarray]:
+def forward(
+    module, x, batch_size: int, device: str = "cpu", with_features: bool = False
+) -> dict[str, np.ndarray]:
     """Run a zoo module (``x -> (logits, features)``) on a preprocessed batch ``x [N, 3, S, S]``
     in chunks of ``batch_size``. Returns ``{"logits": [N, C]}`` (+ ``"features": [N, D]``), float32."""
     import torch
@@ -58,12 +60,23 @@ def forward(module, x, batch_size: int, device: str = "cpu", with_features: bool
     return res
 
 
-def predict_arrays(model, images: np.ndarray, batch_size: int = 256, device: str = "cpu",
-                   with_features: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
+def predict_arrays(
+    model,
+    images: np.ndarray,
+    batch_size: int = 256,
+    device: str = "cpu",
+    with_features: bool = False,
+) -> dict[str, np.ndarray]:
     """Run a :class:`~audit.zoo.models.LoadedModel` on uint8 images ``[N, H, W, 3]``, preprocessing
     batch by batch (bounded memory). Same outputs as :func:`forward`."""
     parts = [
-        forward(model.module, preprocess(images[i : i + batch_size], model.input_config, device), batch_size, device, with_features)
+        forward(
+            model.module,
+            preprocess(images[i : i + batch_size], model.input_config, device),
+            batch_size,
+            device,
+            with_features,
+        )
         for i in range(0, len(images), batch_size)
     ]
     if not parts:
@@ -77,10 +90,15 @@ def predict_arrays(model, images: np.ndarray, batch_size: int = 256, device: str
 def is_oom(e: BaseException) -> bool:
     import torch
 
-    return isinstance(e, torch.cuda.OutOfMemoryError | MemoryError) or "out of memory" in str(e).lower()
+    return (
+        isinstance(e, torch.cuda.OutOfMemoryError | MemoryError)
+        or "out of memory" in str(e).lower()
+    )
 
 
-def predict_with_retry(predict: Callable[[int], dict], batch_size: int, min_batch: int = 1) -> tuple[dict, int]:
+def predict_with_retry(
+    predict: Callable[[int], dict], batch_size: int, min_batch: int = 1
+) -> tuple[dict, int]:
     """Call ``predict(batch_size)``, halving the batch on out-of-memory until ``min_batch``."""
     while True:
         try:

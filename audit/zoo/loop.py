@@ -15,9 +15,21 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 
-def train_loop(params: Iterable[Any], step_loss: Callable[[Any, Any], Any], *, n: int, batch_size: int,
-               epochs: int, lr: float, weight_decay: float = 0.0, pct_start: float = 0.1, seed: int = 0,
-               drop_last: bool = False, progress: bool = True, desc: str = "train") -> list[float]:  # fmt: skip
+def train_loop(
+    params: Iterable[Any],
+    step_loss: Callable[[Any, Any], Any],
+    *,
+    n: int,
+    batch_size: int,
+    epochs: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    pct_start: float = 0.1,
+    seed: int = 0,
+    drop_last: bool = False,
+    progress: bool = True,
+    desc: str = "train",
+) -> list[float]:
     """Minimise ``step_loss`` over ``epochs`` passes of ``n`` rows; returns the mean loss per epoch.
 
     ``step_loss(idx, gen)`` gets a LongTensor ``[B]`` of row indices (a slice of this
@@ -31,12 +43,16 @@ def train_loop(params: Iterable[Any], step_loss: Callable[[Any, Any], Any], *, n
     from tqdm.auto import tqdm
 
     if n < 1 or batch_size < 1 or epochs < 1:
-        raise ValueError(f"train_loop needs n, batch_size and epochs >= 1; got n={n}, batch_size={batch_size}, epochs={epochs}")
+        raise ValueError(
+            f"train_loop needs n, batch_size and epochs >= 1; got n={n}, batch_size={batch_size}, epochs={epochs}"
+        )
     bs = min(int(batch_size), int(n))
     starts = list(range(0, n - bs + 1, bs)) if drop_last else list(range(0, n, bs))
     steps = epochs * len(starts)
     opt = torch.optim.AdamW(params, lr=float(lr), weight_decay=float(weight_decay))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(lr), total_steps=steps, pct_start=float(pct_start))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=float(lr), total_steps=steps, pct_start=float(pct_start)
+    )
     gen = torch.Generator().manual_seed(int(seed))
     losses = []
     with tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
@@ -75,7 +91,9 @@ def torch_threads(threads: int | None) -> Iterator[None]:
     import torch
 
     if int(threads) < 1:
-        raise ValueError(f"threads must be a positive number of torch intra-op threads, or None; got {threads}")
+        raise ValueError(
+            f"threads must be a positive number of torch intra-op threads, or None; got {threads}"
+        )
     before = torch.get_num_threads()
     torch.set_num_threads(int(threads))
     try:

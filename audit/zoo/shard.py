@@ -34,9 +34,16 @@ class ZooShard:
     their Ray ``num_cpus`` so that shards together do not oversubscribe the cores).
     """
 
-    def __init__(self, specs: Sequence[ModelSpec], classes: Sequence[str], weights: Mapping[str, str | None],
-                 device: str = "auto", threads: int | None = None, batch_size: int = 256,
-                 with_features: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        specs: Sequence[ModelSpec],
+        classes: Sequence[str],
+        weights: Mapping[str, str | None],
+        device: str = "auto",
+        threads: int | None = None,
+        batch_size: int = 256,
+        with_features: bool = False,
+    ):
         import torch
 
         from audit.zoo.models import build_model
@@ -53,7 +60,9 @@ class ZooShard:
         self.batch_size: dict[str, int] = {}
         for spec in specs:
             try:
-                self.models[spec.name] = build_model(spec, self.classes, weights.get(spec.name), device)
+                self.models[spec.name] = build_model(
+                    spec, self.classes, weights.get(spec.name), device
+                )
                 self.batch_size[spec.name] = int(batch_size)
             except Exception as e:  # noqa: BLE001 - a model that cannot load costs that model only
                 log.warning("model %s failed to load: %s", spec.name, e)
@@ -65,8 +74,13 @@ class ZooShard:
     def info(self) -> dict:
         import torch
 
-        return {"loaded": sorted(self.models), "failed": dict(self.failed), "device": self.device,
-                "threads": torch.get_num_threads(), "pid": os.getpid()}  # fmt: skip
+        return {
+            "loaded": sorted(self.models),
+            "failed": dict(self.failed),
+            "device": self.device,
+            "threads": torch.get_num_threads(),
+            "pid": os.getpid(),
+        }
 
     def run_batch(self, images: np.ndarray, start: int) -> dict:
         """Run every model of the shard on uint8 ``images [B, H, W, 3]``.
@@ -91,7 +105,9 @@ class ZooShard:
                     model = self.models[name]
                     try:
                         out, bs = predict_with_retry(
-                            lambda b, m=model, xb=x: forward(m.module, xb, b, self.device, self.with_features),
+                            lambda b, m=model, xb=x: forward(
+                                m.module, xb, b, self.device, self.with_features
+                            ),
                             self.batch_size[name],
                         )
                         self.batch_size[name] = bs
@@ -104,7 +120,12 @@ class ZooShard:
                     except Exception as e:  # noqa: BLE001
                         log.warning("model %s failed on batch at %d: %s", name, start, e)
                         self.failed[name] = _reason(e)
-        return {"start": int(start), "n": len(images), "outputs": outputs, "failed": dict(self.failed)}
+        return {
+            "start": int(start),
+            "n": len(images),
+            "outputs": outputs,
+            "failed": dict(self.failed),
+        }
 
 
 # -- planning ------------------------------------------------------------------------------
@@ -127,7 +148,10 @@ def model_profile(spec: ModelSpec, num_classes: int) -> tuple[float | None, floa
                 from audit.zoo.models import create_timm
 
                 model = create_timm(spec, num_classes)
-                size = spec.input.get("input_size") or timm.data.resolve_model_data_config(model)["input_size"][-1]
+                size = (
+                    spec.input.get("input_size")
+                    or timm.data.resolve_model_data_config(model)["input_size"][-1]
+                )
             else:
                 import open_clip
 
@@ -163,14 +187,22 @@ def model_costs(specs: Sequence[ModelSpec], num_classes: int) -> dict[str, float
     return _fill_median({s.name: estimate_cost(s, num_classes) for s in specs})
 
 
-def model_profiles(specs: Sequence[ModelSpec], num_classes: int) -> tuple[dict[str, float], dict[str, float]]:
+def model_profiles(
+    specs: Sequence[ModelSpec], num_classes: int
+) -> tuple[dict[str, float], dict[str, float]]:
     """``({name: FLOPs}, {name: parameters})``, unknowns replaced by the medians."""
     prof = {s.name: model_profile(s, num_classes) for s in specs}
-    return _fill_median({k: v[0] for k, v in prof.items()}), _fill_median({k: v[1] for k, v in prof.items()})
+    return _fill_median({k: v[0] for k, v in prof.items()}), _fill_median(
+        {k: v[1] for k, v in prof.items()}
+    )
 
 
-def plan_shards(costs: Mapping[str, float], n_shards: int, sizes: Mapping[str, float] | None = None,
-                capacity: float | None = None) -> list[list[str]]:  # fmt: skip
+def plan_shards(
+    costs: Mapping[str, float],
+    n_shards: int,
+    sizes: Mapping[str, float] | None = None,
+    capacity: float | None = None,
+) -> list[list[str]]:
     """Assign each model to exactly one of ``n_shards`` shards, balancing total cost.
 
     Longest-processing-time first: models by decreasing cost (ties by name), each to the
@@ -194,8 +226,10 @@ def plan_shards(costs: Mapping[str, float], n_shards: int, sizes: Mapping[str, f
     for name in sorted(costs, key=lambda k: (-costs[k], k)):
         fits = [j for j in range(n_shards) if mem[j] + size[name] <= cap]
         if not fits:
-            raise ValueError(f"model {name!r} ({size[name]:.3g}) does not fit in any of {n_shards} shards of "
-                             f"capacity {cap:.3g} (used {[round(m, 3) for m in mem]}); add shards or memory")  # fmt: skip
+            raise ValueError(
+                f"model {name!r} ({size[name]:.3g}) does not fit in any of {n_shards} shards of "
+                f"capacity {cap:.3g} (used {[round(m, 3) for m in mem]}); add shards or memory"
+            )
         i = min(fits, key=lambda j: (load[j], len(shards[j]), j))
         shards[i].append(name)
         load[i] += float(costs[name])
@@ -250,7 +284,15 @@ class LocalSweeper:
         self.device, self.threads = device, threads
 
     def run(self, job, sink) -> dict:
-        shard = ZooShard(job.specs, job.classes, job.weights, self.device, self.threads, job.batch_size, job.with_features)
+        shard = ZooShard(
+            job.specs,
+            job.classes,
+            job.weights,
+            self.device,
+            self.threads,
+            job.batch_size,
+            job.with_features,
+        )
         outs: dict[str, dict[str, list]] = {}
         for s in range(0, len(job.images), job.batch_size):
             res = shard.run_batch(job.images[s : s + job.batch_size], s)

@@ -65,8 +65,10 @@ class ModelSpec:
         if self.builder not in known:
             close = difflib.get_close_matches(self.builder, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"model {self.name!r}: unknown builder {self.builder!r}{hint}; registered builders: {known} "
-                             "(register one with audit.zoo.models.register_builder)")
+            raise ValueError(
+                f"model {self.name!r}: unknown builder {self.builder!r}{hint}; registered builders: {known} "
+                "(register one with audit.zoo.models.register_builder)"
+            )
         if self.builder in ("timm", "open_clip") and not self.arch:
             raise ValueError(f"model {self.name!r}: builder {self.builder!r} needs an 'arch'")
 
@@ -106,7 +108,9 @@ class ZooSpec:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"{path}: duplicate model names {dupes}")
-        return cls(d.get("name", os.path.splitext(os.path.basename(path))[0]), models, defaults, path)
+        return cls(
+            d.get("name", os.path.splitext(os.path.basename(path))[0]), models, defaults, path
+        )
 
     def __len__(self) -> int:
         return len(self.models)
@@ -124,7 +128,9 @@ class ZooSpec:
                 return m
         close = difflib.get_close_matches(name, self.names, n=5, cutoff=0.4)
         hint = f" Did you mean {close}?" if close else ""
-        raise KeyError(f"unknown model {name!r} in zoo {self.name!r}.{hint} `zoo-audit zoo list --zoo {self.path or self.name}` lists all {len(self.models)}.")
+        raise KeyError(
+            f"unknown model {name!r} in zoo {self.name!r}.{hint} `zoo-audit zoo list --zoo {self.path or self.name}` lists all {len(self.models)}."
+        )
 
     def select(self, names: list[str] | None) -> ZooSpec:
         if not names:
@@ -142,4 +148,6 @@ def resolve_zoo_path(path: str) -> str:
     cand = config_path("zoo", path if path.endswith(".toml") else path + ".toml")
     if cand and os.path.exists(cand):
         return cand
-    raise FileNotFoundError(f"zoo manifest {path!r} not found (give a TOML path or a shipped name such as 'demo' or 'imagenet40')")
+    raise FileNotFoundError(
+        f"zoo manifest {path!r} not found (give a TOML path or a shipped name such as 'demo' or 'imagenet40')"
+    )

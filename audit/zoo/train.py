@@ -30,7 +30,14 @@ log = logging.getLogger(__name__)
 # training loop (audit/zoo/loop.py), or the builders and preprocessing in audit/zoo/models.py.
 TRAIN_VERSION = 1
 
-TRAIN_DEFAULTS = {"epochs": 4, "batch_size": 128, "lr": 2e-3, "weight_decay": 0.05, "seed": 0, "label_smoothing": 0.0}
+TRAIN_DEFAULTS = {
+    "epochs": 4,
+    "batch_size": 128,
+    "lr": 2e-3,
+    "weight_decay": 0.05,
+    "seed": 0,
+    "label_smoothing": 0.0,
+}
 
 
 def data_hash(table: ImageTable) -> str:
@@ -74,8 +81,15 @@ class TrainResult:
     train_accuracy: float | None = None
 
 
-def train_model(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, classes: list[str],
-                device: str = "cpu", progress: bool = True, threads: int | None = None) -> dict:  # fmt: skip
+def train_model(
+    spec: ModelSpec,
+    images: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    device: str = "cpu",
+    progress: bool = True,
+    threads: int | None = None,
+) -> dict:
     """Train ``spec`` from scratch on uint8 images ``[N, H, W, 3]`` with int labels ``[N]``;
     returns its state dict (CPU tensors). ``threads``: torch intra-op threads to train with
     (None: leave the process's setting as is), restored afterwards."""
@@ -85,15 +99,21 @@ def train_model(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, classes
     from audit.zoo.models import _timm_input_config, create_timm, preprocess
 
     if spec.builder != "timm" or spec.weights != "train":
-        raise ValueError(f"model {spec.name!r} is not trained here (builder={spec.builder}, weights={spec.weights})")
+        raise ValueError(
+            f"model {spec.name!r} is not trained here (builder={spec.builder}, weights={spec.weights})"
+        )
     if len(images) != len(labels):
-        raise ValueError(f"images [N, H, W, 3] and labels [N] disagree on N: {len(images)} vs {len(labels)}")
+        raise ValueError(
+            f"images [N, H, W, 3] and labels [N] disagree on N: {len(images)} vs {len(labels)}"
+        )
     hp = resolve_train_hparams(spec)
     with torch_threads(threads):
         torch.manual_seed(int(hp["seed"]))
         model = create_timm(spec, len(classes)).to(device)
         cfg = _timm_input_config(model, spec)
-        x_all = torch.cat([preprocess(images[i : i + 1024], cfg, "cpu") for i in range(0, len(images), 1024)])
+        x_all = torch.cat(
+            [preprocess(images[i : i + 1024], cfg, "cpu") for i in range(0, len(images), 1024)]
+        )
         y_all = torch.as_tensor(labels, dtype=torch.long)
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=float(hp["label_smoothing"]))
 
@@ -104,9 +124,19 @@ def train_model(spec: ModelSpec, images: np.ndarray, labels: np.ndarray, classes
             return loss_fn(model(xb), yb)
 
         model.train()
-        train_loop(model.parameters(), step_loss, n=len(x_all), batch_size=int(hp["batch_size"]),
-                   epochs=int(hp["epochs"]), lr=float(hp["lr"]), weight_decay=float(hp["weight_decay"]),
-                   pct_start=0.15, seed=int(hp["seed"]), progress=progress, desc=f"train {spec.name}")  # fmt: skip
+        train_loop(
+            model.parameters(),
+            step_loss,
+            n=len(x_all),
+            batch_size=int(hp["batch_size"]),
+            epochs=int(hp["epochs"]),
+            lr=float(hp["lr"]),
+            weight_decay=float(hp["weight_decay"]),
+            pct_start=0.15,
+            seed=int(hp["seed"]),
+            progress=progress,
+            desc=f"train {spec.name}",
+        )
         model.eval()
         return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
@@ -135,28 +165,48 @@ def trainable_members(zoo: ZooSpec, names: list[str] | None = None) -> list[Mode
     return [m for m in zoo.select(names) if m.builder == "timm" and m.weights == "train"]
 
 
-def member_checkpoints(zoo: ZooSpec, data: ImageTable, cache: str | None = None,
-                       names: list[str] | None = None) -> list[tuple[ModelSpec, str]]:  # fmt: skip
+def member_checkpoints(
+    zoo: ZooSpec, data: ImageTable, cache: str | None = None, names: list[str] | None = None
+) -> list[tuple[ModelSpec, str]]:
     """``(spec, checkpoint path)`` of every trainable member for ``data``'s train split."""
     dhash = data_hash(data.split("train"))
     return [(spec, checkpoint_path(spec, dhash, cache)) for spec in trainable_members(zoo, names)]
 
 
-def pending_members(zoo: ZooSpec, data: ImageTable, cache: str | None = None,
-                    names: list[str] | None = None) -> list[tuple[ModelSpec, str]]:  # fmt: skip
+def pending_members(
+    zoo: ZooSpec, data: ImageTable, cache: str | None = None, names: list[str] | None = None
+) -> list[tuple[ModelSpec, str]]:
     """``(spec, checkpoint path)`` of the trainable members whose checkpoint does not exist yet."""
-    return [(spec, path) for spec, path in member_checkpoints(zoo, data, cache, names) if not os.path.exists(path)]
+    return [
+        (spec, path)
+        for spec, path in member_checkpoints(zoo, data, cache, names)
+        if not os.path.exists(path)
+    ]
 
 
-def train_member(spec: ModelSpec, train: ImageTable | TrainSet, path: str, device: str = "cpu",
-                 threads: int | None = None, progress: bool = True) -> TrainResult:  # fmt: skip
+def train_member(
+    spec: ModelSpec,
+    train: ImageTable | TrainSet,
+    path: str,
+    device: str = "cpu",
+    threads: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Train ``spec`` on the train split ``train`` (a table, decoded here, or a decoded
     :class:`TrainSet`) and write its checkpoint to ``path`` atomically."""
     from safetensors.torch import save_file
 
     t0 = time.perf_counter()
     data = train if isinstance(train, TrainSet) else TrainSet.decode(train)
-    state = train_model(spec, data.images, data.labels, data.classes, device=device, progress=progress, threads=threads)
+    state = train_model(
+        spec,
+        data.images,
+        data.labels,
+        data.classes,
+        device=device,
+        progress=progress,
+        threads=threads,
+    )
     with atomic_write(path) as tmp:
         save_file(state, tmp, metadata={"model": spec.name, "data": data.dhash})
     seconds = time.perf_counter() - t0
@@ -164,8 +214,15 @@ def train_member(spec: ModelSpec, train: ImageTable | TrainSet, path: str, devic
     return TrainResult(spec.name, path, True, seconds)
 
 
-def train_zoo(zoo: ZooSpec, data: ImageTable, device: str = "cpu", cache: str | None = None, progress: bool = True,
-              names: list[str] | None = None, threads: int | None = None) -> list[TrainResult]:  # fmt: skip
+def train_zoo(
+    zoo: ZooSpec,
+    data: ImageTable,
+    device: str = "cpu",
+    cache: str | None = None,
+    progress: bool = True,
+    names: list[str] | None = None,
+    threads: int | None = None,
+) -> list[TrainResult]:
     """Train every ``weights = "train"`` member of ``zoo`` on ``data``'s train split, in turn.
 
     Members whose checkpoint for this (spec, data, code version) exists come from the cache.
@@ -181,10 +238,16 @@ def train_zoo(zoo: ZooSpec, data: ImageTable, device: str = "cpu", cache: str | 
             continue
         if decoded is None:
             decoded = TrainSet.decode(train)
-        results.append(train_member(spec, decoded, path, device=device, threads=threads, progress=progress))
+        results.append(
+            train_member(spec, decoded, path, device=device, threads=threads, progress=progress)
+        )
     return results
 
 
 def trained_weights(zoo: ZooSpec, data: ImageTable, cache: str | None = None) -> dict[str, str]:
     """``{model name: checkpoint path}`` for trained members whose checkpoint exists."""
-    return {spec.name: path for spec, path in member_checkpoints(zoo, data, cache) if os.path.exists(path)}
+    return {
+        spec.name: path
+        for spec, path in member_checkpoints(zoo, data, cache)
+        if os.path.exists(path)
+    }
