@@ -9,13 +9,14 @@ a resumed run would mistake for finished work.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import io
 import json
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -33,6 +34,7 @@ ERROR_SCHEMA = pa.schema(
     ]
 )
 
+# Threads of this process; other processes are kept out by a lock file (RunStore._locked).
 _LOCK = threading.Lock()
 
 
@@ -182,9 +184,37 @@ class RunStore:
             return default
         return json.loads(self.read_bytes(rel))
 
+    # -- read-modify-write -------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        """Hold the run directory's lock ``name`` around a read-modify-write.
+
+        On a local run directory this is ``fcntl.flock`` on ``.locks/NAME.lock``, so every
+        process sharing the directory (the driver, Ray workers, Serve replicas on this
+        machine, or any machine mounting it with working flock) waits its turn, and nothing
+        is lost; the lock goes with its process if that dies. Object stores (``s3://``,
+        ``gs://``) have no lock: there one writer per file is assumed (the driver writes the
+        manifest; a concurrent writer of errors may lose rows), as for
+        :meth:`create_exclusive`. Threads of one process are serialised either way.
+        """
+        with _LOCK:
+            if not self.local:
+                yield
+                return
+            import fcntl
+
+            os.makedirs(self.path(".locks"), exist_ok=True)
+            fd = os.open(self.path(f".locks/{name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the flock
+
     # -- errors ------------------------------------------------------------------------
     def record_errors(self, rows: Iterable[Mapping[str, Any]]) -> int:
-        """Append rows (stage, item, reason) to ``errors.parquet``; returns how many."""
+        """Append rows (stage, item, reason) to ``errors.parquet``; returns how many. Safe
+        against concurrent appends from other processes on a local run (:meth:`_locked`)."""
         rows = [
             {
                 "stage": str(r["stage"]),
@@ -196,7 +226,7 @@ class RunStore:
         ]
         if not rows:
             return 0
-        with _LOCK:
+        with self._locked("errors"):
             new = pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
             if self.exists("errors.parquet"):
                 new = pa.concat_tables([self.read_table("errors.parquet").cast(ERROR_SCHEMA), new])
@@ -213,8 +243,9 @@ class RunStore:
         return self.read_json("manifest.json", default={}) or {}
 
     def update_manifest(self, **fields: Any) -> dict:
-        """Shallow-merge ``fields`` into ``manifest.json`` (dict values merge one level)."""
-        with _LOCK:
+        """Shallow-merge ``fields`` into ``manifest.json`` (dict values merge one level); safe
+        against concurrent updates from other processes on a local run (:meth:`_locked`)."""
+        with self._locked("manifest"):
             m = self.manifest()
             for k, v in fields.items():
                 if isinstance(v, dict) and isinstance(m.get(k), dict):
