@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@$(PIP) --upgrade pip > $(PIPLOG) 2>&1 || { cat $(PIPLOG); exit 1; }
 	@# torch and torchvision as a pair that imports together (see README: Environment)
 	@$(PIP) "torch==2.14.1" "torchvision==0.29.1" >> $(PIPLOG) 2>&1 || { cat $(PIPLOG); exit 1; }
-	@$(PIP) -e ".[dev]" >> $(PIPLOG) 2>&1 || { cat $(PIPLOG); exit 1; }
+	@$(PIP) -e ".[all,dev]" >> $(PIPLOG) 2>&1 || { cat $(PIPLOG); exit 1; }
 	@touch $(STAMP)
 
 # Fashion-MNIST: Debian package when apt is available, else the official download, else

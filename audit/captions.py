@@ -4,10 +4,8 @@ Candidates follow Jain et al., Appendix A.5: ``"a photo of a <adjective> <noun>
 <prepositional phrase>"`` with optional adjective and phrase; for the world the grammar is
 its own (colours x item x backgrounds, through :meth:`WorldSpec.caption`). Optionally an
 LLM behind any OpenAI-compatible endpoint proposes uncommon backgrounds and attributes per
-class, as arXiv 2312.05464 does with ChatGPT. Answers are validated against a pydantic
-schema and cached on disk with their prompt (keyed by a hash of model and prompt), so a
-rerun is reproducible and offline; an unreachable endpoint, a timeout or a malformed answer
-falls back to the grammar with a warning.
+class, as arXiv 2312.05464 does with ChatGPT (:mod:`audit.llm`: validated, cached, and
+falling back to the grammar with a warning when the endpoint cannot answer).
 
 Scoring (Section 2.2): a caption's score is the SVM decision value of ``caption embedding -
 reference embedding`` (reference: ``"a photo of a NOUN"``) after the direction's
@@ -18,20 +16,13 @@ hard caption, most positive = easy.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from audit.cache import write_atomic_bytes
-from audit.store import content_hash
+from audit.llm import LLMConfig, Proposal, llm_proposal, parse_proposal  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -146,67 +137,7 @@ def world_reference(spec, item: str) -> str:
     return spec.caption(item)
 
 
-# --------------------------------------------------------------------------------------
-# LLM proposals
-# --------------------------------------------------------------------------------------
-class Proposal(BaseModel):
-    """The JSON an LLM must answer with, per class."""
-
-    backgrounds: list[str] = Field(min_length=1, max_length=30)
-    attributes: list[str] = Field(min_length=1, max_length=30)
-
-    @field_validator("backgrounds", "attributes")
-    @classmethod
-    def _short_phrases(cls, v: list[str]) -> list[str]:
-        out = []
-        for s in v:
-            if not isinstance(s, str) or not s.strip() or len(s) > 80 or "\n" in s:
-                raise ValueError(f"each entry must be a short one-line phrase; got {s!r}")
-            out.append(re.sub(r"\s+", " ", s.strip().rstrip(".")).lower())
-        return list(dict.fromkeys(out))
-
-
-@dataclass
-class LLMConfig:
-    """Where and how to ask. ``base_url``/``api_key`` default to OPENAI_BASE_URL/OPENAI_API_KEY."""
-
-    model: str
-    base_url: str | None = None
-    api_key: str | None = None
-    timeout: float = 30.0
-    n_backgrounds: int = 8
-    n_attributes: int = 8
-    temperature: float = 0.0
-    cache_dir: str | None = None
-
-
-PROMPT = (
-    'You help find where an image classifier fails. For the class "{noun}", list {nb} '
-    "uncommon backgrounds or settings in which a photo of a {noun} could be taken, each as a "
-    'short prepositional phrase (for example "on a beach"), and {na} uncommon visual '
-    "attributes of a {noun} (colour, material, pattern, size or state), each as one or two "
-    "adjectives. Answer with JSON only, in the form "
-    '{{"backgrounds": ["..."], "attributes": ["..."]}}.'
-)
-
-
-def llm_prompt(noun: str, cfg: LLMConfig) -> str:
-    return PROMPT.format(noun=noun, nb=cfg.n_backgrounds, na=cfg.n_attributes)
-
-
-def parse_proposal(text: str) -> Proposal:
-    """The answer's JSON object (code fences and text around it tolerated), validated."""
-    if not isinstance(text, str):
-        raise ValueError("the answer has no text content")
-    m = re.search(r"\{.*\}", text, flags=re.S)
-    if not m:
-        raise ValueError(f"no JSON object in the answer: {text[:120]!r}")
-    try:
-        return Proposal.model_validate(json.loads(m.group(0)))
-    except (json.JSONDecodeError, ValidationError) as e:
-        raise ValueError(f"malformed answer: {e}") from e
-
-
+# LLM proposals (asked in audit/llm.py) as captions
 def proposal_captions(noun: str, p: Proposal) -> list[str]:
     """Captions from a proposal: ``a photo of a ATTR NOUN`` and ``a photo of a NOUN PHRASE``."""
     out = []
@@ -217,72 +148,6 @@ def proposal_captions(noun: str, p: Proposal) -> list[str]:
         phrase = b if b.split(" ")[0] in PREPOSITION_WORDS else f"on {b}"
         out.append(f"{reference_caption(noun)} {phrase}")
     return list(dict.fromkeys(out))
-
-
-def _cache_path(cfg: LLMConfig, prompt: str) -> str:
-    from audit.paths import cache_dir
-
-    root = cfg.cache_dir or cache_dir("llm")
-    os.makedirs(root, exist_ok=True)
-    return os.path.join(root, f"{content_hash(cfg.model, prompt)}.json")
-
-
-def llm_proposal(noun: str, cfg: LLMConfig, client=None) -> Proposal | None:
-    """Ask (or read the cache) for one class's uncommon backgrounds and attributes.
-
-    Returns None, with a warning, when the endpoint is unreachable, times out or answers
-    something that does not validate; valid answers are cached with their prompt.
-    """
-    prompt = llm_prompt(noun, cfg)
-    path = _cache_path(cfg, prompt)
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                cached = json.load(f)
-            return Proposal.model_validate(cached["proposal"])
-        except (OSError, ValueError, KeyError, ValidationError) as e:
-            log.warning("ignoring unreadable LLM cache entry %s (%s)", path, e)
-    base_url = cfg.base_url or os.environ.get("OPENAI_BASE_URL")
-    if client is None and not base_url and not os.environ.get("OPENAI_API_KEY"):
-        log.warning(
-            "no LLM endpoint (set OPENAI_BASE_URL or the config's base_url); grammar captions only for %r",
-            noun,
-        )
-        return None
-    try:
-        if client is None:
-            from openai import OpenAI
-
-            client = OpenAI(
-                base_url=base_url,
-                api_key=cfg.api_key or os.environ.get("OPENAI_API_KEY") or "none",
-                timeout=cfg.timeout,
-                max_retries=0,
-            )
-        resp = client.chat.completions.create(
-            model=cfg.model,
-            messages=[{"role": "user", "content": prompt}],
-            temperature=cfg.temperature,
-        )
-        text = resp.choices[0].message.content
-        proposal = parse_proposal(text)
-    except Exception as e:  # noqa: BLE001 - any failure of the optional LLM path falls back
-        log.warning(
-            "LLM proposals for %r failed (%s: %s); using the grammar only",
-            noun,
-            type(e).__name__,
-            e,
-        )
-        return None
-    record = {
-        "model": cfg.model,
-        "prompt": prompt,
-        "answer": text,
-        "proposal": proposal.model_dump(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    write_atomic_bytes(path, json.dumps(record, indent=2).encode())
-    return proposal
 
 
 def data_captions(
@@ -429,6 +294,41 @@ class CaptionGrounding:
         return np.nanmean(vals, axis=1)
 
 
+def _embed_with_reference(
+    texts: list[str], reference: str, encode_text: EncodeText
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(caption embeddings [M, D], reference embedding [D])``, embedded in one call."""
+    E = np.asarray(encode_text(texts + [reference]), np.float64)
+    if E.shape[0] != len(texts) + 1:
+        raise ValueError(f"encode_text returned {E.shape[0]} rows for {len(texts) + 1} texts")
+    return E[:-1], E[-1]
+
+
+def _ranked_rows(
+    r: Mapping, cands: Sequence[tuple[str, str]], scores: np.ndarray, top_k: int | None
+) -> list[dict]:
+    """One direction's hard (lowest score first) and easy (highest first) caption rows."""
+    order = np.argsort(scores, kind="stable")
+    k = len(order) // 2 if top_k is None or 2 * top_k > len(order) else top_k
+    hard = order[: max(k, 1)]
+    rest = order[max(k, 1) :]
+    easy = rest[::-1][: (len(rest) if top_k is None else min(top_k, len(rest)))]
+    return [
+        {
+            "scope": r["scope"],
+            "class": r["class"],
+            "mode": r["mode"],
+            "caption": cands[i][0],
+            "source": cands[i][1],
+            "score": float(scores[i]),
+            "rank": rank,
+            "polarity": polarity,
+        }
+        for polarity, picks in (("hard", hard), ("easy", easy))
+        for rank, i in enumerate(picks, start=1)
+    ]
+
+
 def captions_table(
     directions: pa.Table,
     candidates: Mapping[str, Sequence[tuple[str, str]]],
@@ -466,35 +366,11 @@ def captions_table(
             log.warning("no caption candidates for class %r; skipped", cls)
             continue
         if cls not in emb_cache:
-            texts = [c for c, _ in cands]
             ref = references.get(cls) or reference_caption(cls)
-            E = np.asarray(encode_text(texts + [ref]), np.float64)
-            if E.shape[0] != len(texts) + 1:
-                raise ValueError(
-                    f"encode_text returned {E.shape[0]} rows for {len(texts) + 1} texts"
-                )
-            emb_cache[cls] = (E[:-1], E[-1])
+            emb_cache[cls] = _embed_with_reference([c for c, _ in cands], ref, encode_text)
         T, ref_e = emb_cache[cls]
         scores = (
             grounding.scores(r, cls, T) if grounding is not None else score_captions(r, T, ref_e)
         )
-        order = np.argsort(scores, kind="stable")
-        k = len(order) // 2 if top_k is None or 2 * top_k > len(order) else top_k
-        hard = order[: max(k, 1)]
-        rest = order[max(k, 1) :]
-        easy = rest[::-1][: (len(rest) if top_k is None else min(top_k, len(rest)))]
-        for polarity, picks in (("hard", hard), ("easy", easy)):
-            for rank, i in enumerate(picks, start=1):
-                out.append(
-                    {
-                        "scope": r["scope"],
-                        "class": cls,
-                        "mode": r["mode"],
-                        "caption": cands[i][0],
-                        "source": cands[i][1],
-                        "score": float(scores[i]),
-                        "rank": rank,
-                        "polarity": polarity,
-                    }
-                )
+        out += _ranked_rows(r, cands, scores, top_k)
     return pa.Table.from_pylist(out, schema=CAPTIONS_SCHEMA)

@@ -223,13 +223,11 @@ class DiffusersBackend(Backend):
             raise ValueError(
                 "diffusers backend needs a model: 'diffusers:MODEL_ID' (from the HF cache) or 'diffusers:/path/to/dir'"
             )
-        try:
-            import diffusers
-            import torch
-        except ImportError as e:  # pragma: no cover - diffusers is a dependency
-            raise ImportError(
-                f"the diffusers backend needs `pip install diffusers transformers torch`: {e}"
-            ) from e
+        import torch
+
+        from audit.extras import require
+
+        diffusers = require("diffusers", "diffusion")
 
         if num_threads:  # CPU replicas sharing a machine: oversubscribed intra-op threads crawl
             torch.set_num_threads(int(num_threads))

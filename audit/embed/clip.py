@@ -33,10 +33,12 @@ class OpenClipEmbedder(Embedder):
     def __init__(
         self, arch: str = DEFAULT_ARCH, pretrained: str = DEFAULT_PRETRAINED, device: str = "cpu"
     ):
-        import open_clip
         import torch
 
+        from audit.extras import require
         from audit.zoo.models import open_clip_model
+
+        open_clip = require("open_clip", "clip")
 
         if not arch.startswith(("hf-hub:", "local-dir:")) and arch not in open_clip.list_models():
             import difflib

@@ -153,8 +153,9 @@ def model_profile(spec: ModelSpec, num_classes: int) -> tuple[float | None, floa
                     or timm.data.resolve_model_data_config(model)["input_size"][-1]
                 )
             else:
-                import open_clip
+                from audit.extras import require
 
+                open_clip = require("open_clip", "clip")
                 model = open_clip.create_model(spec.arch, pretrained=None, device="meta").visual
                 size = model.image_size
         model.eval()
