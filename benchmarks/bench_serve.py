@@ -1,6 +1,10 @@
 """Benchmark the generation service on 127.0.0.1 (bounded in requests and time).
 
-    python benchmarks/bench_serve.py [--backend tiny-sd|world|diffusers:MODEL] [--requests 16]
+    python benchmarks/bench_serve.py [--backend world|null|diffusers:MODEL] [--requests 16]
+
+A tiny random Stable Diffusion pipeline (offline, the real diffusers path) is a directory
+made by the tests' fixture: ``python tests/tiny_sd.py /tmp/tiny-sd`` then
+``--backend diffusers:/tmp/tiny-sd``.
 
 1. throughput: images/s through HTTP (concurrent clients, @serve.batch merging them)
    versus calling the same backend directly in this process at the same batch size
@@ -23,22 +27,54 @@ import concurrent.futures as cf
 import json
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import time
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _prompts(backend: str) -> list[str]:
     if backend == "world":
         return ["a photo of a red sandal on grass", "a photo of a blue pullover on moon"]
     return ["a photo of a red sandal on grass", "a blue pullover on the moon"]
+
+
+def _http_rate(
+    url: str, prompts: list[str], k: int, concurrency: int, n_requests: int, size, steps
+):
+    """(images, seconds) of ``n_requests`` timed POSTs from ``2 * concurrency`` clients."""
+    import httpx
+
+    def post(seed: int) -> int:
+        with httpx.Client(base_url=f"{url}/tp", timeout=600) as c:
+            body = {"prompts": prompts, "images_per_prompt": k, "seed": seed}
+            r = c.post("/v1/generate", json=body | {"size": size, "steps": steps})
+            r.raise_for_status()
+            return r.json()["n_images"]
+
+    # 2x as many clients as requests per batch: the next batch queues while one computes,
+    # as under real load (with exactly one batch of clients the generator idles while they
+    # read their replies and send again).
+    with cf.ThreadPoolExecutor(2 * concurrency) as ex:
+        list(ex.map(post, range(10_000, 10_000 + 2 * concurrency)))  # warm-up
+        t = time.perf_counter()
+        n = sum(ex.map(post, range(n_requests)))
+        return n, time.perf_counter() - t
+
+
+def _direct_rate(spec: str, options: dict, prompts: list[str], n_calls: int, size, steps):
+    """(images, seconds) of ``n_calls`` backend calls on ``prompts`` in this process."""
+    from audit.synthetic.sets import image_seed
+    from serve.backends import create_backend
+
+    be = create_backend(spec, **options)
+    guidance = 0.0 if spec == "world" else 7.5
+    seeds = [image_seed(1, i) for i in range(len(prompts))]
+    be.generate(prompts, seeds, steps, guidance, (size, size))  # warm-up
+    n, t = 0, time.perf_counter()
+    for b in range(n_calls):
+        seeds = [image_seed(b, i) for i in range(len(prompts))]
+        n += len(be.generate(prompts, seeds, steps, guidance, (size, size)))
+    return n, time.perf_counter() - t
 
 
 def throughput(
@@ -53,13 +89,11 @@ def throughput(
     run_app,
 ) -> dict:
     """HTTP images/s vs the backend called directly with batches of concurrency * per_request images."""
-    import httpx
+    from ray import serve
 
     from serve.app import build_app
-    from serve.backends import create_backend, image_seed
     from serve.config import ServeAppConfig
 
-    batch_images = concurrency * per_request
     cfg = ServeAppConfig(
         backend=backend_spec,
         backend_options=options,
@@ -68,7 +102,7 @@ def throughput(
             "max_batch_size": concurrency,
             "max_ongoing_requests": 2 * concurrency,
             "max_queued_requests": 4 * concurrency,
-            "max_batch_images": batch_images,
+            "max_batch_images": concurrency * per_request,
             "batch_wait_timeout_s": 0.05,
         },
         limits={"max_images": max(256, per_request), "max_images_per_prompt": per_request},
@@ -76,50 +110,11 @@ def throughput(
     run_app(build_app(cfg), "tp")
     prompts = _prompts(backend_spec)
     k = max(1, per_request // len(prompts))
-
-    def post(seed: int) -> int:
-        with httpx.Client(base_url=f"{url}/tp", timeout=600) as c:
-            r = c.post(
-                "/v1/generate",
-                json={
-                    "prompts": prompts,
-                    "images_per_prompt": k,
-                    "seed": seed,
-                    "size": size,
-                    "steps": steps,
-                },
-            )
-            r.raise_for_status()
-            return r.json()["n_images"]
-
-    # 2x as many clients as requests per batch: the next batch queues while one computes,
-    # as under real load (with exactly one batch of clients the generator idles while they
-    # read their replies and send again).
-    with cf.ThreadPoolExecutor(2 * concurrency) as ex:
-        list(ex.map(post, range(10_000, 10_000 + 2 * concurrency)))  # warm-up
-        t = time.perf_counter()
-        n_http = sum(ex.map(post, range(n_requests)))
-        http_s = time.perf_counter() - t
-    from ray import serve
-
+    n_http, http_s = _http_rate(url, prompts, k, concurrency, n_requests, size, steps)
     batches = serve.get_deployment_handle("Generator", app_name="tp").batch_sizes.remote().result()
-
-    be = create_backend(backend_spec, **options)
     flat_p = [p for p in prompts for _ in range(k)] * concurrency
-    be.generate(
-        flat_p,
-        [image_seed(1, i) for i in range(len(flat_p))],
-        steps,
-        0.0 if backend_spec == "world" else 7.5,
-        (size, size),
-    )
-    n_direct, t = 0, time.perf_counter()
-    for b in range(max(1, n_requests // concurrency)):
-        seeds = [image_seed(b, i) for i in range(len(flat_p))]
-        n_direct += len(
-            be.generate(flat_p, seeds, steps, 0.0 if backend_spec == "world" else 7.5, (size, size))
-        )
-    direct_s = time.perf_counter() - t
+    n_calls = max(1, n_requests // concurrency)
+    n_direct, direct_s = _direct_rate(backend_spec, options, flat_p, n_calls, size, steps)
     http_ips, direct_ips = n_http / http_s, n_direct / direct_s
     return {
         "backend": backend_spec,
@@ -174,9 +169,9 @@ def overload(url: str, n_requests: int, concurrency: int, run_app) -> dict:
     import httpx
 
     from audit.store import RunStore
+    from audit.synthetic.sets import read_set_meta
     from serve.app import build_app
     from serve.config import ServeAppConfig
-    from serve.sets import read_set_meta
 
     cfg = ServeAppConfig(
         backend="null",
@@ -269,12 +264,12 @@ def direct_only(spec: str, options: dict, size: int, steps: int, seconds: float 
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--backend",
-        default="tiny-sd",
-        help="tiny-sd (random tiny SD pipeline, offline) | world | diffusers:MODEL",
+        default="world",
+        help="world | null | diffusers:MODEL_OR_DIR (a tiny one: python tests/tiny_sd.py DIR)",
     )
     p.add_argument(
         "--requests", type=int, default=16, help="timed requests in the throughput phase"
@@ -283,8 +278,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--concurrency", type=int, default=4, help="requests merged per batch (clients: twice this)"
     )
     p.add_argument("--per-request", type=int, default=8, help="images per request")
-    p.add_argument("--size", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument(
+        "--size", type=int, default=None, help="default: 512 for diffusers on CUDA, else 32"
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="default: 25 for diffusers on CUDA, 8 on CPU"
+    )
     p.add_argument("--overhead-requests", type=int, default=200)
     p.add_argument("--overload-requests", type=int, default=64)
     p.add_argument("--num-cpus", type=int, default=None)
@@ -300,66 +299,27 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--max-seconds", type=int, default=900, help="abort the whole benchmark after this long"
     )
-    a = p.parse_args(argv)
-    import signal
+    return p
 
-    def _abort(*_):
-        raise TimeoutError(
-            f"bench_serve: over --max-seconds={a.max_seconds}; lower --requests or --per-request"
-        )
 
-    signal.signal(signal.SIGALRM, _abort)
-    signal.alarm(a.max_seconds)
+def _backend_params(a) -> tuple[dict, int, int]:
+    """(backend options, size, steps) for the chosen backend on this machine."""
+    if not a.backend.startswith("diffusers:"):
+        return {}, a.size or 32, a.steps or 1
+    import torch
 
-    options: dict = {}
-    spec = a.backend
-    if spec == "tiny-sd":
-        from serve.backends import build_tiny_sd_pipeline
+    cuda = torch.cuda.is_available()
+    # one intra-op thread per process on CPU: the driver and the replica share the cores
+    options = {} if cuda else {"num_threads": 1}
+    return options, a.size or (512 if cuda else 32), a.steps or (25 if cuda else 8)
 
-        spec = "diffusers:" + build_tiny_sd_pipeline(
-            os.path.join(tempfile.gettempdir(), "zoo-audit-bench-tiny-sd")
-        )
-    if spec.startswith("diffusers:"):
-        import torch
 
-        cuda = torch.cuda.is_available()
-        size, steps = (
-            a.size or (512 if cuda and a.backend != "tiny-sd" else 32),
-            a.steps or (25 if a.backend != "tiny-sd" else 8),
-        )
-        # one intra-op thread per process on CPU: the driver and the replica share the cores
-        options = {"num_threads": 1} if not cuda else {}
-    else:
-        size, steps = a.size or 32, a.steps or 1
-
-    if a.direct_only:
-        res = {
-            "backend": spec,
-            "size": size,
-            "steps": steps,
-            **direct_only(spec, options, size, steps),
-        }
-        print(json.dumps(res, indent=2))
-        return res
-
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    import ray
-    from ray import serve
+def _machine() -> dict:
+    import torch
 
     from audit import versions
 
-    ray.init(
-        num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-
-    def run_app(app, name):
-        serve.run(app, name=name, route_prefix=f"/{name}")
-
-    import torch
-
-    results: dict = {
+    return {
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
@@ -368,7 +328,28 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "versions": versions(),
     }
+
+
+def _phases(a, options: dict, size: int, steps: int) -> dict:
+    """The three phases against one Serve on a free loopback port (started and stopped here)."""
+    import ray
+    from ray import serve
+
+    from serve.main import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    ray.init(
+        num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+    def run_app(app, name):
+        serve.run(app, name=name, route_prefix=f"/{name}")
+
+    results = _machine()
     skip = set(filter(None, a.skip.split(",")))
+    spec = a.backend
     try:
         if "throughput" not in skip:
             results["throughput"] = throughput(
@@ -387,11 +368,31 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         serve.shutdown()
         ray.shutdown()
-    print(json.dumps(results, indent=2))
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = _parser().parse_args(argv)
+    import signal
+
+    def _abort(*_):
+        raise TimeoutError(
+            f"bench_serve: over --max-seconds={a.max_seconds}; lower --requests or --per-request"
+        )
+
+    signal.signal(signal.SIGALRM, _abort)
+    signal.alarm(a.max_seconds)
+    options, size, steps = _backend_params(a)
+    if a.direct_only:
+        res = {"backend": a.backend, "size": size, "steps": steps}
+        res |= direct_only(a.backend, options, size, steps)
+    else:
+        res = _phases(a, options, size, steps)
+    print(json.dumps(res, indent=2))
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(results, f, indent=2)
-    return results
+            json.dump(res, f, indent=2)
+    return res
 
 
 if __name__ == "__main__":

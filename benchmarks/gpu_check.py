@@ -1,39 +1,37 @@
-"""The body of ``benchmarks/gpu_check.sh`` (see there). Prints what it measured, with ratios
-against a baseline measured in the same run, and exits non-zero when a check fails."""
+"""The sweep half of ``benchmarks/gpu_check.sh`` (see there; the diffusers half is
+``pytest -m gpu``). Prints what it measured, with ratios against a baseline measured in the
+same run, and exits non-zero when a check fails."""
 
 from __future__ import annotations
 
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 
-def sweep_check(n_images: int) -> bool:
-    """The demo zoo (trained on the GPU if not cached) over the world's debug split, CPU vs
-    GPU with fp16 autocast; one Ray shard per GPU."""
-    import ray
-    import torch
+class Keep:
+    """A sweep sink that keeps each model's logits and failures."""
 
+    def __init__(self):
+        self.logits, self.failed = {}, {}
+
+    def model_done(self, name, logits, features, shard):
+        self.logits[name] = logits
+
+    def model_failed(self, name, reason):
+        self.failed[name] = reason
+
+
+def demo_job(n_images: int):
+    """(the demo zoo, a SweepJob of ``n_images`` debug images), the zoo trained on the GPU
+    if not cached."""
     from audit.data.default_world import prepare_world
     from audit.pipeline.sweep import SweepJob
-    from audit.zoo.shard import LocalSweeper
     from audit.zoo.spec import ZooSpec
     from audit.zoo.train import train_zoo, trained_weights
-    from cluster.sweep import RaySweeper
-
-    class Keep:
-        def __init__(self):
-            self.logits, self.failed = {}, {}
-
-        def model_done(self, name, logits, features, shard):
-            self.logits[name] = logits
-
-        def model_failed(self, name, reason):
-            self.failed[name] = reason
 
     t = time.perf_counter()
     data, _ = prepare_world()
@@ -46,9 +44,21 @@ def sweep_check(n_images: int) -> bool:
     part = data.split("debug")
     images, ok, _ = part.decode()
     images, part = images[:n_images], part.take(ok[:n_images])
-    job = SweepJob(
-        images, part.example_ids.astype(str), part.labels, data.classes, list(zoo), weights, 256
-    )
+    ids = part.example_ids.astype(str)
+    return zoo, SweepJob(images, ids, part.labels, data.classes, list(zoo), weights, 256)
+
+
+def sweep_check(n_images: int) -> bool:
+    """The demo zoo over the world's debug split, CPU vs GPU with fp16 autocast; one Ray
+    shard per GPU."""
+    import ray
+    import torch
+
+    from audit.zoo.shard import LocalSweeper
+    from cluster.sweep import RaySweeper
+
+    zoo, job = demo_job(n_images)
+    images = job.images
     cpu, gpu = Keep(), Keep()
     t = time.perf_counter()
     LocalSweeper("cpu", threads=os.cpu_count()).run(job, cpu)
@@ -82,40 +92,6 @@ def sweep_check(n_images: int) -> bool:
     return worst >= 0.99 and not gpu.failed and shards_ok
 
 
-def generation_check(n_prompts: int = 8, repeats: int = 3) -> bool:
-    """diffusers fp16 on the GPU (tiny random pipeline): one batched call vs one call per prompt."""
-    from serve.backends import DiffusersBackend, build_tiny_sd_pipeline
-
-    d = build_tiny_sd_pipeline(os.path.join(tempfile.mkdtemp(prefix="tiny-sd-"), "pipe"))
-    b = DiffusersBackend(d, device="cuda", steps=10)
-    prompts = [f"a photo of a red sandal on grass {i}" for i in range(n_prompts)]
-    seeds = list(range(n_prompts))
-    size = tuple(b.defaults()["size"])
-    b.generate(prompts[:2], seeds[:2], 10, 7.5, size)  # warm-up
-    direct, batched = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        one = [b.generate([p], [s], 10, 7.5, size) for p, s in zip(prompts, seeds, strict=True)]
-        direct.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        many = b.generate(prompts, seeds, 10, 7.5, size)
-        batched.append(time.perf_counter() - t)
-    same = float(
-        np.mean(
-            [
-                np.abs(many[i].astype(int) - one[i][0].astype(int)).max() <= 8
-                for i in range(n_prompts)
-            ]
-        )
-    )
-    print(
-        f"generation, diffusers fp16 ({b.info()['dtype']}, {size[0]}px, 10 steps, {n_prompts} prompts): "
-        f"direct {min(direct):.3f}s, batched {min(batched):.3f}s, ratio {min(direct) / min(batched):.2f}x; "
-        f"batched images equal to direct ones (max abs diff <= 8): {same:.0%}"
-    )
-    return same >= 0.99
-
-
 def main() -> int:
     import torch
 
@@ -130,7 +106,7 @@ def main() -> int:
         + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     )
     n = int(os.environ.get("GPU_CHECK_IMAGES", "1800"))
-    results = {"sweep": sweep_check(n), "generation": generation_check()}
+    results = {"sweep": sweep_check(n)}
     print("gpu_check: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in results.items()))
     return 0 if all(results.values()) else 1
 

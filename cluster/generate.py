@@ -1,12 +1,21 @@
-"""Generation services for the generate stage: the Ray Serve app over HTTP, either a
-running ``zoo-audit serve`` at a URL or the app started in-process for the run (its
-store is the run directory, so the sets land in ``RUN/synthetic/``)."""
+"""The generate stage's set generators and the choice between them.
+
+- :class:`ServeSetGenerator`: the Ray Serve app started in this Ray for the run, without an
+  HTTP proxy; the run calls the ingress's ``make_set`` through the handle ``serve.run``
+  returns (its store is the run directory, so the sets land in ``RUN/synthetic/``).
+- :class:`HttpSetGenerator`: a running ``zoo-audit serve`` at ``[generate] url``, over HTTP.
+- :class:`audit.synthetic.RetrievalSetGenerator`: real pool images, no Serve and no Ray, for
+  data that is not a world when no diffusion weights are configured.
+
+:func:`choose_generator` picks one for a run (the composition root, ``cluster.runner``, wires
+it); :func:`resolve_backend` is the rule.
+"""
 
 from __future__ import annotations
 
 import logging
-import socket
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 
 import pyarrow as pa
 
@@ -14,11 +23,8 @@ from audit.pipeline.generate import SETS_SCHEMA
 
 log = logging.getLogger(__name__)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+RETRIEVAL = "retrieval"
+APP_NAME = "zoo-audit-generate"
 
 
 def request_sets(
@@ -74,11 +80,46 @@ def diffusion_weights_present(model: str) -> bool:
         return False
 
 
-class ServeSetGenerator:
-    """Starts the Serve app in this Ray for the request, on a free loopback port, then stops it.
+def resolve_backend(backend: str, world_dir: str | None) -> tuple[str, str]:
+    """``(spec, why)`` for ``[generate] backend``: the world renderer (``world:DIR``) for a
+    world; for any other dataset the configured diffusers model when its weights are here,
+    else ``"retrieval"`` (nearest real pool images in the run's joint space, no Serve). A
+    Serve backend named explicitly (``null``, ``diffusers:...`` for a world) is itself.
+    Raises ValueError naming the known backends for any other name."""
+    if backend == "world" and world_dir:
+        return f"world:{world_dir}", "the world renderer (the data is a world)"
+    if backend in ("world", RETRIEVAL) or (
+        backend.startswith("diffusers:")
+        and not world_dir
+        and not diffusion_weights_present(backend.partition(":")[2])
+    ):
+        return RETRIEVAL, (
+            "retrieval: the nearest real pool images of each caption (the data is not a world and no diffusion "
+            "weights are configured; set [generate] backend = 'diffusers:MODEL' to generate)"
+        )
+    from serve.backends import list_backends, parse_backend
 
-    ``shutdown_serve=False`` leaves Serve to the Ray shutdown that follows (a run that owns
-    its Ray): stopping the controller by hand makes Ray print a retried-task notice."""
+    if parse_backend(backend)[0] not in list_backends():
+        known = ", ".join([*list_backends(), RETRIEVAL])
+        raise ValueError(
+            f"[generate] backend {backend!r} is no generation backend; known: "
+            f"{known} (diffusers takes 'diffusers:MODEL_ID_OR_DIR')"
+        )
+    return backend, backend
+
+
+class ServeSetGenerator:
+    """The Serve app, started in this Ray for the request, reached through its handle.
+
+    Serve starts without proxies (no HTTP port: nothing outside this Ray can reach it), the
+    app has no token and no request limits (the run's requests are its own), and the
+    generator still batches the backend calls. ``shutdown_serve=False`` leaves Serve to the
+    Ray shutdown that follows (a run that owns its Ray): stopping the controller by hand
+    makes Ray print a retried-task notice; otherwise only the app is deleted.
+    """
+
+    #: how long one set may keep answering 503 (generator lost or queue full) before failing
+    retry_s: float = 600.0
 
     def __init__(
         self, backend: str, store_uri: str, world_dir: str | None, shutdown_serve: bool = True
@@ -87,81 +128,101 @@ class ServeSetGenerator:
         self.shutdown_serve = shutdown_serve
 
     def resolved_backend(self) -> str:
-        """The backend that serves this run: the world renderer for a world; for any other
-        dataset the configured diffusers model, else ``retrieval`` (nearest real pool images
-        in the run's joint space). Says which in one log line."""
-        if self.backend == "world" and self.world_dir:
-            resolved, why = f"world:{self.world_dir}", "the world renderer (the data is a world)"
-        elif self.backend in ("world", "retrieval") or (
-            self.backend.startswith("diffusers:")
-            and not self.world_dir
-            and not diffusion_weights_present(self.backend.partition(":")[2])
-        ):
-            resolved = f"retrieval:{self.store_uri}"
-            why = (
-                "retrieval: the nearest real pool images of each caption (the data is not a world and no diffusion "
-                "weights are configured; set [generate] backend = 'diffusers:MODEL' to generate)"
+        """The Serve backend spec that serves this run (see :func:`resolve_backend`)."""
+        spec, _ = resolve_backend(self.backend, self.world_dir)
+        if spec == RETRIEVAL:
+            raise ValueError(
+                f"[generate] backend {self.backend!r}: the data is not a world and no diffusion weights "
+                "are here, so no Serve backend can generate for it; the run retrieves instead "
+                "(cluster.generate.choose_generator) or set [generate] backend = 'diffusers:MODEL'"
             )
-        else:
-            from serve.backends import list_backends, parse_backend
+        return spec
 
-            name = parse_backend(self.backend)[0]
-            if name not in list_backends():
-                raise ValueError(
-                    f"[generate] backend {self.backend!r} is no generation backend; known: "
-                    f"{', '.join(list_backends())} (diffusers takes 'diffusers:MODEL_ID_OR_DIR')"
-                )
-            resolved, why = self.backend, self.backend
-        # the substitution of retrieval for generation is worth a line on the console; the rest is routine
-        (log.warning if resolved.startswith("retrieval:") else log.info)(
-            "generation backend: %s", why
-        )
-        return resolved
-
-    def request_sets(self, wanted, set_ids, k, seed):
-        backend = self.resolved_backend()
-        if backend.startswith("retrieval:"):
-            from audit.store import RunStore
-
-            if (
-                not RunStore(self.store_uri).manifest().get("config")
-            ):  # checked here: a failed deployment says less
-                raise ValueError(
-                    f"the data is not a world, and retrieval needs an audit run in {self.store_uri} "
-                    "to retrieve from; set [generate] backend = 'diffusers:MODEL' or run the audit first"
-                )
+    def request_sets(self, wanted, set_ids, k, seed) -> pa.Table:
         from ray import serve
 
         from cluster.runtime import requiet
-        from serve.app import build_app
-        from serve.config import Limits, ServeAppConfig
+        from serve.app import build_handle_app
+        from serve.config import ServeAppConfig
 
+        cfg = ServeAppConfig(backend=self.resolved_backend(), store=self.store_uri)
         requiet()  # importing ray.serve installs a console handler
-        # the run's own app: limits sized for the run's sets (a model's hard captions, the probe set)
-        limits = Limits(
-            max_prompts=1024,
-            max_images_per_prompt=64,
-            max_images=8192,
-            max_pixels=1 << 34,
-            max_body_bytes=1 << 22,
-            client_pixels_per_minute=0,
-        )
-        app = build_app(ServeAppConfig(backend=backend, store=self.store_uri, limits=limits))
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(proxy_location="Disabled")
         requiet()
         try:
-            serve.run(app, name="zoo-audit-generate", route_prefix="/")
-            return request_sets(f"http://127.0.0.1:{port}", wanted, set_ids, k, seed)
+            handle = serve.run(build_handle_app(cfg), name=APP_NAME, route_prefix=None)
+            rows = []
+            for scope, caps in wanted.items():
+                n = k if isinstance(k, int) else k[scope]
+                reply = self._make_set(handle, caps, n, seed, set_ids[scope])
+                rows.append(
+                    {
+                        "scope": scope,
+                        "set_id": reply["set_id"],
+                        "captions": list(caps),
+                        "n_images": reply["n_images"],
+                        "generator": reply["generator"],
+                    }
+                )
+            return pa.Table.from_pylist(rows, schema=SETS_SCHEMA)
         finally:
             if self.shutdown_serve:
                 serve.shutdown()
             else:
-                serve.delete("zoo-audit-generate")
+                serve.delete(APP_NAME)
+
+    def _make_set(self, handle, captions: list[str], k: int, seed: int, set_id: str) -> dict:
+        """One set through ``handle.make_set``; a 503 (generator lost, queue full) is retried."""
+        request = {
+            "prompts": list(captions),
+            "images_per_prompt": k,
+            "seed": seed,
+            "set_id": set_id,
+        }
+        return retry_503(lambda: handle.make_set.remote(request).result(), self.retry_s, set_id)
 
 
-def set_generator(cfg, store_uri: str, world_dir: str | None, shutdown_serve: bool = True):
-    """The generator for the ``[generate]`` section."""
-    if cfg.url:
-        return HttpSetGenerator(cfg.url)
-    return ServeSetGenerator(cfg.backend, store_uri, world_dir, shutdown_serve)
+def retry_503(call: Callable[[], dict], retry_s: float, what: str) -> dict:
+    """``call()`` until it answers other than 503 (waiting its ``retry_after_s``) or
+    ``retry_s`` have passed; raises RuntimeError with the detail of an error answer."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        reply = call()
+        if "error" not in reply:
+            return reply
+        if reply["status"] != 503 or time.monotonic() > deadline:
+            raise RuntimeError(
+                f"generation of set {what!r} failed ({reply['status']}): {reply['error']}"
+            )
+        time.sleep(float(reply.get("retry_after_s") or 1.0))
+
+
+class ChosenGenerator:
+    """Chooses the run's generator on its first request, so a wrong ``[generate] backend``
+    fails the generate stage (not the run's start) and Ray starts only for Serve."""
+
+    def __init__(self, choose: Callable[[], object]):
+        self._choose, self._gen = choose, None
+
+    def request_sets(self, wanted, set_ids, k, seed):
+        if self._gen is None:
+            self._gen = self._choose()
+        return self._gen.request_sets(wanted, set_ids, k, seed)
+
+
+def choose_generator(cfg, store, world_dir: str | None, on_serve: Callable[[str], object]):
+    """The generator of the run of ``cfg`` (an AuditConfig) into ``store``: the service at
+    ``[generate] url``; else, by :func:`resolve_backend`, the audit's retrieval (the one
+    warning line says so) or ``on_serve(spec)``, the Serve app for that backend."""
+    g = cfg.generate
+    if g.url:
+        return HttpSetGenerator(g.url)
+    spec, why = resolve_backend(g.backend, world_dir)
+    if spec == RETRIEVAL:
+        from audit.synthetic import RetrievalSetGenerator
+
+        # the substitution of retrieval for generation is worth a line on the console
+        log.warning("generation backend: %s", why)
+        return RetrievalSetGenerator(store, cfg)
+    log.info("generation backend: %s", why)
+    return on_serve(spec)

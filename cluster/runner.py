@@ -74,8 +74,11 @@ class _OnRay:
 def ray_services(
     cfg: AuditConfig, store: RunStore, world_dir: str | None, ray: _LazyRay, progress: bool
 ) -> Services:
+    """Ray's executor and sweeper, and the run's generator: the Serve app (through its handle,
+    on Ray) for a world or configured diffusion weights, else the audit's retrieval (no Ray),
+    or the service at ``[generate] url`` (see :func:`cluster.generate.choose_generator`)."""
     from cluster.executor import RayExecutor
-    from cluster.generate import set_generator
+    from cluster.generate import ChosenGenerator, ServeSetGenerator, choose_generator
     from cluster.sweep import RaySweeper
 
     r = cfg.ray
@@ -89,13 +92,17 @@ def ray_services(
             progress=progress,
         )
 
+    def on_serve(backend: str) -> _OnRay:
+        # ray.owned is known once Ray is up: a run that owns its Ray leaves Serve to its shutdown
+        return _OnRay(
+            ray,
+            lambda: ServeSetGenerator(backend, store.uri, world_dir, shutdown_serve=not ray.owned),
+        )
+
     return Services(
         executor=_OnRay(ray, RayExecutor),
         sweeper=_OnRay(ray, sweeper),
-        generator=_OnRay(
-            ray,
-            lambda: set_generator(cfg.generate, store.uri, world_dir, shutdown_serve=not ray.owned),
-        ),
+        generator=ChosenGenerator(lambda: choose_generator(cfg, store, world_dir, on_serve)),
         progress=progress,
     )
 

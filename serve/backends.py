@@ -3,10 +3,10 @@
 ``create_backend("world")`` renders captions with the world renderer (offline, images
 that really show the caption); ``create_backend("diffusers:MODEL")`` runs Stable
 Diffusion through diffusers from the Hugging Face cache (no downloads) or a local
-directory; ``create_backend("retrieval:RUN_DIR")`` returns the nearest real pool images of
-a caption in an audit run's joint space (:mod:`serve.retrieval`); ``create_backend("null")``
-returns a constant image and exists to measure the service's own overhead and to inject
-faults in tests.
+directory; ``create_backend("null")`` returns a constant image and exists to measure the
+service's own overhead and to inject faults in tests. (Retrieval of real images, for data
+that is neither a world nor has diffusion weights, is no backend here: it is the audit's
+own :class:`audit.synthetic.RetrievalSetGenerator`.)
 
 Every backend takes one parameter group at a time::
 
@@ -67,13 +67,6 @@ def create_backend(spec: str, **options: Any) -> Backend:
             f"unknown generator backend {name!r}{hint} Known backends: {list_backends()} (diffusers takes 'diffusers:MODEL_ID_OR_DIR')"
         )
     return _REGISTRY[name](arg, **options)
-
-
-def image_seed(seed: int, index: int) -> int:
-    """Seed of the ``index``-th image of a prompt in a request with seed ``seed`` (32-bit)."""
-    return int(
-        np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFF, int(index)]).generate_state(1)[0]
-    )
 
 
 def _resize(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -308,13 +301,6 @@ def _world(arg: str | None = None, **options: Any) -> Backend:
     return WorldBackend(**options)
 
 
-@register_backend("retrieval")
-def _retrieval(arg: str | None = None, **options: Any) -> Backend:
-    from serve.retrieval import RetrievalBackend
-
-    return RetrievalBackend(arg or options.pop("run", ""), **options)
-
-
 @register_backend("null")
 def _null(arg: str | None = None, **options: Any) -> Backend:
     return NullBackend(**options)
@@ -323,101 +309,3 @@ def _null(arg: str | None = None, **options: Any) -> Backend:
 @register_backend("diffusers")
 def _diffusers(arg: str | None = None, **options: Any) -> Backend:
     return DiffusersBackend(arg or options.pop("model", ""), **options)
-
-
-def _byte_chars() -> list[str]:
-    """The 256 printable characters that byte-level BPE (GPT-2, CLIP) uses for the 256 bytes."""
-    keep = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    extra = [b for b in range(256) if b not in keep]
-    mapping = {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(extra)}
-    return [mapping[b] for b in range(256)]
-
-
-def build_tiny_sd_pipeline(out_dir: str, seed: int = 0) -> str:
-    """Save a tiny randomly initialised StableDiffusionPipeline to ``out_dir`` (offline).
-
-    Same classes as Stable Diffusion 1.x (UNet2DConditionModel, AutoencoderKL, CLIP text
-    encoder and tokenizer, PNDM scheduler) at toy sizes, so ``diffusers:OUT_DIR`` exercises
-    the real loading and sampling path. Images are 32x32 by default. Returns ``out_dir``.
-    """
-    import json
-
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    if os.path.exists(os.path.join(out_dir, "model_index.json")):
-        return out_dir
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=16,
-        attention_head_dim=4,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=[16, 32],
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        norm_num_groups=16,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-    )
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=512,
-            eos_token_id=513,
-            pad_token_id=513,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=600,
-            max_position_embeddings=77,
-            layer_norm_eps=1e-5,
-        )
-    )
-    # A byte-level vocabulary without merges: every character is a token (no download).
-    tok_dir = os.path.join(out_dir, "_tok_src")
-    os.makedirs(tok_dir, exist_ok=True)
-    chars = _byte_chars()
-    vocab = {
-        t: i
-        for i, t in enumerate(
-            chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-        )
-    }
-    with open(os.path.join(tok_dir, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(tok_dir, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
-    scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1)
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out_dir)
-    return out_dir

@@ -102,9 +102,6 @@ class GenerationClient:
                 raise ServiceError(r.status_code, detail)
             return r
 
-    def health(self) -> dict:
-        return self._call("GET", "/healthz", time.monotonic() + self.timeout).json()
-
     def generate(
         self,
         prompts: list[str],
@@ -135,16 +132,6 @@ class GenerationClient:
         }
         return self._call("POST", "/v1/generate", time.monotonic() + self.timeout, json=body).json()
 
-    def get_set(self, set_id: str) -> dict:
-        return self._call("GET", f"/v1/sets/{set_id}", time.monotonic() + self.timeout).json()
-
-    def image(self, set_id: str, n: int) -> np.ndarray:
-        return decode_png(
-            self._call(
-                "GET", f"/v1/sets/{set_id}/images/{n}.png", time.monotonic() + self.timeout
-            ).content
-        )
-
     def request_set(
         self, captions: list[str], k: int = 3, seed: int = 0, set_id: str | None = None, **params
     ) -> SyntheticSet:
@@ -165,16 +152,3 @@ class GenerationClient:
             generator=r["generator"],
             cached=r["cached"],
         )
-
-
-def request_synthetic_set(
-    url: str,
-    captions: list[str],
-    k: int = 3,
-    token: str | None = None,
-    timeout: float = 600.0,
-    **params,
-) -> SyntheticSet:
-    """Convenience: ``GenerationClient(url, token, timeout).request_set(captions, k, **params)``."""
-    with GenerationClient(url, token=token, timeout=timeout) as c:
-        return c.request_set(captions, k=k, **params)

@@ -10,26 +10,19 @@ import hashlib
 import json
 import logging
 import os
-import re
 from typing import Any
 
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# One path component: no separators, no leading dot (so no "..", no hidden temp names).
+from audit.synthetic.sets import check_set_id
+
 log = logging.getLogger("zoo_audit.serve")
 
-SET_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
-
-
-def check_set_id(set_id: str) -> str:
-    """Return ``set_id`` if it is a safe single path component, else raise ValueError."""
-    if not isinstance(set_id, str) or not SET_ID_RE.fullmatch(set_id) or ".." in set_id:
-        raise ValueError(
-            f"set_id {set_id!r} is invalid: use 1-96 characters from [A-Za-z0-9_.-], starting with a "
-            "letter or digit, without '..' (it names a directory under synthetic/)"
-        )
-    return set_id
+AUTH_OFF = (
+    "auth is OFF: anyone who can reach this port can generate and store sets. Set a token: "
+    "ZOO_AUDIT_SERVE_TOKEN=... or token_file (--token-file) with a 0600 file"
+)
 
 
 class _Strict(BaseModel):

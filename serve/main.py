@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 
-from ray import serve
-
 from audit.store import RunStore
-from serve.app import AUTH_OFF, build_app
-from serve.config import ServeAppConfig, load_config
+from serve.config import AUTH_OFF, ServeAppConfig, load_config
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on at ``host`` now (for a service started on loopback by a
+    test or a benchmark; the one helper for it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def startup_lines(cfg: ServeAppConfig, port: int) -> list[str]:
@@ -32,6 +38,9 @@ def serve_main(args) -> None:
     With ``--config F`` the file's values hold unless a flag is given a non-default value.
     """
     import ray
+    from ray import serve
+
+    from serve.app import build_app
 
     over = {k: getattr(args, k, None) for k in _CLI_DEFAULTS}
     file_cfg = {"config": args.config} if getattr(args, "config", None) else {}

@@ -197,18 +197,15 @@ def test_world_encoder_needs_captions_or_attributes():
 
 
 def test_retrieval_is_chosen_for_data_that_is_not_a_world(tmp_path):
-    from cluster.generate import ServeSetGenerator
+    from cluster.generate import resolve_backend
 
-    assert (
-        ServeSetGenerator("world", str(tmp_path), None).resolved_backend()
-        == f"retrieval:{tmp_path}"
-    )
-    assert ServeSetGenerator("world", str(tmp_path), "/w").resolved_backend() == "world:/w"
-    nothing = "diffusers:" + str(tmp_path / "no-weights")
-    assert (
-        ServeSetGenerator(nothing, str(tmp_path), None).resolved_backend()
-        == f"retrieval:{tmp_path}"
-    )
+    assert resolve_backend("world", None)[0] == "retrieval"
+    assert resolve_backend("world", "/w")[0] == "world:/w"
+    assert resolve_backend("diffusers:" + str(tmp_path / "no-weights"), None)[0] == "retrieval"
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "model_index.json").write_text("{}")
+    assert resolve_backend(f"diffusers:{weights}", None)[0] == f"diffusers:{weights}"
 
 
 # -- a second planted world, handed over as a plain Parquet manifest -----------------------
@@ -273,47 +270,6 @@ train = { seed = 1 }
 """
 
 
-class RetrievalGenerator:
-    """The Serve app's work without Ray: the retrieval backend answers each set's captions
-    (``request_seeds`` seeds) and the images land in the run as a set would."""
-
-    def __init__(self, out: str):
-        self.out, self.backends = out, []
-
-    def request_sets(self, wanted, set_ids, k, seed):
-        from audit.data.world import _png
-        from audit.pipeline.generate import SETS_SCHEMA
-        from audit.store import RunStore
-        from serve.backends import create_backend
-        from serve.sets import request_seeds
-
-        backend = create_backend(f"retrieval:{self.out}")
-        self.backends.append(backend)
-        store, rows = RunStore(self.out), []
-        for scope, caps in wanted.items():
-            n = k if isinstance(k, int) else k[scope]
-            prompts = [c for c in caps for _ in range(n)]
-            imgs = backend.generate(
-                prompts, request_seeds(caps, n, seed), 1, 0.0, backend.defaults()["size"]
-            )
-            store.write_table(
-                f"synthetic/{set_ids[scope]}/part-00000.parquet",
-                pa.Table.from_pylist(
-                    [{"png": _png(im), "prompt": p} for p, im in zip(prompts, imgs, strict=True)]
-                ),
-            )
-            rows.append(
-                {
-                    "scope": scope,
-                    "set_id": set_ids[scope],
-                    "captions": caps,
-                    "n_images": len(prompts),
-                    "generator": backend.name,
-                }
-            )
-        return pa.Table.from_pylist(rows, schema=SETS_SCHEMA)
-
-
 def planted_naming(
     store, truth: pa.Table, spec, split: str = "debug", min_gap: float = 0.15
 ) -> list[dict]:
@@ -355,13 +311,17 @@ def planted_naming(
 
 
 def _run_with_retrieval(cfg, out: str):
-    """``zoo-audit run cfg`` on threads, generating through the retrieval backend."""
+    """``zoo-audit run cfg`` on threads, generating by retrieval (what the composition root
+    chooses for data that is not a world)."""
+    from audit.pipeline.config import load_config
     from audit.pipeline.executor import ThreadExecutor
     from audit.pipeline.inputs import Services
+    from audit.store import RunStore
+    from audit.synthetic import RetrievalSetGenerator
     from audit.zoo.shard import LocalSweeper
     from cluster.runner import run_audit
 
-    gen = RetrievalGenerator(out)
+    gen = RetrievalSetGenerator(RunStore(out), load_config(str(cfg)))
     services = Services(executor=ThreadExecutor(2), sweeper=LocalSweeper(threads=1), generator=gen)
     store, res = run_audit(str(cfg), out, services=services, console=lambda s: None)
     assert res.failed is None
@@ -372,7 +332,7 @@ def _run_with_retrieval(cfg, out: str):
 def test_second_world_as_a_plain_manifest(tmp_path, fake_fmnist):
     """A new user's dataset: integer labels, a class-name column, attribute columns, no spec,
     no captions. The run names each planted value, finds both modes of the two-mode class and
-    generates with the retrieval backend."""
+    generates by retrieval."""
     from audit.data.world import WorldSpec, build_world, export_manifest
 
     spec_path = tmp_path / "second.toml"
@@ -444,26 +404,16 @@ enabled = false
 
     sets = store.read_table("synthetic_sets.parquet")
     assert sets.num_rows and set(sets["generator"].to_pylist()) == {"retrieval"}
-    backend = gen.backends[0]
-    assert set(backend.example_ids) <= set(
-        truth.filter(pc.equal(truth["split"], "pool"))["example_id"].to_pylist()
+    pool = gen.pool()  # drawn from the pool split only, a caption's images from its class
+    pool_ids = truth.filter(pc.equal(truth["split"], "pool"))["example_id"].to_pylist()
+    assert set(pool.example_ids) <= set(pool_ids)
+    picked = pool.pick(["a photo of an orange pullover"] * 3, [1, 2, 3])
+    assert (
+        picked == pool.pick(["a photo of an orange pullover"] * 3, [1, 2, 3])
+        and len(set(picked)) == 3
     )
-    again = backend.generate(
-        ["a photo of an orange pullover"] * 3, [1, 2, 3], 1, 0.0, backend.defaults()["size"]
-    )
-    np.testing.assert_array_equal(
-        again,
-        backend.generate(
-            ["a photo of an orange pullover"] * 3, [1, 2, 3], 1, 0.0, backend.defaults()["size"]
-        ),
-    )
-    picked = backend.pick(["a photo of an orange pullover"] * 3, [1, 2, 3])
-    assert len(set(picked)) == 3
-    pool_items = truth.filter(pc.equal(truth["split"], "pool"))
-    item_of = dict(
-        zip(pool_items["example_id"].to_pylist(), pool_items["item"].to_pylist(), strict=True)
-    )
-    assert {item_of[backend.example_ids[i]] for i in picked} == {"pullover"}
+    item_of = dict(zip(truth["example_id"].to_pylist(), truth["item"].to_pylist(), strict=True))
+    assert {item_of[pool.example_ids[i]] for i in picked} == {"pullover"}
 
 
 TINY_CLIP = "zoo-audit-test-tiny-clip-datasets"

@@ -18,14 +18,9 @@ import time
 import numpy as np
 import pytest
 
-from serve.backends import (
-    WorldBackend,
-    build_tiny_sd_pipeline,
-    create_backend,
-    image_seed,
-    list_backends,
-)
-from serve.config import GenerateRequest, Limits, ServeAppConfig, check_set_id, load_config
+from audit.synthetic.sets import check_set_id, image_seed, request_seeds
+from serve.backends import WorldBackend, create_backend, list_backends
+from serve.config import GenerateRequest, Limits, ServeAppConfig, load_config
 
 TOKEN = "s3cret-token"
 RED_SANDAL = "a photo of a red sandal on grass"
@@ -41,6 +36,7 @@ def _png(data: bytes) -> np.ndarray:
 # -- pure parts (no Ray) ---------------------------------------------------------------
 def test_registry_and_config_errors():
     assert {"world", "null", "diffusers"} <= set(list_backends())
+    assert "retrieval" not in list_backends()  # the audit's own generator, not a Serve backend
     with pytest.raises(ValueError, match="did you mean"):
         create_backend("wrld")
     for bad in ["../x", "/abs", "a/b", ".hidden", "", "a..b", "x" * 200]:
@@ -90,6 +86,8 @@ def test_diffusers_backend_direct(tiny_sd, one_thread):
 # -- the service -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory) -> str:
+    from tiny_sd import build_tiny_sd_pipeline
+
     return build_tiny_sd_pipeline(str(tmp_path_factory.mktemp("tiny_sd") / "pipe"))
 
 
@@ -98,13 +96,12 @@ def service(tmp_path_factory, ray_session):
     from ray import serve
 
     from serve.app import build_app
+    from serve.main import free_port
 
     root = tmp_path_factory.mktemp("serve")
     token_file = root / "token"
     token_file.write_text(TOKEN + "\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     limits = {
         "max_prompts": 4,
         "max_prompt_chars": 80,
@@ -409,15 +406,15 @@ def test_diffusers_over_http(sd_app, http, tiny_sd, one_thread):
 
 
 @pytest.mark.ray
-def test_client_request_set(service):
+def test_client_request_set(service, http):
     from serve.client import GenerationClient, ServiceError
 
     with GenerationClient(f"{service['url']}/w", token=TOKEN, timeout=60) as c:
         s = c.request_set([RED_SANDAL, BLUE_BAG], k=3, seed=2)
         assert s.images.shape == (6, 32, 32, 3) and s.prompts[3] == BLUE_BAG and not s.cached
         assert c.request_set([RED_SANDAL, BLUE_BAG], k=3, seed=2).cached
-        np.testing.assert_array_equal(c.image(s.set_id, 5), s.images[5])
-        assert c.get_set(s.set_id)["n_images"] == 6
+        img = http.get(f"/w/v1/sets/{s.set_id}/images/5.png", headers=AUTH)
+        np.testing.assert_array_equal(_png(img.content), s.images[5])
         with pytest.raises(ServiceError, match="limits.max_prompts"):
             c.request_set([RED_SANDAL] * 5, k=1)
     with (
@@ -425,6 +422,62 @@ def test_client_request_set(service):
         pytest.raises(ServiceError, match="401"),
     ):
         c.request_set([RED_SANDAL])
+
+
+@pytest.mark.ray
+def test_handle_door_is_trusted_and_shares_the_set_logic(service, http):
+    """``make_set`` through the app's handle (the run's path): no token and no request limits,
+    but the same dedupe by set id, conflicts, prompt checks and error ids as HTTP."""
+    from ray import serve
+
+    from audit.store import RunStore
+
+    w = serve.get_app_handle("w")
+    # beyond the HTTP door's limits of /w (4 prompts, 12 images), and without its token
+    req = {"prompts": [RED_SANDAL] * 5 + [BLUE_BAG], "images_per_prompt": 5, "seed": 3}
+    first = w.make_set.remote({**req, "set_id": "handle-big"}).result()
+    assert "error" not in first, first
+    assert first["n_images"] == 30 and not first["cached"] and first["generator"] == "world"
+    assert w.make_set.remote({**req, "set_id": "handle-big"}).result()["cached"]
+    assert http.get("/w/v1/sets/handle-big", headers=AUTH).json()["n_images"] == 30
+    assert w.make_set.remote({**req, "seed": 4, "set_id": "handle-big"}).result()["status"] == 409
+    bad = w.make_set.remote({"prompts": ["a photo of a unicorn"]}).result()
+    assert bad["status"] == 422 and "unicorn" in bad["error"]
+    assert w.make_set.remote({"prompts": [RED_SANDAL], "set_id": "../x"}).result()["status"] == 422
+    boom = serve.get_app_handle("n").make_set.remote({"prompts": ["boom"], "set_id": "h"}).result()
+    assert boom["status"] == 500 and boom["error_id"] in boom["error"]
+    assert not RunStore(service["stores"]["n"]).exists("synthetic/h")
+
+
+@pytest.mark.gpu
+def test_diffusers_fp16_on_cuda(tiny_sd):
+    """On a CUDA device: fp16 with attention slicing; a batched call gives the images of one
+    call per prompt (within fp16 noise); the timings of both are printed (run with -s)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    b = create_backend(f"diffusers:{tiny_sd}", steps=10)
+    assert b.device == "cuda" and b.dtype == torch.float16
+    prompts = [f"a photo of a red sandal on grass {i}" for i in range(8)]
+    seeds, size = list(range(8)), tuple(b.defaults()["size"])
+    b.generate(prompts[:2], seeds[:2], 10, 7.5, size)  # warm-up
+    direct, batched = [], []
+    for _ in range(3):
+        t = time.perf_counter()
+        one = [b.generate([p], [s], 10, 7.5, size)[0] for p, s in zip(prompts, seeds, strict=True)]
+        direct.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        many = b.generate(prompts, seeds, 10, 7.5, size)
+        batched.append(time.perf_counter() - t)
+    diff = max(
+        int(np.abs(m.astype(int) - o.astype(int)).max()) for m, o in zip(many, one, strict=True)
+    )
+    print(
+        f"\ndiffusers fp16 on {torch.cuda.get_device_name(0)}: {len(prompts)} prompts at {size[0]}px, "
+        f"10 steps: one call per prompt {min(direct):.3f}s, batched {min(batched):.3f}s "
+        f"(ratio {min(direct) / min(batched):.2f}x); max abs diff {diff}"
+    )
+    assert many.shape == (8, *size, 3) and diff <= 8
 
 
 # -- hostile and careless input (issue 11) -----------------------------------------------
@@ -450,8 +503,6 @@ def test_default_limits_are_lower_and_count_pixels():
 
 def test_duplicate_prompts_get_distinct_seeds():
     """Issue 11 #10: a prompt given twice in one request reused its seeds (2 distinct images of 4)."""
-    from serve.sets import request_seeds
-
     prompts = [RED_SANDAL, BLUE_BAG, RED_SANDAL]
     seeds = request_seeds(prompts, 2, 5)
     pairs = list(zip([p for p in prompts for _ in range(2)], seeds, strict=True))
@@ -487,7 +538,8 @@ def test_store_failure_in_write_set_leaves_nothing_and_the_claim_is_released(tmp
     """Issue 11 #3 and #5 without Ray: the claim is exclusive, released after a failure (the
     id is free again), and a write that dies leaves no temporary and no set."""
     from audit.store import RunStore
-    from serve.sets import SetUnreadable, claim_set, read_set_meta, release_claim, write_set
+    from audit.synthetic.claims import claim_set, release_claim
+    from audit.synthetic.sets import SetUnreadable, read_set_meta, write_set
 
     store = RunStore(tmp_path / "run")
     assert claim_set(store, "s", "hash-a", 60) is None
@@ -560,7 +612,7 @@ def test_two_ingress_replicas_keep_one_set_per_id(service, replicas_app):
     import httpx
 
     from audit.store import RunStore
-    from serve.sets import read_set_meta
+    from audit.synthetic.sets import read_set_meta
 
     def post(body):
         with httpx.Client(
