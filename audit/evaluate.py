@@ -11,12 +11,20 @@ import pyarrow as pa
 from audit.store import RunStore
 
 
-def prediction_path(model: str) -> str:
-    return f"predictions/model={model}/part-00000.parquet"
+def prediction_path(model: str, root: str = "predictions") -> str:
+    return f"{root}/model={model}/part-00000.parquet"
 
 
-def feature_path(model: str) -> str:
-    return f"features/model={model}/part-00000.parquet"
+def feature_path(model: str, root: str = "features") -> str:
+    return f"{root}/model={model}/part-00000.parquet"
+
+
+def align_ids(have, want) -> np.ndarray:
+    """Index into ``have`` of every id of ``want`` (-1 where absent); ids compared as strings."""
+    pos = {str(e): i for i, e in enumerate(np.asarray(have).tolist())}
+    return np.fromiter(
+        (pos.get(str(e), -1) for e in np.asarray(want).tolist()), np.int64, len(want)
+    )
 
 
 @dataclass

@@ -484,11 +484,18 @@ def extreme_pairs(
 
 
 def format_stats(
-    overlap: pa.Table, clusters: pa.Table, families: pa.Table, metric: str = "jaccard", k: int = 3
+    overlap: pa.Table,
+    clusters: pa.Table,
+    families: pa.Table,
+    metric: str = "jaccard",
+    k: int = 3,
+    ci: float = 0.95,
 ) -> str:
     """A short human summary: most/least similar pairs, clusters, within vs between family."""
     top, bottom = extreme_pairs(overlap, metric, k)
-    lines = [f"Most similar failures ({metric}; P(B fails | A fails); error consistency [95% CI]):"]
+    lines = [
+        f"Most similar failures ({metric}; P(B fails | A fails); error consistency [{ci:.0%} CI]):"
+    ]
     for title, rows in (("most", top), ("least", bottom)):
         if title == "least":
             lines.append(f"Least similar failures ({metric}):")

@@ -18,13 +18,10 @@ tables only: the run's own settings (split, zoo, scoring) are what is checked.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-import pyarrow.parquet as pq
 
-
-def main(argv: list[str] | None = None) -> int:
+def _args(argv):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -39,32 +36,35 @@ def main(argv: list[str] | None = None) -> int:
         help="share of failing pairs the top-1 caption names",
     )
     ap.add_argument(
-        "--min-gap", type=float, default=0.15, help="a group 'shows' this far below its class"
+        "--min-gap",
+        type=float,
+        default=None,
+        help="a group 'shows' this far below its class (default: the run's own [stats] min_gap)",
     )
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
     from audit.pipeline.summary import planted_summary
     from audit.planted import summarize_planted
-    from audit.store import RunStore
+    from audit.view import RunView
 
-    acc_path, planted_path = (
-        os.path.join(args.run, f) for f in ("accuracy.parquet", "planted.parquet")
-    )
-    for p in (acc_path, planted_path):
-        if not os.path.exists(p):
-            print(
-                f"{p} is missing: run `make demo` (or an audit with directions on) first",
-                file=sys.stderr,
-            )
-            return 2
-    ok = True
-    groups = planted_summary(pq.read_table(acc_path), threshold=args.min_gap)
+    view = RunView.open(args.run)
+    acc, planted = view.table("accuracy.parquet"), view.table("planted.parquet")
+    if acc is None or planted is None:
+        why = "no accuracy.parquet or planted.parquet: run `make demo` (or an audit with directions on)"
+        print(f"{args.run}: {why}", file=sys.stderr)
+        return 2
+    min_gap = view.min_gap if args.min_gap is None else args.min_gap
+    groups = planted_summary(acc, min_gap)
     if not groups:
         print(f"{args.run}: no planted groups in accuracy.parquet (not a world?)", file=sys.stderr)
         return 2
     print(
-        f"planted modes ('shows' = group >= {args.min_gap:.0%} below its class; need >= {args.min_models}):"
+        f"planted modes ('shows' = group >= {min_gap:.0%} below its class; need >= {args.min_models}):"
     )
+    ok = True
     for g in groups:
         good = g["shows"] >= args.min_models
         ok &= good
@@ -72,20 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             f"  {g['group']:32s} group {g['group_acc']:6.1%}  class {g['class_acc']:6.1%}  "
             f"shows {g['shows']:2d}/{g['models']}  {'ok' if good else 'MISSED'}"
         )
-    planted = pq.read_table(planted_path)
-    scoring = (
-        RunStore(args.run)
-        .manifest()
-        .get("config", {})
-        .get("directions", {})
-        .get("caption_scoring", "images")
-    )
+    scoring = view.config.directions.caption_scoring
     if "caption_scoring" in planted.column_names:
         rows = [r for r in planted.to_pylist() if r["caption_scoring"] == scoring]
         planted = planted.from_pylist(rows, schema=planted.schema)
     s = summarize_planted(planted)
     good = s["named_share"] >= args.min_named
-    ok &= good
     print(
         f"top-1 hard caption ({scoring} scoring) names the planted value for {s['named_share']:.1%} of "
         f"{s['pairs']} failing pairs (need >= {args.min_named:.0%})  {'ok' if good else 'MISSED'}"
@@ -94,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         f"direction precision at the number of errors {s['precision_svm']:.2f} vs confidence "
         f"{s['precision_confidence']:.2f}"
     )
-    return 0 if ok else 1
+    return 0 if ok and good else 1
 
 
 if __name__ == "__main__":

@@ -91,14 +91,9 @@ def _run(a):
 
 def _report(a):
     from audit.report import write_report
-    from audit.store import RunStore
+    from audit.view import RunView
 
-    if "://" not in a.run and not os.path.isfile(os.path.join(a.run, "manifest.json")):
-        raise FileNotFoundError(
-            f"{a.run!r} is not a run directory (no manifest.json); give the --out of a "
-            "`zoo-audit run` or `zoo-audit demo`"
-        )
-    res = write_report(RunStore(a.run), a.out)
+    res = write_report(RunView.open(a.run), a.out)
     print(
         f"{res.n_models} model pages, {res.n_clusters} cluster pages, {res.n_bytes / 1e6:.1f} MB in {res.seconds:.1f}s"
     )
@@ -170,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--device", default="cpu")
     zt.set_defaults(fn=_zoo_train)
 
-    stages = "train, sweep, accuracy, stats, embed, directions, generate"
+    from audit.pipeline.stages import STAGE_NAMES
+
+    stages = ", ".join(STAGE_NAMES)
     d = sub.add_parser(
         "demo",
         help="the audit on the embedded default: zoo-audit run configs/audit/demo.toml --out runs/demo",

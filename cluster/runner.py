@@ -291,14 +291,11 @@ def run_audit(
 
 
 def _config_key(cfg: AuditConfig) -> str:
+    """The key of a whole config: every section's result-changing fields."""
     from audit.cache import content_hash
+    from audit.pipeline.config import SECTIONS
 
-    return content_hash(
-        {
-            n: cfg.section(n).key_fields()
-            for n in ("data", "zoo", "ray", "stats", "directions", "generate")
-        }
-    )
+    return content_hash({n: cfg.section(n).key_fields() for n in SECTIONS})
 
 
 __all__ = ["StageFailed", "run_audit"]

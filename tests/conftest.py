@@ -122,6 +122,20 @@ def tiny_world(tmp_path_factory, tiny_spec_path, fake_fmnist) -> str:
 
 
 @pytest.fixture(scope="session")
+def testbed(tmp_path_factory, fake_fmnist) -> tuple[str, str]:
+    """``(world directory, zoo path)`` of the test bed that plants a real failure
+    (:mod:`testbed`): blue t-shirts, taken for trousers."""
+    from testbed import testbed_files
+
+    from audit.data.world import build_world
+
+    root = tmp_path_factory.mktemp("testbed")
+    spec, zoo = testbed_files(root)
+    build_world(spec, str(root / "world"), fmnist_dir=fake_fmnist)
+    return str(root / "world"), zoo
+
+
+@pytest.fixture(scope="session")
 def tiny_zoo_path(tmp_path_factory) -> str:
     p = tmp_path_factory.mktemp("zoo") / "tiny.toml"
     p.write_text(TINY_ZOO)

@@ -11,13 +11,11 @@ import pytest
 from audit.pipeline.executor import ThreadExecutor
 from audit.pipeline.inputs import Services
 from audit.pipeline.runner import StageFailed
+from audit.pipeline.stages import STAGE_NAMES
 from audit.store import RunStore
 from audit.zoo.shard import LocalSweeper
 
-STAGES = [
-    s.name
-    for s in __import__("audit.pipeline.runner", fromlist=["default_stages"]).default_stages()
-]
+STAGES = list(STAGE_NAMES)
 
 
 def write_config(path, data: str, zoo: str, extra: str = "") -> str:
@@ -82,6 +80,14 @@ class RecordingGenerator:
             for s, c in wanted.items()
         ]
         return pa.Table.from_pylist(rows, schema=SETS_SCHEMA)
+
+
+def cfg_with(path: str, section: str, line: str) -> str:
+    """The config file at ``path`` with ``line`` added at the top of ``section``."""
+    text = open(path).read()
+    assert section in text, section
+    open(path, "w").write(text.replace(section, f"{section}\n{line}", 1))
+    return path
 
 
 def threads(generator=None) -> Services:
@@ -204,19 +210,14 @@ def test_changed_section_reruns_that_stage_and_what_reads_it(world_config, tiny_
     assert res.skipped[:2] == ["train", "sweep"] and "stats" in res.ran and "embed" in res.skipped
 
 
-def wanted_sets(monkeypatch):
-    """Tiny models trained for seconds have no significant direction; pretend one cluster has
-    one, so that the generator is really asked."""
-    monkeypatch.setattr(
-        "audit.pipeline.generate.cluster_hard_captions",
-        lambda caps, dirs: {"cluster:0": ["a photo of a blue t-shirt"]},
-    )
+def test_failing_stage_is_recorded_and_the_next_run_resumes(testbed, tmp_path):
+    """The test bed's real failure makes the generate stage ask for a set; the service is
+    unreachable: the stage fails, is recorded, and the next run resumes there."""
+    from testbed import testbed_config
 
-
-def test_failing_stage_is_recorded_and_the_next_run_resumes(world_config, tmp_path, monkeypatch):
     from cluster.runner import run_audit
 
-    wanted_sets(monkeypatch)
+    world_config = testbed_config(tmp_path / "audit.toml", *testbed)
     out = str(tmp_path / "run")
     lines: list[str] = []
     boom = RecordingGenerator(fail=ConnectionError("http://127.0.0.1:9 refused the connection"))
@@ -245,31 +246,26 @@ def test_failing_stage_is_recorded_and_the_next_run_resumes(world_config, tmp_pa
     ok = RecordingGenerator(world_dir=m["data"]["world_dir"], store=store)
     _, res = run_audit(world_config, out, services=threads(ok), console=lines.append)
     assert res.failed is None and res.ran[0] == "generate" and "directions" in res.skipped
-    assert ok.calls[0]["cluster:0"] == ["a photo of a blue t-shirt"]
-    sets = {
-        r["scope"]: r["n_images"] for r in store.read_table("synthetic_sets.parquet").to_pylist()
-    }
-    assert sets["cluster:0"] == 3
+    assert "a photo of a blue t-shirt" in ok.calls[0]["cluster:0"]
+    sets = {r["scope"]: r for r in store.read_table("synthetic_sets.parquet").to_pylist()}
+    assert sets["cluster:0"]["n_images"] == 8 * len(sets["cluster:0"]["captions"])
 
 
-def test_cli_failing_stage_exits_1_with_one_line(
-    tmp_path, tiny_world, tiny_zoo_path, monkeypatch, capsys
-):
+def test_cli_failing_stage_exits_1_with_one_line(tmp_path, testbed, monkeypatch, capsys):
     """A generation backend that does not exist: the generate stage cannot work; the CLI says
     so in one line, exits 1, and the manifest says why; every earlier output stays."""
+    from testbed import testbed_config
+
     import cluster.runner
     from audit.data.readers import read_dataset
     from cluster.cli import main
     from cluster.generate import ServeSetGenerator
 
-    manifest = tmp_path / "data.parquet"
-    read_dataset(tiny_world).with_metadata().to_parquet(str(manifest))
-    cfg = write_config(
-        tmp_path / "audit.toml",
-        f'path = "{manifest}"',
-        tiny_zoo_path,
-        '[generate]\nbackend = "stable-diffusion"\n',
-    )
+    world, zoo = testbed
+    manifest = tmp_path / "data.parquet"  # the test bed as a user's manifest: not a world
+    read_dataset(world).with_metadata().to_parquet(str(manifest))
+    cfg = testbed_config(tmp_path / "audit.toml", str(manifest), zoo)
+    cfg = cfg_with(cfg, "[generate]", 'backend = "stable-diffusion"')
 
     def thread_services(
         cfg_, store, world_dir, ray, progress
@@ -277,7 +273,6 @@ def test_cli_failing_stage_exits_1_with_one_line(
         return threads(ServeSetGenerator(cfg_.generate.backend, store.uri, world_dir))
 
     monkeypatch.setattr(cluster.runner, "ray_services", thread_services)
-    wanted_sets(monkeypatch)
     out = tmp_path / "run"
     assert main(["run", cfg, "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -46,6 +46,7 @@ class ImageTable:
     classes: list[str]
     root: str | None = None  # base directory for relative ``path`` values
     _validated: bool = field(default=False, repr=False)
+    _splits: dict = field(default_factory=dict, repr=False, compare=False)  # split() results
 
     def __post_init__(self):
         if not self._validated:
@@ -88,12 +89,18 @@ class ImageTable:
         return [c for c in self.columns if c not in CORE_COLUMNS]
 
     def split(self, name: str | Sequence[str]) -> ImageTable:
-        names = [name] if isinstance(name, str) else list(name)
-        unknown = set(names) - set(SPLITS)
-        if unknown:
-            raise ValueError(f"unknown split(s) {sorted(unknown)}; known splits: {list(SPLITS)}")
-        mask = pc.is_in(self.table["split"], value_set=pa.array(names))
-        return ImageTable(self.table.filter(mask), self.classes, self.root, True)
+        """The rows of one split (or several); the same object on every call (its hashes and
+        decodes are then done once)."""
+        names = (name,) if isinstance(name, str) else tuple(name)
+        if names not in self._splits:
+            unknown = set(names) - set(SPLITS)
+            if unknown:
+                raise ValueError(
+                    f"unknown split(s) {sorted(unknown)}; known splits: {list(SPLITS)}"
+                )
+            mask = pc.is_in(self.table["split"], value_set=pa.array(list(names)))
+            self._splits[names] = ImageTable(self.table.filter(mask), self.classes, self.root, True)
+        return self._splits[names]
 
     def take(self, indices) -> ImageTable:
         return ImageTable(

@@ -22,6 +22,7 @@ generator.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 from functools import cached_property
@@ -269,9 +270,19 @@ def build_world(
     table = WorldBuilder(spec, fm).build()
     os.makedirs(out_dir, exist_ok=True)
     table.to_parquet(out_examples)
+    source = os.path.join(out_dir, SOURCE)
+    if fmnist_dir:  # the renderer draws its items from the same files
+        with atomic_write(source) as tmp, open(tmp, "w") as f:
+            json.dump({"fashion_mnist": os.path.abspath(fmnist_dir)}, f)
+    elif os.path.exists(source):
+        os.remove(source)
     with atomic_write(out_spec) as tmp:
         shutil.copyfile(spec_path, tmp)
     return table
+
+
+#: in a world directory: where its Fashion-MNIST items came from, when not the default files
+SOURCE = "source.json"
 
 
 class WorldRenderer:
@@ -288,7 +299,15 @@ class WorldRenderer:
 
     @classmethod
     def from_world_dir(cls, world_dir: str) -> WorldRenderer:
-        return cls(WorldSpec.from_toml(os.path.join(world_dir, "spec.toml")))
+        """The renderer of a built world, drawing items from the Fashion-MNIST files the world
+        was built from (``source.json``; else the default ones)."""
+        spec = WorldSpec.from_toml(os.path.join(world_dir, "spec.toml"))
+        source = os.path.join(world_dir, SOURCE)
+        if not os.path.exists(source):
+            return cls(spec)
+        with open(source) as f:
+            fmnist_dir = json.load(f).get("fashion_mnist")
+        return cls(spec, load_fashion_mnist_arrays(fmnist_dir) if fmnist_dir else None)
 
     @cached_property
     def _items(self) -> dict[str, np.ndarray]:

@@ -29,30 +29,34 @@ class Section(BaseModel):
 
 
 class DataSection(Section):
-    path: str = ""  # a world directory, a Parquet manifest or an ImageFolder
-    world_spec: str = ""  # built (once, cached by the spec's hash) when `path` is empty
-    split: str = "debug"  # where failures are found and directions fitted
-    eval_split: str = "test"  # where captions are checked on their nearest images
-    limit: int = Field(0, ge=0)  # 0 = the whole split
-    class_column: str = (
-        ""  # the column naming each label's class; "" = auto-detect (or directory names, `classes`)
-    )
-    classes: list[str] = []  # class names in label order, when nothing in the data names the labels
-    attributes: list[str] | None = (
-        None  # caption slots (attribute columns); unset = auto-detected, [] = none
-    )
-    attribute_templates: dict[
-        str, str
-    ] = {}  # per attribute, e.g. {background = "{noun} on {value}"}
+    # a world directory, a Parquet manifest or an ImageFolder
+    path: str = ""
+    # built (once, cached by the spec's hash) when `path` is empty
+    world_spec: str = ""
+    # where failures are found and directions fitted
+    split: str = "debug"
+    # where captions are checked on their nearest images, and fixes measured
+    eval_split: str = "test"
+    # 0 = the whole split
+    limit: int = Field(0, ge=0)
+    # the column naming each label's class; "" = auto-detect (or directory names, `classes`)
+    class_column: str = ""
+    # class names in label order, when nothing in the data names the labels
+    classes: list[str] = []
+    # caption slots (attribute columns); unset = auto-detected, [] = none
+    attributes: list[str] | None = None
+    # per attribute, e.g. {background = "{noun} on {value}"}
+    attribute_templates: dict[str, str] = {}
 
     def key_fields(self) -> dict[str, Any]:
         d = self.model_dump()
-        for k, default in (
-            ("class_column", ""),
-            ("classes", []),
-            ("attributes", None),
-            ("attribute_templates", {}),
-        ):
+        optional = {
+            "class_column": "",
+            "classes": [],
+            "attributes": None,
+            "attribute_templates": {},
+        }
+        for k, default in optional.items():
             if d[k] == default:  # runs made before these keys existed keep their keys
                 d.pop(k)
         return d
@@ -84,30 +88,33 @@ class RaySection(Section):
     max_restarts: int = Field(3, ge=0)
 
     def key_fields(self) -> dict[str, Any]:
-        return {
-            "with_features": self.with_features
-        }  # placement and batching do not change predictions
+        # placement and batching do not change predictions
+        return {"with_features": self.with_features}
 
 
 class StatsSection(Section):
     similarity: Literal["jaccard", "shared_fraction", "error_consistency"] = "jaccard"
-    threshold: float | None = None  # cut the dendrogram at this similarity, or
-    n_clusters: int | None = Field(
-        None, ge=1
-    )  # into this many clusters; neither = as many as families
+    # cut the dendrogram at this similarity, or into `n_clusters`; neither = as many as families
+    threshold: float | None = None
+    n_clusters: int | None = Field(None, ge=1)
     method: Literal["average", "complete", "single", "weighted"] = "average"
     n_boot: int = Field(1000, ge=1)
     ci: float = Field(0.95, gt=0, lt=1)
     seed: int = 0
+    # a group (a class's examples with one attribute value, or a planted group) "fails" when
+    # it is this far below its class; a named failure is "confirmed" when generated images of
+    # its hard caption are this much worse than those of the easy one
+    min_gap: float = Field(0.15, gt=0, lt=1)
 
 
 class DirectionsSection(Section):
     enabled: bool = True
-    embedder: str = "world"  # "world" (trained here on the data's captions) or "open_clip:ARCH:TAG"
+    # "world" (trained here on the data's captions) or "open_clip:ARCH:TAG"
+    embedder: str = "world"
     k: int = Field(50, ge=1)  # nearest eval images per caption
     top_k: int = Field(5, ge=1)  # hard and easy captions kept per direction
     caption_scoring: Literal["images", "text"] = "images"
-    grounding_k: int = Field(50, ge=1)  # nearest fit-split images per caption for "images" scoring
+    grounding_k: int = Field(50, ge=1)  # nearest fit-split images per caption ("images" scoring)
     max_modes: int = Field(2, ge=1)
     n_permutations: int = Field(50, ge=0)
     llm_model: str = ""  # an OpenAI-compatible model for caption proposals; "" = grammar only
@@ -124,9 +131,7 @@ class GenerateSection(Section):
     url: str = ""  # a running `zoo-audit serve`; "" = start the app in-process with `backend`
     backend: str = "world"  # in-process only: "world" (the data's world) or "diffusers:MODEL"
     k: int = Field(3, ge=1)  # images per hard caption
-    probe_k: int = Field(
-        32, ge=1
-    )  # images per caption of the probe set that confirms failures (with mitigation)
+    probe_k: int = Field(32, ge=1)  # images per caption of the probe set (confirmation)
     seed: int = 0
 
     def key_fields(self) -> dict[str, Any]:
@@ -137,41 +142,34 @@ class GenerateSection(Section):
 
 class MitigateSection(Section):
     enabled: bool = True
-    lambdas: list[float] = [
-        0.5,
-        0.75,
-        0.9,
-    ]  # weight of the synthetic images, chosen on the fit split
-    max_real: int = Field(
-        3000, ge=0
-    )  # real train examples in a head's training (stratified; 0 = all)
+    # weight of the synthetic images in a head's training mix, chosen on the fit split
+    lambdas: list[float] = [0.5, 0.75, 0.9]
+    # real train examples in a head's training (stratified; 0 = all)
+    max_real: int = Field(3000, ge=0)
     pool_k: int = Field(50, ge=1)  # pool (and upweighted fit) images per hard class
     upweight: float = Field(5.0, gt=0)  # weight of the fit split's direction-selected images
     k_nearest: int = Field(50, ge=1)  # nearest images of a hard caption: its subpopulation
     alpha: float = Field(1e-3, ge=0)  # L2 anchor of the retrained head to the original one
     max_iter: int = Field(60, ge=1)
-    max_drop: float = Field(
-        0.005, ge=0
-    )  # a choice may lower the fit split's overall accuracy this much
-    min_gap: float = Field(
-        0.15, gt=0, lt=1
-    )  # a planted group "fails" this far below its class; confirmation gap
+    # a choice may lower the fit split's overall accuracy this much
+    max_drop: float = Field(0.005, ge=0)
     n_boot: int = Field(1000, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "min_gap" in values:
+            raise ValueError("min_gap moved to [stats] min_gap (one threshold for the whole audit)")
+        return values
 
 
 class ReportSection(Section):
     enabled: bool = True  # write RUN/report/index.html at the end of the run
-    max_modes: int = Field(
-        12, ge=0
-    )  # failure modes per card shown with image grids (strongest first)
-    images: int = Field(
-        8, ge=1
-    )  # real images per grid (hardest / easiest) and generated images per mode
+    max_modes: int = Field(12, ge=0)  # failure modes per card with image grids (strongest first)
+    images: int = Field(8, ge=1)  # real images per grid (hardest, easiest); generated per mode
     max_rows: int = Field(200, ge=1)  # rows per table on a card (worst first)
     max_set_images: int = Field(240, ge=0)  # thumbnails per synthetic set on the sets page
-    max_index_rows: int = Field(
-        5000, ge=0
-    )  # failure modes listed on the cards page (strongest first)
+    max_index_rows: int = Field(5000, ge=0)  # failure modes on the cards page (strongest first)
     thumb_size: int = Field(64, ge=16)  # pixels; larger images are scaled down to JPEG
 
 

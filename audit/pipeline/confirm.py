@@ -1,5 +1,5 @@
-"""Generated images as a test that a named failure is real (Wiles et al.), and the captions
-it needs.
+"""The confirm stage: generated images as a test that a named failure is real (Wiles et
+al.), and the captions it needs.
 
 For every hard caption of a scope (a model or a cluster): the model classifies images
 generated for it and for the class's easy caption; the mode is *confirmed* when the hard
@@ -19,7 +19,9 @@ from collections.abc import Mapping
 import numpy as np
 import pyarrow as pa
 
+from audit.bootstrap import bootstrap_means
 from audit.data.table import ImageTable
+from audit.store import RunStore
 
 CONFIRM_SCHEMA = pa.schema(
     [
@@ -123,11 +125,6 @@ def probe_captions(
     return out
 
 
-def _acc_ci(correct: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return correct[rng.integers(0, len(correct), (n_boot, len(correct)))].mean(1)
-
-
 def confirmations(
     pairs: Mapping[tuple[str, str], tuple[str, str | None]],
     correct_on: Mapping[str, Mapping[str, np.ndarray]],
@@ -163,7 +160,7 @@ def confirmations(
             "confirmed": False,
         }
         if e is not None and len(e):
-            gap = _acc_ci(e, n_boot, 1) - _acc_ci(h, n_boot, 2)
+            gap = bootstrap_means(e, n_boot, 1) - bootstrap_means(h, n_boot, 2)
             lo, hi = float(np.quantile(gap, a)), float(np.quantile(gap, 1 - a))
             row.update(
                 easy_gen_accuracy=float(e.mean()),
@@ -178,3 +175,52 @@ def confirmations(
             )
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=CONFIRM_SCHEMA)
+
+
+def correct_on(
+    pairs, probe: Mapping[str, str], index, set_of: dict, correct: dict, members: dict
+) -> dict:
+    """``{scope: {caption: per-image correctness}}`` on the generated images of each caption
+    (a cluster: its members' mean), from ``correct[model]`` over the index's rows;
+    ``set_of``: scope -> set id (the probe set under ``"probe"``)."""
+    probe_rows = index.of(set_of.get("probe", ""))
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for (scope, _), (hard, easy) in pairs.items():
+        who = members.get(scope, []) if scope.startswith("cluster:") else [scope]
+        who = [m for m in who if m in correct]
+        if not who:
+            continue
+        src = {cap: probe_rows for cap in (hard, easy, probe.get(hard)) if cap}
+        if not len(probe_rows[index.prompts[probe_rows] == hard]):  # no probe images: its own set
+            src[hard] = index.of(set_of.get(scope, ""))
+        for cap, rows in src.items():
+            idx = rows[index.prompts[rows] == cap]
+            if len(idx):
+                out.setdefault(scope, {})[cap] = np.mean([correct[m][idx] for m in who], axis=0)
+    return out
+
+
+def confirm_stage(store: RunStore, inputs, cfg) -> str:
+    """Stage: confirm each significant mode's hard caption by generation (``[stats]``:
+    ``min_gap``, ``n_boot``, ``ci``). Writes ``confirmations.parquet``."""
+    from audit.mitigate.synthetic import load_index, syn_correct
+    from audit.pipeline.sweep import swept_models
+    from audit.view import RunView
+
+    view = RunView(store, inputs.config, data=inputs.data)
+    pairs = hard_and_easy(view.table("captions.parquet"), view.table("directions.parquet"))
+    index = load_index(store)
+    correct = {}
+    for m in swept_models(store, inputs.zoo):
+        if (c := syn_correct(store, m, index)) is not None:
+            correct[m] = c
+    members: dict[str, list[str]] = {}
+    for m, cl in view.clusters.items():
+        members.setdefault(cl, []).append(m)
+    probe = probe_captions(pairs, inputs.data)
+    set_of = {r["scope"]: r["set_id"] for r in view.table("synthetic_sets.parquet").to_pylist()}
+    got = correct_on(pairs, probe, index, set_of, correct, members)
+    conf = confirmations(pairs, got, probe, min_gap=cfg.min_gap, n_boot=cfg.n_boot, ci=cfg.ci)
+    store.write_table("confirmations.parquet", conf)
+    n_ok = int(np.sum(conf["confirmed"].to_numpy(zero_copy_only=False))) if conf.num_rows else 0
+    return f"{n_ok}/{conf.num_rows} hard captions confirmed by generation"

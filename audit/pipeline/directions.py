@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 import pyarrow as pa
 
-from audit.pipeline.stats import align_ids
+from audit.evaluate import align_ids
 from audit.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -56,19 +56,12 @@ def run_embedder(config, data, train: bool = False, progress: bool = False):
     return with_vocabulary(WorldEncoder.load(res.path), table), res
 
 
-def embed_splits(inputs) -> list[str]:
-    splits = ["train", inputs.fit_split, inputs.eval_split] + (
-        ["pool"] if inputs.mitigating() else []
-    )
-    return [s for s in dict.fromkeys(splits) if len(inputs.data.split(s))]
-
-
 def embed_stage(store: RunStore, inputs, cfg) -> str:
     """Stage: train/load the embedder and embed the splits the directions use."""
     from audit.embed import embed_table
 
     emb, res = embedder_for(inputs, train=True)
-    table = inputs.data.split(embed_splits(inputs))
+    table = inputs.data.split(inputs.embed_splits())
     E = embed_table(store, emb, table, progress=inputs.services.progress)
     how = "" if res is None else f"world encoder {'trained' if res.trained else 'cached'}"
     if res is not None and res.trained:
@@ -135,7 +128,7 @@ def directions_stage(store: RunStore, inputs, cfg) -> str:
     emb, _ = embedder_for(inputs, train=False)
     data = inputs.data
     E = embed_table(
-        store, emb, data.split(embed_splits(inputs)), progress=False
+        store, emb, data.split(inputs.embed_splits()), progress=False
     )  # cached by the embed stage
     preds = load_predictions(store, swept_models(store, inputs.zoo))
     fit = _Split(data.split(inputs.fit_split), E, preds)

@@ -76,21 +76,21 @@ def set_id_for(scope: str, key: str) -> str:
 
 
 def wanted_sets(store: RunStore, inputs) -> dict[str, list[str]]:
-    """``{scope: captions}``: each cluster's hard captions; with mitigation also each model's,
-    and the probe set (easy and counterfactual captions)."""
+    """``{scope: captions}``: each cluster's hard captions, the probe set (hard, easy and
+    counterfactual captions: the confirmation's sample) and, with mitigation, each model's."""
     from audit.pipeline.confirm import hard_and_easy, probe_captions
 
     caps, dirs = store.read_table("captions.parquet"), store.read_table("directions.parquet")
     wanted = cluster_hard_captions(caps, dirs)
-    if inputs.config.mitigate.enabled:
-        pairs = hard_and_easy(caps, dirs)
+    pairs = hard_and_easy(caps, dirs)
+    if inputs.config.mitigate.enabled:  # each model's own hard set, for its own fix
         for (scope, _), (hard, _) in pairs.items():
             if not scope.startswith("cluster:"):
                 wanted.setdefault(scope, []).append(hard)
+    wanted = {s: sorted(set(c)) for s, c in wanted.items()}
+    if pairs:  # hard, easy and counterfactual captions, more images each: the confirmation's sample
         probe = probe_captions(pairs, inputs.data)
-        wanted = {s: sorted(set(c)) for s, c in wanted.items()}
-        if pairs:  # hard, easy and counterfactual captions, with more images each: the confirmation's sample
-            wanted[PROBE] = sorted(set(probe.values()) | {h for h, _ in pairs.values()})
+        wanted[PROBE] = sorted(set(probe.values()) | {h for h, _ in pairs.values()})
     return wanted
 
 

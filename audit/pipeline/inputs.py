@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from audit.data.table import ImageTable
@@ -48,6 +49,21 @@ class RunInputs:
     def eval_split(self) -> str:
         return self.config.data.eval_split
 
+    @cached_property
+    def train_key(self) -> str:
+        """Content hash of the train split (what the zoo's own members train on), once per run."""
+        from audit.zoo.train import data_hash
+
+        return data_hash(self.data.split("train"))
+
+    @cached_property
+    def weights(self) -> dict[str, str]:
+        """``{model: checkpoint path}`` of the members trained here whose checkpoint exists
+        (read when first asked: after the train stage)."""
+        from audit.zoo.train import trained_weights
+
+        return trained_weights(self.zoo, self.train_key, self.config.zoo.cache or None)
+
     def mitigating(self) -> bool:
         c = self.config
         return c.mitigate.enabled and c.generate.enabled and c.directions.enabled
@@ -60,6 +76,13 @@ class RunInputs:
             splits.append(self.eval_split)
         if self.mitigating():
             splits += ["train", "pool"]
+        return [s for s in dict.fromkeys(splits) if len(self.data.split(s))]
+
+    def embed_splits(self) -> list[str]:
+        """The splits the joint embedder embeds: train (its statistics), fit, eval; pool with mitigation."""
+        splits = ["train", self.fit_split, self.eval_split] + (
+            ["pool"] if self.mitigating() else []
+        )
         return [s for s in dict.fromkeys(splits) if len(self.data.split(s))]
 
     def fit_ids(self) -> list[str]:
@@ -102,11 +125,15 @@ def caption_attributes(cfg: AuditConfig, data: ImageTable) -> dict[str, str]:
 
 
 def table_key(table: ImageTable) -> str:
+    """Content hash of a dataset: its train split's and the other splits' :func:`data_hash`
+    (so every image is read once, and the train split's hash is the zoo's) and its attributes."""
     from audit.cache import content_hash
     from audit.zoo.train import data_hash
 
+    others = [s for s in dict.fromkeys(table.column("split").astype(str)) if s != "train"]
+    parts = [data_hash(table.split("train")), data_hash(table.split(others)) if others else ""]
     attrs = [table.column(c).astype(str).tobytes() for c in sorted(table.attributes)]
-    return content_hash(data_hash(table), *attrs)
+    return content_hash(*parts, *attrs)
 
 
 def load_inputs(cfg: AuditConfig, services: Services | None = None) -> RunInputs:

@@ -6,21 +6,13 @@ import numpy as np
 import pyarrow as pa
 
 from audit.data.table import ImageTable
-from audit.evaluate import load_predictions
+from audit.evaluate import align_ids, load_predictions
 from audit.store import RunStore
 
 #: attribute columns reported per group (a world's ground truth, or any attribute column)
 SKIP_ATTRIBUTES = {"item", "caption"}
 #: models x examples from which the stats stage counts pairs through the injected executor
 PARALLEL_COUNTS_AT = 200 * 1_000_000
-
-
-def align_ids(have, want) -> np.ndarray:
-    """Index into ``have`` of every id of ``want`` (-1 where absent); ids compared as strings."""
-    pos = {str(e): i for i, e in enumerate(np.asarray(have).tolist())}
-    return np.fromiter(
-        (pos.get(str(e), -1) for e in np.asarray(want).tolist()), np.int64, len(want)
-    )
 
 
 def accuracy_tables(store: RunStore, data: ImageTable, models: list[str]) -> pa.Table:
@@ -101,15 +93,4 @@ def stats_stage(store: RunStore, inputs, cfg) -> str:
     return (
         f"{len(names)} models x {fm.n_examples:,} examples: {len(names) * (len(names) - 1)} ordered pairs, "
         f"{int(labels.max() + 1) if len(labels) else 0} clusters by {cfg.similarity}"
-    )
-
-
-def stats_summary(store: RunStore, cfg) -> str:
-    from audit.failures import format_stats
-
-    return format_stats(
-        store.read_table("overlap.parquet"),
-        store.read_table("clusters.parquet"),
-        store.read_table("family_similarity.parquet"),
-        cfg.similarity,
     )

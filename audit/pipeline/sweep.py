@@ -261,16 +261,14 @@ def sweep_models(
 
 
 def sweep_stage(store: RunStore, inputs, cfg) -> tuple[str, SweepResult]:
-    """Stage: the zoo over the fit (and eval) split. ``cfg``: the ``[ray]`` section."""
-    from audit.zoo.train import trained_weights
-
+    """The zoo over the fit (and eval) split. ``cfg``: the ``[ray]`` section."""
     splits = inputs.sweep_splits()
     table = inputs.data.split(splits)
     limit = inputs.config.data.limit
     if limit:  # the first `limit` examples of each split
         keep = np.concatenate([np.flatnonzero(table.column("split") == s)[:limit] for s in splits])
         table = table.take(np.sort(keep))
-    weights = trained_weights(inputs.zoo, inputs.data, cache=inputs.config.zoo.cache or None)
+    weights = inputs.weights
     res = sweep_models(
         store,
         table,
@@ -304,3 +302,23 @@ def swept_models(store: RunStore, zoo) -> list[str]:
         for m in zoo
         if rec.get(m.name, {}).get("status") == "done" and store.exists(prediction_path(m.name))
     ]
+
+
+def run_sweep_stage(store: RunStore, inputs, cfg) -> str:
+    """Stage: :func:`sweep_stage`'s line."""
+    return sweep_stage(store, inputs, cfg)[0]
+
+
+def sweep_current(store: RunStore, inputs) -> bool:
+    """Every model of the zoo has its stored outputs."""
+    return len(swept_models(store, inputs.zoo)) == len(inputs.zoo)
+
+
+def sweep_result(store: RunStore, inputs) -> list:
+    """What the sweep produced: each model's output key and status (the stages after it rerun
+    only when these change)."""
+    rec = sweep_records(store)
+    return sorted(
+        (m.name, rec.get(m.name, {}).get("key"), rec.get(m.name, {}).get("status"))
+        for m in inputs.zoo
+    )

@@ -26,8 +26,8 @@ def train_pending(store: RunStore, inputs, cfg) -> str:
     """Stage: train what is missing. ``cfg``: the ``[zoo]`` section. Returns the stage's line."""
     from audit.zoo.train import TrainSet, member_checkpoints, pending_members
 
-    all_members = member_checkpoints(inputs.zoo, inputs.data, cfg.cache or None)
-    todo = pending_members(inputs.zoo, inputs.data, cfg.cache or None)
+    all_members = member_checkpoints(inputs.zoo, inputs.train_key, cfg.cache or None)
+    todo = pending_members(inputs.zoo, inputs.train_key, cfg.cache or None)
     if not cfg.train or not todo:
         missing = f", {len(todo)} not trained ([zoo] train = false)" if todo else ""
         return f"{len(all_members)} trainable models: {len(all_members) - len(todo)} from cache{missing}"
@@ -56,3 +56,12 @@ def train_pending(store: RunStore, inputs, cfg) -> str:
         f"{len(all_members) - len(todo)} from cache, {len(failed)} failed ({seconds:.0f} model-seconds)"
     )
     return line + "".join(f"; {name}: {reason[:100]}" for name, reason in failed)
+
+
+def checkpoints_current(store: RunStore, inputs) -> bool:
+    """The train stage's outputs live in the checkpoint cache: current when none is missing
+    (or when nothing may be trained here)."""
+    from audit.zoo.train import pending_members
+
+    cache = inputs.config.zoo.cache or None
+    return not inputs.config.zoo.train or not pending_members(inputs.zoo, inputs.train_key, cache)

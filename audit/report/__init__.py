@@ -6,6 +6,6 @@ shared failures, one card per model and per cluster, synthetic sets. Jinja2 and 
 load inside the functions that use them.
 """
 
-from audit.report.build import ReportOptions, ReportResult, build_report, report_stage, write_report
+from audit.report.build import ReportResult, build_report, report_stage, write_report
 
-__all__ = ["ReportOptions", "ReportResult", "build_report", "report_stage", "write_report"]
+__all__ = ["ReportResult", "build_report", "report_stage", "write_report"]

@@ -8,16 +8,18 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 
-from audit.report.common import DIRECTION_COLUMNS, ReportOptions, _f, _pct, _Run
+from audit.pipeline.config import ReportSection
+from audit.report.common import DIRECTION_COLUMNS, _f, _pct
 from audit.report.images import DatasetImages, NearestImages, Thumbs, _safe, embedding_matrix
+from audit.view import RunView
 
 
 class _Modes:
     """Significant failure modes per scope, their captions, checks, images and mitigation."""
 
-    def __init__(self, run: _Run, data, opts: ReportOptions, thumbs: Thumbs):
+    def __init__(self, run: RunView, data, opts: ReportSection, thumbs: Thumbs):
         self.run, self.opts, self.thumbs = run, opts, thumbs
-        self.dirs = run.opt("directions.parquet", DIRECTION_COLUMNS + ["q_value"])
+        self.dirs = run.table("directions.parquet", DIRECTION_COLUMNS + ["q_value"])
         self.by_scope: dict[str, list[dict]] = defaultdict(list)
         self.n_directions = 0 if self.dirs is None else self.dirs.num_rows
         if self.dirs is not None:
@@ -44,7 +46,7 @@ class _Modes:
             for modes in self.by_scope.values():
                 modes.sort(key=lambda m: -m["cv"])
         self.captions: dict[tuple, list[str]] = defaultdict(list)
-        caps = run.opt(
+        caps = run.table(
             "captions.parquet", ["scope", "class", "mode", "caption", "rank", "polarity"]
         )
         if caps is not None:
@@ -54,20 +56,20 @@ class _Modes:
                     (c["scope"][i], c["class"][i], c["mode"][i], c["polarity"][i])
                 ].append(c["caption"][i])
         self.checks: dict[tuple, dict] = {}
-        subs = run.opt("subpopulations.parquet")
+        subs = run.table("subpopulations.parquet")
         if subs is not None:
             s = subs.to_pydict()
             for i in range(subs.num_rows):
                 self.checks[(s["scope"][i], s["class"][i], s["caption"][i])] = {
                     k: s[k][i] for k in s
                 }
-        conf = run.opt("confirmations.parquet")
+        conf = run.table("confirmations.parquet")
         if conf is not None:
             s = conf.to_pydict()
             for i in range(conf.num_rows):
                 key = (s["scope"][i], s["class"][i], s.get("caption", [None] * conf.num_rows)[i])
                 self.checks.setdefault(key, {}).update({k: s[k][i] for k in s})
-        self.mitigation = run.opt("mitigation.parquet")
+        self.mitigation = run.table("mitigation.parquet")
         self._mit_by: dict[str, list[dict]] = defaultdict(list)
         for r in self.mitigation.to_pylist() if self.mitigation is not None else []:
             r = {**r, "cls": r.get("class"), "lam": r.get("lambda")}
@@ -92,7 +94,9 @@ class _Modes:
             return None
         self.source = DatasetImages(data)
         emb = None
-        info = (self.run.manifest.get("embeddings") or {}).get(self.run.embedder) or {}
+        info = (self.run.manifest.get("embeddings") or {}).get(
+            self.run.config.directions.embedder
+        ) or {}
         rel = info.get("path") or next(
             (f"embeddings/{d}" for d in self.run.store.listdir("embeddings")), None
         )
@@ -185,7 +189,7 @@ class _Modes:
 
     # -- synthetic sets
     def _sets(self) -> list[dict]:
-        t = self.run.opt("synthetic_sets.parquet")
+        t = self.run.table("synthetic_sets.parquet")
         return [] if t is None else t.to_pylist()
 
     def set_table(self, set_id: str) -> pa.Table | None:

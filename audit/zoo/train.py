@@ -40,8 +40,19 @@ TRAIN_DEFAULTS = {
 }
 
 
+_HASHED: dict[
+    int, tuple[object, str]
+] = {}  # id(arrow table) -> (the table, its hash): a few recent
+
+
 def data_hash(table: ImageTable) -> str:
-    """Hash of the examples a model trains on (ids, labels, image bytes)."""
+    """Hash of the examples a model trains on (ids, labels, image bytes).
+
+    Remembered for the few tables hashed last (by identity: an Arrow table never changes), so
+    a run that asks for the same split's hash in several stages reads its bytes once."""
+    hit = _HASHED.get(id(table.table))
+    if hit is not None and hit[0] is table.table:
+        return hit[1]
     h = hashlib.sha256()
     h.update(",".join(table.classes).encode())
     for col in ("example_id", "label"):
@@ -51,7 +62,16 @@ def data_hash(table: ImageTable) -> str:
             for buf in chunk.buffers():
                 if buf is not None:
                     h.update(memoryview(buf))
-    return h.hexdigest()[:16]
+    out = h.hexdigest()[:16]
+    while len(_HASHED) >= 8:
+        _HASHED.pop(next(iter(_HASHED)))
+    _HASHED[id(table.table)] = (table.table, out)
+    return out
+
+
+def train_hash(data: ImageTable | str) -> str:
+    """The train split's :func:`data_hash` (``data`` a dataset, or that hash already)."""
+    return data if isinstance(data, str) else data_hash(data.split("train"))
 
 
 def resolve_train_hparams(spec: ModelSpec) -> dict:
@@ -166,15 +186,16 @@ def trainable_members(zoo: ZooSpec, names: list[str] | None = None) -> list[Mode
 
 
 def member_checkpoints(
-    zoo: ZooSpec, data: ImageTable, cache: str | None = None, names: list[str] | None = None
+    zoo: ZooSpec, data: ImageTable | str, cache: str | None = None, names: list[str] | None = None
 ) -> list[tuple[ModelSpec, str]]:
-    """``(spec, checkpoint path)`` of every trainable member for ``data``'s train split."""
-    dhash = data_hash(data.split("train"))
+    """``(spec, checkpoint path)`` of every trainable member for ``data``'s train split
+    (``data``: the dataset, or its train split's :func:`data_hash`)."""
+    dhash = train_hash(data)
     return [(spec, checkpoint_path(spec, dhash, cache)) for spec in trainable_members(zoo, names)]
 
 
 def pending_members(
-    zoo: ZooSpec, data: ImageTable, cache: str | None = None, names: list[str] | None = None
+    zoo: ZooSpec, data: ImageTable | str, cache: str | None = None, names: list[str] | None = None
 ) -> list[tuple[ModelSpec, str]]:
     """``(spec, checkpoint path)`` of the trainable members whose checkpoint does not exist yet."""
     return [
@@ -244,8 +265,11 @@ def train_zoo(
     return results
 
 
-def trained_weights(zoo: ZooSpec, data: ImageTable, cache: str | None = None) -> dict[str, str]:
-    """``{model name: checkpoint path}`` for trained members whose checkpoint exists."""
+def trained_weights(
+    zoo: ZooSpec, data: ImageTable | str, cache: str | None = None
+) -> dict[str, str]:
+    """``{model name: checkpoint path}`` for trained members whose checkpoint exists
+    (``data``: the dataset, or its train split's :func:`data_hash`)."""
     return {
         spec.name: path
         for spec, path in member_checkpoints(zoo, data, cache)

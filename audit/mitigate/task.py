@@ -1,0 +1,228 @@
+"""One model's fix, as one executor task: its stored features, its head, every method of
+:mod:`audit.mitigate.methods`, and the gains on the eval split.
+
+:func:`run_model` reads what it needs from the run directory itself (the model's features
+of the real splits and of the generated images), so a Ray worker gets only the task and
+the small shared inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from audit.evaluate import align_ids, feature_path, prediction_path
+from audit.mitigate.gain import paired_gain
+from audit.mitigate.head import LinearHead, mix_weights
+from audit.mitigate.select import stratified_subsample
+from audit.mitigate.synthetic import SyntheticIndex, syn_features
+from audit.pipeline.config import MitigateSection
+from audit.store import RunStore
+
+MITIGATION_SCHEMA = pa.schema(
+    [
+        *[("scope", pa.string()), ("model", pa.string()), ("class", pa.string())],
+        *[("method", pa.string()), ("lambda", pa.float64()), ("n_added", pa.int64())],
+        *[("overall_before", pa.float64()), ("overall_after", pa.float64())],
+        *[("hard_before", pa.float64()), ("hard_after", pa.float64()), ("gain", pa.float64())],
+        *[("gain_ci_low", pa.float64()), ("gain_ci_high", pa.float64()), ("eval", pa.string())],
+        *[("target", pa.string()), ("n_hard", pa.int64()), ("choice", pa.string())],
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What the mitigation needs of the rest of the config."""
+
+    fit_split: str
+    eval_split: str
+    k: int  # images per hard caption in the synthetic sets ([generate] k)
+
+
+@dataclass
+class HardClass:
+    cls: int
+    caption: str
+    fit_near: np.ndarray  # fit-split rows nearest to the hard caption (the choice's subpopulation)
+    eval_near: np.ndarray  # eval-split rows nearest to it (the nearest_caption evaluation)
+    pool_order: np.ndarray  # pool rows of the class, hardest first by the direction
+    fit_order: np.ndarray  # fit rows of the class, hardest first by the direction
+
+
+@dataclass
+class ModelTask:
+    model: str
+    cluster: str | None
+    hard: list[HardClass]
+    planted: list[tuple[int, str, np.ndarray]]  # (class, group, eval rows of the group)
+    own_sets: list[str]
+    cluster_sets: list[str]
+
+
+@dataclass
+class Fit:
+    """One method's retrained head and how it was made."""
+
+    head: LinearHead
+    lam: float
+    n_added: int
+    choice: str
+    scope: str | None = None  # the mitigation's scope when not the model (a cluster's set)
+
+
+class ModelData:
+    """A model's features (``F``), labels (``Y``) and confidences on the real splits, its
+    original head ``(W0, b0)``, and the real examples every method trains on."""
+
+    def __init__(self, F: dict, Y: dict, conf: dict, head, cfg: MitigateSection, setting: Setting):
+        self.F, self.Y, self.conf = F, Y, conf
+        self.W0, self.b0 = head
+        self.cfg, self.setting = cfg, setting
+        keep = stratified_subsample(
+            Y["train"], int(cfg.max_real), seed=0
+        )  # the same for every method
+        self.train_X, self.train_y = F["train"][keep], Y["train"][keep]
+
+    def fit(self, X_add=None, y_add=None, lam: float = 0.0, w_add=None) -> LinearHead:
+        """The head retrained on the real examples plus ``X_add`` (weighted ``lam`` in all, or
+        per example by ``w_add`` against real examples of weight 1)."""
+        X, y, w = self.train_X, self.train_y, None
+        if X_add is not None and len(X_add):
+            X, y = np.concatenate([X, X_add]), np.concatenate([y, y_add])
+            n = len(self.train_X)
+            w = (
+                mix_weights(n, len(X_add), lam)
+                if w_add is None
+                else np.concatenate([np.ones(n), w_add])
+            )
+        head = LinearHead(alpha=self.cfg.alpha, max_iter=self.cfg.max_iter)
+        return head.fit(X, y, w, self.W0, self.b0, n_classes=len(self.W0))
+
+    def correct_before(self, split: str) -> np.ndarray:
+        return (self.F[split] @ self.W0.T + self.b0).argmax(1) == self.Y[split]
+
+
+@dataclass
+class MethodContext:
+    """What a mitigation method may use for one model (see :mod:`audit.mitigate.methods`)."""
+
+    task: ModelTask
+    data: ModelData
+    syn: SyntheticIndex
+    syn_X: np.ndarray  # [S, D] the model's features of the generated images
+    chosen: dict = field(default_factory=dict)  # choices one method leaves for another
+
+    def fit_score(self, head: LinearHead) -> tuple[float, float]:
+        """``(hard, overall)`` accuracy on the fit split: the choices' score (never the eval split)."""
+        fs = self.data.setting.fit_split
+        ok = head.predict(self.data.F[fs]) == self.data.Y[fs]
+        hard = [ok[hc.fit_near].mean() for hc in self.task.hard if len(hc.fit_near)]
+        return (float(np.mean(hard)) if hard else float(ok.mean())), float(ok.mean())
+
+    def syn_rows(self, set_ids: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Features and labels of the first ``k`` images per caption of the sets."""
+        parts = [self.syn.of(s, k) for s in set_ids]
+        idx = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return self.syn_X[idx], self.syn.labels[idx]
+
+
+def model_head(spec, classes, weights_path) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(W0 [C, D], b0 [C])`` of a zoo member's linear head, or None when it has none."""
+    from audit.zoo.models import build_model
+
+    return build_model(spec, classes, weights_path).module.linear_head()
+
+
+def load_model_data(
+    store: RunStore, name: str, split_ids: dict, split_labels: dict, head, cfg, setting
+):
+    """The model's :class:`ModelData`, or an error string (missing features, a head that does
+    not reproduce the model's predictions)."""
+    ft = store.read_table(feature_path(name))
+    fvec = np.asarray(ft["vector"].combine_chunks().flatten().to_numpy(), np.float64).reshape(
+        ft.num_rows, -1
+    )
+    fids = ft["example_id"].to_numpy(zero_copy_only=False)
+    preds = store.read_table(prediction_path(name))
+    pids = preds["example_id"].to_numpy(zero_copy_only=False)
+    F, Y, conf = {}, {}, {}
+    for split, ids in split_ids.items():
+        idx = align_ids(fids, ids)
+        if (idx < 0).any():
+            return f"model {name} has no features for {int((idx < 0).sum())} {split} examples"
+        F[split], Y[split] = fvec[idx], split_labels[split]
+        conf[split] = preds["confidence"].to_numpy(zero_copy_only=False)[align_ids(pids, ids)]
+    data = ModelData(F, Y, conf, head, cfg, setting)
+    pred = preds["pred"].to_numpy()[align_ids(pids, split_ids[setting.fit_split])]
+    agree = float(np.mean((F[setting.fit_split] @ data.W0.T + data.b0).argmax(1) == pred))
+    if agree < 0.99:
+        return f"model {name}: features x head reproduce only {agree:.1%} of its predictions"
+    return data
+
+
+def evaluation_rows(
+    task: ModelTask, data: ModelData, fits: dict[str, Fit], classes, n_boot: int
+) -> list[dict]:
+    """One row per (method, target): the planted groups and each hard caption's nearest images."""
+    es = data.setting.eval_split
+    before = data.correct_before(es)
+    targets = [("planted", classes[c], g, rows) for c, g, rows in task.planted]
+    targets += [("nearest_caption", classes[hc.cls], hc.caption, hc.eval_near) for hc in task.hard]
+    rows = []
+    for method, f in fits.items():
+        after = f.head.predict(data.F[es]) == data.Y[es]
+        for kind, cls, target, idx in targets:
+            g, lo, hi = paired_gain(before[idx], after[idx], n_boot=n_boot, seed=len(rows))
+            rows.append(
+                {
+                    "scope": f.scope or task.model,
+                    "model": task.model,
+                    "class": cls,
+                    "method": method,
+                }
+                | {"lambda": f.lam, "n_added": f.n_added, "choice": f.choice}
+                | {"overall_before": float(before.mean()), "overall_after": float(after.mean())}
+                | {"hard_before": float(before[idx].mean()) if len(idx) else float("nan")}
+                | {"hard_after": float(after[idx].mean()) if len(idx) else float("nan")}
+                | {"gain": g, "gain_ci_low": lo, "gain_ci_high": hi}
+                | {"eval": kind, "target": target, "n_hard": len(idx)}
+            )
+    return rows
+
+
+def run_model(
+    task: ModelTask,
+    *,
+    run_uri: str,
+    split_ids: dict,
+    split_labels: dict,
+    spec_of: dict,
+    weights: dict,
+    classes: list[str],
+    cfg: MitigateSection,
+    setting: Setting,
+) -> dict:
+    """Every method for one model: ``{"rows": [...], "error": str | None}``."""
+    from audit.mitigate.methods import METHODS
+    from audit.mitigate.synthetic import load_index
+
+    store, name = RunStore(run_uri), task.model
+    head = model_head(spec_of[name], classes, weights.get(name))
+    if head is None:
+        return {
+            "rows": [],
+            "error": f"model {name} has no linear head to retrain (builder {spec_of[name].builder})",
+        }
+    data = load_model_data(store, name, split_ids, split_labels, head, cfg, setting)
+    if isinstance(data, str):
+        return {"rows": [], "error": data}
+    syn = load_index(store)
+    syn_X = syn_features(store, name, syn)
+    if syn_X is None:
+        return {"rows": [], "error": f"model {name} has no outputs on the generated images"}
+    ctx = MethodContext(task, data, syn, syn_X)
+    fits = {m: f for m, method in METHODS.items() if (f := method(ctx)) is not None}
+    return {"rows": evaluation_rows(task, data, fits, classes, cfg.n_boot), "error": None}
