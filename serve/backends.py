@@ -227,34 +227,11 @@ class DiffusersBackend(Backend):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         cuda = self.device.startswith("cuda")
         self.dtype = getattr(torch, dtype) if dtype else (torch.float16 if cuda else torch.float32)
-        local = os.path.isdir(model)
-        offline = bool(local_files_only or local or os.environ.get("HF_HUB_OFFLINE") == "1")
-        try:
-            pipe = diffusers.AutoPipelineForText2Image.from_pretrained(
-                model, dtype=self.dtype, local_files_only=offline
-            )
-        except (OSError, ValueError) as e:
-            where = (
-                "directory"
-                if local
-                else "Hugging Face cache (local_files_only: no download)"
-                if offline
-                else "Hugging Face hub"
-            )
-            raise FileNotFoundError(
-                f"diffusers backend: could not load {model!r} from the {where}: {e}"
-            ) from e
+        pipe = _load_pipeline(diffusers, model, self.dtype, local_files_only)
         if getattr(pipe, "safety_checker", None) is not None:
             pipe.safety_checker = None  # the audit generates benign product photos; the checker blanks false positives
         if scheduler:
-            cls = getattr(diffusers, scheduler, None)
-            if cls is None or not hasattr(cls, "from_config"):
-                known = [n for n in dir(diffusers) if n.endswith("Scheduler")]
-                close = difflib.get_close_matches(scheduler, known, n=3)
-                raise ValueError(
-                    f"unknown diffusers scheduler {scheduler!r}; close matches {close}; known: {known}"
-                )
-            pipe.scheduler = cls.from_config(pipe.scheduler.config)
+            pipe.scheduler = _scheduler(diffusers, scheduler).from_config(pipe.scheduler.config)
         if attention_slicing if attention_slicing is not None else cuda:
             pipe.enable_attention_slicing()
         pipe.set_progress_bar_config(disable=True)
@@ -292,6 +269,40 @@ class DiffusersBackend(Backend):
                 output_type="np",
             ).images
         return (np.clip(np.asarray(out, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
+
+
+def _load_pipeline(diffusers, model: str, dtype, local_files_only: bool):
+    """The text-to-image pipeline of ``model`` (a directory, or an id in the HF cache; the hub
+    only when ``local_files_only`` is off and HF_HUB_OFFLINE is not 1)."""
+    local = os.path.isdir(model)
+    offline = bool(local_files_only or local or os.environ.get("HF_HUB_OFFLINE") == "1")
+    try:
+        return diffusers.AutoPipelineForText2Image.from_pretrained(
+            model, dtype=dtype, local_files_only=offline
+        )
+    except (OSError, ValueError) as e:
+        where = (
+            "directory"
+            if local
+            else "Hugging Face cache (local_files_only: no download)"
+            if offline
+            else "Hugging Face hub"
+        )
+        raise FileNotFoundError(
+            f"diffusers backend: could not load {model!r} from the {where}: {e}"
+        ) from e
+
+
+def _scheduler(diffusers, name: str):
+    """The diffusers scheduler class called ``name``; ValueError with close matches."""
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_config"):
+        known = [n for n in dir(diffusers) if n.endswith("Scheduler")]
+        close = difflib.get_close_matches(name, known, n=3)
+        raise ValueError(
+            f"unknown diffusers scheduler {name!r}; close matches {close}; known: {known}"
+        )
+    return cls
 
 
 @register_backend("world")
