@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -167,18 +166,14 @@ enabled = false
     )  # the report's path, printed last
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_serve_subcommand_serves_until_terminated(tmp_path):
     import httpx
 
-    port = _free_port()
+    from serve.main import free_port
+
+    port = free_port()
     exe = os.path.join(os.path.dirname(sys.executable), "zoo-audit")
     p = subprocess.Popen(
         [exe, "serve", "--backend", "null", "--port", str(port), "--store", str(tmp_path / "s")],
