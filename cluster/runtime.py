@@ -71,57 +71,12 @@ def connect(
     return True
 
 
-_WATCHDOG = r"""
-import os, signal, sys, time
-driver, roots = int(sys.argv[1]), [int(p) for p in sys.argv[2:]]
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
-def parents():
-    out = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    out[int(d)] = int(f.read().rsplit(") ", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-def tree():
-    ppid, seen, todo = parents(), set(), list(roots)
-    while todo:
-        pid = todo.pop()
-        if pid not in seen:
-            seen.add(pid)
-            todo += [c for c, p in ppid.items() if p == pid]
-    return seen
-# the Ray processes and their children (agents, workers), noted while the driver lives: once
-# it is gone the raylet may go first and its children are re-parented out of reach
-known, n = set(roots), 0
-while alive(driver):
-    if n % 4 == 0:
-        known |= tree()
-    n += 1
-    time.sleep(0.5)
-for pid in known | tree():
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"ray" in f.read():  # a pid may have been reused
-                os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass
-"""
-
-
 def reap_with_driver() -> None:
     """Embedded Ray outlives a driver killed with SIGKILL by about a minute (its processes
     and its agents wait for heartbeats). A small watchdog in its own session kills this run's
     Ray processes (gcs, raylet, monitors, dashboard) and their children (agents, workers) as
     soon as the driver is gone. Best effort: without the process list (another Ray version)
-    nothing is started; a process is killed only if its command line still names ray."""
+    nothing is started. See :mod:`cluster.watchdog`."""
     import subprocess
     import sys
 
@@ -134,7 +89,7 @@ def reap_with_driver() -> None:
         return
     if pids:
         subprocess.Popen(
-            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), *pids],
+            [sys.executable, "-m", "cluster.watchdog", str(os.getpid()), *pids],
             start_new_session=True,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

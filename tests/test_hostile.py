@@ -366,24 +366,6 @@ def test_n_boot_below_zero_is_an_error_in_the_library():
             bootstrap_error_consistency(n_fail, n_both, 10, n_boot=bad)
 
 
-def _descendants(roots: list[int]) -> set[int]:
-    parent = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    parent[int(d)] = int(f.read().rsplit(") ", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    tree, todo = set(), list(roots)
-    while todo:
-        pid = todo.pop()
-        if pid not in tree:
-            tree.add(pid)
-            todo += [c for c, p in parent.items() if p == pid]
-    return tree
-
-
 @pytest.mark.ray
 def test_embedded_ray_goes_with_a_killed_driver(tmp_path):
     """Issue 11 #10: a driver killed with SIGKILL used to leave its embedded Ray (gcs, raylet,
@@ -412,7 +394,9 @@ def test_embedded_ray_goes_with_a_killed_driver(tmp_path):
     while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
         time.sleep(0.5)
     time.sleep(3)  # the raylet's agents are up
-    pids = _descendants([int(x) for x in pid_file.read_text().split()])
+    from cluster.watchdog import tree
+
+    pids = tree([int(x) for x in pid_file.read_text().split()])
     assert len(pids) > 5
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
