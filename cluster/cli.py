@@ -121,19 +121,9 @@ def _serve(a):
     serve_main(a)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zoo-audit", description="Audit a zoo of image classifiers.")
-    p.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="debug logging, Ray/Serve logs and tracebacks on the console",
-    )
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    w = sub.add_parser("world", help="the planted benchmark world").add_subparsers(
-        dest="world_cmd", required=True
-    )
+def _add_world(sub) -> None:
+    w = sub.add_parser("world", help="the planted benchmark world")
+    w = w.add_subparsers(dest="world_cmd", required=True)
     b = w.add_parser("build", help="build a world from a TOML spec")
     b.add_argument("--spec", required=True)
     b.add_argument("--out", required=True)
@@ -152,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="render.png")
     r.set_defaults(fn=_world_render)
 
+
+def _add_zoo(sub) -> None:
     z = sub.add_parser("zoo", help="model zoos").add_subparsers(dest="zoo_cmd", required=True)
     zl = z.add_parser("list", help="list a zoo's models and whether their weights are here")
     zl.add_argument("--zoo", default="demo")
@@ -165,48 +157,37 @@ def build_parser() -> argparse.ArgumentParser:
     zt.add_argument("--device", default="cpu")
     zt.set_defaults(fn=_zoo_train)
 
+
+def _add_force(p) -> None:
     from audit.pipeline.stages import STAGE_NAMES
 
     stages = ", ".join(STAGE_NAMES)
-    d = sub.add_parser(
-        "demo",
-        help="the audit on the embedded default: zoo-audit run configs/audit/demo.toml --out runs/demo",
+    why = f"redo this stage, and the stages that read it, even if current ({stages})"
+    p.add_argument("--force", action="append", metavar="STAGE", help=why)
+
+
+def _add_audit(sub) -> None:
+    demo = (
+        "the audit on the embedded default: zoo-audit run configs/audit/demo.toml --out runs/demo"
     )
+    d = sub.add_parser("demo", help=demo)
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--zoo", default=None, help="another zoo manifest (default: the demo zoo)")
     d.add_argument("--models", default=None, help="comma-separated subset of the zoo")
     d.add_argument("--device", default=None, help="where zoo members are trained (default cpu)")
-    d.add_argument(
-        "--force",
-        action="append",
-        metavar="STAGE",
-        help=f"redo this stage, and the stages that read it, even if current ({stages})",
-    )
+    _add_force(d)
     d.set_defaults(fn=_demo)
-
     rn = sub.add_parser(
         "run", help="run an audit from a TOML config (one line per stage, then the summary)"
     )
     rn.add_argument("config", help="an audit config TOML (or a shipped name such as 'demo')")
     rn.add_argument("--out", required=True, help="the run directory (a path or a pyarrow.fs URI)")
-    rn.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster address (default: $RAY_ADDRESS or an embedded Ray)",
-    )
-    rn.add_argument(
-        "--resume",
-        action="store_true",
-        help="reuse a run directory that holds a run of another config",
-    )
-    rn.add_argument(
-        "--force",
-        action="append",
-        metavar="STAGE",
-        help=f"redo this stage, and the stages that read it, even if current ({stages})",
-    )
+    where = "Ray cluster address (default: $RAY_ADDRESS or an embedded Ray)"
+    rn.add_argument("--address", default=None, help=where)
+    other = "reuse a run directory that holds a run of another config"
+    rn.add_argument("--resume", action="store_true", help=other)
+    _add_force(rn)
     rn.set_defaults(fn=_run)
-
     rp = sub.add_parser(
         "report", help="write the static HTML report of a run (opens from disk; no server)"
     )
@@ -214,14 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default=None, help="where to write it (default RUN/report)")
     rp.set_defaults(fn=_report)
 
-    e = sub.add_parser("embed", help="joint image/text embedders").add_subparsers(
-        dest="embed_cmd", required=True
-    )
+
+def _add_services(sub) -> None:
+    e = sub.add_parser("embed", help="joint image/text embedders")
+    e = e.add_subparsers(dest="embed_cmd", required=True)
     et = e.add_parser("train", help="train the world encoder on a captioned table")
     et.add_argument("--data", required=True)
     et.add_argument("--device", default="cpu")
     et.set_defaults(fn=_embed_train)
-
     s = sub.add_parser("serve", help="serve the generation app over HTTP (Ray Serve)")
     s.add_argument("--backend", default="world", help="world | diffusers:MODEL")
     s.add_argument("--port", type=int, default=8000)
@@ -229,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token-file", default=None)
     s.add_argument("--config", default=None, help="serve config TOML/YAML")
     s.set_defaults(fn=_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zoo-audit", description="Audit a zoo of image classifiers.")
+    verbose = "debug logging, Ray/Serve logs and tracebacks on the console"
+    p.add_argument("-v", "--verbose", action="store_true", help=verbose)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for add in (_add_world, _add_zoo, _add_audit, _add_services):
+        add(sub)
     return p
 
 

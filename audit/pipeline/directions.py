@@ -111,25 +111,43 @@ class _Split:
         self.correct, self.confidence = correct_for(preds, self.ids)
 
 
-def directions_stage(store: RunStore, inputs, cfg) -> str:
-    """Stage: fit, name and check failure directions (``[directions]`` section)."""
+def _fit_directions(store: RunStore, inputs, cfg, fit: _Split, X_train) -> tuple[pa.Table, dict]:
+    """Per model (through the executor) and per cluster: ``(directions table, clusters)``."""
     from audit.directions import (
         FailureDirections,
         clusters_from_table,
-        direction_similarity,
         directions_table,
         fit_collective,
         with_q_values,
     )
+
+    est = FailureDirections(max_modes=cfg.max_modes, n_permutations=cfg.n_permutations)
+    names = sorted(fit.correct)
+    shared = {"X": fit.X, "X_stats": X_train, "labels": fit.labels, "correct": fit.correct}
+    fits = inputs.services.executor.map(_fit_one, names, shared={**shared, "estimator": est})
+    fitted = dict(zip(names, fits, strict=True))
+    clusters = {}
+    if store.exists("clusters.parquet"):
+        clusters = clusters_from_table(store.read_table("clusters.parquet"))
+    fitted.update(
+        fit_collective(fit.X, fit.correct, clusters, fit.labels, X_stats=X_train, estimator=est)
+    )
+    return with_q_values(directions_table(fitted, inputs.data.classes)), clusters
+
+
+def directions_stage(store: RunStore, inputs, cfg) -> str:
+    """Stage: fit, name and check failure directions (``[directions]`` section)."""
+    from audit.directions import direction_similarity
     from audit.embed import embed_table
     from audit.evaluate import load_predictions
+    from audit.index import ClassIndex, subpopulations_table
     from audit.pipeline.sweep import swept_models
 
     emb, _ = embedder_for(inputs, train=False)
     data = inputs.data
     E = embed_table(
         store, emb, data.split(inputs.embed_splits()), progress=False
-    )  # cached by the embed stage
+    )  # the embed stage's
     preds = load_predictions(store, swept_models(store, inputs.zoo))
     fit = _Split(data.split(inputs.fit_split), E, preds)
     if not fit.correct:
@@ -138,125 +156,106 @@ def directions_stage(store: RunStore, inputs, cfg) -> str:
         )
     train_ids = data.split("train").example_ids.astype(str)
     X_train = E.align(train_ids[np.isin(train_ids, E.example_ids.astype(str))])
-    est = FailureDirections(max_modes=cfg.max_modes, n_permutations=cfg.n_permutations)
-    names = sorted(fit.correct)
-    fits = inputs.services.executor.map(
-        _fit_one,
-        names,
-        shared={
-            "X": fit.X,
-            "X_stats": X_train,
-            "labels": fit.labels,
-            "correct": fit.correct,
-            "estimator": est,
-        },
-    )
-    fitted = dict(zip(names, fits, strict=True))
-    clusters = (
-        clusters_from_table(store.read_table("clusters.parquet"))
-        if store.exists("clusters.parquet")
-        else {}
-    )
-    fitted.update(
-        fit_collective(fit.X, fit.correct, clusters, fit.labels, X_stats=X_train, estimator=est)
-    )
-    dirs = with_q_values(directions_table(fitted, data.classes))
+    dirs, clusters = _fit_directions(store, inputs, cfg, fit, X_train)
     store.write_table("directions.parquet", dirs)
     store.write_table("direction_similarity.parquet", direction_similarity(dirs))
-
-    caps, cands, refs, grounding = _captions(store, inputs, cfg, dirs, emb, fit)
+    cands, refs = _candidates(store, inputs, cfg, emb)
+    grounding = _grounding(cfg.caption_scoring == "images", fit, data.classes, cfg.grounding_k)
+    caps = _captions_table(dirs, cands, refs, emb, cfg.top_k, grounding)
     store.write_table("captions.parquet", caps)
-
-    from audit.index import ClassIndex, subpopulations_table
-
     ev = _Split(data.split(inputs.eval_split), E, {m: preds[m] for m in fit.correct})
     scopes = {f"cluster:{cid}": members for cid, members in clusters.items()}
-    subs = subpopulations_table(
-        caps, ev.correct, emb, ClassIndex(ev.X, ev.labels), data.classes, k=cfg.k, scopes=scopes
-    )
+    index = ClassIndex(ev.X, ev.labels)
+    subs = subpopulations_table(caps, ev.correct, emb, index, data.classes, k=cfg.k, scopes=scopes)
     store.write_table("subpopulations.parquet", subs)
     if "group" in data.columns and store.exists("accuracy.parquet"):
-        store.write_table(
-            "planted.parquet",
-            _planted(store, inputs, cfg, dirs, caps, cands, refs, emb, fit, grounding),
-        )
+        planted = _planted(store, inputs, cfg, dirs, caps, cands, refs, emb, fit, grounding)
+        store.write_table("planted.parquet", planted)
     n_ok = sum(s == "ok" for s in dirs["status"].to_pylist())
-    return f"{dirs.num_rows} directions ({n_ok} significant), {caps.num_rows:,} captions, {subs.num_rows:,} nearest-image checks"
+    return (
+        f"{dirs.num_rows} directions ({n_ok} significant), {caps.num_rows:,} captions, "
+        f"{subs.num_rows:,} nearest-image checks"
+    )
 
 
-def _captions(store, inputs, cfg, dirs, emb, fit):
+def _world_spec(inputs):
+    if not inputs.world_dir:
+        return None
+    from audit.data.world import WorldSpec
+
+    return WorldSpec.from_toml(os.path.join(inputs.world_dir, "spec.toml"))
+
+
+def _record_dropped(store: RunStore, emb, n_before: int, n_kept: int, dropped: dict) -> None:
+    """The candidates the embedder cannot embed: counted in the manifest, one error row a word."""
+    counts = {"candidates": n_before, "kept": n_kept, "dropped_unknown_words": n_before - n_kept}
+    store.update_manifest(captions={"embedder": emb.name, **counts, "unknown_words": len(dropped)})
+    if not dropped:
+        return
+    words = ", ".join(sorted(dropped)[:10])
+    log.warning(
+        "%s does not know %d word(s) (%s); candidate captions with them are dropped",
+        emb.name,
+        len(dropped),
+        words,
+    )
+    why = f"not in the vocabulary of embedder {emb.name!r}"
+    store.record_errors(
+        {
+            "stage": "directions",
+            "item": f"word:{w}",
+            "reason": f"{why}: {n} candidate caption(s) with it dropped",
+        }
+        for w, n in sorted(dropped.items())
+    )
+
+
+def _candidates(store: RunStore, inputs, cfg, emb) -> tuple[dict, dict]:
+    """``(candidate captions per class, reference caption per class)``: the data's grammar
+    (the world's, or its attribute columns'), the generic one and LLM proposals, without
+    the ones with words the embedder does not know."""
     from audit.captions import (
-        CaptionGrounding,
-        LLMConfig,
         candidate_captions,
-        captions_table,
         drop_unknown_words,
         reference_caption,
         world_reference,
     )
     from audit.data.attributes import attribute_values
+    from audit.llm import LLMConfig
     from audit.pipeline.inputs import caption_attributes
 
-    spec = None
-    if inputs.world_dir:
-        from audit.data.world import WorldSpec
-
-        spec = WorldSpec.from_toml(os.path.join(inputs.world_dir, "spec.toml"))
+    spec = _world_spec(inputs)
     classes = inputs.data.classes
     llm = None
     if cfg.llm_model:
-        llm = LLMConfig(
-            model=cfg.llm_model,
-            base_url=cfg.llm_base_url or os.environ.get("OPENAI_BASE_URL") or None,
-        )
+        base_url = cfg.llm_base_url or os.environ.get("OPENAI_BASE_URL") or None
+        llm = LLMConfig(model=cfg.llm_model, base_url=base_url)
     slots = {} if spec is not None else caption_attributes(inputs.config, inputs.data)
     values = {a: attribute_values(inputs.data, a) for a in slots}
     cands = candidate_captions(classes, world_spec=spec, llm=llm, attributes=values, slots=slots)
     n_before = sum(len(v) for v in cands.values())
     cands, dropped = drop_unknown_words(cands, emb.unknown_words)
-    n_kept = sum(len(v) for v in cands.values())
-    store.update_manifest(
-        captions={
-            "embedder": emb.name,
-            "candidates": n_before,
-            "kept": n_kept,
-            "dropped_unknown_words": n_before - n_kept,
-            "unknown_words": len(dropped),
-        }
-    )
-    if dropped:
-        log.warning(
-            "%s does not know %d word(s) (%s); candidate captions with them are dropped",
-            emb.name,
-            len(dropped),
-            ", ".join(sorted(dropped)[:10]),
-        )
-        store.record_errors(
-            {
-                "stage": "directions",
-                "item": f"word:{w}",
-                "reason": f"not in the vocabulary of embedder {emb.name!r}: {n} candidate caption(s) with it dropped",
-            }
-            for w, n in sorted(dropped.items())
-        )
-    refs = {
-        c: world_reference(spec, c)
-        if spec is not None and c in spec.items
-        else reference_caption(c)
-        for c in classes
-    }
-    grounding = (
-        CaptionGrounding(fit.X, fit.labels, classes, cfg.grounding_k)
-        if cfg.caption_scoring == "images"
-        else None
-    )
-    caps = captions_table(dirs, cands, emb.encode_text, refs, top_k=cfg.top_k, grounding=grounding)
-    return caps, cands, refs, grounding
+    _record_dropped(store, emb, n_before, sum(len(v) for v in cands.values()), dropped)
+    in_world = spec.items if spec is not None else ()
+    refs = {c: world_reference(spec, c) if c in in_world else reference_caption(c) for c in classes}
+    return cands, refs
+
+
+def _grounding(on: bool, fit: _Split, classes, k: int):
+    """The fit split's images as the captions' ground ("images" scoring), or None ("text")."""
+    from audit.captions import CaptionGrounding
+
+    return CaptionGrounding(fit.X, fit.labels, classes, k) if on else None
+
+
+def _captions_table(dirs, cands, refs, emb, top_k: int, grounding) -> pa.Table:
+    from audit.captions import captions_table
+
+    return captions_table(dirs, cands, emb.encode_text, refs, top_k=top_k, grounding=grounding)
 
 
 def _planted(store, inputs, cfg, dirs, caps, cands, refs, emb, fit, grounding) -> pa.Table:
     """Both caption scorings checked against the planted truth, so the summary compares them."""
-    from audit.captions import CaptionGrounding, captions_table
     from audit.directions import decision_from_row
     from audit.planted import planted_evaluation
 
@@ -266,12 +265,8 @@ def _planted(store, inputs, cfg, dirs, caps, cands, refs, emb, fit, grounding) -
         if row["mode"] == 0 and row["direction"] is not None and row["scope"] in fit.correct:
             in_c = fit.labels == classes.index(row["class"])
             decisions[(row["scope"], row["class"])] = decision_from_row(row, fit.X[in_c])
-    other_grounding = (
-        None
-        if grounding is not None
-        else CaptionGrounding(fit.X, fit.labels, classes, cfg.grounding_k)
-    )
-    other = captions_table(dirs, cands, emb.encode_text, refs, top_k=1, grounding=other_grounding)
+    other_grounding = _grounding(grounding is None, fit, classes, cfg.grounding_k)
+    other = _captions_table(dirs, cands, refs, emb, 1, other_grounding)
     acc = store.read_table("accuracy.parquet")
     tables = []
     for scoring, c in (
@@ -287,6 +282,7 @@ def _planted(store, inputs, cfg, dirs, caps, cands, refs, emb, fit, grounding) -
             fit.labels,
             fit.table.column("group"),
             classes,
+            min_gap=inputs.config.stats.min_gap,
         )
         tables.append(
             t.append_column("caption_scoring", pa.array([scoring] * t.num_rows, pa.string()))

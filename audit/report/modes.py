@@ -14,79 +14,79 @@ from audit.report.images import DatasetImages, NearestImages, Thumbs, _safe, emb
 from audit.view import RunView
 
 
+def _significant(dirs: pa.Table | None) -> dict[str, list[dict]]:
+    """``{scope: significant modes, strongest first}``."""
+    by_scope: dict[str, list[dict]] = defaultdict(list)
+    if dirs is None:
+        return by_scope
+    d = dirs.to_pydict()
+    q = d.get("q_value") or [None] * dirs.num_rows
+    for i in range(dirs.num_rows):
+        if d["status"][i] != "ok":
+            continue
+        by_scope[d["scope"][i]].append(
+            {
+                "row": i,
+                "scope": d["scope"][i],
+                "cls": d["class"][i],
+                "class_index": d["class_index"][i],
+            }
+            | {"mode": int(d["mode"][i]), "cv": _f(d["cv_score"][i]), "lo": _f(d["ci_low"][i])}
+            | {"hi": _f(d["ci_high"][i]), "p": _f(d["p_value"][i]), "q": _f(q[i])}
+            | {"n_errors": int(d["n_errors"][i]), "n_correct": int(d["n_correct"][i])}
+        )
+    for modes in by_scope.values():
+        modes.sort(key=lambda m: -m["cv"])
+    return by_scope
+
+
+def _ranked_captions(run: RunView) -> dict[tuple, list[str]]:
+    """``{(scope, class, mode, polarity): captions, best first}``."""
+    out: dict[tuple, list[str]] = defaultdict(list)
+    caps = run.table("captions.parquet", ["scope", "class", "mode", "caption", "rank", "polarity"])
+    if caps is not None:
+        c = caps.to_pydict()
+        for i in np.argsort(np.asarray(c["rank"]), kind="stable"):
+            key = (c["scope"][i], c["class"][i], c["mode"][i], c["polarity"][i])
+            out[key].append(c["caption"][i])
+    return out
+
+
+def _checks(run: RunView) -> dict[tuple, dict]:
+    """``{(scope, class, caption): its nearest-image check and its confirmation}``."""
+    checks: dict[tuple, dict] = {}
+    subs = run.table("subpopulations.parquet")
+    for r in subs.to_pylist() if subs is not None else []:
+        checks[(r["scope"], r["class"], r["caption"])] = r
+    conf = run.table("confirmations.parquet")
+    for r in conf.to_pylist() if conf is not None else []:
+        checks.setdefault((r["scope"], r["class"], r.get("caption")), {}).update(r)
+    return checks
+
+
 class _Modes:
     """Significant failure modes per scope, their captions, checks, images and mitigation."""
 
     def __init__(self, run: RunView, data, opts: ReportSection, thumbs: Thumbs):
         self.run, self.opts, self.thumbs = run, opts, thumbs
         self.dirs = run.table("directions.parquet", DIRECTION_COLUMNS + ["q_value"])
-        self.by_scope: dict[str, list[dict]] = defaultdict(list)
         self.n_directions = 0 if self.dirs is None else self.dirs.num_rows
-        if self.dirs is not None:
-            d = self.dirs.to_pydict()
-            q = d.get("q_value") or [None] * self.dirs.num_rows
-            for i in range(self.dirs.num_rows):
-                if d["status"][i] == "ok":
-                    self.by_scope[d["scope"][i]].append(
-                        {
-                            "row": i,
-                            "scope": d["scope"][i],
-                            "cls": d["class"][i],
-                            "class_index": d["class_index"][i],
-                            "mode": int(d["mode"][i]),
-                            "cv": _f(d["cv_score"][i]),
-                            "lo": _f(d["ci_low"][i]),
-                            "hi": _f(d["ci_high"][i]),
-                            "p": _f(d["p_value"][i]),
-                            "q": _f(q[i]),
-                            "n_errors": int(d["n_errors"][i]),
-                            "n_correct": int(d["n_correct"][i]),
-                        }
-                    )
-            for modes in self.by_scope.values():
-                modes.sort(key=lambda m: -m["cv"])
-        self.captions: dict[tuple, list[str]] = defaultdict(list)
-        caps = run.table(
-            "captions.parquet", ["scope", "class", "mode", "caption", "rank", "polarity"]
-        )
-        if caps is not None:
-            c = caps.to_pydict()
-            for i in np.argsort(np.asarray(c["rank"]), kind="stable"):
-                self.captions[
-                    (c["scope"][i], c["class"][i], c["mode"][i], c["polarity"][i])
-                ].append(c["caption"][i])
-        self.checks: dict[tuple, dict] = {}
-        subs = run.table("subpopulations.parquet")
-        if subs is not None:
-            s = subs.to_pydict()
-            for i in range(subs.num_rows):
-                self.checks[(s["scope"][i], s["class"][i], s["caption"][i])] = {
-                    k: s[k][i] for k in s
-                }
-        conf = run.table("confirmations.parquet")
-        if conf is not None:
-            s = conf.to_pydict()
-            for i in range(conf.num_rows):
-                key = (s["scope"][i], s["class"][i], s.get("caption", [None] * conf.num_rows)[i])
-                self.checks.setdefault(key, {}).update({k: s[k][i] for k in s})
+        self.by_scope = _significant(self.dirs)
+        self.captions = _ranked_captions(run)
+        self.checks = _checks(run)
         self.mitigation = run.table("mitigation.parquet")
         self._mit_by: dict[str, list[dict]] = defaultdict(list)
         for r in self.mitigation.to_pylist() if self.mitigation is not None else []:
             r = {**r, "cls": r.get("class"), "lam": r.get("lambda")}
             self._mit_by[r.get("model")].append(r)  # a model's card: every row of that model
             if str(r.get("scope", "")).startswith("cluster:"):
-                self._mit_by[r["scope"]].append(
-                    r
-                )  # a cluster's card: the rows of its collective fix
+                self._mit_by[r["scope"]].append(r)  # a cluster's card: its collective fix
         self.sets = self._sets()
         self._images = self._nearest(data)
         self._preds: dict[str, tuple] = {}
         self._set_cache: dict[str, pa.Table | None] = {}
         self._vectors = None
-        self.classes = list(
-            (run.manifest.get("data") or {}).get("classes")
-            or (data.classes if data is not None else [])
-        )
+        self.classes = run.classes
 
     # -- inputs for images
     def _nearest(self, data):
