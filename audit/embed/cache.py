@@ -121,27 +121,7 @@ def embed_table(
     rel = embedding_path(embedder)
     ids = table.example_ids.astype(str)
     hashes = row_hashes(table)
-    old_ids, old_hashes, old_vecs = (
-        np.zeros(0, object),
-        np.zeros(0, object),
-        np.zeros((0, embedder.dim), np.float32),
-    )
-    if store.exists(rel):
-        t = store.read_table(rel)
-        meta = t.schema.metadata or {}
-        if (
-            meta.get(b"key", b"").decode() == embedder.key
-            and int(meta.get(b"dim", b"0")) == embedder.dim
-        ):
-            old_ids = t["example_id"].to_numpy(zero_copy_only=False).astype(object)
-            old_hashes = t["image_hash"].to_numpy(zero_copy_only=False).astype(object)
-            old_vecs = _vectors(t)
-        else:
-            log.info(
-                "embeddings in %s were made by another %s (key changed); recomputing",
-                rel,
-                embedder.name,
-            )
+    old_ids, old_hashes, old_vecs = _cached(store, rel, embedder)
     have = {
         (e, h): i
         for i, (e, h) in enumerate(zip(old_ids.tolist(), old_hashes.tolist(), strict=True))
@@ -156,42 +136,13 @@ def embed_table(
     )
     new_rows: dict[tuple, np.ndarray] = {}
     if len(todo):
-        images, ok, errors = table.take(todo).decode()
-        store.record_errors({**e.as_row(), "stage": "embed"} for e in errors)
-        vecs = (
-            embedder.encode_images(images, batch_size=batch_size, progress=progress)
-            if len(ok)
-            else np.zeros((0, embedder.dim), np.float32)
+        new_rows = _embed_rows(
+            store, embedder, table, (ids, hashes), todo, batch_size=batch_size, progress=progress
         )
-        for j, v in zip(todo[ok], vecs, strict=True):
-            new_rows[(ids[j], hashes[j])] = v
         # replaced rows (same id, new image) drop their stale vectors
         new_ids = {ids[j] for j in todo}
         keep = [i for i, e in enumerate(old_ids.tolist()) if e not in new_ids]
-        all_ids = np.concatenate([old_ids[keep], np.asarray([k[0] for k in new_rows], object)])
-        all_hashes = np.concatenate(
-            [old_hashes[keep], np.asarray([k[1] for k in new_rows], object)]
-        )
-        all_vecs = np.concatenate(
-            [
-                old_vecs[keep],
-                np.asarray(list(new_rows.values()), np.float32).reshape(-1, embedder.dim),
-            ]
-        )
-        store.write_table(
-            rel, _to_arrow(embedder.name, embedder.key, all_ids, all_hashes, all_vecs)
-        )
-        store.update_manifest(
-            embeddings={
-                embedder_slug(embedder.name): {
-                    "embedder": embedder.name,
-                    "key": embedder.key,
-                    "dim": embedder.dim,
-                    "n": int(len(all_ids)),
-                    "path": rel,
-                }
-            }
-        )
+        _write(store, rel, embedder, (old_ids[keep], old_hashes[keep], old_vecs[keep]), new_rows)
         log.info(
             "embedded %d new image(s) with %s (%d cached)", len(new_rows), embedder.name, len(have)
         )
@@ -205,3 +156,71 @@ def embed_table(
             out_vecs.append(new_rows[(e, h)])
     vectors = np.asarray(out_vecs, np.float32).reshape(-1, embedder.dim)
     return TableEmbeddings(embedder.name, embedder.key, ids[np.asarray(out_idx, np.int64)], vectors)
+
+
+def _cached(store: RunStore, rel: str, embedder: Embedder) -> tuple:
+    """``(example_ids [M], image_hashes [M], vectors [M, D])`` stored at ``rel`` by this
+    embedder's key and dimension; empty when there are none or another key made them."""
+    empty = (
+        np.zeros(0, object),
+        np.zeros(0, object),
+        np.zeros((0, embedder.dim), np.float32),
+    )
+    if not store.exists(rel):
+        return empty
+    t = store.read_table(rel)
+    meta = t.schema.metadata or {}
+    if (
+        meta.get(b"key", b"").decode() != embedder.key
+        or int(meta.get(b"dim", b"0")) != embedder.dim
+    ):
+        log.info(
+            "embeddings in %s were made by another %s (key changed); recomputing",
+            rel,
+            embedder.name,
+        )
+        return empty
+    return (
+        t["example_id"].to_numpy(zero_copy_only=False).astype(object),
+        t["image_hash"].to_numpy(zero_copy_only=False).astype(object),
+        _vectors(t),
+    )
+
+
+def _embed_rows(
+    store: RunStore, embedder: Embedder, table: ImageTable, keys: tuple, todo, **encode
+) -> dict[tuple, np.ndarray]:
+    """``{(example_id, image_hash): vector [D]}`` for rows ``todo`` of ``table`` that decode
+    (``keys``: the table's ids and row hashes); the others are recorded in ``errors.parquet``."""
+    ids, hashes = keys
+    images, ok, errors = table.take(todo).decode()
+    store.record_errors({**e.as_row(), "stage": "embed"} for e in errors)
+    vecs = (
+        embedder.encode_images(images, **encode)
+        if len(ok)
+        else np.zeros((0, embedder.dim), np.float32)
+    )
+    return {(ids[j], hashes[j]): v for j, v in zip(todo[ok], vecs, strict=True)}
+
+
+def _write(store: RunStore, rel: str, embedder: Embedder, kept: tuple, new_rows: dict) -> None:
+    """Store ``kept`` (ids, hashes, vectors) followed by ``new_rows`` at ``rel`` and record
+    them in the manifest."""
+    old_ids, old_hashes, old_vecs = kept
+    all_ids = np.concatenate([old_ids, np.asarray([k[0] for k in new_rows], object)])
+    all_hashes = np.concatenate([old_hashes, np.asarray([k[1] for k in new_rows], object)])
+    all_vecs = np.concatenate(
+        [old_vecs, np.asarray(list(new_rows.values()), np.float32).reshape(-1, embedder.dim)]
+    )
+    store.write_table(rel, _to_arrow(embedder.name, embedder.key, all_ids, all_hashes, all_vecs))
+    store.update_manifest(
+        embeddings={
+            embedder_slug(embedder.name): {
+                "embedder": embedder.name,
+                "key": embedder.key,
+                "dim": embedder.dim,
+                "n": int(len(all_ids)),
+                "path": rel,
+            }
+        }
+    )

@@ -16,8 +16,10 @@ Training (:func:`train_world_encoder`):
   multi-positive in-batch images on the text side, averaged over levels (full caption,
   caption without colour, ...), so "a photo of a blue pullover" and "a photo of a pullover
   on grass" both land near the right images.
-- The caption vocabulary lives in :mod:`audit.embed.vocab`, the training loop in
-  :mod:`audit.zoo.loop`.
+- The towers, the trained :class:`WorldEncoder` and its zero-shot accuracy live in
+  :mod:`audit.embed.world_model`; the inputs, augmentation, loss and fitting in
+  :mod:`audit.embed.world_training`; the caption vocabulary in :mod:`audit.embed.vocab`,
+  the training loop in :mod:`audit.zoo.loop`.
 - The checkpoint is cached under ``$ZOO_AUDIT_CACHE/embedders/`` by a content hash of the
   data, the captions, the code's declared version (:data:`VERSION`), the torch/timm and
   text-model versions and the hyper-parameters.
@@ -29,20 +31,28 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from audit.cache import atomic_write, cache_dir, code_version, content_hash
 from audit.data.table import ImageTable
-from audit.embed.base import Embedder, register_embedder
-from audit.embed.vocab import CaptionVocab, omittable_attributes
+from audit.embed.base import register_embedder
+from audit.embed.world_model import (  # noqa: F401  (re-exported: the model's public names)
+    WorldEncoder,
+    build_towers,
+    input_config_for,
+    read_metadata,
+    zero_shot_accuracy,
+)
+from audit.embed.world_training import fit_towers, training_data
 
 log = logging.getLogger(__name__)
 
-# Bump when what a checkpoint holds changes for the same data and hyper-parameters: this
-# module's towers, loss or augmentation, the caption vocabulary (audit/embed/vocab.py), the
+# Bump when what a checkpoint holds changes for the same data and hyper-parameters: the
+# towers (audit/embed/world_model.py), the loss, augmentation or inputs
+# (audit/embed/world_training.py), the caption vocabulary (audit/embed/vocab.py), the
 # training loop (audit/zoo/loop.py) or the text side (audit/embed/text.py).
 VERSION = 1
 
@@ -59,65 +69,6 @@ HPARAMS: dict = {
     "max_examples": 0,  # 0 = all rows of the training splits
     "proj_hidden": 512,
 }
-
-
-# -- the model ------------------------------------------------------------------------------
-def _build_towers(hp: Mapping, text_dim: int):
-    import torch
-    from torch import nn
-
-    w, d = int(hp["width"]), int(hp["dim"])
-
-    def block(cin, cout):
-        return [
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True),
-        ]
-
-    image = nn.Sequential(
-        *block(3, w),
-        nn.MaxPool2d(2),
-        *block(w, 2 * w),
-        *block(2 * w, 2 * w),
-        nn.MaxPool2d(2),
-        *block(2 * w, 4 * w),
-        *block(4 * w, 4 * w),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4 * w, d),
-    )
-
-    class Projection(nn.Module):
-        """Linear map plus a small residual MLP: stays close to MiniLM's geometry for new text."""
-
-        def __init__(self):
-            super().__init__()
-            self.linear = nn.Linear(text_dim, d)
-            self.mlp = nn.Sequential(
-                nn.Linear(text_dim, int(hp["proj_hidden"])),
-                nn.GELU(),
-                nn.Linear(int(hp["proj_hidden"]), d),
-            )
-
-        def forward(self, x):
-            return self.linear(x) + self.mlp(x)
-
-    towers = nn.ModuleDict({"image": image, "text": Projection()})
-    towers.register_parameter("logit_scale", nn.Parameter(torch.tensor(float(np.log(1 / 0.07)))))
-    return towers
-
-
-def input_config_for(size: int):
-    from audit.zoo.spec import InputConfig
-
-    return InputConfig(
-        input_size=int(size),
-        mean=(0.5, 0.5, 0.5),
-        std=(0.25, 0.25, 0.25),
-        interpolation="bilinear",
-        crop_pct=1.0,
-    )
 
 
 # -- caching --------------------------------------------------------------------------------
@@ -190,13 +141,9 @@ def train_world_encoder(
     has a ``debug`` split, zero-shot accuracies on it (also stored in the checkpoint).
     """
     import torch
-    import torch.nn.functional as F
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
 
-    from audit.embed.text import load_minilm
-    from audit.zoo.loop import train_loop, usable_cores
-    from audit.zoo.models import preprocess
+    from audit.zoo.loop import usable_cores
 
     hp = resolve_hparams(hparams)
     key = checkpoint_key(table, hp)
@@ -209,206 +156,34 @@ def train_world_encoder(
     t0 = time.perf_counter()
     torch.manual_seed(int(hp["seed"]))
     torch.set_num_threads(usable_cores())
-    rows = training_rows(table, hp)
-    vocab = CaptionVocab.build(rows, hp["templates"])
-    timings = {}
-    images, ok, errors = rows.decode()
-    timings["decode"] = time.perf_counter() - t0
-    if errors:
-        log.warning("%d training images could not be decoded and are skipped", len(errors))
-    if len(ok) < 2:
-        raise ValueError(
-            f"the world encoder needs at least 2 decodable training images; got {len(ok)}"
-        )
-    size = int(images.shape[1])
-    cfg = input_config_for(size)
-
-    # every distinct string once through the frozen MiniLM
-    minilm = load_minilm(device)
-    strings = vocab.all_texts()
-    text_feats = {}
-    for i in tqdm(
-        range(0, len(strings), 256), desc="MiniLM captions", disable=not progress, leave=False
-    ):
-        for s, e in zip(strings[i : i + 256], minilm.encode(strings[i : i + 256]), strict=True):
-            text_feats[s] = e
-    timings["text"] = time.perf_counter() - t0 - sum(timings.values())
-    level_feats = [
-        torch.as_tensor(np.stack([[text_feats[s] for s in tpl] for tpl in lvl])).to(device)
-        for lvl in vocab.texts
-    ]  # [T, V, 384]
-    level_targets = [torch.as_tensor(t[ok]).to(device) for t in vocab.targets]
-
-    towers = _build_towers(hp, minilm.dim).to(device)
-    x_all = torch.cat(
-        [preprocess(images[i : i + 2048], cfg, "cpu") for i in range(0, len(images), 2048)]
-    )
-    n_tpl = len(vocab.templates)
-
-    def step_loss(idx, gen):
-        xb = _augment(x_all[idx], gen).to(device)
-        img = F.normalize(towers["image"](xb), dim=-1)
-        scale = towers.logit_scale.clamp(max=np.log(100.0)).exp()
-        loss = 0.0
-        for feats, targets in zip(level_feats, level_targets, strict=True):
-            t = int(torch.randint(n_tpl, (1,), generator=gen))
-            txt = F.normalize(towers["text"](feats[t]), dim=-1)  # [V, D]
-            y = targets[idx.to(device)]
-            logits = scale * img @ txt.T  # [B, V]: the whole level's vocabulary as negatives
-            uniq, inv = torch.unique(y, return_inverse=True)
-            pos = inv.unsqueeze(0) == torch.arange(len(uniq), device=device).unsqueeze(1)  # [U, B]
-            t2i = logits[:, uniq].T  # [U, B]: each caption in the batch against the batch's images
-            t2i_loss = -(
-                torch.logsumexp(t2i.masked_fill(~pos, -1e4), 1) - torch.logsumexp(t2i, 1)
-            ).mean()
-            loss = loss + 0.5 * (F.cross_entropy(logits, y) + t2i_loss)
-        return loss / len(level_feats)
-
-    n = len(x_all)
-    towers.train()
-    train_loop(
-        towers.parameters(),
-        step_loss,
-        n=n,
-        batch_size=int(hp["batch_size"]),
-        epochs=int(hp["epochs"]),
-        lr=float(hp["lr"]),
-        weight_decay=float(hp["weight_decay"]),
-        pct_start=0.1,
-        seed=int(hp["seed"]),
-        drop_last=True,
-        progress=progress,
-        desc="train world encoder",
-    )
-    towers.eval()
+    data = training_data(training_rows(table, hp), hp["templates"], device, progress, t0)
+    towers = build_towers(hp, data.text_dim).to(device)
+    n = fit_towers(towers, data, hp, device, progress)
     seconds = time.perf_counter() - t0
-    timings["train"] = seconds - sum(timings.values())
+    timings = {**data.timings, "train": seconds - sum(data.timings.values())}
 
     meta = {
         "hparams": hp,
         "key": key,
-        "image_size": size,
-        "text_dim": minilm.dim,
+        "image_size": int(data.images.shape[1]),
+        "text_dim": data.text_dim,
         "train_seconds": round(seconds, 1),
-        "attributes": vocab.attributes,
+        "attributes": data.vocab.attributes,
         "n_train": int(n),
-        "n_strings": len(strings),
+        "n_strings": data.n_strings,
         "timings": {k: round(v, 1) for k, v in timings.items()},
     }
     state = {k: v.detach().cpu().contiguous() for k, v in towers.state_dict().items()}
     metrics = {}
     if evaluate and "debug" in set(table.column("split").tolist()):
         enc = WorldEncoder(state, meta, device=device)
-        metrics = zero_shot_accuracy(enc, table.split("debug"), vocab.attributes)
+        metrics = zero_shot_accuracy(enc, table.split("debug"), data.vocab.attributes)
         log.info("world encoder zero-shot accuracy on debug: %s", metrics)
     log.info("world encoder trained in %.1fs (%s)", seconds, meta["timings"])
     meta["metrics"] = metrics
     with atomic_write(path) as tmp:
         save_file(state, tmp, metadata={"world_encoder": json.dumps(meta)})
     return TrainResult(path, key, True, seconds, metrics)
-
-
-def _augment(x, gen):
-    """Random 2-pixel shift (reflect padding) per batch and horizontal flip per image."""
-    import torch
-    import torch.nn.functional as F
-
-    p = 2
-    dy, dx = (int(v) for v in torch.randint(0, 2 * p + 1, (2,), generator=gen))
-    h, w = x.shape[-2:]
-    x = F.pad(x, (p, p, p, p), mode="reflect")[..., dy : dy + h, dx : dx + w]
-    flip = (torch.rand(len(x), generator=gen) < 0.5).view(-1, 1, 1, 1)
-    return torch.where(flip, x.flip(-1), x)
-
-
-def read_metadata(path: str) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("world_encoder", "{}"))
-
-
-# -- the embedder ---------------------------------------------------------------------------
-class WorldEncoder(Embedder):
-    """The trained world encoder as an :class:`Embedder` (``name`` is ``world`` by default)."""
-
-    def __init__(self, state: Mapping, meta: Mapping, device: str = "cpu", name: str = "world"):
-        from audit.embed.text import load_minilm
-
-        self.meta = dict(meta)
-        self.towers = _build_towers(meta["hparams"], int(meta["text_dim"]))
-        self.towers.load_state_dict(dict(state))
-        self.towers.eval().to(device)
-        self.device = device
-        self.name = name
-        self.dim = int(meta["hparams"]["dim"])
-        self.key = str(meta["key"])
-        self.input_config = input_config_for(int(meta["image_size"]))
-        self.minilm = load_minilm(device)
-
-    @classmethod
-    def load(cls, path: str, device: str = "cpu", name: str = "world") -> WorldEncoder:
-        from safetensors.torch import load_file
-
-        return cls(load_file(path), read_metadata(path), device=device, name=name)
-
-    def _encode_images(self, images: np.ndarray) -> np.ndarray:
-        import torch
-
-        from audit.zoo.models import preprocess
-
-        with torch.inference_mode():
-            return (
-                self.towers["image"](preprocess(images, self.input_config, self.device))
-                .float()
-                .cpu()
-                .numpy()
-            )
-
-    def _encode_text(self, texts: list[str]) -> np.ndarray:
-        import torch
-
-        feats = torch.as_tensor(self.minilm.encode(texts)).to(self.device)
-        with torch.inference_mode():
-            return self.towers["text"](feats).float().cpu().numpy()
-
-
-def zero_shot_accuracy(
-    embedder: Embedder,
-    table: ImageTable,
-    attributes: Sequence[str] | None = None,
-    template: str = "a photo of {}",
-    batch_size: int = 512,
-) -> dict[str, float]:
-    """Zero-shot accuracy per attribute on ``table`` (e.g. the world's debug split).
-
-    For the label, the prompts are the captions with every attribute omitted ("a photo of a
-    pullover"); for an attribute, the captions keeping only the label and that attribute
-    ("a photo of a blue pullover"), and the predicted value is that of the most similar
-    prompt. ``full_caption`` is the accuracy of picking the exact caption among all of them.
-    Returns ``{"label": acc, "<attribute>": acc, ..., "full_caption": acc}``.
-    """
-    attrs = list(omittable_attributes(table) if attributes is None else attributes)
-    vocab = CaptionVocab.build(table, [template], attrs)
-    images, ok, _ = table.decode()
-    img = embedder.encode_images(images, batch_size=batch_size)
-    out = {}
-    for omit, keys, texts, target in zip(
-        vocab.levels, vocab.keys, vocab.texts, vocab.targets, strict=True
-    ):
-        kept = [a for a in attrs if a not in omit]
-        if len(kept) > 1:
-            continue
-        pred = (img @ embedder.encode_text(texts[0]).T).argmax(1)
-        true = target[ok]
-        col = 0 if not kept else 1  # keys are (label, kept value) or (label,)/(label, caption)
-        out["label" if not kept else kept[0]] = float(
-            np.mean([keys[p][col] == keys[t][col] for p, t in zip(pred, true, strict=True)])
-        )
-    full = vocab.levels.index(())
-    pred = (img @ embedder.encode_text(vocab.texts[full][0]).T).argmax(1)
-    out["full_caption"] = float(np.mean(pred == vocab.targets[full][ok]))
-    return out
 
 
 # -- registry and CLI -----------------------------------------------------------------------
