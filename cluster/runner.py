@@ -200,6 +200,47 @@ def check_ray_cpus(cfg: AuditConfig, address: str | None) -> None:
         )
 
 
+def _opening(cfg: AuditConfig, store: RunStore, state: str) -> str:
+    rel = os.path.relpath(cfg.source)
+    shown = cfg.source if rel.startswith("..") else rel
+    note = {
+        "new": "",
+        "finished": " (finished before: only what changed runs)",
+        "resume": " (resuming)",
+    }
+    return f"zoo-audit run {shown} -> {store.uri}{note[state]}"
+
+
+def _record_inputs(store: RunStore, cfg: AuditConfig, key: str, inputs: RunInputs) -> str:
+    """The run's config, versions, data and zoo in the manifest; returns the console's data line."""
+    from audit import versions
+
+    data, zoo = inputs.data, inputs.zoo
+    store.update_manifest(
+        kind="audit",
+        config=cfg.model_dump(),
+        config_key=key,
+        versions=versions(),
+        status="running",
+        data={"source": cfg.data.path or cfg.data.world_spec, "world_dir": inputs.world_dir}
+        | {"key": inputs.data_key, "n": len(data), "classes": data.classes},
+        zoo={"name": zoo.name, "path": zoo.path, "models": zoo.names, "families": inputs.families},
+    )
+    splits = "/".join(sorted(set(data.column("split").tolist())))
+    world = " (world)" if inputs.world_dir else ""
+    return (
+        f"  {'data':<11s} {len(data):,} images, {len(data.classes)} classes, splits {splits}{world}; "
+        f"zoo {zoo.name!r}: {len(zoo)} models"
+    )
+
+
+def _closing(store: RunStore, outcome: RunOutcome, seconds: float) -> str:
+    line = f"\nrun directory: {store.uri} (summary.txt, manifest.json)  total {seconds:.1f}s"
+    if not outcome.failed and store.exists("report/index.html"):
+        line += f"\nreport: {store.path('report/index.html')}"
+    return line
+
+
 def run_audit(
     config: str,
     out: str,
@@ -217,74 +258,27 @@ def run_audit(
     ``services`` replaces the Ray services (tests inject threads and in-process fakes).
     Raises :class:`StageFailed` after recording a failed stage (the CLI prints one line).
     """
-    from audit import versions
-
     t0 = time.perf_counter()
     cfg = load_config(config, overrides)
     check_ray_cpus(cfg, address)
     store = RunStore(check_out(out))
     key = _config_key(cfg)
-    state = check_run_dir(store, key, resume)
-    progress = sys.stderr.isatty()
-    shown = (
-        os.path.relpath(cfg.source)
-        if not os.path.relpath(cfg.source).startswith("..")
-        else cfg.source
-    )
-    console(
-        f"zoo-audit run {shown} -> {store.uri}"
-        + {
-            "new": "",
-            "finished": " (finished before: only what changed runs)",
-            "resume": " (resuming)",
-        }[state]
-    )
+    console(_opening(cfg, store, check_run_dir(store, key, resume)))
     ray = _LazyRay(cfg, address, verbose, store.path("logs") if store.local else None)
     try:
         inputs = load_inputs(cfg)
         if services is None:
-            services = ray_services(cfg, store, inputs.world_dir, ray, progress)
+            services = ray_services(cfg, store, inputs.world_dir, ray, sys.stderr.isatty())
         inputs = RunInputs(
             cfg, inputs.data, inputs.data_key, inputs.world_dir, inputs.zoo, services
         )
-        store.update_manifest(
-            kind="audit",
-            config=cfg.model_dump(),
-            config_key=key,
-            versions=versions(),
-            status="running",
-            data={
-                "source": cfg.data.path or cfg.data.world_spec,
-                "world_dir": inputs.world_dir,
-                "key": inputs.data_key,
-                "n": len(inputs.data),
-                "classes": inputs.data.classes,
-            },
-            zoo={
-                "name": inputs.zoo.name,
-                "path": inputs.zoo.path,
-                "models": inputs.zoo.names,
-                "families": inputs.families,
-            },
-        )
-        splits = sorted(set(inputs.data.column("split").tolist()))
-        console(
-            f"  {'data':<11s} {len(inputs.data):,} images, {len(inputs.data.classes)} classes, splits "
-            f"{'/'.join(splits)}{' (world)' if inputs.world_dir else ''}; zoo {inputs.zoo.name!r}: {len(inputs.zoo)} models"
-        )
+        console(_record_inputs(store, cfg, key, inputs))
         outcome = run_pipeline(store, inputs, force=force, console=console)
     finally:
         ray.close()
     if outcome.summary:
         console("\n" + outcome.summary)
-    console(
-        f"\nrun directory: {store.uri} (summary.txt, manifest.json)  total {time.perf_counter() - t0:.1f}s"
-        + (
-            f"\nreport: {store.path('report/index.html')}"
-            if not outcome.failed and store.exists("report/index.html")
-            else ""
-        )
-    )
+    console(_closing(store, outcome, time.perf_counter() - t0))
     if outcome.failed:
         raise outcome.failed
     return store, outcome
