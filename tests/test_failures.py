@@ -286,7 +286,7 @@ def test_bootstrap_in_pair_chunks_bounds_memory_and_keeps_its_intervals():
     def small(n_pairs, n_boot):
         return stats_blocks.pair_chunks(n_pairs, n_boot, max_elements=4 * n_boot * 2)
 
-    with mock.patch("audit.failures.pair_chunks", small):
+    with mock.patch("audit.failures.overlap.pair_chunks", small):
         lo2, hi2 = bootstrap_error_consistency(n_fail, n_both, 3000, n_boot=2000, seed=1)
         lo3, _ = bootstrap_error_consistency(n_fail, n_both, 3000, n_boot=2000, seed=1)
     np.testing.assert_array_equal(lo2, lo3)
