@@ -69,9 +69,8 @@ class SetMaker:
         self._info: dict | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._users: dict[str, int] = {}
-        self._meta: OrderedDict[str, tuple[tuple[int, int], dict]] = (
-            OrderedDict()
-        )  # id -> (stamp, meta)
+        # set id -> (file stamp, meta): a bounded cache of stored sets' metadata
+        self._meta: OrderedDict[str, tuple[tuple[int, int], dict]] = OrderedDict()
 
     # -- the handle door -------------------------------------------------------------------
     async def make_set(self, request: dict) -> dict:
