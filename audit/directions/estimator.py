@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 from sklearn.base import BaseEstimator
 
-from audit.directions.fitter import _ModeFitter, _rows
+from audit.directions.inputs import (  # noqa: F401  (re-exported: imported from here)
+    GRAM_LIMIT,
+    _check_correct,
+    _check_X,
+    _ClassData,
+    _prepare,
+    _Prepared,
+    standardize,
+)
+from audit.directions.modes import FailureMode, _fit_class
 
 #: the C grid: 1e-6 ... 1e2, one value per decade. The paper's code stops at 1, where most
 #: (model, class) pairs of the demo chose the top of the grid; two more decades make the
@@ -16,128 +23,6 @@ from audit.directions.fitter import _ModeFitter, _rows
 #: tests) several times slower on the demo: 87 s against 36 s for the directions stage.
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-6, 2, 9))
 STATUSES = ("ok", "not_significant", "insufficient_errors", "insufficient_correct")
-#: above this many examples in a class the SVM computes dot products itself instead of a Gram matrix
-GRAM_LIMIT = 6000
-
-
-@dataclass
-class FailureMode:
-    """One direction of one class: strength, significance and the SVM that defines it.
-
-    ``direction`` is the unit normal ``[D]`` in the standardised, normalised space; the SVM
-    decision value of a standardised, normalised embedding ``z`` is
-    ``weight_norm * direction @ z + intercept`` (negative: predicted error, i.e. hard).
-    """
-
-    label: int
-    mode: int
-    status: str
-    n_errors: int
-    n_correct: int
-    cv_score: float = float("nan")
-    ci_low: float = float("nan")
-    ci_high: float = float("nan")
-    p_value: float = float("nan")
-    C: float = float("nan")
-    C_on_edge: bool = (
-        False  # the chosen C is the grid's smallest or largest: widen the grid that way
-    )
-    direction: np.ndarray | None = None
-    weight_norm: float = float("nan")
-    intercept: float = float("nan")
-    cv_scores: list[float] = field(default_factory=list)
-
-    def decision(self, z: np.ndarray) -> np.ndarray:
-        if self.direction is None:
-            return np.full(len(z), np.nan)
-        return self.weight_norm * (np.asarray(z, np.float64) @ self.direction) + self.intercept
-
-
-@dataclass
-class _ClassData:
-    """A class's standardised, normalised embeddings and their Gram matrix (shared by models)."""
-
-    label: int
-    index: np.ndarray  # rows of X in this class
-    Z: np.ndarray  # [n, D] float64
-    K: np.ndarray | None  # [n, n] or None above GRAM_LIMIT
-
-
-@dataclass
-class _Prepared:
-    mean: np.ndarray
-    scale: np.ndarray
-    classes: np.ndarray
-    per_class: list[_ClassData]
-    n: int
-
-
-def standardize(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """``(X - mean) / scale`` with rows then L2-normalised: the space directions live in."""
-    Z = (np.asarray(X, np.float64) - mean) / scale
-    return Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
-
-
-def _check_X(X, name: str = "X") -> np.ndarray:
-    X = np.asarray(X)
-    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
-        raise ValueError(
-            f"{name} must be a non-empty 2-D array of embeddings [N, D]; got shape {X.shape}"
-        )
-    if not np.issubdtype(X.dtype, np.number):
-        raise TypeError(f"{name} must be numeric embeddings; got dtype {X.dtype}")
-    if not np.isfinite(X).all():
-        bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
-        raise ValueError(
-            f"{name} has non-finite values in {len(bad)} row(s) (first: {bad[:5].tolist()}); drop or re-embed them"
-        )
-    return X
-
-
-def _check_correct(correct, n: int) -> np.ndarray:
-    c = np.asarray(correct)
-    if c.ndim not in (1, 2) or c.shape[0] != n:
-        raise ValueError(
-            f"correct must be [N] (one model) or [N, M] (a cluster of M models) with N={n} rows like X; got shape {c.shape}"
-        )
-    if c.dtype != bool:
-        if not np.issubdtype(c.dtype, np.number) or not np.isin(c, (0, 1)).all():
-            raise ValueError(
-                "correct must hold booleans or 0/1 (1 = the model got the example right)"
-            )
-    c = c.astype(np.float64)
-    return c[:, None] if c.ndim == 1 else c
-
-
-def _prepare(X, labels, X_stats, gram_limit: int = GRAM_LIMIT) -> _Prepared:
-    X = _check_X(X)
-    if labels is None:
-        labels = np.zeros(len(X), np.int64)
-    labels = np.asarray(labels)
-    if labels.shape != (len(X),):
-        raise ValueError(
-            f"labels must be [N] class labels with N={len(X)} like X; got shape {labels.shape}"
-        )
-    if X_stats is None:
-        stats = X
-    else:
-        stats = _check_X(X_stats, "X_stats")
-        if stats.shape[1] != X.shape[1]:
-            raise ValueError(
-                f"X_stats has {stats.shape[1]} features but X has {X.shape[1]}; both must come from one embedder"
-            )
-    stats = np.asarray(stats, np.float64)
-    mean = stats.mean(axis=0)
-    scale = stats.std(axis=0)
-    scale = np.where(scale > 1e-12, scale, 1.0)
-    Z = standardize(X, mean, scale)
-    classes = np.unique(labels)
-    per = []
-    for c in classes:
-        idx = np.flatnonzero(labels == c)
-        Zc = np.ascontiguousarray(Z[idx])
-        per.append(_ClassData(c, idx, Zc, Zc @ Zc.T if len(idx) <= gram_limit else None))
-    return _Prepared(mean, scale, classes, per, len(X))
 
 
 class FailureDirections(BaseEstimator):
@@ -249,12 +134,12 @@ class FailureDirections(BaseEstimator):
         err = 1.0 - correct.mean(axis=1)  # fraction of the models that got each example wrong
         n_jobs = self.n_jobs if self.n_jobs not in (None, 0) else 1
         if n_jobs == 1 or len(prep.per_class) == 1:
-            per = [self._fit_class(cd, err[cd.index], i) for i, cd in enumerate(prep.per_class)]
+            per = [_fit_class(self, cd, err[cd.index], i) for i, cd in enumerate(prep.per_class)]
         else:
             from joblib import Parallel, delayed
 
             per = Parallel(n_jobs=n_jobs, prefer="threads")(
-                delayed(self._fit_class)(cd, err[cd.index], i)
+                delayed(_fit_class)(self, cd, err[cd.index], i)
                 for i, cd in enumerate(prep.per_class)
             )
         D = prep.mean.shape[0]
@@ -275,110 +160,6 @@ class FailureDirections(BaseEstimator):
             self.cv_score_[ci] = modes[0].cv_score
             self.p_value_[ci] = modes[0].p_value
         return self
-
-    def _fit_class(self, cd: _ClassData, err: np.ndarray, class_pos: int) -> list[FailureMode]:
-        seed = np.random.SeedSequence(
-            [0 if self.random_state is None else int(self.random_state), class_pos]
-        )
-        rng = np.random.default_rng(seed)
-        min_err, min_cor = max(int(self.min_errors), self.cv), max(int(self.min_correct), self.cv)
-        n_err, n_cor = int((err > 0).sum()), int((err < 1).sum())
-        if n_err < min_err or n_cor < min_cor:
-            status = "insufficient_errors" if n_err < min_err else "insufficient_correct"
-            return [FailureMode(int(cd.label), 0, status, n_err, n_cor)]
-        everyone = np.arange(len(err))
-        fm, oof0, folds = self._fit_mode(cd, everyone, err, 0, rng)
-        modes = [fm]
-        if fm.status != "ok" or self.max_modes == 1:
-            return modes
-        # Further modes: errors the directions so far do not explain seed a new direction;
-        # then errors are reassigned to the direction that explains each best (k-planes),
-        # so each mode is fitted on the correct examples and its own errors only.
-        is_err = err > 0
-        planes = [(everyone, fm.C)]
-        heldout = [self._heldout(cd, everyone, err, fm.C, folds)]
-        for mode in range(1, int(self.max_modes)):
-            unexplained = is_err.copy()
-            for dec in heldout:
-                cut = min(0.0, float(np.quantile(dec[err < 1], self.explained_fpr)))
-                unexplained &= dec >= cut
-            if unexplained.sum() < min_err:
-                break
-            planes.append((np.flatnonzero(~is_err | unexplained), planes[0][1]))
-            heldout.append(self._heldout(cd, planes[-1][0], err, planes[-1][1], folds))
-            for _ in range(self.n_refine):
-                owner = np.argmin(np.stack(heldout), axis=0)
-                planes = [
-                    (np.flatnonzero(~is_err | (is_err & (owner == m))), C)
-                    for m, (_, C) in enumerate(planes)
-                ]
-                heldout = [self._heldout(cd, sub, err, C, folds) for sub, C in planes]
-            owner = np.argmin(np.stack(heldout), axis=0)
-            sub = np.flatnonzero(~is_err | (owner == mode))
-            if int(is_err[sub].sum()) < min_err:
-                break
-            fm, _, _ = self._fit_mode(cd, sub, err, mode, rng)
-            modes.append(fm)
-            if fm.status != "ok":
-                break
-            planes[-1] = (sub, fm.C)
-            heldout[-1] = self._heldout(cd, sub, err, fm.C, folds)
-        return modes
-
-    def _fit_mode(self, cd: _ClassData, sub: np.ndarray, err: np.ndarray, mode: int, rng):
-        """Grid-searched SVM on the class's examples ``sub``; (mode, held-out decisions, folds)."""
-        e = err[sub]
-        K = None if cd.K is None else (cd.K if len(sub) == len(err) else cd.K[np.ix_(sub, sub)])
-        fitter = _ModeFitter(cd.Z[sub], K, self, rng)
-        Cs = self._Cs()
-        folds = fitter.folds(e)
-        scores, oof, rows = fitter.cv(e, Cs, folds)
-        best = int(np.argmax(scores))  # the first maximum, as the paper's strict '>' loop
-        C = Cs[best]
-        ex, y, sw, _ = rows
-        w, b = fitter.fit_one(ex, y, sw, C)
-        norm = float(np.linalg.norm(w))
-        lo, hi = fitter.bootstrap_ci(rows, oof[best])
-        p = fitter.p_value(e, folds, C, float(scores[best]))
-        significant = (
-            not (p > self.alpha) and norm > 0
-        )  # NaN (no permutations) counts as significant
-        fm = FailureMode(
-            int(cd.label),
-            mode,
-            "ok" if significant else "not_significant",
-            int((e > 0).sum()),
-            int((e < 1).sum()),
-            cv_score=float(scores[best]),
-            ci_low=lo,
-            ci_high=hi,
-            p_value=p,
-            C=C,
-            C_on_edge=len(Cs) > 1 and C in (min(Cs), max(Cs)),
-            direction=(w / norm) if norm > 0 else None,
-            weight_norm=norm,
-            intercept=b,
-            cv_scores=[float(s) for s in scores],
-        )
-        full_folds = np.empty(len(err), int)
-        full_folds[sub] = folds
-        return fm, oof[best], full_folds
-
-    def _heldout(
-        self, cd: _ClassData, sub: np.ndarray, err: np.ndarray, C: float, folds: np.ndarray
-    ) -> np.ndarray:
-        """Held-out signed distance ``[n]`` of every example to an SVM trained on ``sub`` (2-fold cross-fit)."""
-        out = np.zeros(len(err))
-        fitter = _ModeFitter(cd.Z, cd.K, self, None)
-        for f in range(self.cv):
-            tr = sub[folds[sub] != f]
-            ex, y, sw = _rows(err[tr])
-            if len(np.unique(y)) < 2:
-                continue
-            w, b = fitter.fit_one(tr[ex], y, sw, C)
-            te = np.flatnonzero(folds == f)
-            out[te] = (cd.Z[te] @ w + b) / max(float(np.linalg.norm(w)), 1e-12)
-        return out
 
     # -- using a fit ---------------------------------------------------------------------
     def _check_fitted(self):
