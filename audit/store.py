@@ -259,7 +259,3 @@ class RunStore:
     def set_stage(self, stage: str, status: str, **info: Any) -> None:
         """Record a stage's status (``running``/``done``/``failed``) in the manifest."""
         self.update_manifest(stages={stage: {"status": status, "time": _now(), **info}})
-
-    def stage_done(self, stage: str, key: str | None = None) -> bool:
-        s = self.manifest().get("stages", {}).get(stage, {})
-        return s.get("status") == "done" and (key is None or s.get("key") == key)

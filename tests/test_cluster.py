@@ -173,12 +173,12 @@ def test_plan_shards_respects_shard_memory_and_improves_on_lpt():
 
 
 def test_cost_estimate_counts_flops_of_wider_models_higher(tmp_path):
-    from audit.zoo.shard import estimate_cost, model_costs
+    from audit.zoo.shard import estimate_cost, model_profiles
 
     zoo = tiny_zoo(str(tmp_path))
     a, b = estimate_cost(zoo.get("res-a"), 3), estimate_cost(zoo.get("res-b"), 3)
     assert a and b and b > a
-    costs = model_costs([*zoo, *broken_specs(str(tmp_path))], 3)
+    costs, _ = model_profiles([*zoo, *broken_specs(str(tmp_path))], 3)
     assert costs["raises"] == pytest.approx(
         np.median([costs[m] for m in zoo.names] + [costs["no-weights"]])
     )

@@ -105,11 +105,6 @@ class Embedder:
     def _encode_text(self, texts: list[str]) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    @property
-    def slug(self) -> str:
-        """``name`` made safe for a directory name (``embeddings/embedder=SLUG``)."""
-        return embedder_slug(self.name)
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, key={self.key!r})"
 

@@ -15,9 +15,6 @@ import torch
 class ZooModel(torch.nn.Module):
     """Base of every zoo member: ``forward(x) -> (logits [B, C], features [B, D])``."""
 
-    # a label for logs and for callers that predate linear_head(); never switch on it
-    kind = "module"
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
@@ -33,8 +30,6 @@ class TimmClassifier(ZooModel):
     ``head``: an optional separate linear-probe ``torch.nn.Linear`` for a headless backbone;
     without it the logits come from the model's own classifier.
     """
-
-    kind = "timm"
 
     def __init__(self, backbone: torch.nn.Module, head: torch.nn.Linear | None = None):
         super().__init__()
@@ -63,8 +58,6 @@ class ClipZeroShot(ZooModel):
     """open_clip zero-shot: features are the unit image embeddings ``[B, D]``; logits are
     ``logit_scale.exp() * features @ head``, ``head [D, C]`` the class text embeddings."""
 
-    kind = "open_clip"
-
     def __init__(self, backbone: torch.nn.Module, head: torch.Tensor):
         super().__init__()
         self.backbone = backbone
@@ -84,8 +77,6 @@ class ClipZeroShot(ZooModel):
 class TorchScriptModel(ZooModel):
     """A TorchScript classifier: its outputs are both the logits and the features, so it has
     no linear head on its features."""
-
-    kind = "module"
 
     def __init__(self, backbone: torch.nn.Module):
         super().__init__()

@@ -183,11 +183,6 @@ def _fill_median(raw: Mapping[str, float | None]) -> dict[str, float]:
     return {k: (float(v) if v else fill) for k, v in raw.items()}
 
 
-def model_costs(specs: Sequence[ModelSpec], num_classes: int) -> dict[str, float]:
-    """``{name: cost}``, unknown costs replaced by the median of the known ones (or 1)."""
-    return _fill_median({s.name: estimate_cost(s, num_classes) for s in specs})
-
-
 def model_profiles(
     specs: Sequence[ModelSpec], num_classes: int
 ) -> tuple[dict[str, float], dict[str, float]]:
