@@ -134,6 +134,21 @@ def read_imagefolder(
         layout = [(s, os.path.join(root, s)) for s in subdirs]
     else:
         layout = [(split or "debug", root)]
+    rows, found, skipped = _imagefolder_rows(root, layout)
+    _warn_not_read(root, rows, skipped)
+    if not rows:
+        raise ValueError(
+            f"no images found under {root!r} in CLASS/ folders (or SPLIT/CLASS/ with splits {list(SPLITS)})"
+        )
+    t = pa.Table.from_pylist(rows)
+    return table_from_labels(t, classes or sorted(found), root)
+
+
+def _imagefolder_rows(
+    root: str, layout: list[tuple[str, str]]
+) -> tuple[list[dict], set[str], dict[str, list[str]]]:
+    """``(rows, class names, skipped)`` of an ImageFolder laid out as ``(split, directory)``
+    pairs: a row per regular file in a class folder, and what cannot be a row by kind."""
     skipped: dict[str, list[str]] = {}
 
     def skip(kind: str, path: str) -> None:
@@ -159,6 +174,11 @@ def read_imagefolder(
                 else:
                     rel = os.path.relpath(p, root)
                     rows.append({"example_id": rel, "split": s, "label": c, "path": rel})
+    return rows, found, skipped
+
+
+def _warn_not_read(root: str, rows: list[dict], skipped: dict[str, list[str]]) -> None:
+    """One warning naming a few of each kind of entry skipped, one for non-image extensions."""
     if skipped:
         log.warning(
             "ImageFolder %s: not read: %s",
@@ -177,12 +197,6 @@ def read_imagefolder(
             n_other,
             ", ".join(IMAGE_EXTENSIONS),
         )
-    if not rows:
-        raise ValueError(
-            f"no images found under {root!r} in CLASS/ folders (or SPLIT/CLASS/ with splits {list(SPLITS)})"
-        )
-    t = pa.Table.from_pylist(rows)
-    return table_from_labels(t, classes or sorted(found), root)
 
 
 # -- Fashion-MNIST -------------------------------------------------------------------------

@@ -49,6 +49,20 @@ __all__ = [
 ]
 
 
+#: a world's columns, in order
+COLUMNS = (
+    "example_id",
+    "split",
+    "label",
+    "image",
+    "item",
+    "color",
+    "background",
+    "group",
+    "caption",
+)
+
+
 def _exact_counts(probs: np.ndarray, n: int) -> np.ndarray:
     """Integer counts summing to n, closest to probs * n (largest remainder)."""
     raw = probs * n
@@ -168,64 +182,16 @@ class WorldBuilder:
         return self.fmnist["train"][0] if split in ("train", "pool") else self.fmnist["test"][0]
 
     def build(self) -> ImageTable:
-        spec = self.spec
-        rng = np.random.default_rng(spec.seed)
-        cols: dict[str, list] = {
-            k: []
-            for k in (
-                "example_id",
-                "split",
-                "label",
-                "image",
-                "item",
-                "color",
-                "background",
-                "group",
-                "caption",
-            )
-        }
-        n_cls = len(spec.items)
+        """Every split of the spec, rendered: an :class:`ImageTable` with the world's columns
+        (:data:`COLUMNS`). One generator seeded by the spec draws everything, split by split."""
+        rng = np.random.default_rng(self.spec.seed)
+        cols: dict[str, list] = {k: [] for k in COLUMNS}
         for split in SPLITS:
-            n = spec.splits.get(split, 0)
+            n = self.spec.splits.get(split, 0)
             if n == 0:
                 continue
-            per_class = _exact_counts(np.full(n_cls, 1.0 / n_cls), n)
-            rows = []
-            for ci, item in enumerate(spec.items):
-                k = int(per_class[ci])
-                attrs = {}
-                for attr in ATTRIBUTES:
-                    values = spec.vocab(attr)
-                    probs = (
-                        spec.train_distribution(item, attr)
-                        if split == "train"
-                        else np.full(len(values), 1 / len(values))
-                    )
-                    counts = _exact_counts(probs, k)
-                    seq = np.repeat(np.arange(len(values)), counts)
-                    attrs[attr] = [values[j] for j in rng.permutation(seq)]
-                sources = self._sources[split][item]
-                picks = rng.choice(sources, size=k, replace=k > len(sources))
-                for j in range(k):
-                    rows.append(
-                        (ci, item, attrs["color"][j], attrs["background"][j], int(picks[j]))
-                    )
-            order = rng.permutation(len(rows))
-            images = self._images(split)
-            for pos, r in enumerate(order):
-                ci, item, color, bg, src = rows[r]
-                img = self.compositor.render(images[src], color, bg, rng)
-                a = {"color": color, "background": bg}
-                groups = [m.group for m in spec.planted if m.cls == item and m.in_group(a)]
-                cols["example_id"].append(f"{split}-{pos:06d}")
-                cols["split"].append(split)
-                cols["label"].append(ci)
-                cols["image"].append(_png(img))
-                cols["item"].append(item)
-                cols["color"].append(color)
-                cols["background"].append(bg)
-                cols["group"].append("|".join(groups))
-                cols["caption"].append(spec.caption(item, color, bg))
+            rows = self._plan(split, n, rng)
+            self._render(split, rows, rng, cols)
         table = pa.table(
             {
                 **{
@@ -236,20 +202,54 @@ class WorldBuilder:
                 "label": pa.array(cols["label"], pa.int32()),
                 "image": pa.array(cols["image"], pa.binary()),
             }
-        ).select(
-            [
-                "example_id",
-                "split",
-                "label",
-                "image",
-                "item",
-                "color",
-                "background",
-                "group",
-                "caption",
-            ]
-        )
-        return ImageTable(table, list(spec.items))
+        ).select(list(COLUMNS))
+        return ImageTable(table, list(self.spec.items))
+
+    def _plan(self, split: str, n: int, rng: np.random.Generator) -> list[tuple]:
+        """``n`` rows ``(class index, item, colour, background, source index)``, classes
+        balanced; attribute values at the train distribution in train, uniform elsewhere."""
+        spec = self.spec
+        n_cls = len(spec.items)
+        per_class = _exact_counts(np.full(n_cls, 1.0 / n_cls), n)
+        rows = []
+        for ci, item in enumerate(spec.items):
+            k = int(per_class[ci])
+            attrs = {}
+            for attr in ATTRIBUTES:
+                values = spec.vocab(attr)
+                probs = (
+                    spec.train_distribution(item, attr)
+                    if split == "train"
+                    else np.full(len(values), 1 / len(values))
+                )
+                counts = _exact_counts(probs, k)
+                seq = np.repeat(np.arange(len(values)), counts)
+                attrs[attr] = [values[j] for j in rng.permutation(seq)]
+            sources = self._sources[split][item]
+            picks = rng.choice(sources, size=k, replace=k > len(sources))
+            for j in range(k):
+                rows.append((ci, item, attrs["color"][j], attrs["background"][j], int(picks[j])))
+        return rows
+
+    def _render(self, split: str, rows: list[tuple], rng: np.random.Generator, cols: dict) -> None:
+        """Render ``rows`` in a random order, appending each example's columns to ``cols``."""
+        spec = self.spec
+        order = rng.permutation(len(rows))
+        images = self._images(split)
+        for pos, r in enumerate(order):
+            ci, item, color, bg, src = rows[r]
+            img = self.compositor.render(images[src], color, bg, rng)
+            a = {"color": color, "background": bg}
+            groups = [m.group for m in spec.planted if m.cls == item and m.in_group(a)]
+            cols["example_id"].append(f"{split}-{pos:06d}")
+            cols["split"].append(split)
+            cols["label"].append(ci)
+            cols["image"].append(_png(img))
+            cols["item"].append(item)
+            cols["color"].append(color)
+            cols["background"].append(bg)
+            cols["group"].append("|".join(groups))
+            cols["caption"].append(spec.caption(item, color, bg))
 
 
 def build_world(

@@ -40,6 +40,17 @@ BACKGROUNDS: dict[str, str] = {
 }
 
 ATTRIBUTES = ("color", "background")
+SPEC_KEYS = {
+    "items",
+    "colors",
+    "backgrounds",
+    "image_size",
+    "seed",
+    "splits",
+    "planted",
+    "item_scale",
+}
+PLANTED_KEYS = {"class", "attribute", "value", "rate", "kind", "decoy", "decoy_rate"}
 
 
 @dataclass(frozen=True)
@@ -86,20 +97,11 @@ class WorldSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> WorldSpec:
-        known = {
-            "items",
-            "colors",
-            "backgrounds",
-            "image_size",
-            "seed",
-            "splits",
-            "planted",
-            "item_scale",
-        }
-        unknown = set(d) - known
+        """A spec from a parsed TOML table; raises ValueError naming any unknown key or word."""
+        unknown = set(d) - SPEC_KEYS
         if unknown:
             raise ValueError(
-                f"unknown world spec key(s) {sorted(unknown)}; known keys: {sorted(known)}"
+                f"unknown world spec key(s) {sorted(unknown)}; known keys: {sorted(SPEC_KEYS)}"
             )
         items = list(d.get("items", FASHION_MNIST_CLASSES))
         colors = list(d.get("colors", list(COLORS)[:6]))
@@ -112,77 +114,8 @@ class WorldSpec:
         if bad:
             raise ValueError(f"unknown split(s) {sorted(bad)} in world spec; known: {list(SPLITS)}")
         vocab = {"color": colors, "background": backgrounds}
-        planted = []
-        for p in d.get("planted", []):
-            cls_, attr, value, rate = (
-                p.get("class"),
-                p.get("attribute"),
-                p.get("value"),
-                float(p.get("rate", -1)),
-            )
-            if cls_ not in items:
-                raise ValueError(
-                    f"planted mode names class {cls_!r}; the world's items are {items}"
-                )
-            if attr not in vocab:
-                raise ValueError(f"planted mode attribute {attr!r} is not one of {list(vocab)}")
-            if value not in vocab[attr]:
-                raise ValueError(
-                    f"planted {attr} {value!r} is not in the spec's {attr}s {vocab[attr]}"
-                )
-            if not 0.0 <= rate <= 1.0:
-                raise ValueError(
-                    f"planted mode {cls_}/{attr}={value} needs a rate in [0, 1], got {p.get('rate')}"
-                )
-            uniform = 1.0 / len(vocab[attr])
-            kind = p.get("kind", "rare" if rate < uniform else "association")
-            if kind not in ("rare", "association"):
-                raise ValueError(f"planted mode kind must be 'rare' or 'association', got {kind!r}")
-            decoy, decoy_rate = p.get("decoy"), float(p.get("decoy_rate", 0.0))
-            where = f"planted mode {cls_}/{attr}={value}"
-            unknown_keys = set(p) - {
-                "class",
-                "attribute",
-                "value",
-                "rate",
-                "kind",
-                "decoy",
-                "decoy_rate",
-            }
-            if unknown_keys:
-                raise ValueError(
-                    f"{where}: unknown key(s) {sorted(unknown_keys)}; known: class, attribute, value, "
-                    "rate, kind, decoy, decoy_rate"
-                )
-            if decoy is not None:
-                if kind != "rare":
-                    raise ValueError(
-                        f"{where}: a decoy needs a rare mode (rate below {uniform:.3f}), not {kind!r}"
-                    )
-                if decoy not in items or decoy == cls_:
-                    raise ValueError(
-                        f"{where}: decoy {decoy!r} must be another of the world's items {items}"
-                    )
-                if not uniform < decoy_rate <= 1.0:
-                    raise ValueError(
-                        f"{where}: decoy_rate must be in ({uniform:.3f}, 1] so the value predicts "
-                        f"{decoy!r}, got {p.get('decoy_rate')}"
-                    )
-            planted.append(PlantedMode(cls_, attr, value, rate, kind, decoy, decoy_rate))
-        seen = {}
-        for m in planted:
-            key = (m.cls, m.attribute)
-            if key in seen:
-                raise ValueError(
-                    f"two planted modes for class {m.cls!r} and attribute {m.attribute!r}; give one"
-                )
-            seen[key] = m
-        for who, attr in {(w, m.attribute) for m in planted for w in (m.cls, m.decoy) if w}:
-            fixed = _fixed_shares(planted, who, attr)  # raises on a value fixed twice
-            if sum(fixed.values()) > 1.0 + 1e-9:
-                raise ValueError(
-                    f"planted train shares for {who!r}/{attr} add up to more than 1: {fixed}"
-                )
+        planted = [_planted_mode(p, items, vocab) for p in d.get("planted", [])]
+        _check_planted(planted)
         return cls(
             items=items,
             colors=colors,
@@ -249,6 +182,76 @@ class WorldSpec:
 
     def _vocab_text(self) -> str:
         return f"Vocabulary: colours {self.colors}; items {self.items}; backgrounds {self.backgrounds}."
+
+
+def _planted_mode(p: dict, items: list[str], vocab: dict[str, list[str]]) -> PlantedMode:
+    """One ``[[planted]]`` table as a :class:`PlantedMode`, checked against the world's
+    ``items`` and attribute ``vocab``; ``kind`` defaults by the rate (below uniform: rare)."""
+    cls_, attr, value, rate = (
+        p.get("class"),
+        p.get("attribute"),
+        p.get("value"),
+        float(p.get("rate", -1)),
+    )
+    if cls_ not in items:
+        raise ValueError(f"planted mode names class {cls_!r}; the world's items are {items}")
+    if attr not in vocab:
+        raise ValueError(f"planted mode attribute {attr!r} is not one of {list(vocab)}")
+    if value not in vocab[attr]:
+        raise ValueError(f"planted {attr} {value!r} is not in the spec's {attr}s {vocab[attr]}")
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(
+            f"planted mode {cls_}/{attr}={value} needs a rate in [0, 1], got {p.get('rate')}"
+        )
+    uniform = 1.0 / len(vocab[attr])
+    kind = p.get("kind", "rare" if rate < uniform else "association")
+    if kind not in ("rare", "association"):
+        raise ValueError(f"planted mode kind must be 'rare' or 'association', got {kind!r}")
+    decoy, decoy_rate = p.get("decoy"), float(p.get("decoy_rate", 0.0))
+    where = f"planted mode {cls_}/{attr}={value}"
+    unknown_keys = set(p) - PLANTED_KEYS
+    if unknown_keys:
+        raise ValueError(
+            f"{where}: unknown key(s) {sorted(unknown_keys)}; known: class, attribute, value, "
+            "rate, kind, decoy, decoy_rate"
+        )
+    if decoy is not None:
+        _check_decoy(where, p, kind, uniform, items)
+    return PlantedMode(cls_, attr, value, rate, kind, decoy, decoy_rate)
+
+
+def _check_decoy(where: str, p: dict, kind: str, uniform: float, items: list[str]) -> None:
+    """A decoy is another item that the rare value predicts in train (rate above uniform)."""
+    decoy, decoy_rate = p.get("decoy"), float(p.get("decoy_rate", 0.0))
+    if kind != "rare":
+        raise ValueError(
+            f"{where}: a decoy needs a rare mode (rate below {uniform:.3f}), not {kind!r}"
+        )
+    if decoy not in items or decoy == p.get("class"):
+        raise ValueError(f"{where}: decoy {decoy!r} must be another of the world's items {items}")
+    if not uniform < decoy_rate <= 1.0:
+        raise ValueError(
+            f"{where}: decoy_rate must be in ({uniform:.3f}, 1] so the value predicts "
+            f"{decoy!r}, got {p.get('decoy_rate')}"
+        )
+
+
+def _check_planted(planted: list[PlantedMode]) -> None:
+    """At most one mode per (class, attribute), and fixed train shares that fit in 1."""
+    seen = {}
+    for m in planted:
+        key = (m.cls, m.attribute)
+        if key in seen:
+            raise ValueError(
+                f"two planted modes for class {m.cls!r} and attribute {m.attribute!r}; give one"
+            )
+        seen[key] = m
+    for who, attr in {(w, m.attribute) for m in planted for w in (m.cls, m.decoy) if w}:
+        fixed = _fixed_shares(planted, who, attr)  # raises on a value fixed twice
+        if sum(fixed.values()) > 1.0 + 1e-9:
+            raise ValueError(
+                f"planted train shares for {who!r}/{attr} add up to more than 1: {fixed}"
+            )
 
 
 def _fixed_shares(planted: list[PlantedMode], cls: str, attribute: str) -> dict[str, float]:
