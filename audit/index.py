@@ -293,67 +293,21 @@ def subpopulations_table(
     """
     from audit.predictions import wilson_interval
 
-    rows = captions.to_pylist() if isinstance(captions, pa.Table) else list(captions)
-    need = ("scope", "class", "caption", "polarity")
-    for i, r in enumerate(rows):
-        miss = [c for c in need if c not in r]
-        if miss:
-            raise ValueError(f"caption row {i} lacks {miss}; rows need {list(need)}")
+    rows = _caption_rows(captions)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    n_index = len(index.labels)
-    corr = {}
-    for m, c in correct.items():
-        c = np.asarray(c, bool)
-        if c.shape != (n_index,):
-            raise ValueError(
-                f"correct[{m!r}] has shape {c.shape}; it must be [{n_index}], aligned with the indexed images"
-            )
-        corr[m] = c
+    corr = _checked_correct(correct, len(index.labels))
     scopes = dict(scopes or {})
-
-    def members(scope: str) -> list[str]:
-        if scope in scopes:
-            ms = list(scopes[scope])
-        elif scope in corr:
-            ms = [scope]
-        else:
-            raise ValueError(
-                f"scope {scope!r} is neither a model in `correct` ({sorted(corr)[:5]}...) nor a key of `scopes`"
-            )
-        unknown = [m for m in ms if m not in corr]
-        if unknown:
-            raise ValueError(
-                f"scope {scope!r} names model(s) {unknown} that have no `correct` array"
-            )
-        return ms
-
     class_pos = {c: i for i, c in enumerate(classes)}
     vecs = _caption_vectors([str(r["caption"]) for r in rows], embedder)
-    # one search per distinct (class, caption), shared by all scopes
-    neighbours: dict[tuple[int, str], np.ndarray] = {}
-    for r in rows:
-        if r["class"] not in class_pos:
-            raise ValueError(
-                f"caption {r['caption']!r} names class {r['class']!r}; the classes are {list(classes)}"
-            )
-        key = (class_pos[r["class"]], str(r["caption"]))
-        if key not in neighbours:
-            _, ids = index.search(vecs[key[1]][None, :], k, key[0])
-            neighbours[key] = ids[0][ids[0] >= 0]
+    neighbours = _neighbours(rows, vecs, index, classes, k)
     out = {f.name: [] for f in SUBPOPULATION_SCHEMA}
     hits_all, n_all = [], []
     for r in rows:
         ci = class_pos[r["class"]]
-        ms = members(str(r["scope"]))
+        ms = _members(str(r["scope"]), scopes, corr)
         near = neighbours[(ci, str(r["caption"]))]
-        in_class = index.labels == ci
-        hits = sum(int(corr[m][near].sum()) for m in ms)
-        n = len(near) * len(ms)
-        cls_hits = sum(int(corr[m][in_class].sum()) for m in ms)
-        cls_n = int(in_class.sum()) * len(ms)
-        acc = hits / n if n else float("nan")
-        cls_acc = cls_hits / cls_n if cls_n else float("nan")
+        hits, n, acc, cls_acc = _nearest_vs_class(corr, ms, near, index.labels == ci)
         out["scope"].append(str(r["scope"]))
         out["class"].append(str(r["class"]))
         out["caption"].append(str(r["caption"]))
@@ -370,3 +324,76 @@ def subpopulations_table(
     out["ci_low"] = [float(x) for x in lo]
     out["ci_high"] = [float(x) for x in hi]
     return pa.table(out, schema=SUBPOPULATION_SCHEMA)
+
+
+def _caption_rows(captions) -> list[dict]:
+    """Caption rows (a table or row dicts), each checked to have scope, class, caption, polarity."""
+    rows = captions.to_pylist() if isinstance(captions, pa.Table) else list(captions)
+    need = ("scope", "class", "caption", "polarity")
+    for i, r in enumerate(rows):
+        miss = [c for c in need if c not in r]
+        if miss:
+            raise ValueError(f"caption row {i} lacks {miss}; rows need {list(need)}")
+    return rows
+
+
+def _checked_correct(correct: Mapping[str, np.ndarray], n_index: int) -> dict[str, np.ndarray]:
+    """``{model: bool [n_index]}``, raising when an array is not aligned with the index."""
+    corr = {}
+    for m, c in correct.items():
+        c = np.asarray(c, bool)
+        if c.shape != (n_index,):
+            raise ValueError(
+                f"correct[{m!r}] has shape {c.shape}; it must be [{n_index}], aligned with the indexed images"
+            )
+        corr[m] = c
+    return corr
+
+
+def _members(scope: str, scopes: Mapping[str, Sequence[str]], corr: Mapping) -> list[str]:
+    """The models a scope pools: ``scopes[scope]``, or the scope itself when it is a model."""
+    if scope in scopes:
+        ms = list(scopes[scope])
+    elif scope in corr:
+        ms = [scope]
+    else:
+        raise ValueError(
+            f"scope {scope!r} is neither a model in `correct` ({sorted(corr)[:5]}...) nor a key of `scopes`"
+        )
+    unknown = [m for m in ms if m not in corr]
+    if unknown:
+        raise ValueError(f"scope {scope!r} names model(s) {unknown} that have no `correct` array")
+    return ms
+
+
+def _neighbours(
+    rows: list[dict], vecs: Mapping[str, np.ndarray], index: ClassIndex, classes, k: int
+) -> dict[tuple[int, str], np.ndarray]:
+    """``{(class position, caption): ids [<= k]}``: one search per distinct (class, caption),
+    shared by all scopes; raises on a class outside ``classes``."""
+    class_pos = {c: i for i, c in enumerate(classes)}
+    neighbours: dict[tuple[int, str], np.ndarray] = {}
+    for r in rows:
+        if r["class"] not in class_pos:
+            raise ValueError(
+                f"caption {r['caption']!r} names class {r['class']!r}; the classes are {list(classes)}"
+            )
+        key = (class_pos[r["class"]], str(r["caption"]))
+        if key not in neighbours:
+            _, ids = index.search(vecs[key[1]][None, :], k, key[0])
+            neighbours[key] = ids[0][ids[0] >= 0]
+    return neighbours
+
+
+def _nearest_vs_class(
+    corr: Mapping[str, np.ndarray], ms: list[str], near: np.ndarray, in_class: np.ndarray
+) -> tuple[int, int, float, float]:
+    """``(hits, n, accuracy on near, accuracy on the class)`` pooled over the models ``ms``
+    (every (model, image) pair counts; NaN for an empty set)."""
+    hits = sum(int(corr[m][near].sum()) for m in ms)
+    n = len(near) * len(ms)
+    cls_hits = sum(int(corr[m][in_class].sum()) for m in ms)
+    cls_n = int(in_class.sum()) * len(ms)
+    acc = hits / n if n else float("nan")
+    cls_acc = cls_hits / cls_n if cls_n else float("nan")
+    return hits, n, acc, cls_acc
