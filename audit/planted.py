@@ -13,6 +13,19 @@ from collections.abc import Mapping
 import numpy as np
 import pyarrow as pa
 
+PLANTED_SCHEMA = pa.schema(
+    [
+        ("model", pa.string()),
+        ("group", pa.string()),
+        ("gap", pa.float64()),
+        ("top_hard_caption", pa.string()),
+        ("caption_names_group", pa.bool_()),
+        ("precision_svm", pa.float64()),
+        ("precision_confidence", pa.float64()),
+        ("n_errors", pa.int64()),
+    ]
+)
+
 
 def parse_group(group: str) -> tuple[str, str, str, bool]:
     """``"pullover:color=blue"`` -> (class, attribute, value, negated=False)."""
@@ -57,12 +70,9 @@ def planted_evaluation(
     images. Columns: model, group, gap, top_hard_caption, caption_names_group,
     precision_svm, precision_confidence, n_errors.
     """
-    rows = []
     acc = [r for r in accuracy.to_pylist() if r["attribute"] == "group"]
-    top_hard = {}
-    for r in captions.to_pylist():
-        if r["polarity"] == "hard" and r["rank"] == 1 and r["mode"] == 0:
-            top_hard[(r["scope"], r["class"])] = r["caption"]
+    top_hard = _top_hard_captions(captions)
+    rows = []
     for r in acc:
         gap = r["class_accuracy"] - r["accuracy"]
         if gap < min_gap:
@@ -70,9 +80,7 @@ def planted_evaluation(
         model, group = r["model"], r["value"]
         cls, attr, value, neg = parse_group(group)
         cap = top_hard.get((model, cls))
-        names = None if cap is None else caption_names(cap, value, neg)
-        ci = classes.index(cls)
-        in_c = labels == ci
+        in_c = labels == classes.index(cls)
         member = np.array([group in str(g).split("|") for g in groups[in_c]])
         n_err = int((~correct[model][in_c]).sum())
         dec = decisions.get((model, cls))
@@ -82,7 +90,7 @@ def planted_evaluation(
                 "group": group,
                 "gap": float(gap),
                 "top_hard_caption": cap,
-                "caption_names_group": names,
+                "caption_names_group": None if cap is None else caption_names(cap, value, neg),
                 "precision_svm": precision_at_errors(dec, member, n_err)
                 if dec is not None
                 else float("nan"),
@@ -90,19 +98,16 @@ def planted_evaluation(
                 "n_errors": n_err,
             }
         )
-    schema = pa.schema(
-        [
-            ("model", pa.string()),
-            ("group", pa.string()),
-            ("gap", pa.float64()),
-            ("top_hard_caption", pa.string()),
-            ("caption_names_group", pa.bool_()),
-            ("precision_svm", pa.float64()),
-            ("precision_confidence", pa.float64()),
-            ("n_errors", pa.int64()),
-        ]
-    )
-    return pa.Table.from_pylist(rows, schema=schema)
+    return pa.Table.from_pylist(rows, schema=PLANTED_SCHEMA)
+
+
+def _top_hard_captions(captions: pa.Table) -> dict[tuple[str, str], str]:
+    """``{(scope, class): caption}`` of the first-ranked hard caption of each mode-0 direction."""
+    top_hard = {}
+    for r in captions.to_pylist():
+        if r["polarity"] == "hard" and r["rank"] == 1 and r["mode"] == 0:
+            top_hard[(r["scope"], r["class"])] = r["caption"]
+    return top_hard
 
 
 def summarize_planted(table: pa.Table) -> dict:
