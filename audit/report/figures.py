@@ -84,20 +84,46 @@ def heatmap_png(
     for lab in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
         lab.set_color(colors.get(families.get(lab.get_text(), ""), "black"))
     if m <= 16:
-        for i in range(m):
-            for j in range(m):
-                if i != j and not np.isnan(s[i, j]):
-                    ax.text(
-                        j,
-                        i,
-                        f"{s[i, j]:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if s[i, j] > 0.6 * vmax else "black",
-                    )
-    # outline runs of the same cluster along the diagonal
-    cl = [clusters.get(n) for n in ordered]
+        _annotate_cells(ax, s, vmax)
+    _outline_clusters(ax, [clusters.get(n) for n in ordered])
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    cb.set_label(label)
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    ax.legend(
+        handles,
+        list(colors),
+        title="family",
+        loc="upper left",
+        bbox_to_anchor=(1.25, 1.0),
+        fontsize=8,
+        frameon=False,
+    )
+    ax.set_title(f"Failure overlap ({label}) between models", fontsize=11)
+    return _png(fig)
+
+
+def _annotate_cells(ax, s: np.ndarray, vmax: float) -> None:
+    """Write each off-diagonal value of ``s [M, M]`` in its cell (light text on dark cells)."""
+    m = len(s)
+    for i in range(m):
+        for j in range(m):
+            if i != j and not np.isnan(s[i, j]):
+                ax.text(
+                    j,
+                    i,
+                    f"{s[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if s[i, j] > 0.6 * vmax else "black",
+                )
+
+
+def _outline_clusters(ax, cl: Sequence[str | None]) -> None:
+    """Outline runs of the same cluster along the diagonal (``cl``: cluster per row, in order)."""
+    from matplotlib.patches import Rectangle
+
+    m = len(cl)
     start = 0
     for i in range(1, m + 1):
         if i == m or cl[i] != cl[start]:
@@ -113,20 +139,6 @@ def heatmap_png(
                     )
                 )
             start = i
-    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-    cb.set_label(label)
-    handles = [Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    ax.legend(
-        handles,
-        list(colors),
-        title="family",
-        loc="upper left",
-        bbox_to_anchor=(1.25, 1.0),
-        fontsize=8,
-        frameon=False,
-    )
-    ax.set_title(f"Failure overlap ({label}) between models", fontsize=11)
-    return _png(fig)
 
 
 def dendrogram_png(
