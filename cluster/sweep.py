@@ -226,6 +226,27 @@ class RaySweeper:
             "restarts": restarts,
         }
 
+    def _put(self, job, actors, starts, alive: list[bool], next_b: int, flight: tuple) -> int:
+        """Put batches ``next_b``... in the object store while fewer than ``max_in_flight`` are
+        there, each sent to every live shard; returns the next batch to put. ``flight`` is
+        ``(refs, outstanding, pending)``: batch -> object ref, batch -> shards that have not
+        answered, future -> (shard, batch), all updated in place."""
+        import ray
+
+        refs, outstanding, pending = flight
+        while next_b < len(starts) and len(refs) < self.max_in_flight and any(alive):
+            s = starts[next_b]
+            refs[next_b] = ray.put(job.images[s : s + job.batch_size])
+            outstanding[next_b] = 0
+            for si, a in enumerate(actors):
+                if alive[si]:
+                    pending[a.run_batch.remote(refs[next_b], s)] = (si, next_b)
+                    outstanding[next_b] += 1
+            if not outstanding[next_b]:
+                del refs[next_b], outstanding[next_b]
+            next_b += 1
+        return next_b
+
     def _lose(
         self, si: int, e: BaseException, alive: list[bool], plan, col: _Collect, sink
     ) -> None:
@@ -262,17 +283,7 @@ class RaySweeper:
         outstanding: dict[int, int] = {}
         next_b = finished = 0
         while next_b < len(starts) or pending:
-            while next_b < len(starts) and len(refs) < self.max_in_flight and any(alive):
-                s = starts[next_b]
-                refs[next_b] = ray.put(job.images[s : s + job.batch_size])
-                outstanding[next_b] = 0
-                for si, a in enumerate(actors):
-                    if alive[si]:
-                        pending[a.run_batch.remote(refs[next_b], s)] = (si, next_b)
-                        outstanding[next_b] += 1
-                if not outstanding[next_b]:
-                    del refs[next_b], outstanding[next_b]
-                next_b += 1
+            next_b = self._put(job, actors, starts, alive, next_b, (refs, outstanding, pending))
             if not pending:
                 break
             (fut,), _ = ray.wait(list(pending), num_returns=1)
