@@ -210,10 +210,13 @@ class ChosenGenerator:
         return self._gen.request_sets(wanted, set_ids, k, seed)
 
 
-def choose_generator(cfg, store, world_dir: str | None, on_serve: Callable[[str], object]):
+def choose_generator(
+    cfg, store, world_dir: str | None, on_serve: Callable[[str], object], data=None
+):
     """The generator of the run of ``cfg`` (an AuditConfig) into ``store``: the service at
     ``[generate] url``; else, by :func:`resolve_backend`, the audit's retrieval (the one
-    warning line says so) or ``on_serve(spec)``, the Serve app for that backend."""
+    warning line says so; ``data``: the run's loaded dataset, its pool) or ``on_serve(spec)``,
+    the Serve app for that backend."""
     g = cfg.generate
     if g.url:
         return HttpSetGenerator(g.url)
@@ -223,6 +226,6 @@ def choose_generator(cfg, store, world_dir: str | None, on_serve: Callable[[str]
 
         # the substitution of retrieval for generation is worth a line on the console
         log.warning("generation backend: %s", why)
-        return RetrievalSetGenerator(store, cfg)
+        return RetrievalSetGenerator(store, cfg, data=data)
     log.info("generation backend: %s", why)
     return on_serve(spec)

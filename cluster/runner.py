@@ -72,11 +72,17 @@ class _OnRay:
 
 
 def ray_services(
-    cfg: AuditConfig, store: RunStore, world_dir: str | None, ray: _LazyRay, progress: bool
+    cfg: AuditConfig,
+    store: RunStore,
+    world_dir: str | None,
+    ray: _LazyRay,
+    progress: bool,
+    data=None,
 ) -> Services:
     """Ray's executor and sweeper, and the run's generator: the Serve app (through its handle,
     on Ray) for a world or configured diffusion weights, else the audit's retrieval (no Ray),
-    or the service at ``[generate] url`` (see :func:`cluster.generate.choose_generator`)."""
+    or the service at ``[generate] url`` (see :func:`cluster.generate.choose_generator`).
+    ``data``: the run's dataset, already loaded (retrieval draws its pool from it)."""
     from cluster.executor import RayExecutor
     from cluster.generate import ChosenGenerator, ServeSetGenerator, choose_generator
     from cluster.sweep import RaySweeper
@@ -102,7 +108,7 @@ def ray_services(
     return Services(
         executor=_OnRay(ray, RayExecutor),
         sweeper=_OnRay(ray, sweeper),
-        generator=ChosenGenerator(lambda: choose_generator(cfg, store, world_dir, on_serve)),
+        generator=ChosenGenerator(lambda: choose_generator(cfg, store, world_dir, on_serve, data)),
         progress=progress,
     )
 
@@ -268,7 +274,9 @@ def run_audit(
     try:
         inputs = load_inputs(cfg)
         if services is None:
-            services = ray_services(cfg, store, inputs.world_dir, ray, sys.stderr.isatty())
+            services = ray_services(
+                cfg, store, inputs.world_dir, ray, sys.stderr.isatty(), inputs.data
+            )
         inputs = RunInputs(
             cfg, inputs.data, inputs.data_key, inputs.world_dir, inputs.zoo, services
         )

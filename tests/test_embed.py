@@ -14,6 +14,7 @@ from audit.embed import (
     Embedder,
     create_embedder,
     embed_table,
+    embedder_slug,
     embedding_path,
     list_embedders,
     load_embeddings,
@@ -240,7 +241,7 @@ def test_embedding_cache_is_reused_and_incremental(tmp_path):
     )
     stored = store.read_table(embedding_path(emb))
     assert pa.types.is_fixed_size_list(stored.schema.field("vector").type)
-    assert store.manifest()["embeddings"][emb.slug]["n"] == len(table)
+    assert store.manifest()["embeddings"][embedder_slug(emb.name)]["n"] == len(table)
 
     second = embed_table(store, emb, table, progress=False)  # another model, same data: no work
     assert emb.seen == len(table)

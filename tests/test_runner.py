@@ -267,9 +267,8 @@ def test_cli_failing_stage_exits_1_with_one_line(tmp_path, testbed, monkeypatch,
     cfg = testbed_config(tmp_path / "audit.toml", str(manifest), zoo)
     cfg = cfg_with(cfg, "[generate]", 'backend = "stable-diffusion"')
 
-    def thread_services(
-        cfg_, store, world_dir, ray, progress
-    ):  # the real generator, no Ray for the rest
+    def thread_services(cfg_, store, world_dir, ray, progress, data=None):
+        # the real generator, no Ray for the rest
         return threads(ServeSetGenerator(cfg_.generate.backend, store.uri, world_dir))
 
     monkeypatch.setattr(cluster.runner, "ray_services", thread_services)

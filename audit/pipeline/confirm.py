@@ -129,12 +129,14 @@ def confirmations(
     pairs: Mapping[tuple[str, str], tuple[str, str | None]],
     correct_on: Mapping[str, Mapping[str, np.ndarray]],
     cf_of: Mapping[str, str],
-    min_gap: float = 0.15,
-    n_boot: int = 1000,
-    ci: float = 0.95,
+    *,
+    min_gap: float,
+    n_boot: int,
+    ci: float,
 ) -> pa.Table:
     """One row per (scope, class, hard caption). ``correct_on[scope][caption]`` is the scope's
-    per-image correctness (a cluster: its members' mean) on the generated images of a caption."""
+    per-image correctness (a cluster: its members' mean) on the generated images of a caption;
+    ``min_gap``, ``n_boot`` and ``ci`` are the run's ``[stats]``."""
     rows = []
     a = (1 - ci) / 2
     for (scope, cls), (hard, easy) in pairs.items():
