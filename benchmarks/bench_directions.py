@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
-import time
 import warnings
 
 import numpy as np
+from _common import machine_line, median_time, ratio, timed
 
 
 def synthetic(n_models=12, n_classes=6, per_class=300, dim=256, seed=0):
@@ -43,38 +41,46 @@ def synthetic(n_models=12, n_classes=6, per_class=300, dim=256, seed=0):
     return X, labels, correct, "synthetic"
 
 
-def from_run(run: str, embedder: str | None):
-    """(X, labels, {model: correct}, description) from a run directory, or None if absent."""
-    from audit.store import RunStore
+def _vectors(table) -> tuple[list[str], np.ndarray]:
+    names = table.column_names
+    col = "vector" if "vector" in names else [c for c in names if c != "example_id"][0]
+    return table["example_id"].to_pylist(), np.asarray(table[col].to_pylist(), np.float32)
 
-    if not os.path.isdir(run):
-        return None
-    store = RunStore(run)
-    embs = [e.split("=", 1)[1] for e in store.listdir("embeddings") if e.startswith("embedder=")]
-    models = [m.split("=", 1)[1] for m in store.listdir("predictions") if m.startswith("model=")]
-    if not embs or not models:
-        return None
-    name = embedder or embs[0]
-    et = store.read_table(f"embeddings/embedder={name}")
-    vec_col = (
-        "vector"
-        if "vector" in et.column_names
-        else [c for c in et.column_names if c != "example_id"][0]
-    )
-    ids = et["example_id"].to_pylist()
-    pos = {e: i for i, e in enumerate(ids)}
-    V = np.asarray(et[vec_col].to_pylist(), np.float32)
+
+def _correct(view, models: list[str], pos: dict) -> tuple[dict, list, dict]:
+    """``({model: correct [N]}, example ids, {id: label})`` on the ids that have embeddings and
+    predictions (the first model's order); a model missing one of them is left out."""
     correct, labels, keep_ids = {}, None, None
     for m in models:
-        pt = store.read_table(f"predictions/model={m}", columns=["example_id", "label", "correct"])
+        pt = view.table(f"predictions/model={m}", ["example_id", "label", "correct"])
         pid = pt["example_id"].to_pylist()
         if keep_ids is None:
             keep_ids = [e for e in pid if e in pos]
             labels = dict(zip(pid, pt["label"].to_pylist(), strict=True))
         c = dict(zip(pid, pt["correct"].to_pylist(), strict=True))
-        if not all(e in c for e in keep_ids):
-            continue
-        correct[m] = np.asarray([c[e] for e in keep_ids])
+        if all(e in c for e in keep_ids):
+            correct[m] = np.asarray([c[e] for e in keep_ids])
+    return correct, keep_ids, labels
+
+
+def from_run(run: str, embedder: str | None):
+    """(X, labels, {model: correct}, description) from a run directory (read through RunView:
+    its embedder is the run's ``[directions] embedder`` unless given), or None if absent."""
+    from audit.view import RunView
+
+    if not os.path.isfile(os.path.join(run, "manifest.json")):
+        return None
+    view = RunView.open(run)
+    listed = view.store.listdir("embeddings")
+    embs = [e.split("=", 1)[1] for e in listed if e.startswith("embedder=")]
+    models = sorted(m for m in view.zoo_models if view.has(f"predictions/model={m}"))
+    if not embs or not models:
+        return None
+    own = view.config.directions.embedder
+    name = embedder or (own if own in embs else embs[0])
+    ids, V = _vectors(view.table(f"embeddings/embedder={name}"))
+    pos = {e: i for i, e in enumerate(ids)}
+    correct, keep_ids, labels = _correct(view, models, pos)
     if not keep_ids or not correct:
         return None
     X = V[[pos[e] for e in keep_ids]]
@@ -111,51 +117,39 @@ def reference(X, labels, correct, Cs):
     return out
 
 
-def main(argv=None):
+def _args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
         "--run", default="runs/demo", help="run directory with embeddings/ and predictions/"
     )
-    ap.add_argument("--embedder", default=None)
+    ap.add_argument("--embedder", default=None, help="default: the run's [directions] embedder")
     ap.add_argument("--synthetic", action="store_true", help="ignore any run directory")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--n-jobs", type=int, default=2, help="threads for the extra threaded timing")
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    import sklearn
 
-    from audit.directions import DEFAULT_CS, FailureDirections, fit_directions
+def same_work_estimator():
+    """FailureDirections doing the reference's work: one mode, no interval, no p-value."""
+    from audit.directions import FailureDirections
 
-    warnings.filterwarnings("ignore")
-    data = None if a.synthetic else from_run(a.run, a.embedder)
-    X, labels, correct, what = data if data is not None else synthetic()
-    n_pairs = len(correct) * len(np.unique(labels))
-    print(f"data: {what}: {len(correct)} models x {len(np.unique(labels))} classes, X {X.shape}")
-    print(
-        f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
-        f"python {platform.python_version()} sklearn {sklearn.__version__} numpy {np.__version__}"
-    )
-
-    comparable = FailureDirections(
+    return FailureDirections(
         max_modes=1, n_permutations=0, n_bootstrap=0, min_errors=2, min_correct=2
     )
-    fit_directions(
-        X[:200],
-        {k: v[:200] for k, v in list(correct.items())[:1]},
-        labels[:200],
-        estimator=comparable,
-    )  # warm-up
 
-    t0 = time.perf_counter()
-    ref = reference(X, labels, correct, DEFAULT_CS)
-    t_ref = time.perf_counter() - t0
 
-    times = []
-    for _ in range(max(1, a.repeat)):
-        t0 = time.perf_counter()
-        fitted = fit_directions(X, correct, labels, estimator=comparable)
-        times.append(time.perf_counter() - t0)
-    t_fast = statistics.median(times)
+def same_work(X, labels, correct, repeat: int) -> float:
+    """The reference and FailureDirections doing the same work (1 mode, no p-value); prints
+    both, their ratio and the largest CV score difference; returns the reference's seconds."""
+    from audit.directions import DEFAULT_CS, fit_directions
+
+    comparable = same_work_estimator()
+    first = {k: v[:200] for k, v in list(correct.items())[:1]}
+    fit_directions(X[:200], first, labels[:200], estimator=comparable)  # warm-up
+    ref, t_ref = timed(lambda: reference(X, labels, correct, DEFAULT_CS))
+    fitted, t_fast, n = median_time(
+        lambda: fit_directions(X, correct, labels, estimator=comparable), repeat
+    )
     diffs = [
         abs(fitted[m].mode(k).cv_score - s)
         for (m, k), s in ref.items()
@@ -165,27 +159,44 @@ def main(argv=None):
         f"reference (serial SVC + cross_val_score per C, {len(ref)} model x class pairs): {t_ref:8.2f} s"
     )
     print(
-        f"FailureDirections, same work (1 mode, no p-value), serial:            {t_fast:8.2f} s  (median of {len(times)})"
+        f"FailureDirections, same work (1 mode, no p-value), serial:            {t_fast:8.2f} s  (median of {n})"
     )
     print(
-        f"speed ratio: {t_ref / t_fast:.1f}x   max |CV score difference|: {max(diffs):.2e} over {len(diffs)} pairs"
+        f"speed ratio: {ratio(t_ref, t_fast)}   max |CV score difference|: {max(diffs):.2e} over {len(diffs)} pairs"
     )
+    return t_ref
 
-    t0 = time.perf_counter()
-    fit_directions(X, correct, labels, estimator=comparable, n_jobs=a.n_jobs)
-    t_thr = time.perf_counter() - t0
-    print(f"same work, {a.n_jobs} threads: {t_thr:.2f} s ({t_ref / t_thr:.1f}x)")
 
-    t0 = time.perf_counter()
-    full = fit_directions(X, correct, labels)
-    t_full = time.perf_counter() - t0
+def threaded_and_full(X, labels, correct, t_ref: float, n_jobs: int) -> None:
+    """The same work on ``n_jobs`` threads, then the full default estimator, against the reference."""
+    from audit.directions import FailureDirections, fit_directions
+
+    comparable = same_work_estimator()
+    _, t_thr = timed(
+        lambda: fit_directions(X, correct, labels, estimator=comparable, n_jobs=n_jobs)
+    )
+    print(f"same work, {n_jobs} threads: {t_thr:.2f} s ({ratio(t_ref, t_thr)})")
+    full, t_full = timed(lambda: fit_directions(X, correct, labels))
     modes = [m for f in full.values() for m in f.modes_]
     n_ok = sum(m.status == "ok" for m in modes)
+    n_pairs = len(correct) * len(np.unique(labels))
+    default = FailureDirections()
     print(
-        f"full default (CI, {FailureDirections().n_permutations} permutations, up to {FailureDirections().max_modes} modes), serial: "
-        f"{t_full:.2f} s ({t_ref / t_full:.1f}x vs the reference that does less); {len(modes)} rows, {n_ok} ok, "
+        f"full default (CI, {default.n_permutations} permutations, up to {default.max_modes} modes), serial: "
+        f"{t_full:.2f} s ({ratio(t_ref, t_full)} vs the reference that does less); {len(modes)} rows, {n_ok} ok, "
         f"{sum(m.mode > 0 and m.status == 'ok' for m in modes)} further modes ok, {n_pairs} pairs"
     )
+
+
+def main(argv=None):
+    a = _args(argv)
+    warnings.filterwarnings("ignore")
+    data = None if a.synthetic else from_run(a.run, a.embedder)
+    X, labels, correct, what = data if data is not None else synthetic()
+    print(f"data: {what}: {len(correct)} models x {len(np.unique(labels))} classes, X {X.shape}")
+    print(machine_line("sklearn", "numpy"))
+    t_ref = same_work(X, labels, correct, a.repeat)
+    threaded_and_full(X, labels, correct, t_ref, a.n_jobs)
 
 
 if __name__ == "__main__":
