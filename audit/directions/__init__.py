@@ -14,9 +14,10 @@ per class (mode 0 is always the paper's direction over all errors). ``correct`` 
 several models' columns ``[N, M]`` to fit a cluster's pooled failures (:func:`fit_collective`).
 
 Modules: :mod:`~audit.directions.svm` (the libsvm core), :mod:`~audit.directions.fitter`
-(one mode's grid search, bootstrap and permutations), :mod:`~audit.directions.estimator`
-(the estimator and its input checks), :mod:`~audit.directions.tables` (many models,
-clusters, ``directions.parquet``).
+(one mode's grid search, bootstrap and permutations), :mod:`~audit.directions.inputs` (input
+checks, standardisation, per-class data), :mod:`~audit.directions.modes` (a class's mode
+search), :mod:`~audit.directions.estimator` (the estimator), :mod:`~audit.directions.tables`
+(many models, clusters, ``directions.parquet``).
 """
 
 from audit.directions.estimator import (
