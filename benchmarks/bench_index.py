@@ -20,6 +20,7 @@ import sys
 import time
 
 import numpy as np
+from _common import ratio
 
 
 def make_data(n: int, d: int, kind: str, seed: int = 0) -> np.ndarray:
@@ -66,6 +67,83 @@ def latency(
     return float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 99) * 1e3), qps
 
 
+def _row(n: int, data: str, kind: str, param: str, build: float, lat: tuple, rec: float) -> dict:
+    p50, p99, qps = lat
+    return {
+        "n": n,
+        "data": data,
+        "kind": kind,
+        "param": param,
+        "build_s": build,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "qps": qps,
+        "recall": rec,
+    }
+
+
+def _line(label: str, r: dict) -> str:
+    return (
+        f"  {label}p50 {r['p50_ms']:8.3f} ms  p99 {r['p99_ms']:8.3f} ms  {r['qps']:9.0f} q/s  "
+        f"recall {r['recall']:.3f}"
+    )
+
+
+def _flat(x, q, k: int, n: int, data: str) -> dict:
+    import faiss
+
+    flat = faiss.IndexFlatIP(x.shape[1])
+    flat.add(x)
+    row = _row(n, data, "flat", "", 0.0, latency(flat, q, k), 1.0)
+    print(_line("flat (exact)          ", row), flush=True)
+    return row
+
+
+def _hnsw(x, q, k: int, n: int, data: str, truth, ef_values) -> list[dict]:
+    import faiss
+
+    from audit.index import recall_at_k
+
+    t = time.perf_counter()
+    hnsw = faiss.IndexHNSWFlat(x.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efConstruction = 64
+    hnsw.add(x)
+    build = time.perf_counter() - t
+    print(f"  hnsw M=32 efC=64 built in {build:.1f}s", flush=True)
+    rows = []
+    for ef in ef_values:
+        params = faiss.SearchParametersHNSW(efSearch=max(ef, k))
+        lat = latency(hnsw, q, k, params)
+        rec = recall_at_k(hnsw.search(q, k, params=params)[1], truth)
+        rows.append(_row(n, data, "hnsw", f"efSearch={max(ef, k)}", build, lat, rec))
+        print(_line(f"hnsw efSearch={max(ef, k):<5d}    ", rows[-1]), flush=True)
+    return rows
+
+
+def _ivf(x, q, k: int, n: int, data: str, truth, nprobe_values, nlist: int) -> list[dict]:
+    import faiss
+
+    from audit.index import recall_at_k
+
+    d = x.shape[1]
+    nlist = int(nlist or max(1, np.sqrt(n)))
+    t = time.perf_counter()
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(0)
+    ivf.train(x[rng.choice(n, min(n, 39 * nlist), replace=False)])
+    ivf.add(x)
+    build = time.perf_counter() - t
+    print(f"  ivf nlist={nlist} built in {build:.1f}s", flush=True)
+    rows = []
+    for npr in (p for p in nprobe_values if p <= nlist):
+        params = faiss.SearchParametersIVF(nprobe=npr)
+        lat = latency(ivf, q, k, params)
+        rec = recall_at_k(ivf.search(q, k, params=params)[1], truth)
+        rows.append(_row(n, data, "ivf", f"nlist={nlist},nprobe={npr}", build, lat, rec))
+        print(_line(f"ivf nprobe={npr:<5d}         ", rows[-1]), flush=True)
+    return rows
+
+
 def run(
     n: int,
     d: int,
@@ -77,110 +155,27 @@ def run(
     kinds,
     nlist: int = 0,
 ) -> list[dict]:
-    import faiss
+    """Exact search, then each index kind in ``kinds``, on ``n`` vectors of ``d`` dimensions."""
+    from audit.index import exact_search
 
-    from audit.index import exact_search, recall_at_k
-
-    rows = []
     t = time.perf_counter()
     x = make_data(n, d, data)
     q = make_queries(x, n_queries)
     print(
         f"\n== n={n:,} d={d} data={data}: generated in {time.perf_counter() - t:.1f}s", flush=True
     )
-
     t = time.perf_counter()
     _, truth = exact_search(x, q, k)
     print(f"exact ground truth for {n_queries} queries: {time.perf_counter() - t:.1f}s", flush=True)
-    flat = faiss.IndexFlatIP(d)
-    flat.add(x)
-    p50, p99, qps = latency(flat, q, k)
-    rows.append(
-        {
-            "n": n,
-            "data": data,
-            "kind": "flat",
-            "param": "",
-            "build_s": 0.0,
-            "p50_ms": p50,
-            "p99_ms": p99,
-            "qps": qps,
-            "recall": 1.0,
-        }
-    )
-    print(
-        f"  flat (exact)          p50 {p50:8.3f} ms  p99 {p99:8.3f} ms  {qps:9.0f} q/s  recall 1.000",
-        flush=True,
-    )
-    del flat
-
+    rows = [_flat(x, q, k, n, data)]
     if "hnsw" in kinds:
-        t = time.perf_counter()
-        hnsw = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        hnsw.hnsw.efConstruction = 64
-        hnsw.add(x)
-        build = time.perf_counter() - t
-        print(f"  hnsw M=32 efC=64 built in {build:.1f}s", flush=True)
-        for ef in ef_values:
-            params = faiss.SearchParametersHNSW(efSearch=max(ef, k))
-            p50, p99, qps = latency(hnsw, q, k, params)
-            rec = recall_at_k(hnsw.search(q, k, params=params)[1], truth)
-            rows.append(
-                {
-                    "n": n,
-                    "data": data,
-                    "kind": "hnsw",
-                    "param": f"efSearch={max(ef, k)}",
-                    "build_s": build,
-                    "p50_ms": p50,
-                    "p99_ms": p99,
-                    "qps": qps,
-                    "recall": rec,
-                }
-            )
-            print(
-                f"  hnsw efSearch={max(ef, k):<5d}    p50 {p50:8.3f} ms  p99 {p99:8.3f} ms  {qps:9.0f} q/s  recall {rec:.3f}",
-                flush=True,
-            )
-        del hnsw
-
+        rows += _hnsw(x, q, k, n, data, truth, ef_values)
     if "ivf" in kinds:
-        nlist = int(nlist or max(1, np.sqrt(n)))
-        t = time.perf_counter()
-        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(0)
-        ivf.train(x[rng.choice(n, min(n, 39 * nlist), replace=False)])
-        ivf.add(x)
-        build = time.perf_counter() - t
-        print(f"  ivf nlist={nlist} built in {build:.1f}s", flush=True)
-        for npr in nprobe_values:
-            if npr > nlist:
-                continue
-            params = faiss.SearchParametersIVF(nprobe=npr)
-            p50, p99, qps = latency(ivf, q, k, params)
-            rec = recall_at_k(ivf.search(q, k, params=params)[1], truth)
-            rows.append(
-                {
-                    "n": n,
-                    "data": data,
-                    "kind": "ivf",
-                    "param": f"nlist={nlist},nprobe={npr}",
-                    "build_s": build,
-                    "p50_ms": p50,
-                    "p99_ms": p99,
-                    "qps": qps,
-                    "recall": rec,
-                }
-            )
-            print(
-                f"  ivf nprobe={npr:<5d}         p50 {p50:8.3f} ms  p99 {p99:8.3f} ms  {qps:9.0f} q/s  recall {rec:.3f}",
-                flush=True,
-            )
-        del ivf
+        rows += _ivf(x, q, k, n, data, truth, nprobe_values, nlist)
     return rows
 
 
-def main(argv=None) -> int:
+def _args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -197,11 +192,12 @@ def main(argv=None) -> int:
     p.add_argument("--kinds", nargs="+", default=["hnsw", "ivf"], choices=["hnsw", "ivf"])
     p.add_argument("--threads", type=int, default=0, help="OpenMP threads for faiss (0: all cores)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def _info(a) -> dict:
     import faiss
 
-    if a.threads:
-        faiss.omp_set_num_threads(a.threads)
     info = {
         "machine": platform.platform(),
         "cpu_count": os.cpu_count(),
@@ -217,23 +213,38 @@ def main(argv=None) -> int:
         info["loadavg_at_start"] = os.getloadavg()
     except OSError:
         pass
-    print(json.dumps(info))
-    rows = []
-    for n in a.sizes:
-        for data in a.data:
-            rows += run(n, a.dim, data, a.k, a.queries, a.ef, a.nprobe, a.kinds, a.nlist)
+    return info
+
+
+def print_fastest(rows: list[dict], k: int) -> None:
+    """Per size and data, the fastest index with recall >= 0.95, as a ratio to exact search."""
     best = {}
     for r in rows:
         if r["kind"] != "flat" and r["recall"] >= 0.95:
             key = (r["n"], r["data"])
             if key not in best or r["p50_ms"] < best[key]["p50_ms"]:
                 best[key] = r
-    print(f"\nFastest configuration with recall@{a.k} >= 0.95 (ratio = exact p50 / its p50):")
+    print(f"\nFastest configuration with recall@{k} >= 0.95 (ratio = exact p50 / its p50):")
     for (n, data), r in sorted(best.items()):
         exact = next(x for x in rows if x["n"] == n and x["data"] == data and x["kind"] == "flat")
         print(
-            f"  n={n:>9,} {data:9s} {r['kind']} {r['param']:22s} p50 {r['p50_ms']:.3f} ms  recall {r['recall']:.3f}  {exact['p50_ms'] / r['p50_ms']:.1f}x faster than exact"
+            f"  n={n:>9,} {data:9s} {r['kind']} {r['param']:22s} p50 {r['p50_ms']:.3f} ms  recall {r['recall']:.3f}  {ratio(exact['p50_ms'], r['p50_ms'])} faster than exact"
         )
+
+
+def main(argv=None) -> int:
+    a = _args(argv)
+    import faiss
+
+    if a.threads:
+        faiss.omp_set_num_threads(a.threads)
+    info = _info(a)
+    print(json.dumps(info))
+    rows = []
+    for n in a.sizes:
+        for data in a.data:
+            rows += run(n, a.dim, data, a.k, a.queries, a.ef, a.nprobe, a.kinds, a.nlist)
+    print_fastest(rows, a.k)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=2)

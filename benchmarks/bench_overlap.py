@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 
 import numpy as np
+from _common import machine_line, ratio, timed
 
 
 def synthetic_packed(m: int, n: int, n_families: int = 10, seed: int = 0) -> np.ndarray:
@@ -71,45 +71,18 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def one_size(
-    m: int, n: int, block: int, use_ray: bool, n_boot: int, baseline: bool, method: str
-) -> dict:
-    import scipy.cluster.hierarchy  # noqa: F401 - imports count in the runtime, not the timed work
+ORACLE_KEYS = ("clusters_match_families", "kappa_within_family")  # against the planted families
 
-    from audit.failures import (
-        bootstrap_error_consistency,
-        cluster_models,
-        error_consistency,
-        pair_rates,
+
+def _statistics(packed: np.ndarray, m: int, n: int, block: int, executor, method: str, row):
+    """Time the counts, the pair statistics and the clustering into ``row``; returns
+    ``(n_fail, n_both, kappa, cluster labels)``."""
+    from audit.failures import cluster_models, error_consistency, pair_rates
+    from audit.stats_blocks import pair_counts
+
+    (n_fail, n_both), row["counts_s"] = timed(
+        lambda: pair_counts(packed, n, block, executor, method=method)
     )
-    from audit.stats_blocks import pair_counts, resolve_method
-
-    method = resolve_method(
-        method
-    )  # imports torch for int8: its libraries count in the runtime, not the work
-    rss_runtime = peak_mib()
-    t = time.perf_counter()
-    packed = synthetic_packed(m, n)
-    t_gen = time.perf_counter() - t
-    rss_data = peak_mib()
-    executor = None
-    if use_ray:
-        from cluster.executor import RayExecutor
-        from cluster.runtime import connect
-
-        started = connect()
-        executor = RayExecutor()
-    row = {
-        "models": m,
-        "examples": n,
-        "method": method,
-        "generate_s": t_gen,
-        "rss_runtime_mib": rss_runtime,
-        "rss_after_data_mib": rss_data,
-    }
-    t0 = time.perf_counter()
-    n_fail, n_both = pair_counts(packed, n, block, executor, method=method)
-    row["counts_s"] = time.perf_counter() - t0
     t = time.perf_counter()
     rates = pair_rates(n_fail, n_both)
     kappa = error_consistency(n_fail[:, None], n_fail[None, :], n_both, n)
@@ -119,10 +92,39 @@ def one_size(
     np.fill_diagonal(sim, 1.0)
     labels = cluster_models(sim, n_clusters=min(m, 10), method="average")
     row["cluster_s"] = time.perf_counter() - t
+    return n_fail, n_both, kappa, labels
+
+
+def _ray_executor():
+    """``(executor, started)``: Ray tasks on RAY_ADDRESS or an embedded Ray started here."""
+    from cluster.executor import RayExecutor
+    from cluster.runtime import connect
+
+    started = connect()
+    return RayExecutor(), started
+
+
+def one_size(
+    m: int, n: int, block: int, use_ray: bool, n_boot: int, baseline: bool, method: str
+) -> dict:
+    import scipy.cluster.hierarchy  # noqa: F401 - imports count in the runtime, not the timed work
+
+    from audit.failures import bootstrap_error_consistency
+    from audit.stats_blocks import resolve_method
+
+    # imports torch for int8: its libraries count in the runtime, not the work
+    method = resolve_method(method)
+    rss_runtime = peak_mib()
+    packed, t_gen = timed(lambda: synthetic_packed(m, n))
+    row = {"models": m, "examples": n, "method": method, "generate_s": t_gen}
+    row |= {"rss_runtime_mib": rss_runtime, "rss_after_data_mib": peak_mib()}
+    executor, started = _ray_executor() if use_ray else (None, False)
+    t0 = time.perf_counter()
+    n_fail, n_both, kappa, labels = _statistics(packed, m, n, block, executor, method, row)
     if n_boot:
-        t = time.perf_counter()
-        bootstrap_error_consistency(n_fail, n_both, n, n_boot=n_boot)
-        row["bootstrap_s"] = time.perf_counter() - t
+        _, row["bootstrap_s"] = timed(
+            lambda: bootstrap_error_consistency(n_fail, n_both, n, n_boot=n_boot)
+        )
     row["total_s"] = time.perf_counter() - t0
     if use_ray and started:
         from cluster.runtime import shutdown
@@ -137,14 +139,12 @@ def one_size(
     )
     row["kappa_within_family"] = float(np.nanmean(kappa[fam[:, None] == fam[None, :]]))
     if baseline:
-        t = time.perf_counter()
-        ref = popcount_counts(packed)
-        row["baseline_counts_s"] = time.perf_counter() - t
+        ref, row["baseline_counts_s"] = timed(lambda: popcount_counts(packed))
         assert np.array_equal(ref, n_both), "blocked counts differ from the popcount baseline"
     return row
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--models", type=int, default=None, help="one size (default: 40, 200 and 1,000)"
@@ -171,55 +171,45 @@ def main(argv=None) -> None:
         default=None,
         help="time the popcount baseline (default: up to 200 models)",
     )
-    ap.add_argument(
-        "--json", action="store_true", help=argparse.SUPPRESS
-    )  # one size, as JSON (the table's children)
-    a = ap.parse_args(argv)
-    if a.models is None:  # the scaling table: each size in a fresh process, for its own peak memory
-        import numpy
+    # one size, as JSON (the table's children)
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    return ap
 
+
+def _child(a, m: int) -> dict:
+    """One size in a fresh process (for its own peak memory): its JSON row."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--models", str(m)]
+    cmd += ["--examples", str(a.examples), "--block", str(a.block), "--n-boot", str(a.n_boot)]
+    cmd += ["--method", a.method, "--json"]
+    if a.ray:
+        cmd.append("--ray")
+    if a.baseline is not None:
+        cmd.append("--baseline" if a.baseline else "--no-baseline")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def scaling_table(a) -> None:
+    """40, 200 and 1,000 models, each in a fresh process, with the baseline's ratio."""
+    print(machine_line("numpy", prefix="#") + f"; block {a.block}, method {a.method}")
+    print(
+        f"{'models':>7} {'examples':>10} {'counts s':>9} {'pairs s':>8} {'cluster s':>9} {'total s':>8} "
+        f"{'peak MiB':>9} {'above rt':>8} {'popcount s':>10} {'speedup':>7}"
+    )
+    for m in (40, 200, 1000):
+        r = _child(a, m)
+        base = r.get("baseline_counts_s")
+        b_txt, speedup = ("-", "-") if base is None else (f"{base:.2f}", ratio(base, r["counts_s"]))
         print(
-            f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
-            f"numpy {numpy.__version__}, block {a.block}, method {a.method}"
+            f"{m:>7} {a.examples:>10,} {r['counts_s']:>9.2f} {r['pair_stats_s']:>8.2f} {r['cluster_s']:>9.2f} "
+            f"{r['total_s']:>8.2f} {r['peak_mib']:>9.0f} {r['peak_above_runtime_mib']:>8.0f} {b_txt:>10} {speedup:>7}"
         )
-        print(
-            f"{'models':>7} {'examples':>10} {'counts s':>9} {'pairs s':>8} {'cluster s':>9} {'total s':>8} "
-            f"{'peak MiB':>9} {'above rt':>8} {'popcount s':>10} {'speedup':>7}"
-        )
-        for m in (40, 200, 1000):
-            cmd = [
-                sys.executable,
-                os.path.abspath(__file__),
-                "--models",
-                str(m),
-                "--examples",
-                str(a.examples),
-                "--block",
-                str(a.block),
-                "--n-boot",
-                str(a.n_boot),
-                "--method",
-                a.method,
-                "--json",
-            ]
-            if a.ray:
-                cmd.append("--ray")
-            if a.baseline is not None:
-                cmd.append("--baseline" if a.baseline else "--no-baseline")
-            out = (
-                subprocess.run(cmd, capture_output=True, text=True, check=True)
-                .stdout.strip()
-                .splitlines()[-1]
-            )
-            r = json.loads(out)
-            base = r.get("baseline_counts_s")
-            b_txt, ratio = (
-                ("-", "-") if base is None else (f"{base:.2f}", f"{base / r['counts_s']:.1f}x")
-            )
-            print(
-                f"{m:>7} {a.examples:>10,} {r['counts_s']:>9.2f} {r['pair_stats_s']:>8.2f} {r['cluster_s']:>9.2f} "
-                f"{r['total_s']:>8.2f} {r['peak_mib']:>9.0f} {r['peak_above_runtime_mib']:>8.0f} {b_txt:>10} {ratio:>7}"
-            )
+
+
+def main(argv=None) -> None:
+    a = _parser().parse_args(argv)
+    if a.models is None:
+        scaling_table(a)
         return
     baseline = a.baseline if a.baseline is not None else a.models <= 200
     r = one_size(a.models, a.examples, a.block, a.ray, a.n_boot, baseline, a.method)
@@ -227,7 +217,8 @@ def main(argv=None) -> None:
         print(json.dumps(r))
         return
     for k, v in r.items():
-        print(f"  {k:>24s}: {v:.3f}" if isinstance(v, float) else f"  {k:>24s}: {v}")
+        label = "  (oracle: the synthetic matrix's planted families)" if k in ORACLE_KEYS else ""
+        print((f"  {k:>24s}: {v:.3f}" if isinstance(v, float) else f"  {k:>24s}: {v}") + label)
     print(f"overlap {a.models}x{a.examples}: {r['total_s']:.1f} s, peak {r['peak_mib']:.0f} MiB")
 
 

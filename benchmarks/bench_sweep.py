@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import tempfile
 import time
+from typing import NamedTuple
 
 import numpy as np
+from _common import best_of, machine_line, ratio
 
 DEFAULT_MODELS = "resnet10-w16,resnet18-w16,resnet10-w24,densenet-g12,convnext-atto-s,mixer-p4"
 
@@ -86,15 +87,41 @@ def ray_sweep(
     return dt
 
 
-def best_of(fn, repeats: int) -> float:
-    """Best wall time over ``repeats`` runs."""
-    return min(fn() for _ in range(repeats))
+class Work(NamedTuple):
+    """The same models and decoded images for every setup."""
+
+    specs: list
+    classes: list[str]
+    images: np.ndarray
+    ids: np.ndarray
+    labels: np.ndarray
+    weights: dict[str, str]
+    batch_size: int
+
+    def head(self, n_models: int, n_images: int) -> Work:
+        """The first models on the first images (the warm-up)."""
+        return self._replace(
+            specs=self.specs[:n_models],
+            images=self.images[:n_images],
+            ids=self.ids[:n_images],
+            labels=self.labels[:n_images],
+        )
+
+    def plain(self, threads: int) -> float:
+        w = self
+        return plain_loop(
+            w.specs, w.classes, w.images, w.ids, w.labels, w.weights, threads, w.batch_size
+        )
+
+    def ray(self, workers: int, threads: int) -> float:
+        w = self
+        return ray_sweep(
+            w.specs, w.classes, w.images, w.ids, w.labels, w.weights, workers, threads, w.batch_size
+        )
 
 
-def bench_sweep(args) -> None:
-    import ray
-    import torch
-
+def make_work(args, wdir: str) -> Work:
+    """The zoo's chosen models (random weights saved under ``wdir``) and random images."""
     from audit.zoo.spec import ZooSpec
 
     zoo = ZooSpec.from_toml(args.zoo).select(args.models.split(",") if args.models else None)
@@ -105,70 +132,25 @@ def bench_sweep(args) -> None:
     images = rng.integers(0, 256, (args.n_images, size, size, 3), dtype=np.uint8)
     ids = np.asarray([f"ex{i}" for i in range(args.n_images)])
     labels = rng.integers(0, len(classes), args.n_images)
-    wdir = tempfile.mkdtemp(prefix="bench-weights-")
     weights = random_weights(specs, len(classes), wdir)
-    total = args.threads
-    ray.init(num_cpus=total, include_dashboard=False, log_to_driver=False)
-    work = args.n_images * len(specs)
-    print(
-        f"{len(specs)} models x {args.n_images} images ({size}x{size}), batch {args.batch_size}, "
-        f"best of {args.repeats}; {work} model-images per run"
-    )
-    try:
-        # warm-up: imports, allocator, one Ray actor start
-        plain_loop(
-            specs[:1],
-            classes,
-            images[: args.batch_size],
-            ids[: args.batch_size],
-            labels[: args.batch_size],
-            weights,
-            1,
-            args.batch_size,
-        )
-        ray_sweep(
-            specs[:1],
-            classes,
-            images[: args.batch_size],
-            ids[: args.batch_size],
-            labels[: args.batch_size],
-            weights,
-            1,
-            1,
-            args.batch_size,
-        )
-        r = {}
-        r["plain T=1"] = best_of(
-            lambda: plain_loop(specs, classes, images, ids, labels, weights, 1, args.batch_size),
-            args.repeats,
-        )
-        r["ray 1x1"] = best_of(
-            lambda: ray_sweep(specs, classes, images, ids, labels, weights, 1, 1, args.batch_size),
-            args.repeats,
-        )
-        if total >= 2:
-            r[f"plain T={total}"] = best_of(
-                lambda: plain_loop(
-                    specs, classes, images, ids, labels, weights, total, args.batch_size
-                ),
-                args.repeats,
-            )
-            r[f"ray 1x{total}"] = best_of(
-                lambda: ray_sweep(
-                    specs, classes, images, ids, labels, weights, 1, total, args.batch_size
-                ),
-                args.repeats,
-            )
-            r[f"ray {total}x1"] = best_of(
-                lambda: ray_sweep(
-                    specs, classes, images, ids, labels, weights, total, 1, args.batch_size
-                ),
-                args.repeats,
-            )
-    finally:
-        ray.shutdown()
-        shutil.rmtree(wdir, ignore_errors=True)
-        torch.set_num_threads(total)
+    return Work(specs, classes, images, ids, labels, weights, args.batch_size)
+
+
+def measure(w: Work, total: int, repeats: int) -> dict[str, float]:
+    """Best wall time of each setup, after a warm-up (imports, allocator, one Ray actor start)."""
+    warm = w.head(1, w.batch_size)
+    warm.plain(1)
+    warm.ray(1, 1)
+    r = {"plain T=1": best_of(lambda: w.plain(1), repeats)}
+    r["ray 1x1"] = best_of(lambda: w.ray(1, 1), repeats)
+    if total >= 2:
+        r[f"plain T={total}"] = best_of(lambda: w.plain(total), repeats)
+        r[f"ray 1x{total}"] = best_of(lambda: w.ray(1, total), repeats)
+        r[f"ray {total}x1"] = best_of(lambda: w.ray(total, 1), repeats)
+    return r
+
+
+def print_sweep(r: dict[str, float], work: int, total: int) -> None:
     print(f"\n{'setup':12s} {'wall s':>7s} {'img/s':>7s}")
     for k, wall in r.items():
         print(f"{k:12s} {wall:7.2f} {work / wall:7.0f}")
@@ -177,26 +159,49 @@ def bench_sweep(args) -> None:
     )
     print("\nratios of throughput:")
 
-    def ratio(a, b):
-        return f"{r[b] / r[a]:5.2f}x"
+    def rt(a, b):  # throughput of a over b = wall of b over a
+        return f"{ratio(r[b], r[a], '5.2f')}"
 
     print(
-        f"  ray 1 worker vs plain loop, 1 thread           {ratio('ray 1x1', 'plain T=1')}   (target >= 0.9)"
+        f"  ray 1 worker vs plain loop, 1 thread           {rt('ray 1x1', 'plain T=1')}   (target >= 0.9)"
     )
     if total >= 2:
         print(
-            f"  ray 1 worker vs plain loop, {total} threads          {ratio(f'ray 1x{total}', f'plain T={total}')}   (target >= 0.9)"
+            f"  ray 1 worker vs plain loop, {total} threads          {rt(f'ray 1x{total}', f'plain T={total}')}   (target >= 0.9)"
         )
         print(
-            f"  ray {total} workers x 1 vs plain loop, {total} threads    {ratio(f'ray {total}x1', f'plain T={total}')}"
+            f"  ray {total} workers x 1 vs plain loop, {total} threads    {rt(f'ray {total}x1', f'plain T={total}')}"
         )
         print(
-            f"  ray {total} workers x 1 thread vs 1 worker x 1     {ratio(f'ray {total}x1', 'ray 1x1')}   (target >= 1.8)"
+            f"  ray {total} workers x 1 thread vs 1 worker x 1     {rt(f'ray {total}x1', 'ray 1x1')}   (target >= 1.8)"
         )
         # what this machine gives at all: the same models in one process, 1 -> N threads
         print(
-            f"  plain loop {total} threads vs 1 thread (machine's own scaling) {ratio(f'plain T={total}', 'plain T=1')}"
+            f"  plain loop {total} threads vs 1 thread (machine's own scaling) {rt(f'plain T={total}', 'plain T=1')}"
         )
+
+
+def bench_sweep(args) -> None:
+    import ray
+    import torch
+
+    total = args.threads
+    wdir = tempfile.mkdtemp(prefix="bench-weights-")
+    w = make_work(args, wdir)
+    ray.init(num_cpus=total, include_dashboard=False, log_to_driver=False)
+    work = args.n_images * len(w.specs)
+    size = w.images.shape[1]
+    print(
+        f"{len(w.specs)} models x {args.n_images} images ({size}x{size}), batch {args.batch_size}, "
+        f"best of {args.repeats}; {work} model-images per run"
+    )
+    try:
+        r = measure(w, total, args.repeats)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(wdir, ignore_errors=True)
+        torch.set_num_threads(total)
+    print_sweep(r, work, total)
 
 
 def bench_overlap(n_models: int = 40, n_examples: int = 1_000_000, repeats: int = 3) -> None:
@@ -232,7 +237,8 @@ def bench_overlap(n_models: int = 40, n_examples: int = 1_000_000, repeats: int 
     print(f"  all pairwise Jaccard + conditional rates   {min(times):7.3f} s   (target < 1 s)")
     print(f"  + error consistency, 1000-draw bootstrap   {t_all:7.3f} s")
     print(
-        f"  clustering (average linkage, 8 clusters)   {t_cl:7.3f} s   planted families recovered: {ok}"
+        f"  clustering (average linkage, 8 clusters)   {t_cl:7.3f} s   planted families recovered "
+        f"(oracle: the matrix's planted families): {ok}"
     )
 
 
@@ -250,13 +256,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--skip-sweep", action="store_true")
     args = p.parse_args()
-    import ray
-    import torch
-
-    print(
-        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores; python "
-        f"{platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}, numpy {np.__version__}"
-    )
+    print(machine_line("torch", "ray", "numpy"))
     if not args.skip_sweep:
         bench_sweep(args)
     bench_overlap()
