@@ -15,11 +15,10 @@
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 
 import numpy as np
+from _common import machine_line, ratio
 
 
 def head_epochs(feats_fn, n: int, labels, head, epochs: int, batch: int) -> float:
@@ -80,8 +79,8 @@ def bench_cached_vs_backbone(arch: str, n: int, epochs: int, batch: int) -> None
     )
     print(f"  backbone per epoch {t_backbone:6.2f} s  {work / t_backbone:10,.0f} examples/s")
     print(
-        f"  ratio cached / backbone: {t_backbone / t_cached:.1f}x  (with the one-off feature pass: "
-        f"{t_backbone / (t_cached + t_cache):.1f}x)"
+        f"  ratio cached / backbone: {ratio(t_backbone, t_cached)}  (with the one-off feature pass: "
+        f"{ratio(t_backbone, t_cached + t_cache)})"
     )
 
 
@@ -126,9 +125,7 @@ def main() -> None:
     a = p.parse_args()
     import torch
 
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
+    print(f"{machine_line('torch')}; {torch.get_num_threads()} threads")
     bench_cached_vs_backbone(a.arch, a.n_images, a.epochs, a.batch)
     print("\nhead retraining at ImageNet shape (2048-d features, 1,000 classes):")
     bench_imagenet_shape()

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
+
+from _common import machine_line
 
 
 def lpt(costs: dict[str, float], n: int) -> float:
@@ -42,7 +43,7 @@ def main() -> None:
 
     import logging
 
-    import torch
+    import torch  # noqa: F401 - its import is not part of the timed profiling
 
     logging.getLogger().setLevel(
         logging.ERROR
@@ -57,7 +58,7 @@ def main() -> None:
     sizes = {k: 4.0 * v for k, v in params.items()}  # fp32 weights, as RaySweeper counts them
     cap = a.gpu_memory_gib * 2**30
     print(
-        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
+        f"{machine_line('torch', prefix='#')}; "
         f"{len(flops)} models of {os.path.basename(a.zoo)} profiled on the meta device in {t_prof:.1f} s"
     )
     top = sorted(flops, key=lambda k: -flops[k])[:5]

@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+from _common import ratio
 
 
 class Keep:
@@ -26,9 +27,10 @@ class Keep:
 
 
 def demo_job(n_images: int):
-    """(the demo zoo, a SweepJob of ``n_images`` debug images), the zoo trained on the GPU
-    if not cached."""
+    """(the demo zoo, a SweepJob of ``n_images`` images of the demo config's fit split), the
+    zoo trained on the GPU if not cached."""
     from audit.data.default_world import prepare_world
+    from audit.pipeline.config import load_config
     from audit.pipeline.sweep import SweepJob
     from audit.zoo.spec import ZooSpec
     from audit.zoo.train import train_zoo, trained_weights
@@ -41,7 +43,7 @@ def demo_job(n_images: int):
     print(
         f"demo zoo ready ({len(weights)} models, {time.perf_counter() - t:.0f}s incl. training on the GPU)"
     )
-    part = data.split("debug")
+    part = data.split(load_config("demo").data.split)
     images, ok, _ = part.decode()
     images, part = images[:n_images], part.take(ok[:n_images])
     ids = part.example_ids.astype(str)
@@ -49,7 +51,7 @@ def demo_job(n_images: int):
 
 
 def sweep_check(n_images: int) -> bool:
-    """The demo zoo over the world's debug split, CPU vs GPU with fp16 autocast; one Ray
+    """The demo zoo over the world's fit split, CPU vs GPU with fp16 autocast; one Ray
     shard per GPU."""
     import ray
     import torch
@@ -79,7 +81,7 @@ def sweep_check(n_images: int) -> bool:
     worst = min(agree.values()) if agree else 0.0
     print(
         f"sweep {len(zoo)} models x {len(images)} images: CPU {t_cpu:.1f}s, GPU shards {t_gpu:.1f}s "
-        f"(ratio {t_cpu / t_gpu:.2f}x, GPU incl. actor start and model load)"
+        f"(ratio {ratio(t_cpu, t_gpu, '.2f')}, GPU incl. actor start and model load)"
     )
     print(
         f"  prediction agreement GPU fp16 vs CPU fp32: worst model {worst:.2%}, mean {np.mean(list(agree.values())):.2%} "
