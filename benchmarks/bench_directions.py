@@ -68,9 +68,12 @@ def from_run(run: str, embedder: str | None):
     its embedder is the run's ``[directions] embedder`` unless given), or None if absent."""
     from audit.view import RunView
 
-    if not os.path.isfile(os.path.join(run, "manifest.json")):
+    if not os.path.isdir(run):  # RunStore would create it
         return None
-    view = RunView.open(run)
+    try:
+        view = RunView.open(run)
+    except FileNotFoundError:  # not a run (yet): the synthetic data instead
+        return None
     listed = view.store.listdir("embeddings")
     embs = [e.split("=", 1)[1] for e in listed if e.startswith("embedder=")]
     models = sorted(m for m in view.zoo_models if view.has(f"predictions/model={m}"))
