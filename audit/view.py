@@ -57,7 +57,13 @@ class RunView:
 
     @classmethod
     def open(cls, run: str | os.PathLike | RunStore) -> RunView:
-        store = run if isinstance(run, RunStore) else RunStore(str(run))
+        where = str(run) if not isinstance(run, RunStore) else run.uri
+        if not isinstance(run, RunStore) and "://" not in where and not os.path.isdir(where):
+            raise FileNotFoundError(
+                f"{where} is not a run directory (it does not exist); give the --out of a "
+                "`zoo-audit run` or `zoo-audit demo`"
+            )
+        store = run if isinstance(run, RunStore) else RunStore(where)
         if not store.exists("manifest.json"):
             raise FileNotFoundError(
                 f"{store.uri} is not a run directory (no manifest.json); give the --out of a "
