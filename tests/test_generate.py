@@ -2,66 +2,25 @@
 
 from __future__ import annotations
 
-import pyarrow as pa
 import pytest
 
 from audit.pipeline.generate import cluster_hard_captions, set_id_for
 from audit.synthetic.sets import check_set_id
 
 
-def test_cluster_hard_captions_take_the_top_hard_caption_of_significant_directions():
-    dirs = pa.Table.from_pylist(
-        [
-            {"scope": "cluster:0", "class": "bag", "mode": 0, "status": "ok"},
-            {"scope": "cluster:0", "class": "dress", "mode": 0, "status": "not_significant"},
-            {"scope": "m1", "class": "bag", "mode": 0, "status": "ok"},
-        ]
-    )
-    caps = pa.Table.from_pylist(
-        [
-            {
-                "scope": "cluster:0",
-                "class": "bag",
-                "mode": 0,
-                "polarity": "hard",
-                "rank": 1,
-                "caption": "a photo of a green bag",
-            },
-            {
-                "scope": "cluster:0",
-                "class": "bag",
-                "mode": 0,
-                "polarity": "hard",
-                "rank": 2,
-                "caption": "a photo of a red bag",
-            },
-            {
-                "scope": "cluster:0",
-                "class": "bag",
-                "mode": 0,
-                "polarity": "easy",
-                "rank": 1,
-                "caption": "a photo of a bag",
-            },
-            {
-                "scope": "cluster:0",
-                "class": "dress",
-                "mode": 0,
-                "polarity": "hard",
-                "rank": 1,
-                "caption": "a photo of a dress",
-            },
-            {
-                "scope": "m1",
-                "class": "bag",
-                "mode": 0,
-                "polarity": "hard",
-                "rank": 1,
-                "caption": "a photo of a blue bag",
-            },
-        ]
-    )
-    assert cluster_hard_captions(caps, dirs) == {"cluster:0": ["a photo of a green bag"]}
+def test_a_clusters_set_holds_the_named_caption_of_each_of_its_classes():
+    from audit.pipeline.name import NamedMode
+
+    named = [
+        NamedMode("cluster:0", "bag", 0, "a photo of a green bag", "a photo of a bag"),
+        NamedMode("cluster:0", "dress", 1, "a photo of a dress on moon", None),
+        NamedMode("cluster:1", "bag", 0, "a photo of a green bag", None),
+        NamedMode("m1", "bag", 0, "a photo of a blue bag", None),
+    ]
+    assert cluster_hard_captions(named) == {
+        "cluster:0": ["a photo of a dress on moon", "a photo of a green bag"],
+        "cluster:1": ["a photo of a green bag"],
+    }
     assert check_set_id(set_id_for("cluster:0", "0123456789abcdef")) == "cluster-0-hard-01234567"
 
 

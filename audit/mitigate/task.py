@@ -45,9 +45,9 @@ class Setting:
 @dataclass
 class HardClass:
     cls: int
-    caption: str
-    fit_near: np.ndarray  # fit-split rows nearest to the hard caption (the choice's subpopulation)
-    eval_near: np.ndarray  # eval-split rows nearest to it (the nearest_caption evaluation)
+    caption: str | None  # None: an unnamed mode (no caption explains it)
+    fit_near: np.ndarray  # fit rows nearest the caption (unnamed: hardest by the direction)
+    eval_near: np.ndarray  # eval rows nearest the caption (unnamed: hardest by the direction)
     pool_order: np.ndarray  # pool rows of the class, hardest first by the direction
     fit_order: np.ndarray  # fit rows of the class, hardest first by the direction
 
@@ -170,7 +170,11 @@ def evaluation_rows(
     es = data.setting.eval_split
     before = data.correct_before(es)
     targets = [("planted", classes[c], g, rows) for c, g, rows in task.planted]
-    targets += [("nearest_caption", classes[hc.cls], hc.caption, hc.eval_near) for hc in task.hard]
+    for hc in task.hard:
+        if hc.caption is None:  # an unnamed mode: the eval images its direction finds hardest
+            targets.append(("direction", classes[hc.cls], "unnamed", hc.eval_near))
+        else:
+            targets.append(("nearest_caption", classes[hc.cls], hc.caption, hc.eval_near))
     rows = []
     for method, f in fits.items():
         after = f.head.predict(data.F[es]) == data.Y[es]

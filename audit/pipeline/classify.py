@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import pyarrow as pa
 
 from audit.mitigate.synthetic import (
     IMAGES,
@@ -26,13 +25,16 @@ from audit.store import RunStore
 log = logging.getLogger(__name__)
 
 
-def caption_classes(captions: pa.Table, directions: pa.Table, data) -> dict[str, str]:
-    """``{caption: class name}`` for every caption of the run and the probe set's
-    counterfactuals (named after the hard caption they swap a word of)."""
-    from audit.pipeline.confirm import hard_and_easy, probe_captions
+def caption_classes(store: RunStore, data) -> dict[str, str]:
+    """``{caption: class name}`` for every caption of the run (ranked, named) and the probe
+    set's counterfactuals (named after the caption they swap a word of)."""
+    from audit.pipeline.confirm import probe_captions
+    from audit.pipeline.name import load_named, pairs_of
 
-    pairs = hard_and_easy(captions, directions)
-    out = {r["caption"]: r["class"] for r in captions.to_pylist()}
+    out = {r["caption"]: r["class"] for r in store.read_table("captions.parquet").to_pylist()}
+    pairs = pairs_of(load_named(store))
+    for (_, cls), (caption, _) in pairs.items():
+        out.setdefault(caption, cls)
     by_hard = {h: cls for (_, cls), (h, _) in pairs.items()}
     for hard, cf in probe_captions(pairs, data).items():
         if hard in by_hard:
@@ -63,12 +65,9 @@ class _Store:
 
 
 def _labels(store: RunStore, inputs) -> dict[str, int]:
-    caps, dirs = store.read_table("captions.parquet"), store.read_table("directions.parquet")
     classes = inputs.data.classes
     return {
-        p: classes.index(c)
-        for p, c in caption_classes(caps, dirs, inputs.data).items()
-        if c in classes
+        p: classes.index(c) for p, c in caption_classes(store, inputs.data).items() if c in classes
     }
 
 

@@ -92,23 +92,6 @@ def counterfactual(
     return re.sub(rf"(?<![\w-]){re.escape(v)}(?![\w-])", common, caption, count=1, flags=re.I)
 
 
-def hard_and_easy(
-    captions: pa.Table, directions: pa.Table
-) -> dict[tuple[str, str], tuple[str, str | None]]:
-    """``{(scope, class): (top-1 hard caption, top-1 easy caption)}`` of every significant mode-0 direction."""
-    ok = {
-        (r["scope"], r["class"])
-        for r in directions.to_pylist()
-        if r["mode"] == 0 and r["status"] == "ok"
-    }
-    hard, easy = {}, {}
-    for r in captions.to_pylist():
-        key = (r["scope"], r["class"])
-        if r["mode"] == 0 and r["rank"] == 1 and key in ok:
-            (hard if r["polarity"] == "hard" else easy)[key] = r["caption"]
-    return {k: (h, easy.get(k)) for k, h in sorted(hard.items())}
-
-
 def probe_captions(
     pairs: Mapping[tuple[str, str], tuple[str, str | None]], data: ImageTable
 ) -> dict[str, str]:
@@ -210,7 +193,9 @@ def confirm_stage(store: RunStore, inputs, cfg) -> str:
     from audit.view import RunView
 
     view = RunView(store, inputs.config, data=inputs.data)
-    pairs = hard_and_easy(view.table("captions.parquet"), view.table("directions.parquet"))
+    from audit.pipeline.name import load_named, pairs_of
+
+    pairs = pairs_of(load_named(store))
     index = load_index(store)
     correct = {}
     for m in swept_models(store, inputs.zoo):

@@ -47,23 +47,12 @@ class SetGenerator(Protocol):
         returns rows of :data:`SETS_SCHEMA`."""
 
 
-def cluster_hard_captions(captions: pa.Table, directions: pa.Table) -> dict[str, list[str]]:
-    """``{cluster scope: [top-1 hard caption of each class whose mode-0 direction is ok]}``."""
-    ok = {
-        (r["scope"], r["class"])
-        for r in directions.to_pylist()
-        if r["mode"] == 0 and r["status"] == "ok"
-    }
+def cluster_hard_captions(named) -> dict[str, list[str]]:
+    """``{cluster scope: [the named caption of each class]}`` (``named``: NamedMode list)."""
     out: dict[str, list[str]] = {}
-    for r in captions.to_pylist():
-        if (
-            r["scope"].startswith("cluster:")
-            and r["mode"] == 0
-            and r["polarity"] == "hard"
-            and r["rank"] == 1
-            and (r["scope"], r["class"]) in ok
-        ):
-            out.setdefault(r["scope"], []).append(r["caption"])
+    for m in named:
+        if m.scope.startswith("cluster:"):
+            out.setdefault(m.scope, []).append(m.caption)
     return {s: sorted(set(c)) for s, c in sorted(out.items())}
 
 
@@ -76,13 +65,15 @@ def set_id_for(scope: str, key: str) -> str:
 
 
 def wanted_sets(store: RunStore, inputs) -> dict[str, list[str]]:
-    """``{scope: captions}``: each cluster's hard captions, the probe set (hard, easy and
-    counterfactual captions: the confirmation's sample) and, with mitigation, each model's."""
-    from audit.pipeline.confirm import hard_and_easy, probe_captions
+    """``{scope: captions}``: each cluster's named captions, the probe set (named, easy and
+    counterfactual captions: the confirmation's sample) and, with mitigation, each model's.
+    Only named modes are generated: an unnamed one has no caption that fails."""
+    from audit.pipeline.confirm import probe_captions
+    from audit.pipeline.name import load_named, pairs_of
 
-    caps, dirs = store.read_table("captions.parquet"), store.read_table("directions.parquet")
-    wanted = cluster_hard_captions(caps, dirs)
-    pairs = hard_and_easy(caps, dirs)
+    named = load_named(store)
+    wanted = cluster_hard_captions(named)
+    pairs = pairs_of(named)
     if inputs.config.mitigate.enabled:  # each model's own hard set, for its own fix
         for (scope, _), (hard, _) in pairs.items():
             if not scope.startswith("cluster:"):

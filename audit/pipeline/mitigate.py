@@ -78,40 +78,58 @@ def planted_groups(acc: pa.Table | None, ev_table, min_gap: float, classes) -> d
     return out
 
 
-def _hard_classes(space: _Space, inputs, model: str, pairs: dict, rows_by: dict, k: int) -> list:
-    classes, fit, ev = inputs.data.classes, inputs.fit_split, inputs.eval_split
-    hard = []
-    for (scope, cname), (caption, _) in pairs.items():
-        if scope != model:
-            continue
-        c, row = classes.index(cname), rows_by[(model, cname)]
-        pool = space.hardest_first("pool", row, c) if "pool" in space.X else np.zeros(0, int)
+def _hard_class(space: _Space, inputs, row: dict, caption: str | None, k: int) -> HardClass:
+    """A failing class of a model: its named caption's nearest images (fit and eval), or, for
+    an unnamed mode, the ``k`` images its direction finds hardest; pool and fit rows of the
+    class, hardest first."""
+    fit, ev = inputs.fit_split, inputs.eval_split
+    c = inputs.data.classes.index(row["class"])
+    pool = space.hardest_first("pool", row, c) if "pool" in space.X else np.zeros(0, int)
+    fit_order = space.hardest_first(fit, row, c)
+    if caption is None:
+        near_fit, near_ev = fit_order[:k], space.hardest_first(ev, row, c)[:k]
+    else:
         near_fit, near_ev = (space.nearest(s, caption, c, k) for s in (fit, ev))
-        hard.append(
-            HardClass(c, caption, near_fit, near_ev, pool, space.hardest_first(fit, row, c))
-        )
-    return hard
+    return HardClass(c, caption, near_fit, near_ev, pool, fit_order)
+
+
+def _failing_modes(view) -> dict[str, list[tuple[str, int, str | None]]]:
+    """Per model: ``(class, mode, named caption or None)`` of each failing class, its most
+    failing named mode, else its strongest unnamed one."""
+    out: dict[tuple[str, str], tuple[int, str | None]] = {}
+    for r in view.table("modes.parquet").to_pylist():
+        key = (r["scope"], r["class"])
+        if r["scope"].startswith("cluster:") or (key in out and out[key][1] is not None):
+            continue
+        if key not in out or r["named"]:
+            out[key] = (int(r["mode"]), r["caption"] if r["named"] else None)
+    by_model: dict[str, list] = {}
+    for (m, cls), (mode, caption) in sorted(out.items()):
+        by_model.setdefault(m, []).append((cls, mode, caption))
+    return by_model
 
 
 def _tasks(store: RunStore, inputs, cfg: MitigateSection, models: list[str], space: _Space) -> list:
-    from audit.pipeline.confirm import hard_and_easy
     from audit.view import RunView
 
     view = RunView(store, inputs.config, data=inputs.data)
-    dirs = view.table("directions.parquet")
-    pairs = hard_and_easy(view.table("captions.parquet"), dirs)
     rows_by = {
-        (r["scope"], r["class"]): r
-        for r in dirs.to_pylist()
-        if r["mode"] == 0 and r["status"] == "ok"
+        (r["scope"], r["class"], r["mode"]): r
+        for r in view.table("directions.parquet").to_pylist()
+        if r["status"] == "ok"
     }
     set_of = {r["scope"]: r["set_id"] for r in view.table("synthetic_sets.parquet").to_pylist()}
     ev = space.part.get(inputs.eval_split)
     planted = planted_groups(view.table("accuracy.parquet"), ev, view.min_gap, inputs.data.classes)
+    failing = _failing_modes(view)
     tasks = []
     for m in models:
         cl = view.clusters.get(m)
-        hard = _hard_classes(space, inputs, m, pairs, rows_by, int(cfg.k_nearest))
+        k = int(cfg.k_nearest)
+        hard = [
+            _hard_class(space, inputs, rows_by[(m, c, mode)], cap, k)
+            for c, mode, cap in failing.get(m, [])
+        ]
         own, shared = ([set_of[s]] if s in set_of else [] for s in (m, cl))
         tasks.append(ModelTask(m, cl, hard, planted.get(m, []), own, shared))
     return tasks

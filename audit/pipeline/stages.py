@@ -116,9 +116,17 @@ STAGES: tuple[Stage, ...] = (
         needs=("directions",),
     ),
     Stage(
+        "name",
+        "audit.pipeline.name:name_stage",
+        reads=("[directions]", "[data]", "data", "sweep", "stats", "embed", "directions"),
+        writes=("modes.parquet",),
+        section="directions",
+        needs=("directions",),
+    ),
+    Stage(
         "generate",
         "audit.pipeline.generate:generate_stage",
-        reads=("[generate]", "[data]", "[mitigate].enabled", "data", "directions"),
+        reads=("[generate]", "[data]", "[mitigate].enabled", "data", "directions", "name"),
         writes=("synthetic_sets.parquet",),
         section="generate",
         needs=("directions", "generate"),
@@ -126,7 +134,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "classify",
         "audit.pipeline.classify:classify_stage",
-        reads=("zoo", "train", "generate"),
+        reads=("zoo", "train", "name", "generate"),
         writes=("synthetic_images.parquet",),
         needs=("directions", "generate"),
     ),
@@ -134,7 +142,7 @@ STAGES: tuple[Stage, ...] = (
         "mitigate",
         f"{_M}:mitigate_stage",
         reads=("[mitigate]", "[data]", "[stats].min_gap", "[generate].k", "data")
-        + ("sweep", "accuracy", "stats", "embed", "directions", "generate", "classify"),
+        + ("sweep", "accuracy", "stats", "embed", "directions", "name", "generate", "classify"),
         writes=("mitigation.parquet",),
         section="mitigate",
         needs=("directions", "generate", "mitigate"),
@@ -142,7 +150,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "confirm",
         "audit.pipeline.confirm:confirm_stage",
-        reads=("[stats]", "[data]", "data", "stats", "directions", "generate", "classify"),
+        reads=("[stats]", "[data]", "data", "stats", "directions", "name", "generate", "classify"),
         writes=("confirmations.parquet",),
         section="stats",
         needs=("directions", "generate"),
@@ -150,7 +158,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "report",
         "audit.report:report_stage",
-        reads=("[report]", "[stats]", "accuracy", "stats", "directions", "generate")
+        reads=("[report]", "[stats]", "accuracy", "stats", "directions", "name", "generate")
         + ("mitigate", "confirm"),
         writes=("report/index.html",),
         section="report",

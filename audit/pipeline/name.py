@@ -1,0 +1,128 @@
+"""The name stage: every significant failure mode gets the most general caption that fails as
+much, or is reported unnamed (:mod:`audit.naming`). Writes ``modes.parquet``; generation,
+head retraining, confirmation, the summary and the report read the modes' names there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from audit.store import RunStore
+
+
+@dataclass(frozen=True)
+class NamedMode:
+    """A named failure mode, as generation and mitigation use it."""
+
+    scope: str
+    cls: str
+    mode: int
+    caption: str  # the most general caption that fails as much (what is generated)
+    easy: str | None  # the mode's top easy caption (confirmation's comparison)
+
+
+def named_modes(modes: pa.Table, captions: pa.Table) -> list[NamedMode]:
+    """Per (scope, class), its first named mode in ``modes.parquet``'s order (the one whose
+    named subpopulation fails most), with that mode's top easy caption."""
+    easy = {
+        (r["scope"], r["class"], r["mode"]): r["caption"]
+        for r in captions.to_pylist()
+        if r["polarity"] == "easy" and r["rank"] == 1
+    }
+    out: dict[tuple[str, str], NamedMode] = {}
+    for r in modes.to_pylist():
+        key = (r["scope"], r["class"])
+        if r["named"] and key not in out:
+            e = easy.get((r["scope"], r["class"], r["mode"]))
+            out[key] = NamedMode(r["scope"], r["class"], int(r["mode"]), r["caption"], e)
+    return [out[k] for k in sorted(out)]
+
+
+def _hard_and_strength(caps: pa.Table, dirs: pa.Table) -> tuple[dict, dict]:
+    ok = {
+        (r["scope"], r["class"], r["mode"]): r["cv_score"]
+        for r in dirs.to_pylist()
+        if r["status"] == "ok"
+    }
+    hard = {}
+    for r in caps.to_pylist():
+        key = (r["scope"], r["class"], r["mode"])
+        if key in ok and r["polarity"] == "hard" and r["rank"] == 1:
+            hard[key] = r["caption"]
+    return dict(sorted(hard.items())), ok
+
+
+class _EvalCheck:
+    """Captions checked on the eval split's nearest images (cached per scope, class, caption)."""
+
+    def __init__(self, store: RunStore, inputs, cfg):
+        from audit.embed import embed_table
+        from audit.evaluate import load_predictions
+        from audit.index import ClassIndex
+        from audit.pipeline.directions import _Split, embedder_for
+        from audit.pipeline.sweep import swept_models
+        from audit.view import RunView
+
+        self.emb, _ = embedder_for(inputs, train=False)
+        E = embed_table(store, self.emb, inputs.data.split(inputs.embed_splits()), progress=False)
+        preds = load_predictions(store, swept_models(store, inputs.zoo))
+        self.ev = _Split(inputs.data.split(inputs.eval_split), E, preds)
+        self.index = ClassIndex(self.ev.X, self.ev.labels)
+        view = RunView(store, inputs.config, data=inputs.data)
+        self.scopes = {}
+        for m, cl in view.clusters.items():
+            self.scopes.setdefault(cl, []).append(m)
+        self.classes, self.k = inputs.data.classes, cfg.k
+        self.cache: dict[tuple, dict] = {}
+
+    def __call__(self, scope: str, cls: str, captions: list[str]) -> dict[str, dict]:
+        from audit.index import subpopulations_table
+
+        todo = [c for c in dict.fromkeys(captions) if (scope, cls, c) not in self.cache]
+        if todo:
+            rows = [{"scope": scope, "class": cls, "caption": c, "polarity": "hard"} for c in todo]
+            t = subpopulations_table(
+                rows,
+                self.ev.correct,
+                self.emb,
+                self.index,
+                self.classes,
+                k=self.k,
+                scopes=self.scopes,
+            )
+            for r in t.to_pylist():
+                self.cache[(scope, cls, r["caption"])] = r
+        return {c: self.cache[(scope, cls, c)] for c in captions}
+
+
+def name_stage(store: RunStore, inputs, cfg) -> str:
+    """Stage: ``modes.parquet`` (``[directions]`` section: ``k`` nearest eval images)."""
+    from audit.naming import name_modes
+    from audit.slots import SlotGrammar
+
+    caps, dirs = store.read_table("captions.parquet"), store.read_table("directions.parquet")
+    hard, cv = _hard_and_strength(caps, dirs)
+    grammar = SlotGrammar.of(inputs.data, inputs.config.data.attribute_templates)
+    modes = name_modes(hard, cv, grammar, _EvalCheck(store, inputs, cfg))
+    store.write_table("modes.parquet", modes)
+    rows = modes.to_pylist()
+    n_named = sum(r["named"] for r in rows)
+    n_general = sum(r["named"] and r["caption"] != r["specific_caption"] for r in rows)
+    return (
+        f"{len(rows)} significant modes: {n_named} named ({n_general} by a more general caption "
+        f"than the top one), {len(rows) - n_named} unnamed"
+    )
+
+
+def load_named(store: RunStore) -> list[NamedMode]:
+    """The run's named modes (empty before the name stage)."""
+    if not store.exists("modes.parquet"):
+        return []
+    return named_modes(store.read_table("modes.parquet"), store.read_table("captions.parquet"))
+
+
+def pairs_of(named: list[NamedMode]) -> dict[tuple[str, str], tuple[str, str | None]]:
+    """``{(scope, class): (named caption, easy caption)}``."""
+    return {(m.scope, m.cls): (m.caption, m.easy) for m in named}

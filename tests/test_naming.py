@@ -1,0 +1,89 @@
+"""Naming a failure mode: a caption read back into its slots, the most general caption that
+fails as much, and the modes no caption explains (unnamed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from audit.data.table import ImageTable
+from audit.naming import generalise, name_modes
+from audit.slots import SlotGrammar
+
+
+def _grammar() -> SlotGrammar:
+    values = {"color": ["blue", "dark blue", "red"], "background": ["grass", "moon"]}
+    return SlotGrammar(values, {"color": "{value} {noun}", "background": "{noun} on {value}"})
+
+
+def test_a_caption_reads_back_into_its_slots_and_slots_compose_a_caption():
+    g = _grammar()
+    assert g.parse("a photo of a dark blue coat on moon") == {
+        "color": "dark blue",
+        "background": "moon",
+    }
+    assert g.parse("a photo of a red coat") == {"color": "red"}
+    assert g.parse("a photo of a coat") == {}
+    assert (
+        g.compose("coat", {"color": "red", "background": "grass"})
+        == "a photo of a red coat on grass"
+    )
+    assert g.compose("coat", {}) == "a photo of a coat"
+    cols = {"example_id": ["a", "b", "c"], "split": ["test"] * 3, "label": [0, 0, 1]}
+    cols |= {"image": [b""] * 3, "color": ["red", "blue", "red"], "background": ["moon"] * 3}
+    t = pa.table(cols)
+    table = ImageTable(t, ["coat", "bag"])
+    assert g.matches(table, {"color": "red", "background": "moon"}).tolist() == [True, False, True]
+    assert SlotGrammar.of(table).values == {"color": ["blue", "red"]}  # one background: no slot
+
+
+def _check(accuracy: dict[str, float], class_accuracy: float = 0.8, half_width: float = 0.1):
+    """A planted answer: each caption's accuracy on its nearest images."""
+    calls = []
+
+    def check(scope, cls, captions):
+        calls.append(list(captions))
+        out = {}
+        for c in captions:
+            a = accuracy[c]
+            out[c] = {"accuracy_on_nearest": a, "ci_low": a - half_width, "ci_high": a + half_width}
+            out[c]["class_accuracy"] = class_accuracy
+        return out
+
+    return check, calls
+
+
+def test_a_slot_is_dropped_when_the_failure_does_not_weaken():
+    full, red, moon = (
+        "a photo of a red coat on moon",
+        "a photo of a red coat",
+        "a photo of a coat on moon",
+    )
+    # the failure is the colour: without the background the caption fails as much (0.25 is
+    # inside 0.2 +- 0.1); without the colour it does not (0.75)
+    check, _ = _check({full: 0.2, red: 0.25, moon: 0.75})
+    caption, slots, row, dropped = generalise("m", "coat", full, _grammar(), check)
+    assert (caption, slots, dropped) == (red, {"color": "red"}, ["background"])
+    # both slots matter: nothing is dropped
+    check, _ = _check({full: 0.1, red: 0.5, moon: 0.6})
+    assert generalise("m", "coat", full, _grammar(), check)[0] == full
+
+
+def test_a_mode_whose_caption_does_not_fail_is_unnamed_and_ordered_last():
+    a, b, c = "a photo of a red coat", "a photo of a blue bag", "a photo of a coat on grass"
+    check, _ = _check({a: 0.3, b: 0.75, c: 0.1}, class_accuracy=0.8)
+    hard = {("m", "coat", 0): a, ("m", "bag", 0): b, ("m", "coat", 1): c}
+    cv = {("m", "coat", 0): 0.9, ("m", "bag", 0): 0.99, ("m", "coat", 1): 0.7}
+    rows = name_modes(hard, cv, _grammar(), check).to_pylist()
+    # ordered by how much the named subpopulation fails, the unnamed one last despite its strength
+    assert [(r["class"], r["mode"], r["named"]) for r in rows] == [
+        ("coat", 1, True),
+        ("coat", 0, True),
+        ("bag", 0, False),
+    ]
+    unnamed = rows[-1]
+    assert (
+        unnamed["caption"] is None and unnamed["specific_caption"] == b and unnamed["slots"] == "{}"
+    )
+    assert [r["order"] for r in rows] == [0, 1, 2]
+    assert np.isclose(rows[0]["gap"], 0.7)
