@@ -123,3 +123,39 @@ def summarize_planted(table: pa.Table) -> dict:
         "precision_svm": float(np.mean(psvm)) if psvm else float("nan"),
         "precision_confidence": float(np.mean(pconf)) if pconf else float("nan"),
     }
+
+
+NAMED_SCHEMA = pa.schema(
+    [
+        *[("model", pa.string()), ("group", pa.string()), ("gap", pa.float64())],
+        *[("named", pa.bool_()), ("caption", pa.string()), ("specific_caption", pa.string())],
+        ("caption_names_group", pa.bool_()),
+    ]
+)
+
+
+def named_evaluation(accuracy: pa.Table, modes: pa.Table, min_gap: float) -> pa.Table:
+    """One row per (model, planted group at least ``min_gap`` below its class): whether the
+    model's failure on that class is named (its first mode in ``modes.parquet`` order), and
+    whether the name (the most general caption) names the planted value. An oracle check:
+    only data with planted groups has it."""
+    first: dict[tuple[str, str], dict] = {}
+    for r in modes.to_pylist():
+        first.setdefault((r["scope"], r["class"]), r)
+    rows = []
+    for r in accuracy.to_pylist():
+        gap = r["class_accuracy"] - r["accuracy"]
+        if r["attribute"] != "group" or gap < min_gap:
+            continue
+        cls, _, value, neg = parse_group(r["value"])
+        m = first.get((r["model"], cls))
+        named = bool(m and m["named"])
+        rows.append(
+            {"model": r["model"], "group": r["value"], "gap": float(gap), "named": named}
+            | {
+                "caption": m["caption"] if m else None,
+                "specific_caption": m["specific_caption"] if m else None,
+            }
+            | {"caption_names_group": caption_names(m["caption"], value, neg) if named else None}
+        )
+    return pa.Table.from_pylist(rows, schema=NAMED_SCHEMA)

@@ -88,7 +88,9 @@ def resolve_backend(backend: str, world_dir: str | None) -> tuple[str, str]:
     Raises ValueError naming the known backends for any other name."""
     if backend == "world" and world_dir:
         return f"world:{world_dir}", "the world renderer (the data is a world)"
-    if backend in ("world", RETRIEVAL) or (
+    if backend == RETRIEVAL:
+        return RETRIEVAL, "retrieval: the nearest real pool images of each caption"
+    if backend == "world" or (
         backend.startswith("diffusers:")
         and not world_dir
         and not diffusion_weights_present(backend.partition(":")[2])
@@ -211,21 +213,23 @@ class ChosenGenerator:
 
 
 def choose_generator(
-    cfg, store, world_dir: str | None, on_serve: Callable[[str], object], data=None
+    cfg, store, world_dir: str | None, on_serve: Callable[[str], object], data=None, backend=None
 ):
-    """The generator of the run of ``cfg`` (an AuditConfig) into ``store``: the service at
-    ``[generate] url``; else, by :func:`resolve_backend`, the audit's retrieval (the one
-    warning line says so; ``data``: the run's loaded dataset, its pool) or ``on_serve(spec)``,
-    the Serve app for that backend."""
+    """The generator of ``backend`` (default ``[generate] backend``) for the run of ``cfg``
+    (an AuditConfig) into ``store``: the service at ``[generate] url`` (for the run's own
+    backend); else, by :func:`resolve_backend`, the audit's retrieval (a substitution for the
+    asked backend is one warning line; ``data``: the run's loaded dataset, its pool) or
+    ``on_serve(spec)``, the Serve app for that backend."""
     g = cfg.generate
-    if g.url:
+    backend = backend or g.backend
+    if g.url and backend == g.backend:
         return HttpSetGenerator(g.url)
-    spec, why = resolve_backend(g.backend, world_dir)
+    spec, why = resolve_backend(backend, world_dir)
     if spec == RETRIEVAL:
         from audit.synthetic import RetrievalSetGenerator
 
         # the substitution of retrieval for generation is worth a line on the console
-        log.warning("generation backend: %s", why)
+        (log.info if backend == RETRIEVAL else log.warning)("generation backend: %s", why)
         return RetrievalSetGenerator(store, cfg, data=data)
     log.info("generation backend: %s", why)
     return on_serve(spec)

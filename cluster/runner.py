@@ -105,10 +105,20 @@ def ray_services(
             lambda: ServeSetGenerator(backend, store.uri, world_dir, shutdown_serve=not ray.owned),
         )
 
+    chosen: dict[str, ChosenGenerator] = {}
+
+    def generator_for(backend: str) -> ChosenGenerator:
+        if backend not in chosen:
+            chosen[backend] = ChosenGenerator(
+                lambda: choose_generator(cfg, store, world_dir, on_serve, data, backend)
+            )
+        return chosen[backend]
+
     return Services(
         executor=_OnRay(ray, RayExecutor),
         sweeper=_OnRay(ray, sweeper),
-        generator=ChosenGenerator(lambda: choose_generator(cfg, store, world_dir, on_serve, data)),
+        generator=generator_for(cfg.generate.backend),
+        generator_for=generator_for,
         progress=progress,
     )
 

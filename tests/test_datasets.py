@@ -403,7 +403,8 @@ enabled = false
     assert both, [(r["scope"], r["mode"], r["status"]) for r in dirs if r["class"] == "pullover"]
 
     sets = store.read_table("synthetic_sets.parquet")
-    assert sets.num_rows and set(sets["generator"].to_pylist()) == {"retrieval"}
+    # the manifest's pool carries the attribute columns: retrieval matches on them, and says so
+    assert sets.num_rows and set(sets["generator"].to_pylist()) == {"retrieval+attributes"}
     pool = gen.pool()  # drawn from the pool split only, a caption's images from its class
     pool_ids = truth.filter(pc.equal(truth["split"], "pool"))["example_id"].to_pylist()
     assert set(pool.example_ids) <= set(pool_ids)

@@ -104,6 +104,7 @@ def test_retrieval_takes_the_caption_s_class_from_the_pool_in_the_set_format(tmp
             "captions": WANTED["model-a"],
             "n_images": 6,
             "generator": "retrieval",
+            "slot_precision": None,  # no attribute column: no slot to check
         }
     ]
     got = _retrieved(store, IDS["model-a"], ids)
@@ -154,3 +155,61 @@ def test_retrieval_never_draws_from_the_evaluation_split(tmp_path):
         )
         with pytest.raises(ValueError, match=f"other than the evaluation split '{eval_split}'"):
             gen.request_sets(WANTED, IDS, 1, 0)
+
+
+class BlindText(ColourEmbedder):
+    """The same images; captions all embed alike, so the nearest images ignore the colour."""
+
+    def _encode_text(self, texts):
+        return np.ones((len(texts), 3), np.float32)
+
+
+def _with_colour(table: ImageTable, pool_has_it: bool) -> ImageTable:
+    eids = table.example_ids.astype(str)
+    colour = [e.split("/")[2] for e in eids]
+    if not pool_has_it:
+        colour = [None if e.startswith("pool/") else c for e, c in zip(eids, colour, strict=True)]
+    t = table.table.append_column("colour", pa.array(colour, pa.string()))
+    return ImageTable(t, table.classes)
+
+
+@pytest.mark.parametrize(
+    ("pool_has_it", "name", "source"),
+    [
+        (True, "retrieval+attributes", "pool attributes"),
+        (False, "retrieval", "estimated by attribute probes"),
+    ],
+)
+def test_retrieval_reranks_by_the_captions_slots(tmp_path, pool_has_it, name, source):
+    """The caption's nearest images ignore its colour here; reranking by the colour slot
+    (the pool's own column, or probes trained on the train split) finds the right ones."""
+    import json
+
+    from audit.synthetic import RetrievalSetGenerator
+
+    data, ids = _bed()
+    data = _with_colour(data, pool_has_it)
+    store = RunStore(tmp_path / "run")
+    gen = RetrievalSetGenerator(store, _config(), data=data, embedder=BlindText(), top_n=6)
+    row = gen.request_sets(WANTED, IDS, 4, 0).to_pylist()[0]
+    got = _retrieved(store, IDS["model-a"], ids)
+    assert [e.split("/")[:3] for e in got] == [["pool", "bag", "red"]] * 4 + [
+        ["pool", "ankle boot", "blue"]
+    ] * 4
+    precision = json.loads(row["slot_precision"])
+    assert row["generator"] == name and precision["source"] == source
+    # measured with the pool's column; the probes' mean probability otherwise (they agree)
+    assert precision["colour"] == 1.0 if pool_has_it else 0.5 < precision["colour"] < 1.0
+
+
+def test_without_slots_the_nearest_images_are_all_there_is(tmp_path):
+    """The control of the test above: no attribute column, the nearest images ignore the colour."""
+    from audit.synthetic import RetrievalSetGenerator
+
+    data, ids = _bed()
+    store = RunStore(tmp_path / "run")
+    RetrievalSetGenerator(store, _config(), data=data, embedder=BlindText(), top_n=6).request_sets(
+        WANTED, IDS, 4, 0
+    )
+    colours = {e.split("/")[2] for e in _retrieved(store, IDS["model-a"], ids)[:4]}
+    assert colours != {"red"}

@@ -75,7 +75,7 @@ class RecordingGenerator:
                 "set_id": set_ids[s],
                 "captions": c,
                 "n_images": (k if isinstance(k, int) else k[s]) * len(c),
-                "generator": "fake",
+                "generator": "world",
             }
             for s, c in wanted.items()
         ]

@@ -1,8 +1,9 @@
 """The ways to fix a model's failures, one small function each, in a registry.
 
 A method takes the model's :class:`~audit.mitigate.task.MethodContext` and returns a
-:class:`~audit.mitigate.task.Fit` (a retrained head and how it was made), or None when it
-does not apply (no set, no hard class). Every method is evaluated the same way on the eval
+:class:`~audit.mitigate.task.Fit` (a retrained head and how it was made), a list of them
+(one per generator, for the methods that use generated images), or None when it does not
+apply (no set, no hard class). Every method is evaluated the same way on the eval
 split; adding one touches this file only. Methods run in registration order (a later one
 may read what an earlier one chose: ``synthetic_cluster`` uses ``synthetic``'s lambda).
 
@@ -48,43 +49,51 @@ def _fit_set(ctx: MethodContext, set_ids: list[str], lam: float, k: int) -> tupl
 
 
 @method("synthetic")
-def synthetic(ctx: MethodContext) -> Fit | None:
-    """Coordinate search on the fit split: lambda at the most images, then fewer images at
-    that lambda; a choice may not lower the fit split's accuracy more than ``max_drop``."""
-    if not ctx.task.own_sets:
-        return None
+def synthetic(ctx: MethodContext) -> list[Fit]:
+    """Per generator: coordinate search on the fit split, lambda at the most images, then
+    fewer images at that lambda; a choice may not lower the fit split's accuracy more than
+    ``max_drop``."""
+    return [_synthetic(ctx, g, sets) for g, sets in ctx.task.own_sets.items() if sets]
+
+
+def _synthetic(ctx: MethodContext, generator: str, set_ids: list[str]) -> Fit:
     cfg, fs, k_max = ctx.data.cfg, ctx.data.setting.fit_split, int(ctx.data.setting.k)
     fitted: dict[tuple, tuple] = {}
 
     def score(c):
         if c not in fitted:
-            fitted[c] = _fit_set(ctx, ctx.task.own_sets, *c)
+            fitted[c] = _fit_set(ctx, set_ids, *c)
         return ctx.fit_score(fitted[c][0])
 
     base = float(ctx.data.correct_before(fs).mean())
     lam, tried = choose([(x, k_max) for x in cfg.lambdas], score, base, cfg.max_drop)
     chosen, tried2 = choose([lam, (lam[0], max(1, k_max // 2))], score, base, cfg.max_drop)
     tried += tried2[1:]
-    ctx.chosen["synthetic"] = chosen
+    ctx.chosen[("synthetic", generator)] = chosen
     tries = "; ".join(
         f"lambda={c[0]:g} k={c[1]}: hard {h:.3f} overall {o:.3f}" for c, h, o in tried
     )
     head, n = fitted[chosen]
-    return Fit(
-        head, chosen[0], n, f"chose lambda={chosen[0]:g} k={chosen[1]} on {fs}; tried {tries}"
-    )
+    choice = f"chose lambda={chosen[0]:g} k={chosen[1]} on {fs}; tried {tries}"
+    return Fit(head, chosen[0], n, choice, generator=generator)
 
 
 @method("synthetic_cluster")
-def synthetic_cluster(ctx: MethodContext) -> Fit | None:
-    """The cluster's one shared set, at the model's own choice of lambda and images per caption."""
-    if not ctx.task.cluster_sets:
-        return None
-    lam, k = ctx.chosen.get("synthetic") or (ctx.data.cfg.lambdas[0], int(ctx.data.setting.k))
-    head, n = _fit_set(ctx, ctx.task.cluster_sets, lam, k)
-    return Fit(
-        head, lam, n, f"lambda={lam:g} k={k} as chosen for the model's own set", ctx.task.cluster
-    )
+def synthetic_cluster(ctx: MethodContext) -> list[Fit]:
+    """Per generator, the cluster's one shared set, at the model's own choice of lambda and
+    images per caption."""
+    out = []
+    for g, sets in ctx.task.cluster_sets.items():
+        if not sets:
+            continue
+        lam, k = ctx.chosen.get(("synthetic", g)) or (
+            ctx.data.cfg.lambdas[0],
+            int(ctx.data.setting.k),
+        )
+        head, n = _fit_set(ctx, sets, lam, k)
+        choice = f"lambda={lam:g} k={k} as chosen for the model's own set"
+        out.append(Fit(head, lam, n, choice, ctx.task.cluster, generator=g))
+    return out
 
 
 def _pool(ctx: MethodContext, pick: Callable[[object, np.ndarray, int], np.ndarray]) -> Fit | None:

@@ -38,6 +38,7 @@ class SyntheticIndex:
 
     prompts: np.ndarray  # [N] str
     seeds: np.ndarray  # [N] int
+    generators: np.ndarray  # [N] str: what made the image
     rank: np.ndarray  # [N] int: the image's index among its prompt's images
     labels: np.ndarray  # [N] int: the class the prompt names (-1: none)
     sets: dict[str, np.ndarray] = field(default_factory=dict)  # set_id -> rows
@@ -57,7 +58,7 @@ class SyntheticIndex:
         keep[rows] = True
         new = np.cumsum(keep) - 1
         sets = {s: new[idx[keep[idx]]] for s, idx in self.sets.items()}
-        cols = (self.prompts, self.seeds, self.rank, self.labels)
+        cols = (self.prompts, self.seeds, self.generators, self.rank, self.labels)
         return SyntheticIndex(*(c[keep] for c in cols), sets)
 
     def table(self) -> pa.Table:
@@ -70,6 +71,7 @@ class SyntheticIndex:
                 "example_id": pa.array(self.example_ids.tolist(), pa.string()),
                 "prompt": pa.array(self.prompts.tolist(), pa.string()),
                 "seed": pa.array(self.seeds.astype(np.int64)),
+                "generator": pa.array(self.generators.tolist(), pa.string()),
                 "rank": pa.array(self.rank.astype(np.int32)),
                 "label": pa.array(self.labels.astype(np.int32)),
                 "sets": pa.array(member, pa.list_(pa.string())),
@@ -83,17 +85,19 @@ class SyntheticIndex:
         sets = {
             s: np.asarray([i for i, m in enumerate(member) if s in m], np.int64) for s in set_ids
         }
-        col = {c: t[c].to_numpy(zero_copy_only=False) for c in ("prompt", "seed", "rank", "label")}
-        return cls(col["prompt"].astype(str), col["seed"], col["rank"], col["label"], sets)
+        names = ("prompt", "seed", "generator", "rank", "label")
+        col = {c: t[c].to_numpy(zero_copy_only=False) for c in names}
+        gens = col["generator"].astype(str)
+        return cls(col["prompt"].astype(str), col["seed"], gens, col["rank"], col["label"], sets)
 
 
 def index_sets(
     store: RunStore, sets: pa.Table, labels_of: dict[str, int]
 ) -> tuple[SyntheticIndex, list[bytes]]:
-    """Every image of ``sets`` (rows of ``synthetic_sets.parquet``) once, with its PNG bytes;
-    ``labels_of`` maps a prompt to its class (prompts it lacks get -1)."""
-    key_to_row: dict[tuple[str, int], int] = {}
-    pngs, prompts, seeds, ranks, by_set = [], [], [], [], {}
+    """Every image of ``sets`` (rows of ``synthetic_sets.parquet``) once (by generator, prompt
+    and seed), with its PNG bytes; ``labels_of`` maps a prompt to its class (others get -1)."""
+    key_to_row: dict[tuple[str, str, int], int] = {}
+    pngs, cols, by_set = [], {"prompt": [], "seed": [], "generator": [], "rank": []}, {}
     for r in sets.to_pylist():
         t = store.read_table(f"synthetic/{r['set_id']}", columns=["png", "prompt", "seed"])
         rows, seen = [], {}
@@ -103,24 +107,20 @@ def index_sets(
             rank = seen[prompt] = (
                 seen.get(prompt, -1) + 1
             )  # its index among its prompt's (row order)
-            key = (prompt, int(seed))
+            key = (r["generator"], prompt, int(seed))
             if key not in key_to_row:
                 key_to_row[key] = len(pngs)
                 pngs.append(png)
-                prompts.append(prompt)
-                seeds.append(int(seed))
-                ranks.append(int(rank))
+                for c, v in zip(cols, (prompt, int(seed), r["generator"], int(rank)), strict=True):
+                    cols[c].append(v)
             rows.append(key_to_row[key])
         by_set[r["set_id"]] = np.asarray(rows, np.int64)
-    labels = np.asarray([labels_of.get(p, -1) for p in prompts], np.int64)
-    index = SyntheticIndex(
-        np.asarray(prompts, str),
-        np.asarray(seeds, np.int64),
-        np.asarray(ranks, np.int64),
-        labels,
-        by_set,
-    )
-    return index, pngs
+    labels = np.asarray([labels_of.get(p, -1) for p in cols["prompt"]], np.int64)
+    arrays = [
+        np.asarray(cols[c], t)
+        for c, t in (("prompt", str), ("seed", np.int64), ("generator", str), ("rank", np.int64))
+    ]
+    return SyntheticIndex(*arrays, labels, by_set), pngs
 
 
 def decode_pngs(pngs: list[bytes]) -> np.ndarray:

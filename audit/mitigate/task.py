@@ -29,6 +29,7 @@ MITIGATION_SCHEMA = pa.schema(
         *[("hard_before", pa.float64()), ("hard_after", pa.float64()), ("gain", pa.float64())],
         *[("gain_ci_low", pa.float64()), ("gain_ci_high", pa.float64()), ("eval", pa.string())],
         *[("target", pa.string()), ("n_hard", pa.int64()), ("choice", pa.string())],
+        ("generator", pa.string()),
     ]
 )
 
@@ -58,8 +59,8 @@ class ModelTask:
     cluster: str | None
     hard: list[HardClass]
     planted: list[tuple[int, str, np.ndarray]]  # (class, group, eval rows of the group)
-    own_sets: list[str]
-    cluster_sets: list[str]
+    own_sets: dict[str, list[str]]  # generator -> the model's own hard sets
+    cluster_sets: dict[str, list[str]]  # generator -> its cluster's shared sets
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Fit:
     n_added: int
     choice: str
     scope: str | None = None  # the mitigation's scope when not the model (a cluster's set)
+    generator: str = ""  # what made its synthetic images ("" without any)
 
 
 class ModelData:
@@ -176,7 +178,7 @@ def evaluation_rows(
         else:
             targets.append(("nearest_caption", classes[hc.cls], hc.caption, hc.eval_near))
     rows = []
-    for method, f in fits.items():
+    for method, f in fits:
         after = f.head.predict(data.F[es]) == data.Y[es]
         for kind, cls, target, idx in targets:
             g, lo, hi = paired_gain(before[idx], after[idx], n_boot=n_boot, seed=len(rows))
@@ -187,7 +189,12 @@ def evaluation_rows(
                     "class": cls,
                     "method": method,
                 }
-                | {"lambda": f.lam, "n_added": f.n_added, "choice": f.choice}
+                | {
+                    "lambda": f.lam,
+                    "n_added": f.n_added,
+                    "choice": f.choice,
+                    "generator": f.generator,
+                }
                 | {"overall_before": float(before.mean()), "overall_after": float(after.mean())}
                 | {"hard_before": float(before[idx].mean()) if len(idx) else float("nan")}
                 | {"hard_after": float(after[idx].mean()) if len(idx) else float("nan")}
@@ -228,5 +235,8 @@ def run_model(
     if syn_X is None:
         return {"rows": [], "error": f"model {name} has no outputs on the generated images"}
     ctx = MethodContext(task, data, syn, syn_X)
-    fits = {m: f for m, method in METHODS.items() if (f := method(ctx)) is not None}
+    fits = []
+    for m, method in METHODS.items():
+        made = method(ctx)
+        fits += [(m, f) for f in ([made] if isinstance(made, Fit) else made or [])]
     return {"rows": evaluation_rows(task, data, fits, classes, cfg.n_boot), "error": None}

@@ -130,6 +130,9 @@ class GenerateSection(Section):
     enabled: bool = True
     url: str = ""  # a running `zoo-audit serve`; "" = start the app in-process with `backend`
     backend: str = "world"  # in-process only: "world" (the data's world) or "diffusers:MODEL"
+    # other generators whose sets are made too, each fix measured beside the backend's
+    # ("retrieval": nearest real pool images; "world" on a world is its own generator: an oracle)
+    compare: list[str] = []
     k: int = Field(3, ge=1)  # images per hard caption
     probe_k: int = Field(32, ge=1)  # images per caption of the probe set (confirmation)
     seed: int = 0

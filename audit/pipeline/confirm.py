@@ -185,16 +185,23 @@ def correct_on(
     return out
 
 
+def _generators(view) -> dict[str, dict[str, str]]:
+    """``{generator: {scope: set id}}`` of the run's sets."""
+    out: dict[str, dict[str, str]] = {}
+    for r in view.table("synthetic_sets.parquet").to_pylist():
+        out.setdefault(r["generator"], {})[r["scope"]] = r["set_id"]
+    return out
+
+
 def confirm_stage(store: RunStore, inputs, cfg) -> str:
-    """Stage: confirm each significant mode's hard caption by generation (``[stats]``:
-    ``min_gap``, ``n_boot``, ``ci``). Writes ``confirmations.parquet``."""
+    """Stage: confirm each named mode's caption by generation, once per generator
+    (``[stats]``: ``min_gap``, ``n_boot``, ``ci``). Writes ``confirmations.parquet``."""
     from audit.mitigate.synthetic import load_index, syn_correct
+    from audit.pipeline.name import load_named, pairs_of
     from audit.pipeline.sweep import swept_models
     from audit.view import RunView
 
     view = RunView(store, inputs.config, data=inputs.data)
-    from audit.pipeline.name import load_named, pairs_of
-
     pairs = pairs_of(load_named(store))
     index = load_index(store)
     correct = {}
@@ -205,9 +212,19 @@ def confirm_stage(store: RunStore, inputs, cfg) -> str:
     for m, cl in view.clusters.items():
         members.setdefault(cl, []).append(m)
     probe = probe_captions(pairs, inputs.data)
-    set_of = {r["scope"]: r["set_id"] for r in view.table("synthetic_sets.parquet").to_pylist()}
-    got = correct_on(pairs, probe, index, set_of, correct, members)
-    conf = confirmations(pairs, got, probe, min_gap=cfg.min_gap, n_boot=cfg.n_boot, ci=cfg.ci)
+    tables = []
+    for gen, set_of in _generators(view).items():
+        got = correct_on(pairs, probe, index, set_of, correct, members)
+        t = confirmations(pairs, got, probe, min_gap=cfg.min_gap, n_boot=cfg.n_boot, ci=cfg.ci)
+        tables.append(t.append_column("generator", pa.array([gen] * t.num_rows, pa.string())))
+    conf = (
+        pa.concat_tables(tables)
+        if tables
+        else CONFIRM_SCHEMA.append(pa.field("generator", pa.string())).empty_table()
+    )
     store.write_table("confirmations.parquet", conf)
-    n_ok = int(np.sum(conf["confirmed"].to_numpy(zero_copy_only=False))) if conf.num_rows else 0
-    return f"{n_ok}/{conf.num_rows} hard captions confirmed by generation"
+    per = []
+    for gen in dict.fromkeys(conf["generator"].to_pylist()):
+        ok = [r["confirmed"] for r in conf.to_pylist() if r["generator"] == gen]
+        per.append(f"{sum(ok)}/{len(ok)} ({gen})")
+    return "named captions confirmed by generation: " + (", ".join(per) or "none")

@@ -30,6 +30,7 @@ SETS_SCHEMA = pa.schema(
         ("captions", pa.list_(pa.string())),
         ("n_images", pa.int64()),
         ("generator", pa.string()),
+        ("slot_precision", pa.string()),
     ]
 )
 PROBE = "probe"
@@ -85,29 +86,59 @@ def wanted_sets(store: RunStore, inputs) -> dict[str, list[str]]:
     return wanted
 
 
-def generate_stage(store: RunStore, inputs, cfg) -> str:
-    """Stage: request the sets (``[generate]`` section). A set's id hashes what it holds
-    (captions, k, seed, backend), so asking again finds the stored set."""
+#: in every set id: bump when what a set holds changes for the same request (v2: named captions,
+#: retrieval reranked by the caption's slots)
+SETS_VERSION = 2
+
+
+def generator_of(services, backend: str, primary: str):
+    """The SetGenerator for ``backend``: the composition root's ``generator_for`` when it gives
+    one, else the run's one ``generator`` (for the primary backend only)."""
+    if services.generator_for is not None:
+        return services.generator_for(backend)
+    if backend != primary:
+        raise RuntimeError(
+            f"[generate] compare names {backend!r}, but this run was given one generator"
+        )
+    if services.generator is None:
+        raise RuntimeError("no generation service was given to this run")
+    return services.generator
+
+
+def _request(inputs, cfg, wanted: dict, backend: str) -> pa.Table:
     from audit.cache import content_hash
 
+    k_of = {s: cfg.probe_k if s == PROBE else cfg.k for s in wanted}
+    ids = {
+        s: set_id_for(s, content_hash(c, k_of[s], cfg.seed, backend, SETS_VERSION))
+        for s, c in wanted.items()
+    }
+    gen = generator_of(inputs.services, backend, cfg.backend)
+    return gen.request_sets(wanted, ids, k_of, cfg.seed)
+
+
+def generate_stage(store: RunStore, inputs, cfg) -> str:
+    """Stage: request the sets (``[generate]`` section) from the backend and from every
+    generator it is compared with (``compare``); one set per scope and generator (a backend
+    that resolves to a generator already asked adds nothing). A set's id hashes what it holds
+    (captions, k, seed, backend), so asking again finds the stored set."""
     wanted = wanted_sets(store, inputs)
-    if not wanted:
-        table = SETS_SCHEMA.empty_table()
-    else:
-        if inputs.services.generator is None:
-            raise RuntimeError("no generation service was given to this run")
-        k_of = {s: cfg.probe_k if s == PROBE else cfg.k for s in wanted}
-        ids = {
-            s: set_id_for(s, content_hash(c, k_of[s], cfg.seed, cfg.backend))
-            for s, c in wanted.items()
-        }
-        table = inputs.services.generator.request_sets(wanted, ids, k_of, cfg.seed)
+    tables = (
+        [_request(inputs, cfg, wanted, b) for b in dict.fromkeys([cfg.backend, *cfg.compare])]
+        if wanted
+        else []
+    )
+    table = pa.concat_tables(tables) if tables else SETS_SCHEMA.empty_table()
+    seen, keep = set(), []
+    for i, r in enumerate(table.select(["scope", "generator"]).to_pylist()):
+        if (r["scope"], r["generator"]) not in seen:
+            seen.add((r["scope"], r["generator"]))
+            keep.append(i)
+    table = table.take(pa.array(keep, pa.int64()))
     store.write_table("synthetic_sets.parquet", table)
     if not table.num_rows:
-        return "no significant failure direction: no set requested"
+        return "no named failure mode: no set requested"
     gens = sorted(set(table["generator"].to_pylist()))
     n_clusters = sum(s.startswith("cluster:") for s in table["scope"].to_pylist())
-    return (
-        f"{table.num_rows} sets ({n_clusters} shared by clusters), {sum(table['n_images'].to_pylist()):,} images "
-        f"({', '.join(gens)})"
-    )
+    n_images = sum(table["n_images"].to_pylist())
+    return f"{table.num_rows} sets ({n_clusters} shared by clusters), {n_images:,} images ({', '.join(gens)})"

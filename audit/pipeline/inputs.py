@@ -24,7 +24,9 @@ class Services:
 
     executor: Executor = field(default_factory=SerialExecutor)
     sweeper: Any = None  # audit.pipeline.sweep.Sweeper
-    generator: Any = None  # audit.pipeline.generate.SetGenerator
+    generator: Any = None  # audit.pipeline.generate.SetGenerator (the run's backend)
+    # backend name -> SetGenerator, for the backend and the generators it is compared with
+    generator_for: Any = None
     progress: bool = False  # progress bars (only on a terminal)
 
 

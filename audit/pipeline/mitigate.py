@@ -118,7 +118,9 @@ def _tasks(store: RunStore, inputs, cfg: MitigateSection, models: list[str], spa
         for r in view.table("directions.parquet").to_pylist()
         if r["status"] == "ok"
     }
-    set_of = {r["scope"]: r["set_id"] for r in view.table("synthetic_sets.parquet").to_pylist()}
+    sets_of: dict[str, dict[str, list[str]]] = {}  # scope -> generator -> set ids
+    for r in view.table("synthetic_sets.parquet").to_pylist():
+        sets_of.setdefault(r["scope"], {}).setdefault(r["generator"], []).append(r["set_id"])
     ev = space.part.get(inputs.eval_split)
     planted = planted_groups(view.table("accuracy.parquet"), ev, view.min_gap, inputs.data.classes)
     failing = _failing_modes(view)
@@ -130,8 +132,9 @@ def _tasks(store: RunStore, inputs, cfg: MitigateSection, models: list[str], spa
             _hard_class(space, inputs, rows_by[(m, c, mode)], cap, k)
             for c, mode, cap in failing.get(m, [])
         ]
-        own, shared = ([set_of[s]] if s in set_of else [] for s in (m, cl))
-        tasks.append(ModelTask(m, cl, hard, planted.get(m, []), own, shared))
+        tasks.append(
+            ModelTask(m, cl, hard, planted.get(m, []), sets_of.get(m, {}), sets_of.get(cl, {}))
+        )
     return tasks
 
 

@@ -107,6 +107,11 @@ def name_stage(store: RunStore, inputs, cfg) -> str:
     grammar = SlotGrammar.of(inputs.data, inputs.config.data.attribute_templates)
     modes = name_modes(hard, cv, grammar, _EvalCheck(store, inputs, cfg))
     store.write_table("modes.parquet", modes)
+    if "group" in inputs.data.columns and store.exists("accuracy.parquet"):
+        from audit.planted import named_evaluation
+
+        acc, min_gap = store.read_table("accuracy.parquet"), inputs.config.stats.min_gap
+        store.write_table("planted_names.parquet", named_evaluation(acc, modes, min_gap))
     rows = modes.to_pylist()
     n_named = sum(r["named"] for r in rows)
     n_general = sum(r["named"] and r["caption"] != r["specific_caption"] for r in rows)

@@ -174,55 +174,103 @@ def format_sets(table: pa.Table) -> str:
     return "\n".join(lines)
 
 
-def _method_line(method: str, rs: list[dict]) -> str:
+def _method_line(label: str, rs: list[dict]) -> str:
     def mean(k: str) -> float:
         return float(np.nanmean([r[k] for r in rs]))
 
     change = [r["overall_after"] - r["overall_before"] for r in rs]
     return (
-        f"  {method:18s} {len(rs):5d} {mean('hard_before'):11.1%} {mean('hard_after'):10.1%} "
+        f"  {label:28s} {len(rs):5d} {mean('hard_before'):11.1%} {mean('hard_after'):10.1%} "
         f"{100 * mean('gain'):+7.1f} [{100 * mean('gain_ci_low'):+5.1f}, "
         f"{100 * mean('gain_ci_high'):+5.1f}] {100 * float(np.mean(change)):+7.2f} "
         f"(worst {100 * min(change):+.2f})"
     )
 
 
+def _eval_kind(table: pa.Table) -> str:
+    kinds = set(table["eval"].to_pylist())
+    return next(
+        k for k in ("planted", "attribute_group", "nearest_caption", "direction") if k in kinds
+    )
+
+
+HARD_OF = {
+    "planted": "the planted group",
+    "attribute_group": "the class's eval images with the named caption's attributes",
+    "nearest_caption": "nearest images of the named caption",
+    "direction": "the eval images the direction finds hardest",
+}
+
+
+def oracle_line(by: dict[tuple[str, str], list[dict]]) -> str:
+    """The oracle figure (the data's own generator) beside the best a user's generator gives."""
+    from audit.synthetic import ORACLE_NOTE, is_oracle
+
+    def gain(key):
+        return float(np.nanmean([r["gain"] for r in by[key]]))
+
+    syn = [k for k in by if k[0] in ("synthetic", "synthetic_cluster") and k[1]]
+    oracle = [k for k in syn if is_oracle(k[1])]
+    real = [k for k in syn if not is_oracle(k[1])]
+    parts = []
+    if oracle:
+        best = max(oracle, key=gain)
+        parts.append(f"{best[0]} with {best[1]} {100 * gain(best):+.1f} ({ORACLE_NOTE})")
+    if real:
+        best = max(real, key=gain)
+        parts.append(
+            f"best without the data's own generator: {best[0]} with {best[1]} {100 * gain(best):+.1f}"
+        )
+    return ("  " + "; ".join(parts)) if parts else ""
+
+
 def format_mitigation(view: RunView) -> str:
-    """Mean gain per method on the eval split's hard subpopulations, the worst overall drop,
-    and what the clusters' shared sets keep of the per-model gain."""
+    """Mean gain per method and generator on the eval split's hard subpopulations, the worst
+    overall drop, the oracle figure beside the best real one, and what the clusters' shared
+    sets keep of the per-model gain."""
+    from audit.synthetic import is_oracle
+
     table = view.table("mitigation.parquet")
-    kind = "planted" if "planted" in set(table["eval"].to_pylist()) else "nearest_caption"
-    hard = "the planted group" if kind == "planted" else "nearest images of the hard caption"
+    kind = _eval_kind(table)
     ci = f"{view.config.stats.ci:.0%}"
     lines = [
-        f"Mitigation on the held-out eval split (hard = {hard}; heads retrained on cached "
+        f"Mitigation on the held-out eval split (hard = {HARD_OF[kind]}; heads retrained on cached "
         f"features; gain in points with mean {ci} interval):",
-        f"  {'method':18s} {'pairs':>5s} {'hard before':>11s} {'hard after':>10s} {'gain':>7s} "
-        f"{'interval':>15s} {'overall change':>14s}",
+        f"  {'method (generator)':28s} {'pairs':>5s} {'hard before':>11s} {'hard after':>10s} "
+        f"{'gain':>7s} {'interval':>15s} {'overall change':>14s}",
     ]
-    by: dict[str, list[dict]] = {}
+    by: dict[tuple[str, str], list[dict]] = {}
     for r in table.to_pylist():
         if r["eval"] == kind:
-            by.setdefault(r["method"], []).append(r)
-    lines += [_method_line(m, rs) for m, rs in by.items()]
-    if by.get("synthetic") and by.get("synthetic_cluster"):
-        own = float(np.nanmean([r["gain"] for r in by["synthetic"]]))
-        shared = float(np.nanmean([r["gain"] for r in by["synthetic_cluster"]]))
-        if own > 0:
-            lines.append(
-                f"  the clusters' shared sets keep {shared / own:.0%} of the per-model gain"
-            )
+            by.setdefault((r["method"], r.get("generator") or ""), []).append(r)
+    for (m, g), rs in by.items():
+        label = f"{m} ({g}{', oracle' if is_oracle(g) else ''})" if g else m
+        lines.append(_method_line(label, rs))
+    if line := oracle_line(by):
+        lines.append(line)
+    for g in dict.fromkeys(g for _, g in by if g):
+        own, shared = by.get(("synthetic", g)), by.get(("synthetic_cluster", g))
+        if own and shared and (o := float(np.nanmean([r["gain"] for r in own]))) > 0:
+            kept = float(np.nanmean([r["gain"] for r in shared])) / o
+            lines.append(f"  the clusters' shared sets ({g}) keep {kept:.0%} of the per-model gain")
     return "\n".join(lines)
 
 
 def format_confirmations(view: RunView) -> str:
     """How many hard captions generation confirms, and (with planted truth) how many of the
     planted modes the audit names."""
+    from audit.synthetic import generator_label
+
     c = view.table("confirmations.parquet").to_pylist()
-    n_ok = sum(r["confirmed"] for r in c)
+    parts = []
+    for gen in dict.fromkeys(r.get("generator") or "" for r in c):
+        ok = [r["confirmed"] for r in c if (r.get("generator") or "") == gen]
+        parts.append(
+            f"{sum(ok)} of {len(ok)} ({np.mean(ok):.0%}) with {generator_label(gen) or 'its generator'}"
+        )
     line = (
-        f"Confirmed by generation: {n_ok} of {len(c)} hard captions ({n_ok / len(c):.0%}) fail "
-        f"at least {_pts(view.min_gap)} more than the easy caption"
+        f"Confirmed by generation (the named caption's images fail at least {_pts(view.min_gap)} "
+        f"more than the easy caption's): {'; '.join(parts)}"
     )
     cf = [
         r["counterfactual_delta"]
@@ -232,19 +280,25 @@ def format_confirmations(view: RunView) -> str:
     if cf:
         line += f"; swapping the attribute word back recovers {100 * float(np.mean(cf)):+.1f} points on average"
     lines = [line]
-    planted = view.table("planted.parquet")
+    planted = view.table("planted_names.parquet")
     if planted is not None and planted.num_rows:
+        from audit.synthetic import generator_label
+
         named = {
-            (r["model"], r["top_hard_caption"])
-            for r in planted.to_pylist()
-            if r.get("caption_names_group") and r.get("caption_scoring") == "images"
+            (r["model"], r["caption"]) for r in planted.to_pylist() if r["caption_names_group"]
         }
-        conf_by = {(r["scope"], r["caption"]): r["confirmed"] for r in c}
-        hits = [conf_by[k] for k in named if k in conf_by]
-        if hits:
-            lines.append(
-                f"  planted modes the audit names: {sum(hits)} of {len(hits)} confirmed ({np.mean(hits):.0%})"
-            )
+        for gen in dict.fromkeys(r.get("generator") or "" for r in c):
+            conf_by = {
+                (r["scope"], r["caption"]): r["confirmed"]
+                for r in c
+                if (r.get("generator") or "") == gen
+            }
+            hits = [conf_by[k] for k in named if k in conf_by]
+            if hits:
+                lines.append(
+                    f"  planted modes the audit names, confirmed with {generator_label(gen) or 'its generator'}: "
+                    f"{sum(hits)} of {len(hits)} ({np.mean(hits):.0%})"
+                )
     return "\n".join(lines)
 
 

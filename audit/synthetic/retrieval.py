@@ -36,6 +36,10 @@ from audit.synthetic.sets import (
 log = logging.getLogger(__name__)
 
 GENERATOR = "retrieval"
+#: what the retrieved images depend on beyond the request (in the set's request key)
+VERSION = "rerank-slots-2"
+#: nearest images reranked per caption, in multiples of the images kept (``top_n``)
+CANDIDATES = 8
 
 
 class RetrievalPool:
@@ -45,12 +49,19 @@ class RetrievalPool:
     ``labels`` [N] their class indices into ``classes``.
     """
 
-    def __init__(self, images, example_ids, labels, vectors, classes, embedder, top_n: int = 32):
+    def __init__(
+        self, images, example_ids, labels, vectors, classes, embedder, top_n: int = 32,
+        grammar=None, scorer=None,
+    ):  # fmt: skip
         from audit.index import ClassIndex
 
         self.images, self.example_ids = images, np.asarray(example_ids)
         self.labels, self.classes = np.asarray(labels), list(classes)
         self.embedder, self.top_n = embedder, int(top_n)
+        self.grammar, self.scorer = (
+            grammar,
+            scorer,
+        )  # the caption's slots, and the images' fit to them
         self.by_class = ClassIndex(vectors, self.labels)
         self.anywhere = ClassIndex(vectors, np.zeros(len(vectors), np.int64))
         # longest class names first, so "ankle boot" wins over "boot"
@@ -75,27 +86,72 @@ class RetrievalPool:
                 return i
         return None
 
+    @property
+    def name(self) -> str:
+        """``retrieval+attributes`` when it matched on the pool's attribute columns."""
+        return getattr(self.scorer, "name", GENERATOR)
+
+    def slots(self, caption: str) -> dict[str, str]:
+        return self.grammar.parse(caption) if self.grammar is not None else {}
+
     def neighbours(self, captions: list[str]) -> dict[str, np.ndarray]:
-        """``{caption: pool rows of its top_n nearest images}`` (within its class when it names one)."""
+        """``{caption: its top_n pool rows}``: the nearest ``CANDIDATES`` x top_n images (within
+        its class when it names one), reranked by their fit to the caption's slots."""
+        from audit.synthetic.slotfit import rerank
+
         uniq = list(dict.fromkeys(captions))
         Q = self.embedder.encode_text(uniq)
         out = {}
         for p, q in zip(uniq, Q, strict=True):
             c = self.class_of(p)
             index, label = (self.by_class, c) if c is not None else (self.anywhere, 0)
-            _, ids = index.search(q[None, :], self.top_n, label)
-            out[p] = ids[0][ids[0] >= 0]
+            _, ids = index.search(q[None, :], CANDIDATES * self.top_n, label)
+            out[p] = rerank(ids[0][ids[0] >= 0], self.slots(p), self.scorer, self.top_n)
+        return out
+
+    def fitting(self, caption: str, ranked: np.ndarray) -> int:
+        """How many of the ``ranked`` rows (best fit first) fit every slot of the caption
+        (probes: predicted to, with probability >= 0.5); ``len(ranked)`` without slots."""
+        slots = self.slots(caption)
+        if not slots or self.scorer is None or not len(ranked):
+            return len(ranked)
+        names, fit = self.scorer.fit(ranked, slots)
+        if not names:
+            return len(ranked)
+        return int((np.prod(fit, axis=1) >= 0.5).sum())
+
+    def precision(self, captions: list[str], rows: list[int]) -> dict:
+        """Per slot, the share of retrieved images that show it, over a set's images."""
+        from audit.synthetic.slotfit import slot_precision
+
+        by: dict[str, list[float]] = {}
+        rows_of: dict[str, list[int]] = {}
+        for p, r in zip(captions, rows, strict=True):
+            rows_of.setdefault(p, []).append(r)
+        for p, rs in rows_of.items():
+            for a, v in slot_precision(self.scorer, np.asarray(rs), self.slots(p)).items():
+                by.setdefault(a, []).append(v)
+        out = {a: round(float(np.mean(v)), 4) for a, v in by.items()}
+        if out:
+            out["source"] = (
+                "pool attributes"
+                if getattr(self.scorer, "measured", False)
+                else "estimated by attribute probes"
+            )
         return out
 
     def pick(self, captions: list[str], seeds: list[int]) -> list[int]:
-        """Pool row of each (caption, seed): rank ``seed mod n`` among the caption's neighbours,
-        moved to the next free rank when another image of the caption in this call took it."""
+        """Pool row of each (caption, seed): rank ``seed mod n`` among the caption's first
+        ``n`` neighbours, moved to the next free rank when another image of the caption in this
+        call took it; ``n`` is the number that fit every slot of the caption (at least as many
+        as the caption's images in the call, when the pool has them)."""
         near = self.neighbours(captions)
+        wanted = {p: captions.count(p) for p in near}
         taken: dict[str, set] = {}
         out = []
         for p, s in zip(captions, seeds, strict=True):
             ids = near[p]
-            n = len(ids)
+            n = min(len(ids), max(self.fitting(p, ids), wanted[p])) or len(ids)
             r = int(s) % n
             used = taken.setdefault(p, set())
             if len(used) < n:
@@ -121,11 +177,38 @@ def pool_split_of(have: set[str], eval_split: str, pool_split: str | None = None
     return pool_split
 
 
-def build_pool(
-    store: RunStore, data, embedder, eval_split: str, pool_split: str | None = None, top_n=32
-) -> RetrievalPool:
-    """The :class:`RetrievalPool` of ``data``'s pool split; its embeddings are cached in ``store``."""
+def slot_scorer(store: RunStore, data, embedder, grammar, pool, ok: np.ndarray, X_pool: np.ndarray):
+    """The pool's fit to caption slots: its own attribute columns when every pool row has
+    them (exact), else probes trained on the train split's embeddings; None without slots."""
     from audit.embed import embed_table
+    from audit.synthetic.slotfit import AttributeProbes, PoolAttributes
+
+    attrs = [a for a in (grammar.values if grammar is not None else {}) if a in pool.columns]
+    if not attrs:
+        return None
+    cols = {a: pool.table[a].to_pylist() for a in attrs}
+    if all(v is not None and str(v).strip() for a in attrs for v in cols[a]):
+        return PoolAttributes({a: np.asarray(cols[a], dtype=object)[ok] for a in attrs})
+    train = data.split("train")
+    if not len(train):
+        return None
+    E = embed_table(store, embedder, train, progress=False)
+    tids = train.example_ids.astype(str)
+    have = np.isin(tids, E.example_ids.astype(str))
+    X_train = E.align(tids[have])
+    y = {a: np.asarray(train.table[a].to_pylist(), dtype=object)[have].astype(str) for a in attrs}
+    return AttributeProbes(X_pool, X_train, y)
+
+
+def build_pool(
+    store: RunStore, data, embedder, eval_split: str, pool_split: str | None = None, top_n=32,
+    templates=None,
+) -> RetrievalPool:  # fmt: skip
+    """The :class:`RetrievalPool` of ``data``'s pool split (its embeddings cached in
+    ``store``), reranking by the data's caption slots (``templates``: the run's
+    ``[data] attribute_templates``)."""
+    from audit.embed import embed_table
+    from audit.slots import SlotGrammar
 
     split = pool_split_of(set(data.column("split").tolist()), eval_split, pool_split)
     pool = data.split(split)
@@ -134,8 +217,14 @@ def build_pool(
     E = embed_table(store, embedder, pool, progress=False)
     images, ok, _ = pool.decode()
     ids = pool.example_ids.astype(str)[ok]
-    log.info("retrieval: %d %s images (embedder %s)", len(ids), split, embedder.name)
-    return RetrievalPool(images, ids, pool.labels[ok], E.align(ids), data.classes, embedder, top_n)
+    X = E.align(ids)
+    grammar = SlotGrammar.of(data, templates)
+    scorer = slot_scorer(store, data, embedder, grammar, pool, ok, X)
+    log.info("retrieval: %d %s images (embedder %s, %s)", len(ids), split, embedder.name,
+             getattr(scorer, "name", "no slots"))  # fmt: skip
+    return RetrievalPool(
+        images, ids, pool.labels[ok], X, data.classes, embedder, top_n, grammar, scorer
+    )
 
 
 class RetrievalSetGenerator:
@@ -178,11 +267,13 @@ class RetrievalSetGenerator:
                 self.config.data.eval_split,
                 self.pool_split,
                 self.top_n,
+                self.config.data.attribute_templates,
             )
         return self._pool
 
     def make_set(self, captions: list[str], k: int, seed: int, set_id: str) -> dict:
-        """Store (or find) the set of ``k`` images per caption; returns its metadata."""
+        """Store (or find) the set of ``k`` images per caption; returns its metadata, with the
+        precision per slot of what it holds (``slot_precision``)."""
         pool = self.pool()
         request = {
             "prompts": list(captions),
@@ -192,13 +283,14 @@ class RetrievalSetGenerator:
             "guidance": 0.0,
             "size": pool.size,
         }
-        key = request_key(request, GENERATOR)
+        key = request_key(request, f"{pool.name}/{VERSION}")
+        seeds = request_seeds(request["prompts"], request["images_per_prompt"], seed)
+        prompts = [c for c in request["prompts"] for _ in range(request["images_per_prompt"])]
+        rows = pool.pick(prompts, seeds)
         meta = read_set_meta(self.store, set_id)
         if meta is None:
-            seeds = request_seeds(request["prompts"], request["images_per_prompt"], seed)
-            prompts = [c for c in request["prompts"] for _ in range(request["images_per_prompt"])]
-            pngs = [png_bytes(pool.images[r]) for r in pool.pick(prompts, seeds)]
-            meta = write_set(self.store, set_id, request, key, GENERATOR, seeds, pngs)
+            pngs = [png_bytes(pool.images[r]) for r in rows]
+            meta = write_set(self.store, set_id, request, key, pool.name, seeds, pngs)
             meta = meta or read_set_meta(self.store, set_id)  # written meanwhile: that set stands
         if meta is None or meta["request_hash"] != key:
             raise ValueError(
@@ -206,7 +298,7 @@ class RetrievalSetGenerator:
                 f"(generator {meta and meta['generator']}); delete synthetic/{set_id} or change "
                 "[generate] seed"
             )
-        return meta
+        return {**meta, "slot_precision": pool.precision(prompts, rows)}
 
     def request_sets(
         self,
@@ -216,6 +308,8 @@ class RetrievalSetGenerator:
         seed: int,
     ) -> pa.Table:
         """One set per scope, ``k`` (or ``k[scope]``) images per caption: rows of SETS_SCHEMA."""
+        import json
+
         from audit.pipeline.generate import SETS_SCHEMA
 
         rows = []
@@ -228,6 +322,9 @@ class RetrievalSetGenerator:
                     "captions": list(caps),
                     "n_images": meta["n_images"],
                     "generator": meta["generator"],
+                    "slot_precision": json.dumps(meta["slot_precision"])
+                    if meta["slot_precision"]
+                    else None,
                 }
             )
         return pa.Table.from_pylist(rows, schema=SETS_SCHEMA)
