@@ -124,6 +124,8 @@ def _mode_rows(ctx: ReportContext, scopes: list[str]) -> tuple[list[dict], int]:
     for m in all_modes[: opts.max_index_rows]:
         anchor = f"#{_safe(m['cls'])}-mode-{m['mode']}" if (m["scope"], m["row"]) in shown else ""
         hard = modes.captions.get((m["scope"], m["cls"], m["mode"], "hard"), [])
+        name = modes.names.get((m["scope"], m["cls"], m["mode"]))
+        named = name["caption"] if name and name["named"] else ("unnamed" if name else "")
         rows.append(
             {
                 **m,
@@ -131,6 +133,7 @@ def _mode_rows(ctx: ReportContext, scopes: list[str]) -> tuple[list[dict], int]:
                 "href": _page(m["scope"]) + anchor,
                 "title": titles.get(m["scope"], m["scope"]),
                 "top_hard": hard[0] if hard else "",
+                "name": named,
             }
         )
     return rows, max(0, len(all_modes) - len(rows))

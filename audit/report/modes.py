@@ -60,8 +60,28 @@ def _checks(run: RunView) -> dict[tuple, dict]:
         checks[(r["scope"], r["class"], r["caption"])] = r
     conf = run.table("confirmations.parquet")
     for r in conf.to_pylist() if conf is not None else []:
-        checks.setdefault((r["scope"], r["class"], r.get("caption")), {}).update(r)
+        chk = checks.setdefault((r["scope"], r["class"], r.get("caption")), {})
+        chk.setdefault("confirmations", []).append(r)  # one per generator
     return checks
+
+
+def _names(run: RunView) -> dict[tuple, dict]:
+    """``{(scope, class, mode): its modes.parquet row}`` (named or not, and its order)."""
+    t = run.table("modes.parquet")
+    return {} if t is None else {(r["scope"], r["class"], r["mode"]): r for r in t.to_pylist()}
+
+
+def _confirm_text(confirmations: list[dict]) -> str:
+    from audit.synthetic import is_oracle
+
+    parts = []
+    for c in confirmations:
+        gen = c.get("generator") or "generation"
+        verdict = "confirmed" if c["confirmed"] else "not confirmed"
+        oracle = ", oracle" if is_oracle(gen) else ""
+        detail = f"{_pct(c.get('hard_gen_accuracy'), 0)} vs {_pct(c.get('easy_gen_accuracy'), 0)}"
+        parts.append(f"{verdict} by {gen}{oracle} (generated {detail})")
+    return "; ".join(parts)
 
 
 class _Modes:
@@ -74,6 +94,11 @@ class _Modes:
         self.by_scope = _significant(self.dirs)
         self.captions = _ranked_captions(run)
         self.checks = _checks(run)
+        self.names = _names(run)
+        for scope, modes in self.by_scope.items():  # named first, by how much they fail
+            modes.sort(
+                key=lambda m: self.names.get((scope, m["cls"], m["mode"]), {}).get("order", 10**9)
+            )
         self.mitigation = run.table("mitigation.parquet")
         self._mit_by: dict[str, list[dict]] = defaultdict(list)
         for r in self.mitigation.to_pylist() if self.mitigation is not None else []:
@@ -238,13 +263,8 @@ class _Modes:
         rows = []
         for c in self.captions.get((scope, cls, mode, polarity), []):
             chk = self.checks.get((scope, cls, c), {})
-            confirm = ""
-            if chk.get("confirmed") is not None:
-                confirm = (
-                    "confirmed by generation" if chk["confirmed"] else "not confirmed by generation"
-                )
-                if chk.get("hard_gen_accuracy") is not None:
-                    confirm += f" (generated {_pct(chk['hard_gen_accuracy'], 0)} vs {_pct(chk.get('easy_gen_accuracy'), 0)})"
+            confs = chk.get("confirmations", [])
+            confirm = _confirm_text(confs)
             rows.append(
                 {
                     "caption": c,
@@ -253,10 +273,27 @@ class _Modes:
                     "hi": chk.get("ci_high"),
                     "class_acc": chk.get("class_accuracy"),
                     "confirm": confirm,
-                    "confirmed": chk.get("confirmed"),
+                    "confirmed": any(x["confirmed"] for x in confs) if confs else None,
                 }
             )
         return rows
+
+    def _name(self, scope: str, m: dict) -> dict | None:
+        """The mode's name: the most general caption that fails as much, or unnamed."""
+        r = self.names.get((scope, m["cls"], m["mode"]))
+        if r is None:
+            return None
+        return {
+            **r,
+            "generalised": bool(r["named"] and r["caption"] != r["specific_caption"]),
+            "confirm": _confirm_text(
+                self.checks.get((scope, m["cls"], r["caption"]), {}).get("confirmations", [])
+            ),
+        }
+
+    def _named_confirmed(self, scope: str, cls: str, caption: str) -> bool | None:
+        confs = self.checks.get((scope, cls, caption), {}).get("confirmations", [])
+        return any(c["confirmed"] for c in confs) if confs else None
 
     def mitigation_rows(self, scope: str) -> list[dict]:
         """Rows of ``mitigation.parquet`` for a model's card (its rows) or a cluster's (scope = the cluster)."""
@@ -295,10 +332,15 @@ class _Modes:
                 hard_ids, easy_ids = self._images.extremes(vectors[m["row"]], self.opts.images)
                 md["hard_imgs"] = self._real_thumbs(hard_ids, members)
                 md["easy_imgs"] = self._real_thumbs(easy_ids, members)
-            md["gen_imgs"] = self._generated(scope, [c["caption"] for c in hard])
+            name = self._name(scope, m)
+            md["name"] = name
+            if name and name["named"]:
+                md["confirmed"] = self._named_confirmed(scope, m["cls"], name["caption"])
+            shown = [name["caption"]] if name and name["named"] else []
+            md["gen_imgs"] = self._generated(scope, shown + [c["caption"] for c in hard])
             # a hard caption's rows go to the mode it names; the class's other rows (its planted
             # group) to the class's strongest mode shown
-            hard_caps = {c["caption"] for c in hard}
+            hard_caps = {c["caption"] for c in hard} | set(shown)
             mine = [
                 i
                 for i, r in enumerate(mitig)
@@ -321,6 +363,16 @@ class _Modes:
         return out, others, [r for i, r in enumerate(mitig) if i not in used]
 
 
+def _method_label(method: str | None, generator: str | None) -> str:
+    """``synthetic (world, oracle: the data's own generator)``: which images a fix used."""
+    from audit.synthetic import is_oracle
+
+    if not generator:
+        return str(method)
+    oracle = ", oracle: the data's own generator" if is_oracle(generator) else ""
+    return f"{method} ({generator}{oracle})"
+
+
 def _pivot(rows: list[dict]) -> dict | None:
     """Mitigation rows of one class as a table: one row per (model, method), one column per
     evaluation target (the planted group, the nearest images of a hard caption)."""
@@ -329,12 +381,12 @@ def _pivot(rows: list[dict]) -> dict | None:
     targets = list(dict.fromkeys((r.get("eval") or "", r.get("target") or "") for r in rows))
     table: dict[tuple, dict] = {}
     for r in rows:
-        key = (r.get("model"), r.get("method"))
+        key = (r.get("model"), r.get("method"), r.get("generator") or "")
         t = table.setdefault(
             key,
             {
                 "model": r.get("model"),
-                "method": r.get("method"),
+                "method": _method_label(r.get("method"), r.get("generator")),
                 "lam": r.get("lam"),
                 "n_added": r.get("n_added"),
                 "overall_before": r.get("overall_before"),
@@ -348,7 +400,11 @@ def _pivot(rows: list[dict]) -> dict | None:
         heads.append(
             f"planted group {t}"
             if e == "planted"
-            else (f"nearest images of '{t}'" if e == "nearest_caption" else f"{e} {t}".strip())
+            else (
+                f"nearest images of '{t}'"
+                if e == "nearest_caption"
+                else HEADS.get(e, f"{e} {t}".strip())
+            )
         )
     return {
         "targets": heads,
@@ -357,4 +413,4 @@ def _pivot(rows: list[dict]) -> dict | None:
     }
 
 
-# -- the report ------------------------------------------------------------------------------------
+HEADS = {"direction": "the images its direction finds hardest (unnamed mode)"}
