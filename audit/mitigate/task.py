@@ -51,6 +51,10 @@ class HardClass:
     eval_near: np.ndarray  # eval rows nearest the caption (unnamed: hardest by the direction)
     pool_order: np.ndarray  # pool rows of the class, hardest first by the direction
     fit_order: np.ndarray  # fit rows of the class, hardest first by the direction
+    # eval rows of the class whose attribute columns show every slot of the caption (None:
+    # the data has no such columns)
+    group_eval: np.ndarray | None = None
+    group: str = ""  # those slots, as "attribute=value, ..."
 
 
 @dataclass
@@ -177,6 +181,8 @@ def evaluation_rows(
             targets.append(("direction", classes[hc.cls], "unnamed", hc.eval_near))
         else:
             targets.append(("nearest_caption", classes[hc.cls], hc.caption, hc.eval_near))
+        if hc.group_eval is not None:
+            targets.append(("attribute_group", classes[hc.cls], hc.group, hc.group_eval))
     rows = []
     for method, f in fits:
         after = f.head.predict(data.F[es]) == data.Y[es]

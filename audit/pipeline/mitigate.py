@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from audit.mitigate.task import MITIGATION_SCHEMA, HardClass, ModelTask, Setting
 from audit.pipeline.config import MitigateSection
+from audit.slots import SlotGrammar
 from audit.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,20 @@ def planted_groups(acc: pa.Table | None, ev_table, min_gap: float, classes) -> d
     return out
 
 
-def _hard_class(space: _Space, inputs, row: dict, caption: str | None, k: int) -> HardClass:
+def _attribute_group(space: _Space, inputs, grammar, caption: str, c: int) -> tuple:
+    """``(eval rows of class c whose attributes show every slot of the caption, the slots)``,
+    or ``(None, "")`` when the eval split lacks the caption's attribute columns."""
+    slots = grammar.parse(caption)
+    ev = space.part[inputs.eval_split]
+    if not slots or any(a not in ev.columns for a in slots):
+        return None, ""
+    rows = np.flatnonzero((ev.labels == c) & grammar.matches(ev, slots))
+    return rows, ", ".join(f"{a}={v}" for a, v in slots.items())
+
+
+def _hard_class(
+    space: _Space, inputs, row: dict, caption: str | None, k: int, grammar
+) -> HardClass:
     """A failing class of a model: its named caption's nearest images (fit and eval), or, for
     an unnamed mode, the ``k`` images its direction finds hardest; pool and fit rows of the
     class, hardest first."""
@@ -88,9 +102,10 @@ def _hard_class(space: _Space, inputs, row: dict, caption: str | None, k: int) -
     fit_order = space.hardest_first(fit, row, c)
     if caption is None:
         near_fit, near_ev = fit_order[:k], space.hardest_first(ev, row, c)[:k]
-    else:
-        near_fit, near_ev = (space.nearest(s, caption, c, k) for s in (fit, ev))
-    return HardClass(c, caption, near_fit, near_ev, pool, fit_order)
+        return HardClass(c, caption, near_fit, near_ev, pool, fit_order)
+    near_fit, near_ev = (space.nearest(s, caption, c, k) for s in (fit, ev))
+    group, slots = _attribute_group(space, inputs, grammar, caption, c)
+    return HardClass(c, caption, near_fit, near_ev, pool, fit_order, group, slots)
 
 
 def _failing_modes(view) -> dict[str, list[tuple[str, int, str | None]]]:
@@ -124,12 +139,13 @@ def _tasks(store: RunStore, inputs, cfg: MitigateSection, models: list[str], spa
     ev = space.part.get(inputs.eval_split)
     planted = planted_groups(view.table("accuracy.parquet"), ev, view.min_gap, inputs.data.classes)
     failing = _failing_modes(view)
+    grammar = SlotGrammar.of(inputs.data, inputs.config.data.attribute_templates)
     tasks = []
     for m in models:
         cl = view.clusters.get(m)
         k = int(cfg.k_nearest)
         hard = [
-            _hard_class(space, inputs, rows_by[(m, c, mode)], cap, k)
+            _hard_class(space, inputs, rows_by[(m, c, mode)], cap, k, grammar)
             for c, mode, cap in failing.get(m, [])
         ]
         tasks.append(
