@@ -153,18 +153,35 @@ def format_directions(view: RunView, per_family: int = 1) -> str:
     planted = view.table("planted.parquet")
     if planted is not None and planted.num_rows:
         lines.append(format_planted_naming(planted, view.min_gap))
+    names = view.table("planted_names.parquet")
+    if names is not None and names.num_rows:
+        lines.append(format_named_planted(names))
     return "\n".join(lines)
+
+
+def format_named_planted(names: pa.Table) -> str:
+    """How the modes' names (the most general captions that fail as much) compare with the
+    planted truth: named and naming the planted value, or unnamed."""
+    rows = names.to_pylist()
+    named = [r for r in rows if r["named"]]
+    right = sum(bool(r["caption_names_group"]) for r in named)
+    return (
+        f"  the mode's name (the most general caption that fails as much) names the planted value "
+        f"for {right} of {len(rows)} pairs ({right / len(rows):.1%}); {len(rows) - len(named)} "
+        "reported unnamed"
+    )
 
 
 def format_sets(table: pa.Table) -> str:
     """The clusters' shared sets with their captions; the per-model and probe sets in one line."""
+    from audit.synthetic import is_oracle
+
     rows = table.to_pylist()
-    lines = ["Shared synthetic sets (one per cluster, k images per hard caption):"]
+    lines = ["Shared synthetic sets (one per cluster and generator, k images per named caption):"]
     for r in rows:
         if r["scope"].startswith("cluster:"):
-            lines.append(
-                f"  {r['scope']:10s} {r['set_id']:28s} {r['n_images']:3d} images  {r['captions']}"
-            )
+            gen = f"{r['generator']}{' (oracle)' if is_oracle(r['generator']) else ''}"
+            lines.append(f"  {r['scope']:10s} {gen:22s} {r['n_images']:3d} images  {r['captions']}")
     own = [r for r in rows if not r["scope"].startswith("cluster:")]
     if own:
         lines.append(

@@ -1,0 +1,199 @@
+"""A third planted dataset, of this benchmark's own design (not a world): shapes on photographs.
+
+Eight shapes (the classes) drawn in one of eight colours, at one of two sizes, on a crop of
+one of six photographs shipped with scikit-image; 32x32 RGB. Handed over as a plain Parquet
+manifest (``examples.parquet``: example_id, split, label, image PNG bytes, a ``shape`` column
+naming the classes, ``color`` and ``background`` columns, and ``group``: the planted truth,
+which the audit never uses for a choice). Planted in train only (debug, test and pool are
+balanced over every attribute):
+
+- rare colours with a decoy (Waterbirds-style): purple is 1% of squares and 70% of diamonds;
+  cyan is 1% of stars and 70% of crosses;
+- a rare background with a decoy: triangles are on ``coffee`` 1% of the time, arrows 70%;
+- a rare value of an attribute the manifest does not carry: small circles are 2% of circles
+  (rings are small 80% of the time); ``size`` is left out of the manifest, so no caption can
+  name that mode: the audit should report it unnamed.
+
+    python benchmarks/make_shapes.py --out /tmp/shapes [--scale 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+
+import numpy as np
+
+SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond", "ring", "arrow"]
+COLORS = {
+    "red": (220, 40, 40),
+    "orange": (240, 140, 20),
+    "yellow": (235, 220, 40),
+    "green": (40, 170, 60),
+    "cyan": (40, 210, 220),
+    "blue": (40, 70, 220),
+    "purple": (150, 50, 200),
+    "white": (245, 245, 245),
+}
+BACKGROUNDS = ["camera", "coffee", "chelsea", "rocket", "astronaut", "immunohistochemistry"]
+SIZES = ["small", "large"]
+SPLITS = {"train": 6000, "debug": 1600, "test": 1600, "pool": 1600}
+#: (class, attribute, value, rate in train, decoy class, decoy rate)
+PLANTED = [
+    ("square", "color", "purple", 0.01, "diamond", 0.7),
+    ("star", "color", "cyan", 0.01, "cross", 0.7),
+    ("triangle", "background", "coffee", 0.01, "arrow", 0.7),
+    ("circle", "size", "small", 0.02, "ring", 0.8),
+]
+VALUES = {"color": list(COLORS), "background": BACKGROUNDS, "size": SIZES}
+
+
+def _textures(size: int = 32) -> dict[str, np.ndarray]:
+    """Each background photograph as float RGB [0, 1], large enough to crop from."""
+    from skimage import data, transform
+
+    out = {}
+    for name in BACKGROUNDS:
+        img = np.asarray(getattr(data, name)(), float)
+        img = np.stack([img] * 3, -1) if img.ndim == 2 else img[..., :3]
+        out[name] = transform.resize(img / img.max(), (4 * size, 4 * size), anti_aliasing=True)
+    return out
+
+
+def _polygon(shape: str, c: float, r: float) -> list[tuple[float, float]] | None:
+    a = np.linspace(0, 2 * np.pi, 6)[:-1] - np.pi / 2
+    pts = {
+        "square": [(-1, -1), (1, -1), (1, 1), (-1, 1)],
+        "triangle": [(0, -1.1), (1.1, 0.9), (-1.1, 0.9)],
+        "diamond": [(0, -1.2), (0.8, 0), (0, 1.2), (-0.8, 0)],
+        "star": [
+            p
+            for k in range(5)
+            for p in (
+                (np.cos(a[k]), np.sin(a[k])),
+                (0.45 * np.cos(a[k] + np.pi / 5), 0.45 * np.sin(a[k] + np.pi / 5)),
+            )
+        ],
+        "cross": [
+            (-0.35, -1),
+            (0.35, -1),
+            (0.35, -0.35),
+            (1, -0.35),
+            (1, 0.35),
+            (0.35, 0.35),
+            (0.35, 1),
+            (-0.35, 1),
+            (-0.35, 0.35),
+            (-1, 0.35),
+            (-1, -0.35),
+            (-0.35, -0.35),
+        ],
+        "arrow": [
+            (-1, -0.3),
+            (0.2, -0.3),
+            (0.2, -0.8),
+            (1.1, 0),
+            (0.2, 0.8),
+            (0.2, 0.3),
+            (-1, 0.3),
+        ],
+    }.get(shape)
+    return None if pts is None else [(c + r * x, c + r * y) for x, y in pts]
+
+
+def draw(shape: str, color: str, background: str, size: str, rng, textures) -> np.ndarray:
+    """One 32x32 uint8 image: a jittered, rotated shape on a random crop of the photograph."""
+    from PIL import Image, ImageDraw
+
+    tex = textures[background]
+    y, x = rng.integers(0, tex.shape[0] - 32, 2)
+    bg = Image.fromarray((tex[y : y + 32, x : x + 32] * 255).astype(np.uint8))
+    canvas = Image.new("L", (96, 96), 0)
+    d = ImageDraw.Draw(canvas)
+    r = (14 if size == "small" else 26) * rng.uniform(0.9, 1.1)
+    c = 48 + rng.uniform(-8, 8)
+    if shape in ("circle", "ring"):
+        d.ellipse([c - r, c - r, c + r, c + r], fill=255)
+        if shape == "ring":
+            d.ellipse([c - 0.55 * r, c - 0.55 * r, c + 0.55 * r, c + 0.55 * r], fill=0)
+    else:
+        d.polygon(_polygon(shape, c, r), fill=255)
+    mask = canvas.rotate(rng.uniform(-25, 25), resample=Image.BILINEAR).resize(
+        (32, 32), Image.BILINEAR
+    )
+    tint = np.asarray(COLORS[color], float) * rng.uniform(0.85, 1.0)
+    m = np.asarray(mask, float)[..., None] / 255
+    img = np.asarray(bg, float) * (1 - m) + tint * m + rng.normal(0, 6, (32, 32, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _attribute_draw(rng, label: str, split: str) -> dict[str, str]:
+    """One example's attributes: uniform, except the planted shares in train."""
+    out = {a: str(rng.choice(v)) for a, v in VALUES.items()}
+    if split != "train":
+        return out
+    for cls, attr, value, rate, decoy, decoy_rate in PLANTED:
+        others = [v for v in VALUES[attr] if v != value]
+        if label == cls:
+            out[attr] = value if rng.random() < rate else str(rng.choice(others))
+        elif label == decoy:
+            out[attr] = value if rng.random() < decoy_rate else str(rng.choice(others))
+    return out
+
+
+def _group(label: str, attrs: dict[str, str]) -> str:
+    hits = [f"{c}:{a}={v}" for c, a, v, *_ in PLANTED if label == c and attrs[a] == v]
+    return "|".join(hits)
+
+
+def build(out: str, scale: float = 1.0, seed: int = 0) -> str:
+    """Write ``OUT/examples.parquet``; returns its path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    textures = _textures()
+    rows = {
+        k: []
+        for k in ("example_id", "split", "label", "image", "shape", "color", "background", "group")
+    }
+    for split, n in SPLITS.items():
+        for i in range(int(n * scale)):
+            label = SHAPES[i % len(SHAPES)]
+            attrs = _attribute_draw(rng, label, split)
+            buf = io.BytesIO()
+            Image.fromarray(
+                draw(label, attrs["color"], attrs["background"], attrs["size"], rng, textures)
+            ).save(buf, "PNG")
+            for k, v in (
+                ("example_id", f"{split}-{i:05d}"),
+                ("split", split),
+                ("label", SHAPES.index(label)),
+                ("image", buf.getvalue()),
+                ("shape", label),
+                ("color", attrs["color"]),
+                ("background", attrs["background"]),
+                ("group", _group(label, attrs)),
+            ):
+                rows[k].append(v)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "examples.parquet")
+    pq.write_table(pa.table(rows), path)
+    return path
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--scale", type=float, default=1.0, help="fraction of each split's size")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    print(build(a.out, a.scale, a.seed))
+
+
+if __name__ == "__main__":
+    main()
