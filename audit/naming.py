@@ -73,13 +73,23 @@ def is_named(row: Mapping) -> bool:
 
 
 def name_modes(
-    hard: Mapping[tuple, str], cv: Mapping[tuple, float], grammar: SlotGrammar, check: Check
+    hard: Mapping[tuple, str | None],
+    cv: Mapping[tuple, float],
+    grammar: SlotGrammar,
+    check: Check,
+    direction_check: Callable[[tuple], Mapping] | None = None,
 ) -> pa.Table:
-    """``modes.parquet`` for ``hard[(scope, class, mode)] = top hard caption``."""
+    """``modes.parquet`` for ``hard[(scope, class, mode)] = top hard caption`` (None: the
+    space has no text; the mode is unnamed and ``direction_check(key)`` says how much the
+    images its direction finds hardest fail)."""
     rows = []
     for (scope, cls, mode), caption in hard.items():
-        general, slots, chk, dropped = generalise(scope, cls, caption, grammar, check)
-        named = is_named(chk)
+        if caption is None:
+            chk = direction_check((scope, cls, mode))
+            general, slots, dropped, named = None, {}, [], False
+        else:
+            general, slots, chk, dropped = generalise(scope, cls, caption, grammar, check)
+            named = is_named(chk)
         rows.append(
             {"scope": scope, "class": cls, "mode": int(mode), "named": named}
             | {"caption": general if named else None, "specific_caption": caption}

@@ -65,6 +65,8 @@ class Embedder:
     device: str = "cpu"
     #: the words it was trained on, for a closed-vocabulary embedder (the world encoder); None = open (CLIP)
     vocabulary: frozenset[str] | None = None
+    #: whether it embeds text (an image-only space cannot name or generate)
+    has_text: bool = True
 
     def unknown_words(self, text: str) -> list[str]:
         """The words of ``text`` outside :attr:`vocabulary` (none for an open-vocabulary embedder)."""

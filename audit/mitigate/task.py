@@ -238,8 +238,10 @@ def run_model(
         return {"rows": [], "error": data}
     syn = load_index(store)
     syn_X = syn_features(store, name, syn)
-    if syn_X is None:
+    if syn_X is None and len(syn.prompts):
         return {"rows": [], "error": f"model {name} has no outputs on the generated images"}
+    if syn_X is None:  # no generated image in the run: the methods that need none still apply
+        syn_X = np.zeros((0, data.W0.shape[1]))
     ctx = MethodContext(task, data, syn, syn_X)
     fits = []
     for m, method in METHODS.items():

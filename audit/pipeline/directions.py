@@ -27,8 +27,28 @@ log = logging.getLogger(__name__)
 
 def embedder_for(inputs, train: bool):
     """The configured embedder; ``world`` trains (or loads from the cache) on the data's train
-    split: its ``caption`` column, else captions composed from the ``[data]`` attributes."""
+    split: its ``caption`` column, else captions composed from the ``[data]`` attributes;
+    with neither, an image-only space (a zoo member's features: failure modes are found and
+    shown, but cannot be named); ``features:MODEL`` asks for that space."""
+    from audit.embed.features import image_only_embedder
+
+    name = inputs.config.directions.embedder
+    if name.startswith("features") or (name == "world" and not has_captions(inputs)):
+        if name == "world":
+            log.warning(
+                "no caption or attribute column, and no CLIP embedder: failure modes are found in a "
+                "zoo member's own features (an image-only space) and reported unnamed; set "
+                "[directions] embedder = 'open_clip:ARCH:PRETRAINED' to name them"
+            )
+        return image_only_embedder(inputs, name if name != "world" else None), None
     return run_embedder(inputs.config, inputs.data, train=train, progress=inputs.services.progress)
+
+
+def has_captions(inputs) -> bool:
+    """Whether the world encoder has text to train on: a caption column or caption attributes."""
+    from audit.pipeline.inputs import caption_attributes
+
+    return "caption" in inputs.data.columns or bool(caption_attributes(inputs.config, inputs.data))
 
 
 def run_embedder(config, data, train: bool = False, progress: bool = False):
@@ -159,6 +179,14 @@ def directions_stage(store: RunStore, inputs, cfg) -> str:
     dirs, clusters = _fit_directions(store, inputs, cfg, fit, X_train)
     store.write_table("directions.parquet", dirs)
     store.write_table("direction_similarity.parquet", direction_similarity(dirs))
+    if not emb.has_text:  # an image-only space: the modes are found and shown, not named
+        from audit.captions import CAPTIONS_SCHEMA
+        from audit.index import SUBPOPULATION_SCHEMA
+
+        store.write_table("captions.parquet", CAPTIONS_SCHEMA.empty_table())
+        store.write_table("subpopulations.parquet", SUBPOPULATION_SCHEMA.empty_table())
+        n_ok = sum(s == "ok" for s in dirs["status"].to_pylist())
+        return f"{dirs.num_rows} directions ({n_ok} significant) in {emb.name}, an image-only space: no captions"
     cands, refs = _candidates(store, inputs, cfg, emb)
     grounding = _grounding(cfg.caption_scoring == "images", fit, data.classes, cfg.grounding_k)
     caps = _captions_table(dirs, cands, refs, emb, cfg.top_k, grounding)

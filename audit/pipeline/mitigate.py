@@ -173,7 +173,10 @@ def mitigate_stage(store: RunStore, inputs, cfg: MitigateSection) -> str:
     from audit.mitigate.task import run_model
     from audit.pipeline.sweep import swept_models
 
-    models = [m for m in swept_models(store, inputs.zoo) if store.exists(syn_feature_path(m))]
+    # a model the generated images could not run through is left out; without any generated
+    # image (no named mode), every model still gets the methods that need none
+    syn = [m for m in swept_models(store, inputs.zoo) if store.exists(syn_feature_path(m))]
+    models = syn or swept_models(store, inputs.zoo)
     space = _Space(store, inputs, models)
     setting = Setting(inputs.fit_split, inputs.eval_split, inputs.config.generate.k)
     shared = {

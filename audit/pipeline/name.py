@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 
 from audit.store import RunStore
@@ -41,12 +42,14 @@ def named_modes(modes: pa.Table, captions: pa.Table) -> list[NamedMode]:
 
 
 def _hard_and_strength(caps: pa.Table, dirs: pa.Table) -> tuple[dict, dict]:
+    """``({(scope, class, mode): top hard caption or None}, {...: strength})`` of every
+    significant mode (None: no caption, an image-only space)."""
     ok = {
         (r["scope"], r["class"], r["mode"]): r["cv_score"]
         for r in dirs.to_pylist()
         if r["status"] == "ok"
     }
-    hard = {}
+    hard: dict = dict.fromkeys(ok)
     for r in caps.to_pylist():
         key = (r["scope"], r["class"], r["mode"])
         if key in ok and r["polarity"] == "hard" and r["rank"] == 1:
@@ -77,6 +80,26 @@ class _EvalCheck:
         self.classes, self.k = inputs.data.classes, cfg.k
         self.cache: dict[tuple, dict] = {}
 
+    def direction(self, row: dict) -> dict:
+        """How much the ``k`` eval images of the class its direction finds hardest fail (pooled
+        over the scope's models), against the class: a mode without a caption."""
+        from audit.directions import decision_from_row
+        from audit.index import _members, _nearest_vs_class
+        from audit.predictions import wilson_interval
+
+        c = self.classes.index(row["class"])
+        in_c = np.flatnonzero(self.ev.labels == c)
+        near = in_c[np.argsort(decision_from_row(row, self.ev.X[in_c]), kind="stable")[: self.k]]
+        ms = _members(row["scope"], self.scopes, self.ev.correct)
+        hits, n, acc, cls_acc = _nearest_vs_class(self.ev.correct, ms, near, self.ev.labels == c)
+        lo, hi = wilson_interval(np.asarray([hits]), np.asarray([n]))
+        return {
+            "accuracy_on_nearest": acc,
+            "ci_low": float(lo[0]),
+            "ci_high": float(hi[0]),
+            "class_accuracy": cls_acc,
+        }
+
     def __call__(self, scope: str, cls: str, captions: list[str]) -> dict[str, dict]:
         from audit.index import subpopulations_table
 
@@ -105,7 +128,9 @@ def name_stage(store: RunStore, inputs, cfg) -> str:
     caps, dirs = store.read_table("captions.parquet"), store.read_table("directions.parquet")
     hard, cv = _hard_and_strength(caps, dirs)
     grammar = SlotGrammar.of(inputs.data, inputs.config.data.attribute_templates)
-    modes = name_modes(hard, cv, grammar, _EvalCheck(store, inputs, cfg))
+    check = _EvalCheck(store, inputs, cfg)
+    rows = {(r["scope"], r["class"], r["mode"]): r for r in dirs.to_pylist() if r["status"] == "ok"}
+    modes = name_modes(hard, cv, grammar, check, lambda key: check.direction(rows[key]))
     store.write_table("modes.parquet", modes)
     if "group" in inputs.data.columns and store.exists("accuracy.parquet"):
         from audit.planted import named_evaluation

@@ -98,7 +98,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "embed",
         f"{_D}:embed_stage",
-        reads=("[directions].embedder", "[data]", "data", "embed_splits"),
+        reads=("[directions].embedder", "[data]", "data", "zoo", "embed_splits", "train"),
         needs=("directions",),
     ),
     Stage(

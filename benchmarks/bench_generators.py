@@ -1,0 +1,253 @@
+"""The fix off the world: what each generator gives on planted data handed over as a plain
+manifest, with and without attribute columns in the pool.
+
+For a dataset (``second``: ``configs/world/second.toml`` exported as a manifest; ``shapes``:
+``benchmarks/make_shapes.py``, this project's own design) it runs ``zoo-audit run`` on
+variants of the same manifest:
+
+- ``attributes``: the pool carries the attribute columns (retrieval matches on them:
+  ``retrieval+attributes``);
+- ``raw-pool``: the pool's attribute columns are empty (a raw image pool: only train, debug
+  and test are labelled; retrieval reranks by probes trained on the train split);
+- ``no-<attr>``: one planted attribute column removed from the manifest, so no caption can
+  name its modes: they should be reported unnamed.
+
+and reads each run (through RunView) against the planted truth (the manifest's ``group``
+column, which the audit only evaluates on): per failing (model, planted mode) pair, whether
+the mode's name names the planted value (or, in a ``no-<attr>`` variant, whether it is
+reported unnamed), the gain of each method and generator on the planted group (eval split,
+mean over pairs, with the mean overall accuracy change), and confirmation by generation.
+These are oracle *measurements* (only planted data has the truth); the generators measured
+are not oracles. One table, then ``OUT/generators.json``.
+
+    python benchmarks/bench_generators.py --dataset shapes --out /tmp/gen
+        [--variants attributes,raw-pool,no-background] [--models resnet10-w16,...] [--scale 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from _common import machine_record
+
+DEFAULT_MODELS = "resnet10-w16,mobilenetv3-s050,densenet-g8,convnext-atto-s"
+TARGETS = {"attributes": 0.30, "raw-pool": 0.25}
+
+
+def _args(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--dataset", choices=("second", "shapes"), default="shapes")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--variants", default="attributes,raw-pool,no-background")
+    ap.add_argument(
+        "--models", default=DEFAULT_MODELS, help="demo zoo members (trained on the data)"
+    )
+    ap.add_argument("--scale", type=float, default=1.0, help="shapes: fraction of each split")
+    ap.add_argument("--compare", default="", help="generators besides retrieval, e.g. learned")
+    return ap.parse_args(argv)
+
+
+def base_manifest(a) -> tuple[str, str]:
+    """``(manifest path, class column)`` of the dataset, with its ``group`` truth column."""
+    import pyarrow.parquet as pq
+
+    out = os.path.join(a.out, a.dataset)
+    path = os.path.join(out, "examples.parquet")
+    if os.path.exists(path):
+        return path, "shape" if a.dataset == "shapes" else "item"
+    if a.dataset == "shapes":
+        from make_shapes import build
+
+        return build(out, a.scale), "shape"
+    from audit.data.world import build_world
+
+    spec = os.path.join(os.path.dirname(__file__), "..", "configs", "world", "second.toml")
+    world = build_world(spec, os.path.join(out, "world"))
+    t = world.table.select(
+        ["example_id", "split", "label", "image", "item", "color", "background", "group"]
+    )
+    os.makedirs(out, exist_ok=True)
+    pq.write_table(t.replace_schema_metadata(None), path)
+    return path, "item"
+
+
+def variant_manifest(path: str, variant: str) -> str:
+    """The manifest of a variant (written next to the base one)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if variant == "attributes":
+        return path
+    t = pq.read_table(path)
+    attrs = [c for c in ("color", "background") if c in t.column_names]
+    if variant == "raw-pool":
+        pool = np.asarray(t["split"].to_pylist()) == "pool"
+        for c in attrs:
+            vals = [None if p else v for v, p in zip(t[c].to_pylist(), pool, strict=True)]
+            t = t.set_column(t.schema.get_field_index(c), c, pa.array(vals, pa.string()))
+    elif variant.startswith("no-"):
+        t = t.drop_columns([variant[3:]])
+    out = path.replace(".parquet", f".{variant}.parquet")
+    pq.write_table(t, out)
+    return out
+
+
+def run(a, manifest: str, class_column: str, variant: str) -> tuple[str, float, int]:
+    """``(run directory, seconds, exit status)`` of ``zoo-audit run`` on the variant."""
+    out = os.path.join(a.out, f"{a.dataset}-{variant}")
+    cfg = os.path.join(a.out, f"{a.dataset}-{variant}.toml")
+    models = json.dumps(a.models.split(","))
+    compare = json.dumps([c for c in a.compare.split(",") if c])
+    with open(cfg, "w") as f:
+        f.write(
+            f'[data]\npath = "{manifest}"\nclass_column = "{class_column}"\n'
+            f"[zoo]\nmodels = {models}\n[generate]\ncompare = {compare}\n[report]\nenabled = false\n"
+        )
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "cluster.cli", "run", cfg, "--out", out, "--resume"]
+    rc = subprocess.call(cmd, stdout=open(out + ".log", "w"), stderr=subprocess.STDOUT)
+    return out, time.perf_counter() - t0, rc
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x is not None and x == x]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def naming(view, dropped: str | None) -> dict:
+    """Named share (and naming the planted value) over failing pairs; with an attribute
+    dropped from the manifest, the share of its modes reported unnamed."""
+    from audit.planted import parse_group
+
+    rows = view.table("planted_names.parquet")
+    rows = [] if rows is None else rows.to_pylist()
+    out = {"pairs": len(rows), "named_right": _mean([bool(r["caption_names_group"]) for r in rows])}
+    if dropped:
+        lost = [r for r in rows if parse_group(r["group"])[1] == dropped]
+        out |= {"lost_pairs": len(lost), "lost_unnamed": _mean([not r["named"] for r in lost])}
+        kept = [r for r in rows if parse_group(r["group"])[1] != dropped]
+        out["named_right"] = _mean([bool(r["caption_names_group"]) for r in kept])
+    return out
+
+
+def gains(view) -> dict[str, dict]:
+    """Per method (and generator): mean gain on the planted groups, mean overall change."""
+    t = view.table("mitigation.parquet")
+    by: dict[str, list[dict]] = {}
+    for r in [] if t is None else t.to_pylist():
+        if r["eval"] == "planted":
+            key = r["method"] + (f" ({r['generator']})" if r.get("generator") else "")
+            by.setdefault(key, []).append(r)
+    return {
+        k: {
+            "pairs": len(rs),
+            "gain": _mean([r["gain"] for r in rs]),
+            "overall_change": _mean([r["overall_after"] - r["overall_before"] for r in rs]),
+        }
+        for k, rs in by.items()
+    }
+
+
+def confirmed(view) -> dict[str, float]:
+    """Per generator: the share of named planted modes that generation confirms."""
+    names, conf = view.table("planted_names.parquet"), view.table("confirmations.parquet")
+    if names is None or conf is None:
+        return {}
+    named = {(r["model"], r["caption"]) for r in names.to_pylist() if r["caption_names_group"]}
+    out = {}
+    for gen in dict.fromkeys(conf["generator"].to_pylist()):
+        ok = {
+            (r["scope"], r["caption"]): r["confirmed"]
+            for r in conf.to_pylist()
+            if r["generator"] == gen
+        }
+        out[gen] = _mean([ok[k] for k in named if k in ok])
+    return out
+
+
+def precision(view) -> dict[str, float]:
+    """Per generator: the mean share of a set's images that show every slot of their caption."""
+    t = view.table("synthetic_sets.parquet")
+    out: dict[str, list] = {}
+    for r in [] if t is None else t.to_pylist():
+        if r.get("slot_precision"):
+            out.setdefault(r["generator"], []).append(json.loads(r["slot_precision"]).get("all"))
+    return {g: _mean(v) for g, v in out.items()}
+
+
+def measure(run_dir: str, variant: str, seconds: float, rc: int) -> dict:
+    from audit.view import RunView
+
+    view = RunView.open(run_dir)
+    dropped = variant[3:] if variant.startswith("no-") else None
+    return {
+        "variant": variant,
+        "exit": rc,
+        "seconds": round(seconds, 1),
+        "generate_seconds": view.stage("generate").get("seconds"),
+        "naming": naming(view, dropped),
+        "gains": gains(view),
+        "confirmed": confirmed(view),
+        "slot_precision": precision(view),
+    }
+
+
+def _table(results: list[dict]) -> list[str]:
+    lines = []
+    for r in results:
+        n = r["naming"]
+        lost = (
+            f", {n['lost_unnamed']:.0%} of {n['lost_pairs']} modes of the dropped column unnamed"
+            if "lost_pairs" in n
+            else ""
+        )
+        lines.append(
+            f"{r['variant']}: exit {r['exit']}, {r['seconds']:.0f} s; {n['pairs']} failing pairs, named right {n['named_right']:.0%}{lost}"
+        )
+        base = r["gains"].get("control", {}).get("gain", float("nan"))
+        for k, g in sorted(r["gains"].items(), key=lambda kv: -kv[1]["gain"]):
+            ratio = g["gain"] / base if base and base == base and base > 0 else float("nan")
+            lines.append(
+                f"  {k:40s} {100 * g['gain']:+6.1f} points (x{ratio:.1f} the control) overall {100 * g['overall_change']:+.2f}"
+            )
+        for gen, c in r["confirmed"].items():
+            p = r["slot_precision"].get(gen)
+            lines.append(
+                f"  confirmed with {gen}: {c:.0%}"
+                + (f"; images fit their caption: {p:.0%}" if p == p and p is not None else "")
+            )
+    return lines
+
+
+def main(argv=None) -> None:
+    a = _args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    path, class_column = base_manifest(a)
+    results = []
+    for variant in a.variants.split(","):
+        run_dir, seconds, rc = run(a, variant_manifest(path, variant), class_column, variant)
+        results.append(measure(run_dir, variant, seconds, rc))
+        print("\n".join(_table(results[-1:])), flush=True)
+    record = {
+        "machine": machine_record(),
+        "dataset": a.dataset,
+        "models": a.models.split(","),
+        "results": results,
+    }
+    with open(os.path.join(a.out, "generators.json"), "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    print(
+        f"targets (non-oracle synthetic gain on planted groups): {TARGETS}; figures: {a.out}/generators.json"
+    )
+
+
+if __name__ == "__main__":
+    main()
