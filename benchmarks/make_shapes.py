@@ -108,10 +108,12 @@ def draw(shape: str, color: str, background: str, size: str, rng, textures) -> n
 
     tex = textures[background]
     y, x = rng.integers(0, tex.shape[0] - 32, 2)
-    bg = Image.fromarray((tex[y : y + 32, x : x + 32] * 255).astype(np.uint8))
+    crop = tex[y : y + 32, x : x + 32]
+    crop = 0.5 * crop + 0.5 * crop.mean((0, 1))  # the photograph at half contrast
+    bg = Image.fromarray((crop * 255).astype(np.uint8))
     canvas = Image.new("L", (96, 96), 0)
     d = ImageDraw.Draw(canvas)
-    r = (14 if size == "small" else 26) * rng.uniform(0.9, 1.1)
+    r = (17 if size == "small" else 30) * rng.uniform(0.9, 1.1)
     c = 48 + rng.uniform(-8, 8)
     if shape in ("circle", "ring"):
         d.ellipse([c - r, c - r, c + r, c + r], fill=255)
@@ -119,12 +121,12 @@ def draw(shape: str, color: str, background: str, size: str, rng, textures) -> n
             d.ellipse([c - 0.55 * r, c - 0.55 * r, c + 0.55 * r, c + 0.55 * r], fill=0)
     else:
         d.polygon(_polygon(shape, c, r), fill=255)
-    mask = canvas.rotate(rng.uniform(-25, 25), resample=Image.BILINEAR).resize(
+    mask = canvas.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR).resize(
         (32, 32), Image.BILINEAR
     )
     tint = np.asarray(COLORS[color], float) * rng.uniform(0.85, 1.0)
     m = np.asarray(mask, float)[..., None] / 255
-    img = np.asarray(bg, float) * (1 - m) + tint * m + rng.normal(0, 6, (32, 32, 3))
+    img = np.asarray(bg, float) * (1 - m) + tint * m + rng.normal(0, 4, (32, 32, 3))
     return np.clip(img, 0, 255).astype(np.uint8)
 
 

@@ -212,6 +212,31 @@ class ChosenGenerator:
         return self._gen.request_sets(wanted, set_ids, k, seed)
 
 
+LEARNED = "learned"
+
+
+def _learned(cfg, store, on_serve, data):
+    """The generator learned from the run's train split (trained here, or found in the
+    cache), served by the Serve app; when it cannot be trained, retrieval, with one warning
+    line saying why."""
+    from audit.slots import SlotGrammar
+    from audit.synthetic import RetrievalSetGenerator
+    from audit.synthetic.learned import train_learned
+
+    try:
+        if data is None:
+            from audit.pipeline.inputs import load_data
+
+            data, _ = load_data(cfg)
+        grammar = SlotGrammar.of(data, cfg.data.attribute_templates)
+        root = train_learned(data, grammar, cfg.generate.learned)
+    except (ValueError, MemoryError, RuntimeError) as e:
+        log.warning("generation backend: learned cannot be trained (%s); retrieval instead", e)
+        return RetrievalSetGenerator(store, cfg, data=data)
+    log.info("generation backend: learned (%s)", root)
+    return on_serve(f"{LEARNED}:{root}")
+
+
 def choose_generator(
     cfg, store, world_dir: str | None, on_serve: Callable[[str], object], data=None, backend=None
 ):
@@ -224,6 +249,8 @@ def choose_generator(
     backend = backend or g.backend
     if g.url and backend == g.backend:
         return HttpSetGenerator(g.url)
+    if backend == LEARNED:
+        return _learned(cfg, store, on_serve, data)
     spec, why = resolve_backend(backend, world_dir)
     if spec == RETRIEVAL:
         from audit.synthetic import RetrievalSetGenerator

@@ -320,3 +320,45 @@ def _null(arg: str | None = None, **options: Any) -> Backend:
 @register_backend("diffusers")
 def _diffusers(arg: str | None = None, **options: Any) -> Backend:
     return DiffusersBackend(arg or options.pop("model", ""), **options)
+
+
+class LearnedBackend(Backend):
+    """A generator learned from an audited dataset (:mod:`audit.synthetic.learned`): real
+    images of the caption's class edited towards its slots. ``learned:MODEL_DIR``."""
+
+    max_batch = 64
+
+    def __init__(self, model_dir: str, num_threads: int | None = None):
+        from audit.synthetic.learned import LearnedModel
+
+        if not model_dir or not os.path.exists(os.path.join(model_dir, "model.json")):
+            raise FileNotFoundError(
+                f"learned backend: {model_dir!r} holds no learned generator; the audit trains one "
+                "([generate] backend or compare = 'learned')"
+            )
+        if num_threads:
+            import torch
+
+            torch.set_num_threads(int(num_threads))
+        self.model = LearnedModel(model_dir)
+        self.name = "learned"
+
+    def defaults(self) -> dict:
+        s = self.model.size
+        return {
+            "steps": int(self.model.hp["ddim_steps"]),
+            "guidance": float(self.model.hp["guidance"]),
+            "size": [s, s],
+        }
+
+    def check_prompt(self, prompt: str) -> None:
+        self.model.parse(prompt)
+
+    def generate(self, prompts, seeds, steps, guidance, size):
+        imgs = self.model.generate(list(prompts), list(seeds), steps, guidance)
+        return _resize(imgs, tuple(size))
+
+
+@register_backend("learned")
+def _learned(arg: str | None = None, **options: Any) -> Backend:
+    return LearnedBackend(arg or options.pop("model_dir", ""), **options)

@@ -133,6 +133,17 @@ class GenerateSection(Section):
     # other generators whose sets are made too, each fix measured beside the backend's
     # ("retrieval": nearest real pool images; "world" on a world is its own generator: an oracle)
     compare: list[str] = []
+    # the learned generator's hyper-parameters (audit.synthetic.learned.HPARAMS), e.g. {steps = 2000}
+    learned: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _learned_keys(self) -> GenerateSection:
+        from audit.synthetic.learned import HPARAMS
+
+        unknown = sorted(set(self.learned) - set(HPARAMS))
+        if unknown:
+            raise ValueError(f"[generate] learned: unknown key(s) {unknown}; known: {sorted(HPARAMS)}")
+        return self
     k: int = Field(3, ge=1)  # images per hard caption
     probe_k: int = Field(32, ge=1)  # images per caption of the probe set (confirmation)
     seed: int = 0
