@@ -94,6 +94,40 @@ def sweep_check(n_images: int) -> bool:
     return worst >= 0.99 and not gpu.failed and shards_ok
 
 
+def learned_check(steps: int) -> bool:
+    """The learned generator (audit.synthetic.learned) on the default world: ``steps`` of
+    training on CUDA against 20 steps on the CPU (seconds per step, ratio), images per second
+    edited on each, and the training loss falling."""
+    import tempfile
+
+    from audit.data.default_world import prepare_world
+    from audit.slots import SlotGrammar
+    from audit.synthetic.learned import LearnedModel, train_learned
+
+    data, _ = prepare_world()
+    grammar = SlotGrammar.of(data)
+    per_step = {}
+    roots = {}
+    for device, n in (("cpu", 20), ("cuda", steps)):
+        t = time.perf_counter()
+        roots[device] = train_learned(
+            data, grammar, {"steps": n, "device": device}, cache=tempfile.mkdtemp()
+        )
+        per_step[device] = (time.perf_counter() - t) / n
+    m = LearnedModel(roots["cuda"])
+    caps = ["a photo of a blue pullover"] * 32
+    t = time.perf_counter()
+    m.generate(caps, list(range(32)))
+    ips = 32 / (time.perf_counter() - t)
+    falls = m.meta["loss_last"] < m.meta["loss_first"]
+    print(
+        f"learned generator: {per_step['cpu']:.2f} s/step CPU, {per_step['cuda']:.3f} s/step CUDA "
+        f"(ratio {ratio(per_step['cpu'], per_step['cuda'], '.1f')}); {steps} CUDA steps, loss "
+        f"{m.meta['loss_first']:.3f} -> {m.meta['loss_last']:.3f}; {ips:.1f} images/s edited (model on CPU)"
+    )
+    return falls
+
+
 def main() -> int:
     import torch
 
@@ -109,6 +143,7 @@ def main() -> int:
     )
     n = int(os.environ.get("GPU_CHECK_IMAGES", "1800"))
     results = {"sweep": sweep_check(n)}
+    results["learned"] = learned_check(int(os.environ.get("GPU_CHECK_LEARNED_STEPS", "2000")))
     print("gpu_check: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in results.items()))
     return 0 if all(results.values()) else 1
 

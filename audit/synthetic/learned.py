@@ -41,6 +41,7 @@ HPARAMS = {
     "guidance": 3.0,
     "bank": 256,  # real train images kept per class as sources to edit
     "seed": 0,
+    "device": "auto",  # "auto": CUDA when there is one, else the CPU
 }
 
 
@@ -124,11 +125,22 @@ def _training_set(data, grammar, hp: dict):
     return x, idx, vocab, bank
 
 
+def device_of(hp: dict) -> str:
+    import torch
+
+    d = str(hp.get("device", "auto"))
+    return ("cuda" if torch.cuda.is_available() else "cpu") if d == "auto" else d
+
+
 def _train_loop(unet, cond, x: np.ndarray, idx: np.ndarray, hp: dict) -> list[float]:
-    """Noise prediction (DDPM) with condition dropout; returns the loss of each step."""
+    """Noise prediction (DDPM) with condition dropout; returns the loss of each step. Random
+    draws on the CPU (the same steps on any device); the model and batches on ``device``."""
     import torch
     from diffusers import DDPMScheduler
 
+    dev = device_of(hp)
+    unet.to(dev)
+    cond.to(dev)
     g = torch.Generator().manual_seed(int(hp["seed"]))
     sched = DDPMScheduler(num_train_timesteps=1000)
     params = [*unet.parameters(), *cond.parameters()]
@@ -137,10 +149,11 @@ def _train_loop(unet, cond, x: np.ndarray, idx: np.ndarray, hp: dict) -> list[fl
     losses = []
     for _ in range(int(hp["steps"])):
         b = torch.randint(0, len(X), (int(hp["batch_size"]),), generator=g)
-        x0, ci = X[b], C[b].clone()
+        ci = C[b].clone()
         ci[torch.rand(ci.shape, generator=g) < float(hp["p_drop"])] = 0
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, 1000, (len(b),), generator=g)
+        noise = torch.randn(X[b].shape, generator=g).to(dev)
+        t = torch.randint(0, 1000, (len(b),), generator=g).to(dev)
+        x0, ci = X[b].to(dev), ci.to(dev)
         pred = unet(sched.add_noise(x0, noise, t), t, class_labels=_embed(cond, ci)).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
         if not torch.isfinite(loss):
@@ -183,8 +196,8 @@ def train_learned(data, grammar, overrides=None, cache: str | None = None) -> st
     unet, cond = _build(vocab, x.shape[-1], hp)
     losses = _train_loop(unet, cond, x, idx, hp)
     os.makedirs(root, exist_ok=True)
-    state = {f"unet.{k}": v for k, v in unet.state_dict().items()} | {
-        f"cond.{k}": v for k, v in cond.state_dict().items()
+    state = {f"unet.{k}": v.cpu() for k, v in unet.state_dict().items()} | {
+        f"cond.{k}": v.cpu() for k, v in cond.state_dict().items()
     }
     with atomic_write(os.path.join(root, "weights.safetensors")) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp)
