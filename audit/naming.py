@@ -2,9 +2,10 @@
 
 The directions stage ranks captions by a failure direction; the top hard caption often
 names more than the failure ("a cyan coat on astronaut" where the failure is cyan coats).
-Here every significant mode's top hard caption is checked on the held-out eval split (the
-accuracy of its nearest images of the class, with a Wilson interval, as
-``subpopulations.parquet`` checks every caption):
+Here every significant mode's top hard caption is checked on the held-out eval split: on
+the images of the class whose attribute columns show every slot the caption names (exact)
+when the data has those columns, else on its nearest images of the class (as
+``subpopulations.parquet`` checks every caption), with a Wilson interval:
 
 - **generalise**: a slot is dropped when the caption without it fails as much (its nearest
   images are not clearly less hard: their accuracy is not above the interval of the fuller
@@ -41,6 +42,7 @@ MODES_SCHEMA = pa.schema(
             ("ci_high", pa.float64()),
         ],
         *[("class_accuracy", pa.float64()), ("gap", pa.float64()), ("order", pa.int32())],
+        *[("checked_on", pa.string()), ("n_checked", pa.int64())],
     ]
 )
 
@@ -100,6 +102,10 @@ def name_modes(
                 for k in ("accuracy_on_nearest", "ci_low", "ci_high", "class_accuracy")
             }
             | {"gap": float(chk["class_accuracy"] - chk["accuracy_on_nearest"])}
+            | {
+                "checked_on": chk.get("checked_on", "nearest images"),
+                "n_checked": chk.get("n", chk.get("k")),
+            }
         )
     return _ordered(rows)
 

@@ -10,7 +10,9 @@ variants of the same manifest:
 - ``raw-pool``: the pool's attribute columns are empty (a raw image pool: only train, debug
   and test are labelled; retrieval reranks by probes trained on the train split);
 - ``no-<attr>``: one planted attribute column removed from the manifest, so no caption can
-  name its modes: they should be reported unnamed.
+  name its modes: they should be reported unnamed;
+- ``world`` (``second`` only): the world itself, whose renderer is the data's own generator:
+  the oracle figure, with retrieval compared beside it.
 
 and reads each run (through RunView) against the planted truth (the manifest's ``group``
 column, which the audit only evaluates on): per failing (model, planted mode) pair, whether
@@ -86,6 +88,11 @@ def variant_manifest(path: str, variant: str) -> str:
 
     if variant == "attributes":
         return path
+    if variant == "world":  # the world itself: its renderer is the data's own generator (an oracle)
+        world = os.path.join(os.path.dirname(path), "world")
+        if not os.path.exists(os.path.join(world, "spec.toml")):
+            raise ValueError("the world variant needs --dataset second (a world)")
+        return world
     t = pq.read_table(path)
     attrs = [c for c in ("color", "background") if c in t.column_names]
     if variant == "raw-pool":
@@ -105,7 +112,8 @@ def run(a, manifest: str, class_column: str, variant: str) -> tuple[str, float, 
     out = os.path.join(a.out, f"{a.dataset}-{variant}")
     cfg = os.path.join(a.out, f"{a.dataset}-{variant}.toml")
     models = json.dumps(a.models.split(","))
-    compare = json.dumps([c for c in a.compare.split(",") if c])
+    compare = [c for c in a.compare.split(",") if c] + (["retrieval"] if variant == "world" else [])
+    compare = json.dumps(compare)
     with open(cfg, "w") as f:
         f.write(
             f'[data]\npath = "{manifest}"\nclass_column = "{class_column}"\n'
@@ -122,20 +130,36 @@ def _mean(xs) -> float:
     return float(np.mean(xs)) if xs else float("nan")
 
 
-def naming(view, dropped: str | None) -> dict:
-    """Named share (and naming the planted value) over failing pairs; with an attribute
-    dropped from the manifest, the share of its modes reported unnamed."""
+def naming(view) -> dict:
+    """Over the failing pairs whose planted attribute the manifest carries: the share whose
+    name names the planted value; over those whose attribute it does not carry (dropped, or
+    never given): the share reported unnamed."""
     from audit.planted import parse_group
 
     rows = view.table("planted_names.parquet")
     rows = [] if rows is None else rows.to_pylist()
-    out = {"pairs": len(rows), "named_right": _mean([bool(r["caption_names_group"]) for r in rows])}
-    if dropped:
-        lost = [r for r in rows if parse_group(r["group"])[1] == dropped]
+    have = set(view.data.columns)
+    kept = [r for r in rows if parse_group(r["group"])[1] in have]
+    lost = [r for r in rows if parse_group(r["group"])[1] not in have]
+    out = {"pairs": len(rows), "nameable_pairs": len(kept)}
+    out["named_right"] = _mean([bool(r["caption_names_group"]) for r in kept])
+    if lost:
         out |= {"lost_pairs": len(lost), "lost_unnamed": _mean([not r["named"] for r in lost])}
-        kept = [r for r in rows if parse_group(r["group"])[1] != dropped]
-        out["named_right"] = _mean([bool(r["caption_names_group"]) for r in kept])
     return out
+
+
+def named_gains(view) -> dict[str, float]:
+    """Per synthetic method and generator: the mean gain over the failing pairs whose name
+    names the planted value (what generation is for)."""
+    names, t = view.table("planted_names.parquet"), view.table("mitigation.parquet")
+    if names is None or t is None:
+        return {}
+    right = {(r["model"], r["group"]) for r in names.to_pylist() if r["caption_names_group"]}
+    by: dict[str, list] = {}
+    for r in t.to_pylist():
+        if r["eval"] == "planted" and r.get("generator") and (r["model"], r["target"]) in right:
+            by.setdefault(f"{r['method']} ({r['generator']})", []).append(r["gain"])
+    return {k: _mean(v) for k, v in by.items()}
 
 
 def gains(view) -> dict[str, dict]:
@@ -183,20 +207,86 @@ def precision(view) -> dict[str, float]:
     return {g: _mean(v) for g, v in out.items()}
 
 
+def quality(view) -> dict[str, dict]:
+    """Per generator: how its images look to the audit: the zoo's class accuracy on the
+    images of each named mode's *easy* caption (typical images of the class: are they of
+    the class?), and the share of all its images whose slots, as attribute probes on the
+    run's embedder read them, are the caption's. ``real`` is the same probes on the eval
+    split's real images (the probes' own accuracy)."""
+    from audit.pipeline.directions import run_embedder
+    from audit.slots import SlotGrammar
+    from audit.synthetic.slotfit import AttributeProbes
+
+    data, sets = view.data, view.table("synthetic_sets.parquet")
+    conf = view.table("confirmations.parquet")
+    if data is None or sets is None or not sets.num_rows:
+        return {}
+    grammar = SlotGrammar.of(data, view.config.data.attribute_templates)
+    emb, _ = run_embedder(view.config, data)
+    train, ev = data.split("train"), data.split(view.eval_split)
+    X_train = emb.encode_images(train.decode()[0])
+    attrs = [a for a in grammar.values if a in train.columns]
+    probes_of = {a: np.asarray(train.table[a].to_pylist(), dtype=object).astype(str) for a in attrs}
+    ev_imgs, ok, _ = ev.decode()
+    out = {
+        "real": {
+            "probe_accuracy": _probe_accuracy(
+                AttributeProbes(emb.encode_images(ev_imgs), X_train, probes_of), ev.take(ok), attrs
+            )
+        }
+    }
+    for gen in dict.fromkeys(sets["generator"].to_pylist()):
+        rows = [r for r in sets.to_pylist() if r["generator"] == gen]
+        pngs, prompts = [], []
+        for r in rows:
+            t = view.store.read_table(f"synthetic/{r['set_id']}", columns=["png", "prompt"])
+            pngs += t["png"].to_pylist()
+            prompts += t["prompt"].to_pylist()
+        from audit.mitigate.synthetic import decode_pngs
+
+        probes = AttributeProbes(emb.encode_images(decode_pngs(pngs)), X_train, probes_of)
+        fit = [
+            np.prod(probes.fit(np.asarray([i]), grammar.parse(p))[1])
+            for i, p in enumerate(prompts)
+            if grammar.parse(p)
+        ]
+        easy = (
+            [r["easy_gen_accuracy"] for r in conf.to_pylist() if r["generator"] == gen]
+            if conf is not None
+            else []
+        )
+        out[gen] = {"slots_fit": _mean(fit), "zoo_class_accuracy_on_typical": _mean(easy)}
+    return out
+
+
+def _probe_accuracy(probes, table, attrs) -> float:
+    """The probes' accuracy on real images (their values known)."""
+    hits = []
+    for a in attrs:
+        truth = np.asarray(table.table[a].to_pylist(), dtype=object).astype(str)
+        vals = probes.proba.get(a, {})
+        if vals:
+            names = list(vals)
+            pred = np.asarray(names)[np.argmax(np.stack([vals[v] for v in names], 1), 1)]
+            hits.append(float(np.mean(pred == truth)))
+    return _mean(hits)
+
+
 def measure(run_dir: str, variant: str, seconds: float, rc: int) -> dict:
     from audit.view import RunView
 
     view = RunView.open(run_dir)
-    dropped = variant[3:] if variant.startswith("no-") else None
     return {
         "variant": variant,
         "exit": rc,
         "seconds": round(seconds, 1),
         "generate_seconds": view.stage("generate").get("seconds"),
-        "naming": naming(view, dropped),
+        "naming": naming(view),
         "gains": gains(view),
+        "named_gains": named_gains(view),
         "confirmed": confirmed(view),
         "slot_precision": precision(view),
+        "quality": quality(view),
     }
 
 
@@ -205,7 +295,7 @@ def _table(results: list[dict]) -> list[str]:
     for r in results:
         n = r["naming"]
         lost = (
-            f", {n['lost_unnamed']:.0%} of {n['lost_pairs']} modes of the dropped column unnamed"
+            f", {n['lost_unnamed']:.0%} of {n['lost_pairs']} modes of an attribute it lacks unnamed"
             if "lost_pairs" in n
             else ""
         )
@@ -218,6 +308,10 @@ def _table(results: list[dict]) -> list[str]:
             lines.append(
                 f"  {k:40s} {100 * g['gain']:+6.1f} points (x{ratio:.1f} the control) overall {100 * g['overall_change']:+.2f}"
             )
+        for k, g in r["named_gains"].items():
+            lines.append(f"  {k:40s} {100 * g:+6.1f} points over the pairs it names right")
+        for gen, q in r["quality"].items():
+            lines.append(f"  images of {gen}: {q}")
         for gen, c in r["confirmed"].items():
             p = r["slot_precision"].get(gen)
             lines.append(

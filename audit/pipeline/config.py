@@ -142,9 +142,14 @@ class GenerateSection(Section):
 
         unknown = sorted(set(self.learned) - set(HPARAMS))
         if unknown:
-            raise ValueError(f"[generate] learned: unknown key(s) {unknown}; known: {sorted(HPARAMS)}")
+            raise ValueError(
+                f"[generate] learned: unknown key(s) {unknown}; known: {sorted(HPARAMS)}"
+            )
         return self
-    k: int = Field(3, ge=1)  # images per hard caption
+
+    # images per named caption (2312.05464 generates 3 with Stable Diffusion; retrieval and the
+    # renderers are cheap, and a head needs more than a handful to move)
+    k: int = Field(16, ge=1)
     probe_k: int = Field(32, ge=1)  # images per caption of the probe set (confirmation)
     seed: int = 0
 

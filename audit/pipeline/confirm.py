@@ -89,7 +89,17 @@ def counterfactual(
     if best is None:
         return None
     _, v, common = best
-    return re.sub(rf"(?<![\w-]){re.escape(v)}(?![\w-])", common, caption, count=1, flags=re.I)
+    out = re.sub(rf"(?<![\w-]){re.escape(v)}(?![\w-])", common, caption, count=1, flags=re.I)
+    return _articles(out)
+
+
+def _articles(text: str) -> str:
+    """ "a"/"an" agreeing with the word after it ("an blue bag" -> "a blue bag")."""
+    return re.sub(
+        r"\b([Aa]n?) (\w)",
+        lambda m: f"{m.group(1)[0]}{'n' if m.group(2).lower() in 'aeiou' else ''} {m.group(2)}",
+        text,
+    )
 
 
 def probe_captions(

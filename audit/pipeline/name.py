@@ -58,9 +58,11 @@ def _hard_and_strength(caps: pa.Table, dirs: pa.Table) -> tuple[dict, dict]:
 
 
 class _EvalCheck:
-    """Captions checked on the eval split's nearest images (cached per scope, class, caption)."""
+    """Captions checked on the eval split (cached per scope, class, caption): on the images
+    whose attribute columns show every slot of the caption when the split has them, else on
+    the caption's nearest images."""
 
-    def __init__(self, store: RunStore, inputs, cfg):
+    def __init__(self, store: RunStore, inputs, cfg, grammar):
         from audit.embed import embed_table
         from audit.evaluate import load_predictions
         from audit.index import ClassIndex
@@ -77,33 +79,51 @@ class _EvalCheck:
         self.scopes = {}
         for m, cl in view.clusters.items():
             self.scopes.setdefault(cl, []).append(m)
-        self.classes, self.k = inputs.data.classes, cfg.k
+        self.classes, self.k, self.grammar = inputs.data.classes, cfg.k, grammar
         self.cache: dict[tuple, dict] = {}
+
+    def _rows_vs_class(self, scope: str, c: int, rows: np.ndarray, how: str) -> dict:
+        """Accuracy on ``rows`` (pooled over the scope's models) with its Wilson interval, and
+        the class's accuracy; ``how`` says which images were checked."""
+        from audit.index import _members, _nearest_vs_class
+        from audit.predictions import wilson_interval
+
+        ms = _members(scope, self.scopes, self.ev.correct)
+        hits, n, acc, cls_acc = _nearest_vs_class(self.ev.correct, ms, rows, self.ev.labels == c)
+        lo, hi = wilson_interval(np.asarray([hits]), np.asarray([n]))
+        out = {"accuracy_on_nearest": acc, "ci_low": float(lo[0]), "ci_high": float(hi[0])}
+        return out | {"class_accuracy": cls_acc, "checked_on": how, "n": int(len(rows))}
 
     def direction(self, row: dict) -> dict:
         """How much the ``k`` eval images of the class its direction finds hardest fail (pooled
         over the scope's models), against the class: a mode without a caption."""
         from audit.directions import decision_from_row
-        from audit.index import _members, _nearest_vs_class
-        from audit.predictions import wilson_interval
 
         c = self.classes.index(row["class"])
         in_c = np.flatnonzero(self.ev.labels == c)
         near = in_c[np.argsort(decision_from_row(row, self.ev.X[in_c]), kind="stable")[: self.k]]
-        ms = _members(row["scope"], self.scopes, self.ev.correct)
-        hits, n, acc, cls_acc = _nearest_vs_class(self.ev.correct, ms, near, self.ev.labels == c)
-        lo, hi = wilson_interval(np.asarray([hits]), np.asarray([n]))
-        return {
-            "accuracy_on_nearest": acc,
-            "ci_low": float(lo[0]),
-            "ci_high": float(hi[0]),
-            "class_accuracy": cls_acc,
-        }
+        return self._rows_vs_class(row["scope"], c, near, "direction")
+
+    def attribute_group(self, scope: str, cls: str, caption: str) -> dict | None:
+        """The caption checked on the eval images of its class whose attribute columns show
+        every slot it names (exact, where the nearest images would mix in others), or None
+        when the eval split lacks those columns or the caption names no slot."""
+        slots = self.grammar.parse(caption)
+        table = self.ev.table
+        if not slots or any(a not in table.columns for a in slots):
+            return None
+        c = self.classes.index(cls)
+        rows = np.flatnonzero((self.ev.labels == c) & self.grammar.matches(table, slots))
+        return self._rows_vs_class(scope, c, rows, "attribute group") if len(rows) else None
 
     def __call__(self, scope: str, cls: str, captions: list[str]) -> dict[str, dict]:
         from audit.index import subpopulations_table
 
         todo = [c for c in dict.fromkeys(captions) if (scope, cls, c) not in self.cache]
+        for c in list(todo):  # where the data says which images show the caption: those
+            if (chk := self.attribute_group(scope, cls, c)) is not None:
+                self.cache[(scope, cls, c)] = chk
+                todo.remove(c)
         if todo:
             rows = [{"scope": scope, "class": cls, "caption": c, "polarity": "hard"} for c in todo]
             t = subpopulations_table(
@@ -116,7 +136,11 @@ class _EvalCheck:
                 scopes=self.scopes,
             )
             for r in t.to_pylist():
-                self.cache[(scope, cls, r["caption"])] = r
+                self.cache[(scope, cls, r["caption"])] = {
+                    **r,
+                    "checked_on": "nearest images",
+                    "n": int(r["k"]),
+                }
         return {c: self.cache[(scope, cls, c)] for c in captions}
 
 
@@ -128,7 +152,7 @@ def name_stage(store: RunStore, inputs, cfg) -> str:
     caps, dirs = store.read_table("captions.parquet"), store.read_table("directions.parquet")
     hard, cv = _hard_and_strength(caps, dirs)
     grammar = SlotGrammar.of(inputs.data, inputs.config.data.attribute_templates)
-    check = _EvalCheck(store, inputs, cfg)
+    check = _EvalCheck(store, inputs, cfg, grammar)
     rows = {(r["scope"], r["class"], r["mode"]): r for r in dirs.to_pylist() if r["status"] == "ok"}
     modes = name_modes(hard, cv, grammar, check, lambda key: check.direction(rows[key]))
     store.write_table("modes.parquet", modes)

@@ -11,6 +11,7 @@ import pyarrow as pa
 from audit.pipeline.config import ReportSection
 from audit.report.common import DIRECTION_COLUMNS, _f, _pct
 from audit.report.images import DatasetImages, NearestImages, Thumbs, _safe, embedding_matrix
+from audit.report.pivot import _pivot
 from audit.view import RunView
 
 
@@ -299,118 +300,55 @@ class _Modes:
         """Rows of ``mitigation.parquet`` for a model's card (its rows) or a cluster's (scope = the cluster)."""
         return self._mit_by.get(scope, [])
 
+    def _mode_card(self, scope: str, m: dict, members: list[str], vectors: dict) -> dict:
+        """One mode shown in full: name, captions and their checks, images."""
+        hard = self._caption_rows(scope, m["cls"], m["mode"], "hard")
+        conf = [c["confirmed"] for c in hard if c["confirmed"] is not None]
+        md = {**m, "anchor": f"{_safe(m['cls'])}-mode-{m['mode']}", "hard": hard}
+        md |= {"easy": self._caption_rows(scope, m["cls"], m["mode"], "easy")}
+        md |= {"confirmed": any(conf) if conf else None, "hard_imgs": [], "easy_imgs": []}
+        if m["row"] in vectors:
+            hard_ids, easy_ids = self._images.extremes(vectors[m["row"]], self.opts.images)
+            md["hard_imgs"] = self._real_thumbs(hard_ids, members)
+            md["easy_imgs"] = self._real_thumbs(easy_ids, members)
+        name = md["name"] = self._name(scope, m)
+        if name and name["named"]:
+            md["confirmed"] = self._named_confirmed(scope, m["cls"], name["caption"])
+        md["shown"] = [name["caption"]] if name and name["named"] else []
+        md["gen_imgs"] = self._generated(scope, md["shown"] + [c["caption"] for c in hard])
+        return md
+
     def card_modes(
         self, scope: str, members: list[str], page: str
     ) -> tuple[list[dict], list[dict], list[dict]]:
         """``(modes with images, other modes, mitigation rows not attached to a mode)``."""
         modes = self.by_scope.get(scope, [])
-        full, rest = (
-            modes[: self.opts.max_modes],
-            modes[self.opts.max_modes : self.opts.max_modes + self.opts.max_rows],
-        )
+        n = self.opts.max_modes
+        full, rest = modes[:n], modes[n : n + self.opts.max_rows]
         vectors = (
             self._vector_rows([m["row"] for m in full]) if full and self._images is not None else {}
         )
         mitig = self.mitigation_rows(scope)
-        used = set()
+        used: set[int] = set()
         out = []
         for m in full:
-            hard = self._caption_rows(scope, m["cls"], m["mode"], "hard")
-            easy = self._caption_rows(scope, m["cls"], m["mode"], "easy")
-            conf = [c["confirmed"] for c in hard if c["confirmed"] is not None]
-            md = {
-                **m,
-                "anchor": f"{_safe(m['cls'])}-mode-{m['mode']}",
-                "hard": hard,
-                "easy": easy,
-                "confirmed": any(conf) if conf else None,
-                "hard_imgs": [],
-                "easy_imgs": [],
-                "gen_imgs": [],
-            }
-            if m["row"] in vectors:
-                hard_ids, easy_ids = self._images.extremes(vectors[m["row"]], self.opts.images)
-                md["hard_imgs"] = self._real_thumbs(hard_ids, members)
-                md["easy_imgs"] = self._real_thumbs(easy_ids, members)
-            name = self._name(scope, m)
-            md["name"] = name
-            if name and name["named"]:
-                md["confirmed"] = self._named_confirmed(scope, m["cls"], name["caption"])
-            shown = [name["caption"]] if name and name["named"] else []
-            md["gen_imgs"] = self._generated(scope, shown + [c["caption"] for c in hard])
-            # a hard caption's rows go to the mode it names; the class's other rows (its planted
-            # group) to the class's strongest mode shown
-            hard_caps = {c["caption"] for c in hard} | set(shown)
+            md = self._mode_card(scope, m, members, vectors)
+            # a caption's rows go to the mode it names; the class's other rows (its planted
+            # group) to the class's first mode shown
+            caps = {c["caption"] for c in md["hard"]} | set(md["shown"])
             mine = [
                 i
                 for i, r in enumerate(mitig)
                 if r["cls"] == m["cls"]
                 and i not in used
-                and (r.get("eval") != "nearest_caption" or r.get("target") in hard_caps)
+                and (r.get("eval") != "nearest_caption" or r.get("target") in caps)
             ]
             md["mitigation"] = _pivot([mitig[i] for i in mine])
             used |= set(mine)
             out.append(md)
+        top = self.captions
         others = [
-            {
-                **m,
-                "top_hard": next(
-                    iter(self.captions.get((scope, m["cls"], m["mode"], "hard"), [])), ""
-                ),
-            }
+            {**m, "top_hard": next(iter(top.get((scope, m["cls"], m["mode"], "hard"), [])), "")}
             for m in rest
         ]
         return out, others, [r for i, r in enumerate(mitig) if i not in used]
-
-
-def _method_label(method: str | None, generator: str | None) -> str:
-    """``synthetic (world, oracle: the data's own generator)``: which images a fix used."""
-    from audit.synthetic import is_oracle
-
-    if not generator:
-        return str(method)
-    oracle = ", oracle: the data's own generator" if is_oracle(generator) else ""
-    return f"{method} ({generator}{oracle})"
-
-
-def _pivot(rows: list[dict]) -> dict | None:
-    """Mitigation rows of one class as a table: one row per (model, method), one column per
-    evaluation target (the planted group, the nearest images of a hard caption)."""
-    if not rows:
-        return None
-    targets = list(dict.fromkeys((r.get("eval") or "", r.get("target") or "") for r in rows))
-    table: dict[tuple, dict] = {}
-    for r in rows:
-        key = (r.get("model"), r.get("method"), r.get("generator") or "")
-        t = table.setdefault(
-            key,
-            {
-                "model": r.get("model"),
-                "method": _method_label(r.get("method"), r.get("generator")),
-                "lam": r.get("lam"),
-                "n_added": r.get("n_added"),
-                "overall_before": r.get("overall_before"),
-                "overall_after": r.get("overall_after"),
-                "cells": [None] * len(targets),
-            },
-        )
-        t["cells"][targets.index((r.get("eval") or "", r.get("target") or ""))] = r
-    heads = []
-    for e, t in targets:
-        heads.append(
-            f"planted group {t}"
-            if e == "planted"
-            else (
-                f"nearest images of '{t}'"
-                if e == "nearest_caption"
-                else HEADS.get(e, f"{e} {t}".strip())
-            )
-        )
-    return {
-        "targets": heads,
-        "rows": list(table.values()),
-        "models": len({k[0] for k in table}) > 1,
-    }
-
-
-HEADS = {"direction": "the images its direction finds hardest (unnamed mode)"}

@@ -269,7 +269,15 @@ class LearnedModel:
     ) -> np.ndarray:
         """uint8 ``[N, S, S, 3]``: for each (caption, seed), a train image of its class chosen
         by the seed, noised to ``strength`` and denoised towards the caption (DDIM), the
-        caption's slots guided against its class alone."""
+        caption's slots guided against its class alone. Batched; each image depends only on
+        its own (caption, seed)."""
+        out = [
+            self._batch(captions[i : i + 64], seeds[i : i + 64], steps, guidance)
+            for i in range(0, len(captions), 64)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, self.size, self.size, 3), np.uint8)
+
+    def _batch(self, captions, seeds, steps, guidance) -> np.ndarray:
         torch = self._torch
         from diffusers import DDIMScheduler
 
@@ -277,22 +285,31 @@ class LearnedModel:
         sched.set_timesteps(int(steps or self.hp["ddim_steps"]))
         ts = [t for t in sched.timesteps if t <= int(self.hp["strength"] * 1000)]
         w = float(self.hp["guidance"] if guidance is None else guidance)
-        out = []
-        for caption, seed in zip(captions, seeds, strict=True):
-            cls, slots = self.parse(caption)
-            g = torch.Generator().manual_seed(int(seed) % (2**63))
-            src = self.bank[cls][int(seed) % len(self.bank[cls])]
-            if not ts:  # strength 0: the source image as it is
-                out.append(src)
-                continue
-            x0 = torch.from_numpy(src.transpose(2, 0, 1)[None].astype(np.float32) / 127.5 - 1.0)
-            x = sched.add_noise(x0, torch.randn(x0.shape, generator=g), torch.tensor([int(ts[0])]))
-            cond = torch.tensor([self.vocab.indices(cls, slots), self.vocab.indices(cls, {})])
-            with torch.inference_mode():
-                emb = _embed(self.cond, cond)
-                for t in ts:
-                    eps = self.unet(x.repeat(2, 1, 1, 1), t, class_labels=emb).sample
-                    e = eps[1:] + w * (eps[:1] - eps[1:])
-                    x = sched.step(e, t, x).prev_sample
-            out.append(((x[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
-        return np.stack(out) if out else np.zeros((0, self.size, self.size, 3), np.uint8)
+        parsed = [self.parse(c) for c in captions]
+        src = np.stack(
+            [
+                self.bank[c][int(s) % len(self.bank[c])]
+                for (c, _), s in zip(parsed, seeds, strict=True)
+            ]
+        )
+        if not ts:  # strength 0: the source images as they are
+            return src
+        x0 = torch.from_numpy(src.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0)
+        noise = torch.cat(
+            [
+                torch.randn(
+                    (1, *x0.shape[1:]), generator=torch.Generator().manual_seed(int(s) % (2**63))
+                )
+                for s in seeds
+            ]
+        )
+        x = sched.add_noise(x0, noise, torch.tensor([int(ts[0])]))
+        full = [self.vocab.indices(c, slots) for c, slots in parsed]
+        bare = [self.vocab.indices(c, {}) for c, _ in parsed]
+        n = len(captions)
+        with torch.inference_mode():
+            emb = _embed(self.cond, torch.tensor(full + bare))
+            for t in ts:
+                eps = self.unet(x.repeat(2, 1, 1, 1), t, class_labels=emb).sample
+                x = sched.step(eps[n:] + w * (eps[:n] - eps[n:]), t, x).prev_sample
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
