@@ -148,18 +148,30 @@ def naming(view) -> dict:
     return out
 
 
-def named_gains(view) -> dict[str, float]:
-    """Per synthetic method and generator: the mean gain over the failing pairs whose name
-    names the planted value (what generation is for)."""
+def named_gains(view) -> dict[str, dict[str, float]]:
+    """Per synthetic method and generator: the mean gain over the failing pairs whose planted
+    attribute the manifest carries (what a caption can name: the issue's target), and over
+    those whose name names the planted value (what generation is for)."""
+    from audit.planted import parse_group
+
     names, t = view.table("planted_names.parquet"), view.table("mitigation.parquet")
     if names is None or t is None:
         return {}
-    right = {(r["model"], r["group"]) for r in names.to_pylist() if r["caption_names_group"]}
-    by: dict[str, list] = {}
+    have = set(view.data.columns)
+    rows = names.to_pylist()
+    nameable = {(r["model"], r["group"]) for r in rows if parse_group(r["group"])[1] in have}
+    right = {(r["model"], r["group"]) for r in rows if r["caption_names_group"]}
+    by: dict[str, dict[str, list]] = {}
     for r in t.to_pylist():
-        if r["eval"] == "planted" and r.get("generator") and (r["model"], r["target"]) in right:
-            by.setdefault(f"{r['method']} ({r['generator']})", []).append(r["gain"])
-    return {k: _mean(v) for k, v in by.items()}
+        key = (r["model"], r["target"])
+        if r["eval"] == "planted" and r.get("generator") and key in nameable:
+            d = by.setdefault(
+                f"{r['method']} ({r['generator']})", {"nameable": [], "named right": []}
+            )
+            d["nameable"].append(r["gain"])
+            if key in right:
+                d["named right"].append(r["gain"])
+    return {k: {w: _mean(v) for w, v in d.items()} for k, d in by.items()}
 
 
 def gains(view) -> dict[str, dict]:
@@ -309,7 +321,10 @@ def _table(results: list[dict]) -> list[str]:
                 f"  {k:40s} {100 * g['gain']:+6.1f} points (x{ratio:.1f} the control) overall {100 * g['overall_change']:+.2f}"
             )
         for k, g in r["named_gains"].items():
-            lines.append(f"  {k:40s} {100 * g:+6.1f} points over the pairs it names right")
+            lines.append(
+                f"  {k:40s} {100 * g['nameable']:+6.1f} points over the pairs a caption can name, "
+                f"{100 * g['named right']:+6.1f} over those named right"
+            )
         for gen, q in r["quality"].items():
             lines.append(f"  images of {gen}: {q}")
         for gen, c in r["confirmed"].items():

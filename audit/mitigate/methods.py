@@ -73,6 +73,12 @@ def _synthetic(ctx: MethodContext, generator: str, set_ids: list[str]) -> Fit:
     tries = "; ".join(
         f"lambda={c[0]:g} k={c[1]}: hard {h:.3f} overall {o:.3f}" for c, h, o in tried
     )
+    if all(o < base - cfg.max_drop for _, _, o in tried):
+        # every mix costs the fit split more than max_drop: these images do not help this
+        # head, so none is used (the fix is then the control's, and says so)
+        ctx.chosen[("synthetic", generator)] = (0.0, 0)
+        choice = f"no mix kept {fs} accuracy within max_drop={cfg.max_drop:g}: no image used; tried {tries}"
+        return Fit(ctx.data.fit(), 0.0, 0, choice, generator=generator)
     head, n = fitted[chosen]
     choice = f"chose lambda={chosen[0]:g} k={chosen[1]} on {fs}; tried {tries}"
     return Fit(head, chosen[0], n, choice, generator=generator)
@@ -90,6 +96,18 @@ def synthetic_cluster(ctx: MethodContext) -> list[Fit]:
             ctx.data.cfg.lambdas[0],
             int(ctx.data.setting.k),
         )
+        if k == 0:  # the model's own images of this generator did not help: neither do these
+            out.append(
+                Fit(
+                    ctx.data.fit(),
+                    0.0,
+                    0,
+                    "no image used (as for the model's own set)",
+                    ctx.task.cluster,
+                    g,
+                )
+            )
+            continue
         head, n = _fit_set(ctx, sets, lam, k)
         choice = f"lambda={lam:g} k={k} as chosen for the model's own set"
         out.append(Fit(head, lam, n, choice, ctx.task.cluster, generator=g))
