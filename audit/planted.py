@@ -134,28 +134,35 @@ NAMED_SCHEMA = pa.schema(
 )
 
 
+def _mode_for(modes: list[dict], value: str, neg: bool) -> dict | None:
+    """Of a (model, class)'s modes: the one whose name names the planted value, else an
+    unnamed one (a failure the audit says it cannot name), else the first."""
+    for m in modes:
+        if m["named"] and caption_names(m["caption"], value, neg):
+            return m
+    return next((m for m in modes if not m["named"]), modes[0] if modes else None)
+
+
 def named_evaluation(accuracy: pa.Table, modes: pa.Table, min_gap: float) -> pa.Table:
-    """One row per (model, planted group at least ``min_gap`` below its class): whether the
-    model's failure on that class is named (its first mode in ``modes.parquet`` order), and
-    whether the name (the most general caption) names the planted value. An oracle check:
-    only data with planted groups has it."""
-    first: dict[tuple[str, str], dict] = {}
+    """One row per (model, planted group at least ``min_gap`` below its class): whether one
+    of the model's modes of that class is named by the planted value (the most general
+    caption that fails as much names it), else whether one is reported unnamed. An oracle
+    check: only data with planted groups has it."""
+    by: dict[tuple[str, str], list[dict]] = {}
     for r in modes.to_pylist():
-        first.setdefault((r["scope"], r["class"]), r)
+        by.setdefault((r["scope"], r["class"]), []).append(r)
     rows = []
     for r in accuracy.to_pylist():
         gap = r["class_accuracy"] - r["accuracy"]
         if r["attribute"] != "group" or gap < min_gap:
             continue
         cls, _, value, neg = parse_group(r["value"])
-        m = first.get((r["model"], cls))
+        m = _mode_for(by.get((r["model"], cls), []), value, neg)
         named = bool(m and m["named"])
         rows.append(
             {"model": r["model"], "group": r["value"], "gap": float(gap), "named": named}
-            | {
-                "caption": m["caption"] if m else None,
-                "specific_caption": m["specific_caption"] if m else None,
-            }
+            | {"caption": m["caption"] if m else None}
+            | {"specific_caption": m["specific_caption"] if m else None}
             | {"caption_names_group": caption_names(m["caption"], value, neg) if named else None}
         )
     return pa.Table.from_pylist(rows, schema=NAMED_SCHEMA)

@@ -125,6 +125,17 @@ def run(a, manifest: str, class_column: str, variant: str) -> tuple[str, float, 
     return out, time.perf_counter() - t0, rc
 
 
+def _names(view) -> list[dict]:
+    """Per failing (model, planted group): its mode named by the planted value, or unnamed
+    (audit.planted.named_evaluation, from the run's modes and accuracy tables)."""
+    from audit.planted import named_evaluation
+
+    modes, acc = view.table("modes.parquet"), view.table("accuracy.parquet")
+    if modes is None or acc is None:
+        return []
+    return named_evaluation(acc, modes, view.min_gap).to_pylist()
+
+
 def _mean(xs) -> float:
     xs = [x for x in xs if x is not None and x == x]
     return float(np.mean(xs)) if xs else float("nan")
@@ -136,8 +147,7 @@ def naming(view) -> dict:
     never given): the share reported unnamed."""
     from audit.planted import parse_group
 
-    rows = view.table("planted_names.parquet")
-    rows = [] if rows is None else rows.to_pylist()
+    rows = _names(view)
     have = set(view.data.columns)
     kept = [r for r in rows if parse_group(r["group"])[1] in have]
     lost = [r for r in rows if parse_group(r["group"])[1] not in have]
@@ -154,11 +164,11 @@ def named_gains(view) -> dict[str, dict[str, float]]:
     those whose name names the planted value (what generation is for)."""
     from audit.planted import parse_group
 
-    names, t = view.table("planted_names.parquet"), view.table("mitigation.parquet")
-    if names is None or t is None:
+    t = view.table("mitigation.parquet")
+    if t is None:
         return {}
     have = set(view.data.columns)
-    rows = names.to_pylist()
+    rows = _names(view)
     nameable = {(r["model"], r["group"]) for r in rows if parse_group(r["group"])[1] in have}
     right = {(r["model"], r["group"]) for r in rows if r["caption_names_group"]}
     by: dict[str, dict[str, list]] = {}
@@ -194,10 +204,10 @@ def gains(view) -> dict[str, dict]:
 
 def confirmed(view) -> dict[str, float]:
     """Per generator: the share of named planted modes that generation confirms."""
-    names, conf = view.table("planted_names.parquet"), view.table("confirmations.parquet")
-    if names is None or conf is None:
+    conf = view.table("confirmations.parquet")
+    if conf is None:
         return {}
-    named = {(r["model"], r["caption"]) for r in names.to_pylist() if r["caption_names_group"]}
+    named = {(r["model"], r["caption"]) for r in _names(view) if r["caption_names_group"]}
     out = {}
     for gen in dict.fromkeys(conf["generator"].to_pylist()):
         ok = {

@@ -87,3 +87,36 @@ def test_a_mode_whose_caption_does_not_fail_is_unnamed_and_ordered_last():
     )
     assert [r["order"] for r in rows] == [0, 1, 2]
     assert np.isclose(rows[0]["gap"], 0.7)
+
+
+def test_a_planted_failure_counts_as_named_by_the_mode_that_names_it():
+    """An oracle check's own logic: a class with a mode named by the planted value is named;
+    with none, a mode reported unnamed counts as the audit saying it cannot name it."""
+    from audit.naming import MODES_SCHEMA
+    from audit.planted import named_evaluation
+
+    base = {
+        "class": "coat",
+        "specific_caption": "",
+        "slots": "{}",
+        "dropped": "[]",
+        "cv_score": 0.9,
+    }
+    base |= {"accuracy_on_nearest": 0.1, "ci_low": 0.0, "ci_high": 0.2, "class_accuracy": 0.8}
+    base |= {"gap": 0.7, "order": 0, "checked_on": "attribute group", "n_checked": 20}
+    modes = [
+        {**base, "scope": "a", "mode": 0, "named": True, "caption": "a photo of a coat on grass"},
+        {**base, "scope": "a", "mode": 1, "named": True, "caption": "a photo of a red coat"},
+        {**base, "scope": "b", "mode": 0, "named": True, "caption": "a photo of a coat on grass"},
+        {**base, "scope": "b", "mode": 1, "named": False, "caption": None},
+    ]
+    acc = [
+        {"model": m, "class": "coat", "attribute": "group", "value": "coat:color=red"}
+        | {"accuracy": 0.2, "class_accuracy": 0.8, "n": 10, "ci_low": 0.0, "ci_high": 0.5}
+        for m in ("a", "b")
+    ]
+    rows = named_evaluation(
+        pa.Table.from_pylist(acc), pa.Table.from_pylist(modes, schema=MODES_SCHEMA), 0.15
+    )
+    got = {r["model"]: (r["named"], r["caption_names_group"]) for r in rows.to_pylist()}
+    assert got == {"a": (True, True), "b": (False, None)}
