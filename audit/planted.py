@@ -154,8 +154,8 @@ def named_evaluation(accuracy: pa.Table, modes: pa.Table, min_gap: float) -> pa.
     rows = []
     for r in accuracy.to_pylist():
         gap = r["class_accuracy"] - r["accuracy"]
-        if r["attribute"] != "group" or gap < min_gap:
-            continue
+        if r["attribute"] != "group" or gap < min_gap or "|" in r["value"]:
+            continue  # ("a|b": the examples in two planted groups at once, counted in each)
         cls, _, value, neg = parse_group(r["value"])
         m = _mode_for(by.get((r["model"], cls), []), value, neg)
         named = bool(m and m["named"])
