@@ -174,7 +174,10 @@ def test_the_planted_failure_is_found_named_fixed_and_confirmed(mitigated):
 def test_mitigation_rows_say_how_each_fix_was_made(mitigated):
     store, _ = mitigated
     t = store.read_table("mitigation.parquet").to_pylist()
-    assert {r["eval"] for r in t} == {"nearest_caption", "planted"}
+    assert {r["eval"] for r in t} == {"nearest_caption", "planted", "attribute_group"}
+    # a named caption's attribute group is its class's eval images showing every slot it names
+    blue = [r for r in t if r["eval"] == "attribute_group" and r["class"] == "t-shirt"]
+    assert blue and all(r["target"] == "color=blue" for r in blue)
     for r in t:
         assert (r["scope"].startswith("cluster:")) == (r["method"] == "synthetic_cluster")
     syn = [r for r in t if r["method"] == "synthetic"]
