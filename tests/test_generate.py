@@ -46,7 +46,9 @@ def test_the_generator_is_chosen_at_its_first_request(tmp_path, caplog):
     gen = ChosenGenerator(
         lambda: choose_generator(_config("stable-diffusion"), store, None, no_serve)
     )
-    with pytest.raises(ValueError, match="no generation backend; known: diffusers, learned, null, world"):
+    with pytest.raises(
+        ValueError, match="no generation backend; known: diffusers, learned, null, world"
+    ):
         gen.request_sets({"m": ["a photo of a bag"]}, {"m": "m-hard-0"}, 1, 0)
     with caplog.at_level("WARNING", logger="cluster.generate"):
         chosen = choose_generator(_config("world"), store, None, no_serve)

@@ -50,9 +50,17 @@ class RetrievalPool:
     """
 
     def __init__(
-        self, images, example_ids, labels, vectors, classes, embedder, top_n: int = 32,
-        grammar=None, scorer=None,
-    ):  # fmt: skip
+        self,
+        images,
+        example_ids,
+        labels,
+        vectors,
+        classes,
+        embedder,
+        top_n: int = 32,
+        grammar=None,
+        scorer=None,
+    ):
         from audit.index import ClassIndex
 
         self.images, self.example_ids = images, np.asarray(example_ids)
@@ -201,9 +209,14 @@ def slot_scorer(store: RunStore, data, embedder, grammar, pool, ok: np.ndarray, 
 
 
 def build_pool(
-    store: RunStore, data, embedder, eval_split: str, pool_split: str | None = None, top_n=32,
+    store: RunStore,
+    data,
+    embedder,
+    eval_split: str,
+    pool_split: str | None = None,
+    top_n=32,
     templates=None,
-) -> RetrievalPool:  # fmt: skip
+) -> RetrievalPool:
     """The :class:`RetrievalPool` of ``data``'s pool split (its embeddings cached in
     ``store``), reranking by the data's caption slots (``templates``: the run's
     ``[data] attribute_templates``)."""
@@ -220,8 +233,13 @@ def build_pool(
     X = E.align(ids)
     grammar = SlotGrammar.of(data, templates)
     scorer = slot_scorer(store, data, embedder, grammar, pool, ok, X)
-    log.info("retrieval: %d %s images (embedder %s, %s)", len(ids), split, embedder.name,
-             getattr(scorer, "name", "no slots"))  # fmt: skip
+    log.info(
+        "retrieval: %d %s images (embedder %s, %s)",
+        len(ids),
+        split,
+        embedder.name,
+        getattr(scorer, "name", "no slots"),
+    )
     return RetrievalPool(
         images, ids, pool.labels[ok], X, data.classes, embedder, top_n, grammar, scorer
     )
