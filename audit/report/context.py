@@ -14,6 +14,7 @@ from audit.pipeline.config import ReportSection
 from audit.report.common import _cluster_title, _f
 from audit.report.images import Thumbs
 from audit.report.modes import _Modes
+from audit.synthetic import is_oracle
 from audit.view import RunView
 
 
@@ -86,11 +87,14 @@ class ReportContext:
         return len(ms), f"{ms[0]['cls']} (strength {ms[0]['cv']:.2f})", ms[0]["cv"]
 
     def gain_of(self, model: str) -> float:
-        """Mean gain of the model's targeted fix ("synthetic" when the run has it, else every
-        non-control method)."""
+        """Mean gain of the model's targeted fix: its "synthetic" rows from a generator a user has
+        (the oracle world renderer's rows only when no other generator ran), else every
+        non-control method."""
         rows = [r for r in self.modes.mitigation_rows(model) if r.get("gain") is not None]
-        if any(r.get("method") == "synthetic" for r in rows):
-            g = [r["gain"] for r in rows if r.get("method") == "synthetic"]
+        synth = [r for r in rows if r.get("method") == "synthetic"]
+        real = [r for r in synth if not is_oracle(r.get("generator"))]
+        if synth:
+            g = [r["gain"] for r in (real or synth)]
         else:
             g = [r["gain"] for r in rows if r.get("method") != "control"]
         return float(np.nanmean(g)) if g else math.nan

@@ -10,6 +10,7 @@ from audit.report.common import _page
 from audit.report.context import ReportContext
 from audit.report.images import _safe
 from audit.report.site import Site
+from audit.synthetic import generator_label, is_oracle
 
 
 def _set_entry(ctx: ReportContext, s: dict) -> dict:
@@ -135,4 +136,23 @@ def write_overview(ctx: ReportContext, site: Site, n_synthetic: int) -> None:
         n_synthetic=n_synthetic,
         n_sets=len(modes.sets),
         has_mitigation=modes.mitigation is not None,
+        gain_generator=_gain_generator(ctx),
     )
+
+
+def _gain_generator(ctx: ReportContext) -> str:
+    """The generator whose "synthetic" rows the zoo table's gain column averages: one a user has
+    when the run has one (the world renderer is the data's own generator, an oracle)."""
+    if ctx.modes.mitigation is None or "generator" not in ctx.modes.mitigation.column_names:
+        return ""
+    gens = {
+        g
+        for g, m in zip(
+            ctx.modes.mitigation.column("generator").to_pylist(),
+            ctx.modes.mitigation.column("method").to_pylist(),
+            strict=True,
+        )
+        if m == "synthetic" and g
+    }
+    real = sorted(g for g in gens if not is_oracle(g))
+    return ", ".join(real) if real else ", ".join(generator_label(g) for g in sorted(gens))
