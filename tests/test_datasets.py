@@ -423,33 +423,11 @@ TINY_CLIP = "zoo-audit-test-tiny-clip-datasets"
 def test_imagefolder_of_pngs_end_to_end(tmp_path, tiny_world, tiny_zoo_path):
     """Class directories name the classes; with no captions and no attributes the run uses a
     CLIP embedder (a tiny random one here), and generation retrieves pool images."""
-    import open_clip
+    from tiny_clip import register_tiny_clip
 
     from audit.data.readers import read_world
 
-    cfg_path = tmp_path / f"{TINY_CLIP}.json"
-    cfg_path.write_text(
-        json.dumps(
-            {
-                "embed_dim": 24,
-                "vision_cfg": {
-                    "image_size": 16,
-                    "layers": 1,
-                    "width": 32,
-                    "head_width": 16,
-                    "patch_size": 8,
-                },
-                "text_cfg": {
-                    "context_length": 16,
-                    "vocab_size": 49408,
-                    "width": 32,
-                    "heads": 2,
-                    "layers": 1,
-                },
-            }
-        )
-    )
-    open_clip.add_model_config(cfg_path)
+    register_tiny_clip(tmp_path, TINY_CLIP)
     world = read_world(tiny_world)
     root = tmp_path / "folder"
     for r in world.table.select(["example_id", "split", "label", "image"]).to_pylist():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pyarrow as pa
@@ -26,29 +25,11 @@ TINY_CLIP = "zoo-audit-test-tiny-clip"
 
 @pytest.fixture(scope="module")
 def tiny_clip_config(tmp_path_factory):
-    import open_clip
+    from tiny_clip import register_tiny_clip
 
-    cfg = {
-        "embed_dim": 24,
-        "vision_cfg": {
-            "image_size": 32,
-            "layers": 1,
-            "width": 32,
-            "head_width": 16,
-            "patch_size": 16,
-        },
-        "text_cfg": {
-            "context_length": 16,
-            "vocab_size": 49408,
-            "width": 32,
-            "heads": 2,
-            "layers": 1,
-        },
-    }
-    path = tmp_path_factory.mktemp("clipcfg") / f"{TINY_CLIP}.json"
-    path.write_text(json.dumps(cfg))
-    open_clip.add_model_config(path)
-    return cfg
+    return register_tiny_clip(
+        tmp_path_factory.mktemp("clipcfg"), TINY_CLIP, image_size=32, patch_size=16
+    )
 
 
 def _images(n, size=8, seed=0):

@@ -17,7 +17,15 @@ pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="the watchdog
 
 def _sleeper(*tag: str) -> subprocess.Popen:
     # the tag puts "ray" on the command line, as Ray's own processes have
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *tag])
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *tag])
+    # /proc/PID/cmdline reads empty for a moment after exec: wait for the new one
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/{p.pid}/cmdline", "rb") as f:
+            if f.read():
+                break
+        time.sleep(0.01)
+    return p
 
 
 def test_noted_processes_go_with_the_driver_and_their_children_too():

@@ -193,29 +193,10 @@ def test_timm_local_backbone_file_and_linear_probe_head_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    open_clip = pytest.importorskip("open_clip")
-    import json
+    pytest.importorskip("open_clip")
+    from tiny_clip import register_tiny_clip
 
-    cfg = {
-        "embed_dim": 24,
-        "vision_cfg": {
-            "image_size": 16,
-            "layers": 1,
-            "width": 32,
-            "head_width": 16,
-            "patch_size": 8,
-        },
-        "text_cfg": {
-            "context_length": 16,
-            "vocab_size": 49408,
-            "width": 32,
-            "heads": 2,
-            "layers": 1,
-        },
-    }
-    path = tmp_path_factory.mktemp("clipcfg") / f"{TINY_CLIP}.json"
-    path.write_text(json.dumps(cfg))
-    open_clip.add_model_config(path)
+    register_tiny_clip(tmp_path_factory.mktemp("clipcfg"), TINY_CLIP)
     return TINY_CLIP
 
 
