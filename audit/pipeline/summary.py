@@ -191,13 +191,13 @@ def format_sets(table: pa.Table) -> str:
     return "\n".join(lines)
 
 
-def _method_line(label: str, rs: list[dict]) -> str:
+def _method_line(label: str, rs: list[dict], width: int = 28) -> str:
     def mean(k: str) -> float:
         return float(np.nanmean([r[k] for r in rs]))
 
     change = [r["overall_after"] - r["overall_before"] for r in rs]
     return (
-        f"  {label:28s} {len(rs):5d} {mean('hard_before'):11.1%} {mean('hard_after'):10.1%} "
+        f"  {label:{width}s} {len(rs):5d} {mean('hard_before'):11.1%} {mean('hard_after'):10.1%} "
         f"{100 * mean('gain'):+7.1f} [{100 * mean('gain_ci_low'):+5.1f}, "
         f"{100 * mean('gain_ci_high'):+5.1f}] {100 * float(np.mean(change)):+7.2f} "
         f"(worst {100 * min(change):+.2f})"
@@ -253,16 +253,21 @@ def format_mitigation(view: RunView) -> str:
     lines = [
         f"Mitigation on the held-out eval split (hard = {HARD_OF[kind]}; heads retrained on cached "
         f"features; gain in points with mean {ci} interval):",
-        f"  {'method (generator)':28s} {'pairs':>5s} {'hard before':>11s} {'hard after':>10s} "
-        f"{'gain':>7s} {'interval':>15s} {'overall change':>14s}",
     ]
     by: dict[tuple[str, str], list[dict]] = {}
     for r in table.to_pylist():
         if r["eval"] == kind:
             by.setdefault((r["method"], r.get("generator") or ""), []).append(r)
-    for (m, g), rs in by.items():
-        label = f"{m} ({g}{', oracle' if is_oracle(g) else ''})" if g else m
-        lines.append(_method_line(label, rs))
+    labels = {
+        k: f"{k[0]} ({k[1]}{', oracle' if is_oracle(k[1]) else ''})" if k[1] else k[0] for k in by
+    }
+    w = max([28, *map(len, labels.values())])
+    lines.append(
+        f"  {'method (generator)':{w}s} {'pairs':>5s} {'hard before':>11s} {'hard after':>10s} "
+        f"{'gain':>7s} {'interval':>15s} {'overall change':>14s}"
+    )
+    for k, rs in by.items():
+        lines.append(_method_line(labels[k], rs, w))
     if line := oracle_line(by):
         lines.append(line)
     for g in dict.fromkeys(g for _, g in by if g):
