@@ -50,13 +50,33 @@ MODES_SCHEMA = pa.schema(
 Check = Callable[[str, str, list[str]], Mapping[str, Mapping]]
 
 
-def generalise(scope: str, cls: str, caption: str, grammar: SlotGrammar, check: Check) -> tuple:
-    """``(most general caption, its slots, its check row, the slots dropped in order)``."""
+def refines(slots: Mapping[str, str], taken: list[Mapping[str, str]]) -> bool:
+    """The slots name every slot of a name already taken: the same subpopulation or a part."""
+    return any(t.items() <= slots.items() for t in taken)
+
+
+def generalise(
+    scope: str,
+    cls: str,
+    caption: str,
+    grammar: SlotGrammar,
+    check: Check,
+    taken: list[Mapping[str, str]] = (),
+) -> tuple:
+    """``(most general caption, its slots, its check row, the slots dropped in order)``; a
+    shorter caption that names (or refines) one of ``taken`` (the names earlier modes of the
+    class hold) is not a candidate."""
     slots = grammar.parse(caption)
     cur, row = caption, check(scope, cls, [caption])[caption]
     dropped: list[str] = []
     while len(slots) > 1:
-        options = {grammar.compose(cls, rest): (a, rest) for a, rest in drop_one(slots)}
+        options = {
+            grammar.compose(cls, rest): (a, rest)
+            for a, rest in drop_one(slots)
+            if not refines(rest, taken)
+        }
+        if not options:
+            break
         rows = check(scope, cls, list(options))
         # not clearly less hard: the shorter caption's accuracy is inside (or below) the interval
         same = [c for c in options if rows[c]["accuracy_on_nearest"] <= row["ci_high"]]
@@ -69,32 +89,62 @@ def generalise(scope: str, cls: str, caption: str, grammar: SlotGrammar, check: 
     return cur, slots, row, dropped
 
 
+def name_one(
+    scope: str,
+    cls: str,
+    captions: list[str],
+    grammar: SlotGrammar,
+    check: Check,
+    taken: list[Mapping[str, str]],
+) -> tuple:
+    """``(name, slots, check row, dropped, specific caption, named)`` of a mode from its ranked
+    hard captions: the top one generalised. When that names (or refines) a subpopulation an
+    earlier mode of the class already named (two planted failures of one class often share a
+    top caption, "an orange coat on coins"), the mode is named by the first of its other hard
+    captions whose most general form fails and names another one; failing that, it keeps the
+    top caption's name."""
+    for cap in captions:
+        general, slots, chk, dropped = generalise(scope, cls, cap, grammar, check, taken)
+        named = is_named(chk)
+        if (named and not refines(slots, taken)) or (not named and cap == captions[0]):
+            return general, slots, chk, dropped, cap, named
+    general, slots, chk, dropped = generalise(scope, cls, captions[0], grammar, check)
+    return general, slots, chk, dropped, captions[0], is_named(chk)
+
+
 def is_named(row: Mapping) -> bool:
     """Its nearest images are worse than the class: the interval lies below the class accuracy."""
     return bool(row["ci_high"] < row["class_accuracy"])
 
 
 def name_modes(
-    hard: Mapping[tuple, str | None],
+    hard: Mapping[tuple, str | list[str] | None],
     cv: Mapping[tuple, float],
     grammar: SlotGrammar,
     check: Check,
     direction_check: Callable[[tuple], Mapping] | None = None,
 ) -> pa.Table:
-    """``modes.parquet`` for ``hard[(scope, class, mode)] = top hard caption`` (None: the
-    space has no text; the mode is unnamed and ``direction_check(key)`` says how much the
-    images its direction finds hardest fail)."""
-    rows = []
-    for (scope, cls, mode), caption in hard.items():
-        if caption is None:
+    """``modes.parquet`` for ``hard[(scope, class, mode)]`` = the mode's hard captions, best
+    first (or its top one; None: the space has no text, the mode is unnamed and
+    ``direction_check(key)`` says how much the images its direction finds hardest fail).
+    The modes of a class are named in mode order, each by a subpopulation the earlier ones
+    have not named when its captions offer one that fails."""
+    rows, taken = [], {}
+    for (scope, cls, mode), caps in sorted(hard.items()):
+        held = taken.setdefault((scope, cls), [])
+        caps = [caps] if isinstance(caps, str) else list(caps or [])
+        if not caps:
             chk = direction_check((scope, cls, mode))
-            general, slots, dropped, named = None, {}, [], False
+            general, specific, slots, dropped, named = None, None, {}, [], False
         else:
-            general, slots, chk, dropped = generalise(scope, cls, caption, grammar, check)
-            named = is_named(chk)
+            general, slots, chk, dropped, specific, named = name_one(
+                scope, cls, caps, grammar, check, held
+            )
+            if named and slots:
+                held.append(slots)
         rows.append(
             {"scope": scope, "class": cls, "mode": int(mode), "named": named}
-            | {"caption": general if named else None, "specific_caption": caption}
+            | {"caption": general if named else None, "specific_caption": specific}
             | {"slots": json.dumps(slots if named else {}), "dropped": json.dumps(dropped)}
             | {"cv_score": float(cv.get((scope, cls, mode), float("nan")))}
             | {
@@ -122,13 +172,3 @@ def _ordered(rows: list[dict]) -> pa.Table:
     for r in rows:
         r["order"] = order[r["scope"]] = order.get(r["scope"], -1) + 1
     return pa.Table.from_pylist(rows, schema=MODES_SCHEMA)
-
-
-def named_captions(modes: pa.Table, mode: int | None = 0) -> dict[tuple[str, str], str]:
-    """``{(scope, class): named caption}`` of the named modes (of ``mode``; None: the first
-    named mode of each class in the table's order)."""
-    out: dict[tuple[str, str], str] = {}
-    for r in modes.to_pylist():
-        if r["named"] and (mode is None or r["mode"] == mode):
-            out.setdefault((r["scope"], r["class"]), r["caption"])
-    return out

@@ -120,3 +120,51 @@ def test_a_planted_failure_counts_as_named_by_the_mode_that_names_it():
     )
     got = {r["model"]: (r["named"], r["caption_names_group"]) for r in rows.to_pylist()}
     assert got == {"a": (True, True), "b": (False, None)}
+
+
+def test_two_failures_of_a_class_that_share_a_top_caption_get_a_name_each():
+    """Red coats fail and coats on moon fail: both modes' top caption is "a red coat on moon"
+    and the red coat fails most. The first mode is named by the colour; the second is not named
+    by it again (nor by a part of it) but by the background, from its own hard captions."""
+    full, red = "a photo of a red coat on moon", "a photo of a red coat"
+    moon, red_grass = "a photo of a coat on moon", "a photo of a red coat on grass"
+    grass = "a photo of a coat on grass"
+    acc = {full: 0.05, red: 0.1, moon: 0.12, red_grass: 0.1, grass: 0.7}
+    check, _ = _check(acc, class_accuracy=0.8)
+    hard = {("m", "coat", 0): [full, red], ("m", "coat", 1): [red_grass, red, full]}
+    rows = {r["mode"]: r for r in name_modes(hard, {}, _grammar(), check).to_pylist()}
+    assert rows[0]["caption"] == red and rows[0]["named"]
+    assert rows[1]["caption"] == moon and rows[1]["named"]
+    assert rows[1]["specific_caption"] == full  # the hard caption it was generalised from
+    # no other failing name among the second mode's captions: it keeps the shared one
+    check, _ = _check(acc | {moon: 0.75}, class_accuracy=0.8)
+    rows = {r["mode"]: r for r in name_modes(hard, {}, _grammar(), check).to_pylist()}
+    assert rows[1]["caption"] == red and rows[1]["specific_caption"] == red_grass
+
+
+def test_every_named_mode_of_a_class_with_a_name_of_its_own_is_generated():
+    """The generate stage asks for each distinct name of a class, not only the first."""
+    from audit.naming import MODES_SCHEMA
+    from audit.pipeline.name import named_modes, pairs_of
+
+    base = {"specific_caption": "", "slots": "{}", "dropped": "[]", "cv_score": 0.9}
+    base |= {"accuracy_on_nearest": 0.1, "ci_low": 0.0, "ci_high": 0.2, "class_accuracy": 0.8}
+    base |= {"gap": 0.7, "checked_on": "attribute group", "n_checked": 20, "scope": "m"}
+    caps = ["a photo of a red coat", "a photo of a coat on moon", "a photo of a red coat"]
+    modes = [
+        {**base, "class": "coat", "mode": i, "named": True, "caption": c, "order": i}
+        for i, c in enumerate(caps)
+    ]
+    modes.append({**base, "class": "bag", "mode": 0, "named": False, "caption": None, "order": 3})
+    easy = [
+        {"scope": "m", "class": "coat", "mode": i, "caption": f"easy {i}", "source": "grammar"}
+        | {"score": 1.0, "rank": 1, "polarity": "easy"}
+        for i in range(3)
+    ]
+    named = named_modes(
+        pa.Table.from_pylist(modes, schema=MODES_SCHEMA), pa.Table.from_pylist(easy)
+    )
+    assert pairs_of(named) == {
+        ("m", "coat", 0): (caps[0], "easy 0"),
+        ("m", "coat", 1): (caps[1], "easy 1"),
+    }

@@ -33,9 +33,9 @@ def caption_classes(store: RunStore, data) -> dict[str, str]:
 
     out = {r["caption"]: r["class"] for r in store.read_table("captions.parquet").to_pylist()}
     pairs = pairs_of(load_named(store))
-    for (_, cls), (caption, _) in pairs.items():
+    for (_, cls, _), (caption, _) in pairs.items():
         out.setdefault(caption, cls)
-    by_hard = {h: cls for (_, cls), (h, _) in pairs.items()}
+    by_hard = {h: cls for (_, cls, _), (h, _) in pairs.items()}
     for hard, cf in probe_captions(pairs, data).items():
         if hard in by_hard:
             out.setdefault(cf, by_hard[hard])

@@ -103,13 +103,13 @@ def _articles(text: str) -> str:
 
 
 def probe_captions(
-    pairs: Mapping[tuple[str, str], tuple[str, str | None]], data: ImageTable
+    pairs: Mapping[tuple[str, str, int], tuple[str, str | None]], data: ImageTable
 ) -> dict[str, str]:
     """``{hard caption: counterfactual}`` plus the easy captions (mapped to themselves): what
     the probe set must hold besides the hard sets."""
     slots = slot_values(data)
     out = {}
-    for (_, cls), (hard, easy) in pairs.items():
+    for (_, cls, _), (hard, easy) in pairs.items():
         cf = counterfactual(hard, cls, data, slots)
         if cf and cf != hard:
             out[hard] = cf
@@ -119,7 +119,7 @@ def probe_captions(
 
 
 def confirmations(
-    pairs: Mapping[tuple[str, str], tuple[str, str | None]],
+    pairs: Mapping[tuple[str, str, int], tuple[str, str | None]],
     correct_on: Mapping[str, Mapping[str, np.ndarray]],
     cf_of: Mapping[str, str],
     *,
@@ -132,7 +132,7 @@ def confirmations(
     ``min_gap``, ``n_boot`` and ``ci`` are the run's ``[stats]``."""
     rows = []
     a = (1 - ci) / 2
-    for (scope, cls), (hard, easy) in pairs.items():
+    for (scope, cls, _), (hard, easy) in pairs.items():
         got = correct_on.get(scope, {})
         h, e = got.get(hard), got.get(easy) if easy else None
         cf = cf_of.get(hard)
@@ -180,7 +180,7 @@ def correct_on(
     ``set_of``: scope -> set id (the probe set under ``"probe"``)."""
     probe_rows = index.of(set_of.get("probe", ""))
     out: dict[str, dict[str, np.ndarray]] = {}
-    for (scope, _), (hard, easy) in pairs.items():
+    for (scope, _, _), (hard, easy) in pairs.items():
         who = members.get(scope, []) if scope.startswith("cluster:") else [scope]
         who = [m for m in who if m in correct]
         if not who:

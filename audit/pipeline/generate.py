@@ -76,7 +76,7 @@ def wanted_sets(store: RunStore, inputs) -> dict[str, list[str]]:
     wanted = cluster_hard_captions(named)
     pairs = pairs_of(named)
     if inputs.config.mitigate.enabled:  # each model's own hard set, for its own fix
-        for (scope, _), (hard, _) in pairs.items():
+        for (scope, _, _), (hard, _) in pairs.items():
             if not scope.startswith("cluster:"):
                 wanted.setdefault(scope, []).append(hard)
     wanted = {s: sorted(set(c)) for s, c in wanted.items()}

@@ -25,35 +25,36 @@ class NamedMode:
 
 
 def named_modes(modes: pa.Table, captions: pa.Table) -> list[NamedMode]:
-    """Per (scope, class), its first named mode in ``modes.parquet``'s order (the one whose
-    named subpopulation fails most), with that mode's top easy caption."""
+    """Per (scope, class), its named modes of distinct names in ``modes.parquet``'s order (the
+    one whose named subpopulation fails most first), each with its top easy caption."""
     easy = {
         (r["scope"], r["class"], r["mode"]): r["caption"]
         for r in captions.to_pylist()
         if r["polarity"] == "easy" and r["rank"] == 1
     }
-    out: dict[tuple[str, str], NamedMode] = {}
+    out: dict[tuple[str, str, str], NamedMode] = {}
     for r in modes.to_pylist():
-        key = (r["scope"], r["class"])
+        key = (r["scope"], r["class"], r["caption"])
         if r["named"] and key not in out:
             e = easy.get((r["scope"], r["class"], r["mode"]))
             out[key] = NamedMode(r["scope"], r["class"], int(r["mode"]), r["caption"], e)
-    return [out[k] for k in sorted(out)]
+    return sorted(out.values(), key=lambda m: (m.scope, m.cls, m.mode))
 
 
 def _hard_and_strength(caps: pa.Table, dirs: pa.Table) -> tuple[dict, dict]:
-    """``({(scope, class, mode): top hard caption or None}, {...: strength})`` of every
-    significant mode (None: no caption, an image-only space)."""
+    """``({(scope, class, mode): its hard captions, best first (empty: no caption, an
+    image-only space)}, {...: strength})`` of every significant mode."""
     ok = {
         (r["scope"], r["class"], r["mode"]): r["cv_score"]
         for r in dirs.to_pylist()
         if r["status"] == "ok"
     }
-    hard: dict = dict.fromkeys(ok)
+    ranked: dict = {key: [] for key in ok}
     for r in caps.to_pylist():
         key = (r["scope"], r["class"], r["mode"])
-        if key in ok and r["polarity"] == "hard" and r["rank"] == 1:
-            hard[key] = r["caption"]
+        if key in ok and r["polarity"] == "hard":
+            ranked[key].append((r["rank"], r["caption"]))
+    hard = {key: [c for _, c in sorted(v)] for key, v in ranked.items()}
     return dict(sorted(hard.items())), ok
 
 
@@ -177,6 +178,6 @@ def load_named(store: RunStore) -> list[NamedMode]:
     return named_modes(store.read_table("modes.parquet"), store.read_table("captions.parquet"))
 
 
-def pairs_of(named: list[NamedMode]) -> dict[tuple[str, str], tuple[str, str | None]]:
-    """``{(scope, class): (named caption, easy caption)}``."""
-    return {(m.scope, m.cls): (m.caption, m.easy) for m in named}
+def pairs_of(named: list[NamedMode]) -> dict[tuple[str, str, int], tuple[str, str | None]]:
+    """``{(scope, class, mode): (named caption, easy caption)}``."""
+    return {(m.scope, m.cls, m.mode): (m.caption, m.easy) for m in named}

@@ -122,6 +122,7 @@ STAGES: tuple[Stage, ...] = (
         writes=("modes.parquet",),
         section="directions",
         needs=("directions",),
+        version=2,  # v2: a class's later modes named by a subpopulation the earlier ones have not
     ),
     Stage(
         "generate",
@@ -130,6 +131,7 @@ STAGES: tuple[Stage, ...] = (
         writes=("synthetic_sets.parquet",),
         section="generate",
         needs=("directions", "generate"),
+        version=2,  # v2: every named mode of a class with a name of its own, not only the first
     ),
     Stage(
         "classify",
