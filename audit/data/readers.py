@@ -18,10 +18,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from audit.cache import write_atomic_bytes
-from audit.data.table import SPLITS, ImageTable
+from audit.data.parquet import metadata_classes, naming_file, read_parquet_table
+from audit.data.table import SPLITS, ImageTable, check_labels
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ def table_from_labels(
     """Map a string ``label`` column onto class indices (classes sorted if not given)."""
     labels = table["label"]
     if pa.types.is_integer(labels.type):
+        n = check_labels(table, None if classes is None else len(classes))  # before any list
         if classes is None:
-            n = int(np.max(labels.to_numpy())) + 1 if len(labels) else 0
             classes = [str(i) for i in range(n)]
         return ImageTable(
             table.set_column(
@@ -96,8 +96,15 @@ def read_parquet(
     ``classes`` fixes the class order (required for integer labels without metadata);
     ``split`` fills a missing split column.
     """
-    t = pq.read_table(path)
+    t = read_parquet_table(path)
     root = os.path.dirname(os.path.abspath(path))
+    with naming_file(path):
+        return _manifest_table(t, path, root, classes, split)
+
+
+def _manifest_table(
+    t: pa.Table, path: str, root: str, classes: Sequence[str] | None, split: str | None
+) -> ImageTable:
     if "example_id" not in t.column_names:
         t = t.append_column("example_id", pa.array([f"{i:08d}" for i in range(t.num_rows)]))
     t = t.set_column(
@@ -107,11 +114,8 @@ def read_parquet(
         if split is None:
             raise ValueError(f"{path} has no 'split' column; pass split= (one of {list(SPLITS)})")
         t = t.append_column("split", pa.array([split] * t.num_rows))
-    meta = t.schema.metadata or {}
-    if classes is None and b"classes" in meta:
-        import json
-
-        classes = json.loads(meta[b"classes"])
+    if classes is None:
+        classes = metadata_classes(t, path)
     return table_from_labels(t, classes, root)
 
 

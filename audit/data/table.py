@@ -56,15 +56,20 @@ class ImageTable:
     # -- construction ------------------------------------------------------------------
     @classmethod
     def from_parquet(cls, path: str, root: str | None = None) -> ImageTable:
-        """Read a table written by :meth:`to_parquet` (or any manifest with the columns)."""
-        t = pq.read_table(path)
-        meta = t.schema.metadata or {}
-        if b"classes" in meta:
-            classes = json.loads(meta[b"classes"])
-            return cls(t, classes, root=root or os.path.dirname(os.path.abspath(path)))
+        """Read a table written by :meth:`to_parquet` (or any manifest with the columns).
+        Any mistake in the file is a ValueError naming it."""
+        from audit.data.parquet import metadata_classes, naming_file, read_parquet_table
         from audit.data.readers import table_from_labels  # string labels, no metadata
 
-        return table_from_labels(t, root=root or os.path.dirname(os.path.abspath(path)))
+        t = read_parquet_table(path)
+        root = root or os.path.dirname(os.path.abspath(path))
+        with naming_file(path):
+            classes = metadata_classes(t, path)
+            return (
+                cls(t, classes, root=root)
+                if classes is not None
+                else table_from_labels(t, root=root)
+            )
 
     def to_parquet(self, path: str) -> None:
         with atomic_write(path) as tmp:  # creates the parent directory
@@ -217,7 +222,12 @@ def _to_rgb(im):
 
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         a = np.asarray(im).astype(np.float64)
-        peak = float(np.nanmax(a)) if a.size else 0.0
+        if (bad := int(a.size - np.isfinite(a).sum())) > 0:  # only a float ("F") image has any
+            raise ValueError(
+                f"float image has {bad} NaN or infinite pixel(s) of {a.size}; they have no "
+                "brightness (they would read as black): fill them or drop the image"
+            )
+        peak = float(np.max(a)) if a.size else 0.0
         if im.mode == "F":
             top = 1.0 if peak <= 1.0 else 255.0
         elif im.mode.startswith("I;16") or 255 < peak <= 65535:
@@ -226,7 +236,7 @@ def _to_rgb(im):
             top = 255.0
         else:
             top = float(np.iinfo(np.int32).max)
-        g = np.clip(np.nan_to_num(a) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        g = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(g, "L").convert("RGB")
     im.load()
     return im.convert("RGB")
@@ -259,6 +269,49 @@ def _common_size(sources, max_pixels: int, sample: int = 2048) -> tuple[int, int
         except Exception:  # noqa: BLE001 - reported when the row is decoded
             pass
     return counts.most_common(1)[0][0] if counts else None
+
+
+#: Most classes a table of bare class indices may have when nothing names them: a label of 2**62
+#: would otherwise ask for that many class names (16.6 GB before any other check ran).
+MAX_UNNAMED_CLASSES = 100_000
+
+
+def check_labels(table: pa.Table, n_classes: int | None = None) -> int:
+    """The number of classes of an integer ``label`` column: ``n_classes`` when the classes
+    are named, else its largest label + 1. Checked before anything is built from the labels:
+    a missing, negative or too large label (at least ``n_classes``; unnamed, at least
+    max(rows, :data:`MAX_UNNAMED_CLASSES`)) is a ValueError naming the first such row and the fix."""
+    labels = table["label"]
+    ids = table["example_id"] if "example_id" in table.column_names else None
+
+    def row(i: int) -> str:
+        return f"row {i}" + (f" (example_id={ids[i].as_py()!r})" if ids is not None else "")
+
+    if labels.null_count:
+        i = int(np.flatnonzero(labels.is_null().to_numpy(zero_copy_only=False))[0])
+        raise ValueError(
+            f"{row(i)} has no label ({labels.null_count} rows have none); give every row a "
+            "class index or a class name"
+        )
+    a = labels.to_numpy()
+    if (bad := np.flatnonzero(a < 0)).size:
+        i = int(bad[0])
+        raise ValueError(
+            f"{row(i)} has label {int(a[i])}; labels must be non-negative class indices "
+            "(0..K-1) or class names"
+        )
+    limit = n_classes if n_classes is not None else max(len(a), MAX_UNNAMED_CLASSES)
+    if (bad := np.flatnonzero(a >= limit)).size:
+        i = int(bad[0])
+        fix = (
+            f"outside the {n_classes} known classes; fix the label or add the class to the class list"
+            if n_classes is not None
+            else f"but nothing names the classes, so labels must lie below {limit:,}; give the "
+            "class names (string labels, or a 'classes' JSON list in the Parquet metadata) or "
+            "renumber the labels 0..K-1"
+        )
+        raise ValueError(f"{row(i)} has label {int(a[i])}, {fix}")
+    return n_classes if n_classes is not None else (int(a.max()) + 1 if len(a) else 0)
 
 
 def validate_table(table: pa.Table, classes: Sequence[str]) -> None:

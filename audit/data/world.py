@@ -306,7 +306,13 @@ class WorldRenderer:
         if not os.path.exists(source):
             return cls(spec)
         with open(source) as f:
-            fmnist_dir = json.load(f).get("fashion_mnist")
+            try:
+                fmnist_dir = json.load(f).get("fashion_mnist")
+            except (ValueError, AttributeError) as e:
+                raise ValueError(
+                    f"{source}: not a JSON object naming the world's Fashion-MNIST directory ({e}); "
+                    "rebuild the world (zoo-audit world build --force)"
+                ) from None
         return cls(spec, load_fashion_mnist_arrays(fmnist_dir) if fmnist_dir else None)
 
     @cached_property
