@@ -146,6 +146,32 @@ def list_embedders(filter: str = "") -> list[str]:
     return [n for n in names if filter.lower() in n.lower()]
 
 
+#: names the audit resolves itself, besides the registered backends (``features:MODEL``: a zoo
+#: member's own penultimate features, see :mod:`audit.embed.features`)
+AUDIT_EMBEDDERS = ("features",)
+
+
+def check_embedder_name(name: str, key: str = "embedder", extra: Sequence[str] = AUDIT_EMBEDDERS):
+    """Raise ValueError unless ``name``'s backend (before the first ':') is registered or in
+    ``extra``; the message names ``key``, close matches and the registered backends. Builds
+    nothing (cheap enough for a config check)."""
+    _ensure_builtin()
+    backend = name.partition(":")[0]
+    if backend in _FACTORIES or backend in extra:
+        return
+    candidates = list(_FACTORIES) + list_embedders() + list(extra)
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.4)
+    close += [
+        c
+        for c in difflib.get_close_matches(backend, [*_FACTORIES, *extra], n=3, cutoff=0.4)
+        if c not in close
+    ]
+    raise ValueError(
+        f"{key} {name!r}: unknown embedder, no backend {backend!r}. Close matches: {close or 'none'}. "
+        f"Registered backends: {sorted([*_FACTORIES, *extra])} (names look like {list_embedders()[:4]})"
+    )
+
+
 def create_embedder(name: str, device: str = "cpu", **kwargs) -> Embedder:
     """Build the embedder called ``name`` (``BACKEND[:ARGS]``) on ``device``.
 
@@ -155,20 +181,8 @@ def create_embedder(name: str, device: str = "cpu", **kwargs) -> Embedder:
         raise TypeError(
             f"embedder name must be a non-empty string like 'open_clip:ViT-B-32:openai', got {name!r}"
         )
-    _ensure_builtin()
+    check_embedder_name(name, extra=())
     backend, _, args = name.partition(":")
-    if backend not in _FACTORIES:
-        candidates = list(_FACTORIES) + list_embedders()
-        close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.4)
-        close += [
-            c
-            for c in difflib.get_close_matches(backend, list(_FACTORIES), n=3, cutoff=0.4)
-            if c not in close
-        ]
-        raise ValueError(
-            f"unknown embedder {name!r}: no backend {backend!r}. Close matches: {close or 'none'}. "
-            f"Registered backends: {sorted(_FACTORIES)} (names look like {list_embedders()[:4]})"
-        )
     emb = _FACTORIES[backend](args, device=device, **kwargs)
     if not emb.name:
         emb.name = name

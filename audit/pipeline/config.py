@@ -14,14 +14,26 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# bounds shared by many keys: a count of images or rows, a bootstrap or permutation count (each
+# resample is an array the size of the split: 10**9 of them asked for 29.8 GiB), a seed (numpy's
+# and torch's generators take 0 <= seed < 2**32)
+MAX_COUNT = 10**9
+MAX_RESAMPLES = 100_000
+MAX_NEAREST = 100_000  # nearest images asked of one search (an array of that many per query)
+MAX_SEED = 2**32 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Split = Literal["train", "debug", "test", "pool"]  # audit.data.table.SPLITS
+
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: "256" is no int and "yes" no bool (a TOML int still fills a float key);
+    # NaN and infinity are no value of any key
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     def key_fields(self) -> dict[str, Any]:
         """The fields that change a stage's results (default: all of them)."""
@@ -34,11 +46,11 @@ class DataSection(Section):
     # built (once, cached by the spec's hash) when `path` is empty
     world_spec: str = ""
     # where failures are found and directions fitted
-    split: str = "debug"
+    split: Split = "debug"
     # where captions are checked on their nearest images, and fixes measured
-    eval_split: str = "test"
+    eval_split: Split = "test"
     # 0 = the whole split
-    limit: int = Field(0, ge=0)
+    limit: int = Field(0, ge=0, le=MAX_COUNT)
     # the column naming each label's class; "" = auto-detect (or directory names, `classes`)
     class_column: str = ""
     # class names in label order, when nothing in the data names the labels
@@ -79,13 +91,15 @@ class ZooSection(Section):
 
 
 class RaySection(Section):
-    num_cpus: int = Field(0, ge=0)  # embedded Ray only; 0 = all cores
-    num_cpu_workers: int = Field(2, ge=1)  # ZooShard actors when the cluster has no GPU
-    threads_per_worker: int = Field(0, ge=0)  # 0 = CPUs / workers
+    # embedded Ray only; 0 = all cores (at most this machine's: cluster.runner.check_ray_cpus)
+    num_cpus: int = Field(0, ge=0, le=2**20)
+    num_cpu_workers: int = Field(2, ge=1, le=4096)  # ZooShard actors when the cluster has no GPU
+    # 0 = CPUs / workers; more than fit is lowered to what fits, with a warning (cluster.sweep)
+    threads_per_worker: int = Field(0, ge=0, le=4096)
     gpus: Literal["auto", "no"] = "auto"
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, le=65536)
     with_features: bool = True  # penultimate features, for head retraining
-    max_restarts: int = Field(3, ge=0)
+    max_restarts: int = Field(3, ge=0, le=1000)
 
     def key_fields(self) -> dict[str, Any]:
         # placement and batching do not change predictions
@@ -95,28 +109,38 @@ class RaySection(Section):
 class StatsSection(Section):
     similarity: Literal["jaccard", "shared_fraction", "error_consistency"] = "jaccard"
     # cut the dendrogram at this similarity, or into `n_clusters`; neither = as many as families
-    threshold: float | None = None
-    n_clusters: int | None = Field(None, ge=1)
+    # (a similarity: jaccard and shared_fraction lie in [0, 1], error_consistency in [-1, 1])
+    threshold: float | None = Field(None, ge=-1, le=1)
+    n_clusters: int | None = Field(None, ge=1, le=MAX_COUNT)  # at most the zoo's size (at load)
     method: Literal["average", "complete", "single", "weighted"] = "average"
-    n_boot: int = Field(1000, ge=1)
+    n_boot: int = Field(1000, ge=1, le=MAX_RESAMPLES)
     ci: float = Field(0.95, gt=0, lt=1)
-    seed: int = 0
+    seed: Seed = 0
     # a group (a class's examples with one attribute value, or a planted group) "fails" when
     # it is this far below its class; a named failure is "confirmed" when generated images of
     # its hard caption are this much worse than those of the easy one
     min_gap: float = Field(0.15, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_cut(self) -> StatsSection:
+        if self.threshold is not None and self.n_clusters is not None:
+            raise ValueError(
+                "[stats] threshold and n_clusters both cut the dendrogram; give one of them"
+            )
+        return self
 
 
 class DirectionsSection(Section):
     enabled: bool = True
     # "world" (trained here on the data's captions) or "open_clip:ARCH:TAG"
     embedder: str = "world"
-    k: int = Field(50, ge=1)  # nearest eval images per caption
-    top_k: int = Field(5, ge=1)  # hard and easy captions kept per direction
+    k: int = Field(50, ge=1, le=MAX_NEAREST)  # nearest eval images per caption
+    top_k: int = Field(5, ge=1, le=10_000)  # hard and easy captions kept per direction
     caption_scoring: Literal["images", "text"] = "images"
-    grounding_k: int = Field(50, ge=1)  # nearest fit-split images per caption ("images" scoring)
-    max_modes: int = Field(2, ge=1)
-    n_permutations: int = Field(50, ge=0)
+    # nearest fit-split images per caption ("images" scoring)
+    grounding_k: int = Field(50, ge=1, le=MAX_NEAREST)
+    max_modes: int = Field(2, ge=1, le=10_000)
+    n_permutations: int = Field(50, ge=0, le=MAX_RESAMPLES)
     llm_model: str = ""  # an OpenAI-compatible model for caption proposals; "" = grammar only
     llm_base_url: str = ""  # default $OPENAI_BASE_URL
 
@@ -124,6 +148,13 @@ class DirectionsSection(Section):
         d = self.model_dump()
         d.pop("llm_base_url")  # where the LLM answers from does not change what it is asked
         return d
+
+    @model_validator(mode="after")
+    def _known_embedder(self) -> DirectionsSection:
+        from audit.embed.base import check_embedder_name
+
+        check_embedder_name(self.embedder, key="[directions] embedder")
+        return self
 
 
 class GenerateSection(Section):
@@ -149,9 +180,9 @@ class GenerateSection(Section):
 
     # images per named caption (2312.05464 generates 3 with Stable Diffusion; retrieval and the
     # renderers are cheap, and a head needs more than a handful to move)
-    k: int = Field(16, ge=1)
-    probe_k: int = Field(32, ge=1)  # images per caption of the probe set (confirmation)
-    seed: int = 0
+    k: int = Field(16, ge=1, le=100_000)
+    probe_k: int = Field(32, ge=1, le=100_000)  # images per caption of the probe set (confirmation)
+    seed: Seed = 0
 
     def key_fields(self) -> dict[str, Any]:
         d = self.model_dump()
@@ -162,17 +193,19 @@ class GenerateSection(Section):
 class MitigateSection(Section):
     enabled: bool = True
     # weight of the synthetic images in a head's training mix, chosen on the fit split
-    lambdas: list[float] = [0.5, 0.75, 0.9]
+    # (each in [0, 1): the share of the synthetic images in the mix; real ones keep the rest)
+    lambdas: list[Annotated[float, Field(ge=0, lt=1)]] = Field([0.5, 0.75, 0.9], min_length=1)
     # real train examples in a head's training (stratified; 0 = all)
-    max_real: int = Field(3000, ge=0)
-    pool_k: int = Field(50, ge=1)  # pool (and upweighted fit) images per hard class
-    upweight: float = Field(5.0, gt=0)  # weight of the fit split's direction-selected images
-    k_nearest: int = Field(50, ge=1)  # nearest images of a hard caption: its subpopulation
-    alpha: float = Field(1e-3, ge=0)  # L2 anchor of the retrained head to the original one
-    max_iter: int = Field(60, ge=1)
+    max_real: int = Field(3000, ge=0, le=MAX_COUNT)
+    pool_k: int = Field(50, ge=1, le=MAX_NEAREST)  # pool (and upweighted fit) images per hard class
+    # weight of the fit split's direction-selected images
+    upweight: float = Field(5.0, gt=0, le=1e6)
+    k_nearest: int = Field(50, ge=1, le=MAX_NEAREST)  # nearest images of a hard caption
+    alpha: float = Field(1e-3, ge=0, le=1e6)  # L2 anchor of the retrained head to the original one
+    max_iter: int = Field(60, ge=1, le=100_000)
     # a choice may lower the fit split's overall accuracy this much
-    max_drop: float = Field(0.005, ge=0)
-    n_boot: int = Field(1000, ge=1)
+    max_drop: float = Field(0.005, ge=0, le=1)
+    n_boot: int = Field(1000, ge=1, le=MAX_RESAMPLES)
 
     @model_validator(mode="before")
     @classmethod
@@ -184,12 +217,16 @@ class MitigateSection(Section):
 
 class ReportSection(Section):
     enabled: bool = True  # write RUN/report/index.html at the end of the run
-    max_modes: int = Field(12, ge=0)  # failure modes per card with image grids (strongest first)
-    images: int = Field(8, ge=1)  # real images per grid (hardest, easiest); generated per mode
-    max_rows: int = Field(200, ge=1)  # rows per table on a card (worst first)
-    max_set_images: int = Field(240, ge=0)  # thumbnails per synthetic set on the sets page
-    max_index_rows: int = Field(5000, ge=0)  # failure modes on the cards page (strongest first)
-    thumb_size: int = Field(64, ge=16)  # pixels; larger images are scaled down to JPEG
+    # failure modes per card with image grids (strongest first)
+    max_modes: int = Field(12, ge=0, le=10_000)
+    # real images per grid (hardest, easiest); generated per mode
+    images: int = Field(8, ge=1, le=1000)
+    max_rows: int = Field(200, ge=1, le=MAX_COUNT)  # rows per table on a card (worst first)
+    # thumbnails per synthetic set on the sets page
+    max_set_images: int = Field(240, ge=0, le=MAX_COUNT)
+    # failure modes on the cards page (strongest first)
+    max_index_rows: int = Field(5000, ge=0, le=MAX_COUNT)
+    thumb_size: int = Field(64, ge=16, le=1024)  # pixels; larger images are scaled down to JPEG
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -270,6 +307,10 @@ def _explain(path: str, err: ValidationError) -> str:
                     f"unknown {'section' if len(loc) == 1 else 'key'} (did you mean {close[0]!r}?); "
                     + what.split("; ", 1)[1]
                 )
+        elif e["type"] == "value_error":  # our validators' messages name their key already
+            msg = str(e.get("ctx", {}).get("error", e["msg"]))
+            lines.append(f"{path}: {msg}" if msg.startswith("[") else f"{path}: {where}: {msg}")
+            continue
         else:
             what = e["msg"] + (
                 f" (got {e['input']!r})"
