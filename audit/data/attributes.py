@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -262,8 +263,11 @@ def resolve_attributes(
         return found
     missing = [a for a in attributes if a not in table.columns]
     if missing:
+        close = difflib.get_close_matches(missing[0], table.attributes, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(
-            f"[data] attributes names column(s) {missing} that the dataset lacks; its columns are {table.columns}"
+            f"[data] attributes names column(s) {missing}{hint} that the dataset lacks; "
+            f"its columns are {table.columns}"
         )
     return list(attributes)
 

@@ -139,6 +139,7 @@ def table_key(table: ImageTable) -> str:
 
 
 def load_inputs(cfg: AuditConfig, services: Services | None = None) -> RunInputs:
+    from audit.pipeline.checks import check_inputs
     from audit.zoo.spec import ZooSpec
 
     data, world_dir = load_data(cfg)
@@ -149,4 +150,5 @@ def load_inputs(cfg: AuditConfig, services: Services | None = None) -> RunInputs
                 f"({sorted(set(data.column('split').tolist()))})"
             )
     zoo = ZooSpec.from_toml(cfg.zoo.manifest).select(cfg.zoo.models or None)
+    check_inputs(cfg, data, zoo)  # keys that need the data or the zoo, before any work
     return RunInputs(cfg, data, table_key(data), world_dir, zoo, services or Services())

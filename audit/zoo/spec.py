@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,6 +30,20 @@ class InputConfig:
             std=tuple(float(x) for x in cfg["std"]),
             interpolation=str(cfg.get("interpolation", "bilinear")),
             crop_pct=float(cfg.get("crop_pct", 1.0)),
+        )
+
+
+#: a model name is a directory name in the run (``predictions/model=NAME``) and the cache
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def check_model_name(name: object) -> None:
+    """Raise ValueError unless ``name`` is safe as one path component (``../x`` and ``a/b``
+    would write outside their directory; ``=`` would break the Hive-style partitions)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"model name {name!r}: names become directory names, so use letters, digits and "
+            ". _ + - only (starting with a letter or digit, at most 128 characters), e.g. 'resnet18-a'"
         )
 
 
@@ -60,6 +75,8 @@ class ModelSpec:
 
     def __post_init__(self):
         from audit.zoo.models import registered_builders  # the one registry (light module)
+
+        check_model_name(self.name)
 
         known = registered_builders()
         if self.builder not in known:
@@ -104,6 +121,8 @@ class ZooSpec:
                 models.append(ModelSpec(**m))
             except TypeError as e:
                 raise ValueError(f"{path}: bad model entry {m.get('name', m)!r}: {e}") from e
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
         names = [m.name for m in models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
