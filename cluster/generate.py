@@ -13,6 +13,7 @@ it); :func:`resolve_backend` is the rule.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -110,6 +111,30 @@ def resolve_backend(backend: str, world_dir: str | None) -> tuple[str, str]:
     return backend, backend
 
 
+def check_backends(cfg) -> None:
+    """``[generate] backend`` and every ``compare`` name a generator that exists (a registered
+    Serve backend, ``retrieval``; ``diffusers`` with its model): checked before any work, even
+    with generation off, so a typo is one line naming the key instead of a failed stage after
+    the sweep. Whether weights are here is decided later (:func:`resolve_backend`)."""
+    from serve.backends import list_backends, parse_backend
+
+    g, known = cfg.generate, [*list_backends(), RETRIEVAL]
+    where = f" in {cfg.source}" if cfg.source else ""
+    for key, spec in [("backend", g.backend), *(("compare", c) for c in g.compare)]:
+        name, arg = parse_backend(spec) if spec.strip() else ("", None)
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"[generate] {key} {spec!r}{where} is no generation backend{hint}; known: "
+                f"{', '.join(known)} (diffusers takes 'diffusers:MODEL_ID_OR_DIR')"
+            )
+        if name == "diffusers" and not arg:
+            raise ValueError(
+                f"[generate] {key} {spec!r}{where} names no model; give 'diffusers:MODEL_ID_OR_DIR'"
+            )
+
+
 class ServeSetGenerator:
     """The Serve app, started in this Ray for the request, reached through its handle.
 
@@ -200,8 +225,9 @@ def retry_503(call: Callable[[], dict], retry_s: float, what: str) -> dict:
 
 
 class ChosenGenerator:
-    """Chooses the run's generator on its first request, so a wrong ``[generate] backend``
-    fails the generate stage (not the run's start) and Ray starts only for Serve."""
+    """Chooses the run's generator on its first request, so Ray starts only for Serve (an
+    unknown ``[generate] backend`` is refused before the run by :func:`check_backends`; one
+    whose weights are missing here is substituted, or fails, at the generate stage)."""
 
     def __init__(self, choose: Callable[[], object]):
         self._choose, self._gen = choose, None

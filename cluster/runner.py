@@ -17,6 +17,7 @@ from audit.pipeline.config import AuditConfig, load_config
 from audit.pipeline.inputs import RunInputs, Services, load_inputs
 from audit.pipeline.runner import RunOutcome, StageFailed, run_pipeline
 from audit.store import RunStore
+from cluster.generate import check_backends
 
 
 class _LazyRay:
@@ -277,6 +278,7 @@ def run_audit(
     t0 = time.perf_counter()
     cfg = load_config(config, overrides)
     check_ray_cpus(cfg, address)
+    check_backends(cfg)
     store = RunStore(check_out(out))
     key = _config_key(cfg)
     console(_opening(cfg, store, check_run_dir(store, key, resume)))

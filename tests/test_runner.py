@@ -252,8 +252,9 @@ def test_failing_stage_is_recorded_and_the_next_run_resumes(testbed, tmp_path):
 
 
 def test_cli_failing_stage_exits_1_with_one_line(tmp_path, testbed, monkeypatch, capsys):
-    """A generation backend that does not exist: the generate stage cannot work; the CLI says
-    so in one line, exits 1, and the manifest says why; every earlier output stays."""
+    """A diffusion model whose weights are not here, asked of the Serve app: the generate stage
+    cannot work; the CLI says so in one line, exits 1, and the manifest says why; every earlier
+    output stays. (A backend that does not exist is refused before any work: test_hostile_input.)"""
     from testbed import testbed_config
 
     import cluster.runner
@@ -265,7 +266,7 @@ def test_cli_failing_stage_exits_1_with_one_line(tmp_path, testbed, monkeypatch,
     manifest = tmp_path / "data.parquet"  # the test bed as a user's manifest: not a world
     read_dataset(world).with_metadata().to_parquet(str(manifest))
     cfg = testbed_config(tmp_path / "audit.toml", str(manifest), zoo)
-    cfg = cfg_with(cfg, "[generate]", 'backend = "stable-diffusion"')
+    cfg = cfg_with(cfg, "[generate]", 'backend = "diffusers:/no/such/model"')
 
     def thread_services(cfg_, store, world_dir, ray, progress, data=None):
         # the real generator, no Ray for the rest
@@ -276,7 +277,8 @@ def test_cli_failing_stage_exits_1_with_one_line(tmp_path, testbed, monkeypatch,
     assert main(["run", cfg, "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith(
-        "zoo-audit: stage 'generate' failed: [generate] backend 'stable-diffusion' is no generation backend"
+        "zoo-audit: stage 'generate' failed: [generate] backend 'diffusers:/no/such/model': "
+        "the data is not a world and no diffusion weights are here"
     )
     assert len(err) == 2 and "rerun the same command to resume" in err[1]
     store = RunStore(str(out))
