@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,15 +55,36 @@ class _RayShard(ZooShard):
         }
 
 
-def _nodes_with(resource: str) -> list[str]:
-    """Ids of the alive nodes that advertise ``resource`` (sorted, so placement is stable)."""
+def _alive_nodes(resource: str | None = None) -> list[dict]:
+    """``ray.nodes()`` that are alive (and advertise ``resource``, when named)."""
     import ray
 
-    return sorted(
-        n["NodeID"]
+    return [
+        n
         for n in ray.nodes()
-        if n.get("Alive") and n.get("Resources", {}).get(resource, 0) > 0
-    )
+        if n.get("Alive") and (not resource or n.get("Resources", {}).get(resource, 0) > 0)
+    ]
+
+
+def _nodes_with(resource: str) -> list[str]:
+    """Ids of the alive nodes that advertise ``resource`` (sorted, so placement is stable)."""
+    return sorted(n["NodeID"] for n in _alive_nodes(resource))
+
+
+def fit_cpu_shards(node_cpus: Sequence[float], n_shards: int, threads: int) -> tuple[int, int]:
+    """``(shards, threads)``: ``n_shards`` shards of ``threads`` CPUs, the threads lowered until
+    every shard fits on one of the nodes (``node_cpus``: each node's CPUs), then fewer shards
+    when not even one CPU each fits. Every shard must be placed at once: the driver sends each
+    batch to every shard and waits for all of them, so one shard left pending hangs the sweep."""
+    cpus = [int(c) for c in node_cpus if c >= 1] or [1]
+
+    def fits(t: int) -> int:
+        return sum(c // t for c in cpus)
+
+    t = max(1, int(threads))
+    while t > 1 and fits(t) < n_shards:
+        t -= 1
+    return max(1, min(n_shards, fits(t))), t
 
 
 @dataclass
@@ -146,11 +167,40 @@ class RaySweeper:
         else:
             total = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
             threads = int(self.threads_per_worker or max(1, total // max(1, self.num_workers)))
-            n_shards, opts, device = max(1, int(self.num_workers)), {"num_cpus": threads}, "cpu"
+            n_shards = min(max(1, int(self.num_workers)), len(job.specs))
+            n_shards, threads = self._fit(n_shards, threads, total)
+            opts, device = {"num_cpus": threads}, "cpu"
         flops, params = model_profiles(job.specs, len(job.classes))
         sizes = {k: 4.0 * v for k, v in params.items()}  # fp32 weights
         plan = plan_shards(flops, min(n_shards, len(job.specs)), sizes, self.shard_memory)
         return plan, opts, device, threads
+
+    def _fit(self, n_shards: int, threads: int, total: int) -> tuple[int, int]:
+        """``(shards, threads)`` that the cluster can place at once, with one warning line when
+        that is less than asked. Lowered, not refused: threads and shards do not change any
+        prediction (they are no part of a stage's key), the cluster a run joins is only known
+        here, and one config then runs on a laptop and on a cluster alike."""
+        nodes = [
+            n.get("Resources", {}).get("CPU", 0)
+            for n in _alive_nodes(self.shard_resource)
+            if n.get("Resources", {}).get("CPU", 0) >= 1
+        ] or [total]
+        fit_shards, fit_threads = fit_cpu_shards(nodes, n_shards, threads)
+        if (fit_shards, fit_threads) != (n_shards, threads):
+            log.warning(
+                "[ray] num_cpu_workers = %d, threads_per_worker = %s: %d shard(s) of %d CPU(s) do "
+                "not fit the cluster's %d CPUs (largest node %d), and a shard that cannot be placed "
+                "would hang the sweep; running %d shard(s) of %d thread(s)",
+                self.num_workers,
+                self.threads_per_worker or "auto",
+                n_shards,
+                threads,
+                int(sum(nodes)),
+                int(max(nodes)),
+                fit_shards,
+                fit_threads,
+            )
+        return fit_shards, fit_threads
 
     def _actor_options(self, opts: dict, si: int) -> dict:
         """Ray options of shard ``si``: resources, restarts and where it may be scheduled."""
