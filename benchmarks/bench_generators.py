@@ -326,9 +326,10 @@ def _table(results: list[dict]) -> list[str]:
         )
         base = r["gains"].get("control", {}).get("gain", float("nan"))
         for k, g in sorted(r["gains"].items(), key=lambda kv: -kv[1]["gain"]):
-            ratio = g["gain"] / base if base and base == base and base > 0 else float("nan")
+            # the gain beyond the lambda = 0 control's (a ratio is meaningless near a zero control)
             lines.append(
-                f"  {k:40s} {100 * g['gain']:+6.1f} points (x{ratio:.1f} the control) overall {100 * g['overall_change']:+.2f}"
+                f"  {k:40s} {100 * g['gain']:+6.1f} points ({100 * (g['gain'] - base):+.1f} over "
+                f"the control) overall {100 * g['overall_change']:+.2f}"
             )
         for k, g in r["named_gains"].items():
             lines.append(
@@ -336,7 +337,7 @@ def _table(results: list[dict]) -> list[str]:
                 f"{100 * g['named right']:+6.1f} over those named right"
             )
         for gen, q in r["quality"].items():
-            lines.append(f"  images of {gen}: {q}")
+            lines.append(f"  images of {gen}: " + ", ".join(f"{m} {v:.2f}" for m, v in q.items()))
         for gen, c in r["confirmed"].items():
             p = r["slot_precision"].get(gen)
             lines.append(
