@@ -62,17 +62,19 @@ def _zoo_train(a):
 
 
 def _run_cmd(config: str, a, overrides: dict | None = None, resume: bool = False) -> None:
+    from audit.pipeline.interrupt import stop_on_signals
     from cluster.runner import run_audit
 
-    run_audit(
-        config,
-        a.out,
-        address=getattr(a, "address", None),
-        resume=resume or getattr(a, "resume", False),
-        force=a.force or (),
-        verbose=a.verbose,
-        overrides=overrides,
-    )
+    with stop_on_signals():  # Ctrl-C and SIGTERM stop the run even if SIGINT came in ignored
+        run_audit(
+            config,
+            a.out,
+            address=getattr(a, "address", None),
+            resume=resume or getattr(a, "resume", False),
+            force=a.force or (),
+            verbose=a.verbose,
+            overrides=overrides,
+        )
 
 
 def _demo(a):
@@ -222,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _exit_now(code: int) -> None:
+    """Exit with ``code`` without the interpreter's teardown. The run is recorded and Ray is
+    shut down already, but Ray's C++ core worker, stopped mid-call by the signal, sometimes
+    crashed in that teardown (SIGSEGV), turning an orderly 130/143 into -11."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -244,9 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"zoo-audit: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C (130) or, in a run, SIGTERM (143)
         print("zoo-audit: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        code = getattr(e, "exit_code", 130)
+        if argv is None:  # the program itself (tests pass argv): see _exit_now
+            _exit_now(code)
+        return code
     except Exception as e:  # noqa: BLE001 - one clear line, the traceback with --verbose
         if args.verbose:
             raise

@@ -7,8 +7,12 @@ driver; with ``verbose`` everything shows as Ray prints it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
+
+from audit.pipeline.interrupt import keep_handlers
 
 RAY_LOGGERS = ("ray", "ray.serve", "ray.data", "ray.train", "ray.tune", "filelock")
 _SETTINGS: dict = {"log_dir": None, "verbose": True}
@@ -55,20 +59,68 @@ def connect(
     Returns True when this call started (or joined) Ray, so the caller shuts it down.
     """
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    import ray
-
+    ray = _import_ray()
     if ray.is_initialized():
         return False
     quiet_ray_logs(log_dir, verbose)
     address = address or os.environ.get("RAY_ADDRESS") or None
     kw = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
-    if address:
-        ray.init(address=address, **kw)
-    else:
-        ray.init(num_cpus=num_cpus or None, include_dashboard=False, **kw)
-        reap_with_driver()
+    with keep_handlers():  # ray.init replaces the SIGTERM handler with its own sys.exit
+        if address:
+            ray.init(address=address, **kw)
+        else:
+            with _sessions_of_their_own(ray):
+                ray.init(num_cpus=num_cpus or None, include_dashboard=False, **kw)
+            reap_with_driver()
     quiet_ray_logs(log_dir, verbose)  # ray.init may have (re)installed its handlers
     return True
+
+
+def _import_ray():
+    """``import ray`` without Ray's C++ failure-signal handler in this driver: with it, SIGTERM
+    during ``ray.init`` printed a C++ stack dump and aborted instead of stopping the run (the
+    variable is read once, on import, and not passed on to the processes Ray starts)."""
+    import sys
+
+    if "ray" in sys.modules:
+        return sys.modules["ray"]
+    key = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
+    old = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        import ray
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+    return ray
+
+
+@contextlib.contextmanager
+def _sessions_of_their_own(ray) -> Iterator[None]:
+    """The embedded Ray's processes (gcs, raylet and, through the raylet, its workers) start in a
+    session of their own. In the driver's process group, Ctrl-C or SIGTERM sent to the run's
+    group reached them too: they died under the driver, which then waited half a minute on a
+    dead GCS instead of stopping. Now only the driver gets the signal; it records the stage as
+    interrupted and shuts its Ray down (if it is killed outright, the watchdog and Ray's own
+    fate sharing take them). Best effort: without Ray's ``ConsolePopen`` nothing changes."""
+    services = getattr(ray._private, "services", None)
+    popen = getattr(services, "ConsolePopen", None)
+    if popen is None:
+        yield
+        return
+
+    class _Detached(popen):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = _Detached
+    try:
+        yield
+    finally:
+        services.ConsolePopen = popen
 
 
 def reap_with_driver() -> None:

@@ -17,6 +17,7 @@ work and services reach stages through ``inputs.services`` (injected by
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 from audit.cache import content_hash
 from audit.pipeline.inputs import RunInputs
+from audit.pipeline.interrupt import Interrupted, signal_of
 from audit.pipeline.stages import STAGES, Stage, check_table, read_value
 from audit.store import RunStore
 
@@ -79,6 +81,12 @@ def _record_failure(store: RunStore, st: Stage, key: str, e: BaseException, seco
     return reason
 
 
+def _record_interrupt(store: RunStore, st: Stage, key: str, signum: int, seconds: float) -> None:
+    name = signal.Signals(signum).name
+    log.debug("stage %s interrupted by %s", st.name, name)
+    store.set_stage(st.name, "interrupted", key=key, signal=name, seconds=round(seconds, 1))
+
+
 def _run_stage(st: Stage, key: str, store: RunStore, inputs: RunInputs, forced: bool) -> tuple:
     """Run one stage: ``(line, output key, seconds)``; raises what the stage raised."""
     section = inputs.config.section(st.section) if st.section else None
@@ -113,8 +121,24 @@ def run_pipeline(
     if unknown:
         raise ValueError(f"--force names unknown stage(s) {unknown}; stages: {', '.join(names)}")
     t_run = time.perf_counter()
-    out_keys: dict[str, str | None] = {}
     outcome = RunOutcome()
+    try:
+        _run_stages(stages, store, inputs, force, console, outcome)
+    except KeyboardInterrupt:
+        # the stage (if one was running) is recorded already; the run as a whole is too
+        store.update_manifest(status="interrupted")
+        raise
+    outcome.summary = run_summary(RunView(store, inputs.config, data=inputs.data))
+    store.write_bytes("summary.txt", (outcome.summary + "\n").encode())
+    outcome.seconds = time.perf_counter() - t_run
+    status = "failed" if outcome.failed else "done"
+    store.update_manifest(status=status, seconds=round(outcome.seconds, 1))
+    return outcome
+
+
+def _run_stages(stages, store: RunStore, inputs: RunInputs, force, console, outcome) -> None:
+    """The stage loop of :func:`run_pipeline`: fills ``outcome`` (ran, skipped, failed)."""
+    out_keys: dict[str, str | None] = {}
     for st in stages:
         if not st.enabled(inputs.config):
             out_keys[st.name] = None
@@ -130,16 +154,15 @@ def run_pipeline(
         t0 = time.perf_counter()
         try:
             line, out_keys[st.name], seconds = _run_stage(st, key, store, inputs, st.name in force)
-        except Exception as e:  # noqa: BLE001 - a failing stage costs the rest of the run, not what is done
+        except BaseException as e:  # noqa: BLE001 - a failing stage costs the rest of the run, not what is done
+            if (signum := signal_of(e)) is not None:
+                _record_interrupt(store, st, key, signum, time.perf_counter() - t0)
+                raise e if isinstance(e, Interrupted) else Interrupted(signum) from e
+            if not isinstance(e, Exception):
+                raise
             reason = _record_failure(store, st, key, e, time.perf_counter() - t0)
             console(f"  {st.name:<11s} FAILED: {reason}")
             outcome.failed = StageFailed(st.name, reason)
-            break
+            return
         outcome.ran.append(st.name)
         console(f"  {st.name:<11s} {line} ({_fmt_seconds(seconds)})")
-    outcome.summary = run_summary(RunView(store, inputs.config, data=inputs.data))
-    store.write_bytes("summary.txt", (outcome.summary + "\n").encode())
-    outcome.seconds = time.perf_counter() - t_run
-    status = "failed" if outcome.failed else "done"
-    store.update_manifest(status=status, seconds=round(outcome.seconds, 1))
-    return outcome
