@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
+import hashlib
 import io
 import json
 import os
@@ -36,6 +38,22 @@ ERROR_SCHEMA = pa.schema(
 
 # Threads of this process; other processes are kept out by a lock file (RunStore._locked).
 _LOCK = threading.Lock()
+
+
+def _damaged_manifest(path: str, what: str) -> str:
+    return (
+        f"{path} is damaged ({what}); delete it to redo the run in that directory "
+        "(finished outputs are recomputed), or choose a new --out"
+    )
+
+
+def _write_error(e: OSError, rel: str, uri: str) -> OSError:
+    """``e`` again, naming the file and the fix (pyarrow's message names neither)."""
+    why = e.strerror or str(e)
+    if e.errno == errno.ENOSPC or "No space left" in str(e):
+        fix = "free space on that disk or choose another --out, then rerun"
+        return OSError(errno.ENOSPC, f"no space left on the device writing {rel} in {uri}; {fix}")
+    return OSError(e.errno, f"cannot write {rel} in {uri}: {why}")
 
 
 def _now() -> str:
@@ -93,14 +111,21 @@ class RunStore:
         self.fs.create_dir(parent, recursive=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[1]}"
         try:
-            with self.fs.open_output_stream(tmp) as f:
-                f.write(data)
+            self._write_stream(tmp, data)
             return place(tmp, final)
+        except OSError as e:
+            if isinstance(e, FileExistsError | FileNotFoundError):
+                raise
+            raise _write_error(e, rel, self.uri) from e
         finally:
             try:
                 self.fs.delete_file(tmp)
             except OSError:  # moved into place (or never written)
                 pass
+
+    def _write_stream(self, path: str, data: bytes) -> None:
+        with self.fs.open_output_stream(path) as f:
+            f.write(data)
 
     def write_bytes(self, rel: str, data: bytes) -> str:
         self._via_temporary(rel, data, lambda tmp, final: self.fs.move(tmp, final) or True)
@@ -137,6 +162,33 @@ class RunStore:
         if info.type != pafs.FileType.File:
             return None
         return (info.mtime_ns or 0, info.size or 0)
+
+    def checksum(self, rel: str, chunk: int = 1 << 20) -> str:
+        """sha256 (16 hex characters) of the file ``rel``'s bytes, streamed."""
+        h = hashlib.sha256()
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            while b := f.read(chunk):
+                h.update(b)
+        return h.hexdigest()[:16]
+
+    def fingerprint(self, rel: str) -> dict:
+        """What a finished stage records of an output it wrote: its checksum and, for Parquet,
+        its schema (``{"sha256", "schema"}``), checked before the stage is skipped as current."""
+        out: dict[str, Any] = {"sha256": self.checksum(rel)}
+        if rel.endswith(".parquet"):
+            with self.fs.open_input_file(self.path(rel)) as f:
+                out["schema"] = [f"{x.name}: {x.type}" for x in pq.read_schema(f)]
+        return out
+
+    def damaged(self, recorded: Mapping[str, Mapping[str, Any]]) -> str | None:
+        """The first of ``{rel: fingerprint}`` that is gone or changed since it was recorded, as
+        ``"REL is missing"`` / ``"REL changed since it was written"``; None when all are intact."""
+        for rel, fp in recorded.items():
+            if not self.exists(rel):
+                return f"{rel} is missing"
+            if fp.get("sha256") and self.checksum(rel) != fp["sha256"]:
+                return f"{rel} changed since it was written"
+        return None
 
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.path(rel)) as f:
@@ -240,7 +292,17 @@ class RunStore:
 
     # -- manifest ----------------------------------------------------------------------
     def manifest(self) -> dict:
-        return self.read_json("manifest.json", default={}) or {}
+        """``manifest.json`` as a dict (empty when there is none); a damaged one is an error
+        naming the file and the fix."""
+        try:
+            m = self.read_json("manifest.json", default={})
+        except ValueError as e:  # not JSON (truncated, overwritten)
+            what = f"not JSON ({e})"
+            raise ValueError(_damaged_manifest(self.path("manifest.json"), what)) from None
+        if not isinstance(m, dict):
+            what = f"a JSON {type(m).__name__}, not an object"
+            raise ValueError(_damaged_manifest(self.path("manifest.json"), what))
+        return m
 
     def update_manifest(self, **fields: Any) -> dict:
         """Shallow-merge ``fields`` into ``manifest.json`` (dict values merge one level); safe

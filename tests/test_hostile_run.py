@@ -167,3 +167,88 @@ def test_ctrl_c_to_the_process_group_stops_a_real_run(config, tmp_path):
     m = RunStore(out).manifest()
     assert m["status"] == "interrupted" and m["stages"]["sweep"]["status"] == "interrupted"
     _resumes(config, out)
+
+
+# -- a damaged run directory ---------------------------------------------------------------
+def _run(config: str, out) -> tuple[object, list[str]]:
+    from cluster.runner import run_audit
+
+    lines: list[str] = []
+    _, res = run_audit(config, str(out), services=threads(), console=lines.append)
+    return res, lines
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"stages": {"sweep"'])
+def test_a_manifest_that_is_not_a_json_object_is_one_line_naming_it(config, tmp_path, capsys, text):
+    from audit.view import RunView
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "manifest.json").write_text(text)
+    assert main(["run", config, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{out / 'manifest.json'} is damaged" in err
+    assert "delete it" in err and "--out" in err
+    with pytest.raises(ValueError, match="manifest.json is damaged"):
+        RunView.open(str(out))
+
+
+def test_a_swapped_stage_output_is_noticed_and_the_stage_redone(config, tmp_path):
+    out = tmp_path / "run"
+    _run(config, out)
+    store = RunStore(str(out))
+    recorded = store.manifest()["stages"]["accuracy"]["outputs"]["accuracy.parquet"]
+    assert recorded["sha256"] and "class: string" in " ".join(recorded["schema"])
+    good = store.read_table("accuracy.parquet")
+    store.write_bytes("accuracy.parquet", store.read_bytes("overlap.parquet"))  # another table
+    res, lines = _run(config, out)
+    assert res.ran == ["accuracy"] and res.failed is None
+    assert "  accuracy    accuracy.parquet changed since it was written: redoing the stage" in lines
+    assert store.read_table("accuracy.parquet").equals(good)
+    assert store.manifest()["status"] == "done"
+
+
+def test_a_corrupted_prediction_or_deleted_features_reruns_those_models(config, tmp_path):
+    from audit.evaluate import prediction_path
+
+    out = tmp_path / "run"
+    _run(config, out)
+    store = RunStore(str(out))
+    pred = prediction_path("tiny-vit")
+    store.write_bytes(pred, store.read_bytes(prediction_path("tiny-resnet")))
+    res, _ = _run(config, out)
+    assert res.ran == ["sweep"]
+    assert store.manifest()["stages"]["sweep"]["line"].startswith("2 models x")
+    assert "1 run, 1 current" in store.manifest()["stages"]["sweep"]["line"]
+    store.delete("features")
+    res, _ = _run(config, out)
+    assert (
+        res.ran == ["sweep"] and "2 run, 0 current" in store.manifest()["stages"]["sweep"]["line"]
+    )
+    assert store.exists("features")
+
+
+def test_a_full_disk_fails_the_stage_naming_it_and_the_file(config, tmp_path, monkeypatch, capsys):
+    """ENOSPC while the sweep writes: the stage and the run are recorded failed (the small
+    manifest still fits) and the one line names the stage and the file."""
+    import errno
+
+    from audit.store import RunStore as Store
+
+    write = Store._write_stream
+
+    def full_disk(self, path, data):
+        if "manifest.json" not in path:
+            raise OSError(errno.ENOSPC, "Error writing bytes to file")
+        return write(self, path, data)
+
+    _with_sweeper(monkeypatch, threads().sweeper)
+    monkeypatch.setattr(Store, "_write_stream", full_disk)
+    out = tmp_path / "run"
+    assert main(["run", config, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "stage 'sweep' failed" in err and "writing features/model=tiny-resnet/" in err
+    assert "no space left" in err and "free space" in err
+    monkeypatch.setattr(Store, "_write_stream", write)
+    m = RunStore(str(out)).manifest()
+    assert m["status"] == "failed" and m["stages"]["sweep"]["status"] == "failed"

@@ -16,6 +16,7 @@ work and services reach stages through ``inputs.services`` (injected by
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -56,14 +57,17 @@ def stage_key(st: Stage, inputs: RunInputs, out_keys: dict[str, str | None]) -> 
     return content_hash(st.name, st.version, {r: read_value(r, inputs, out_keys) for r in st.reads})
 
 
-def _is_current(st: Stage, key: str, store: RunStore, inputs: RunInputs) -> bool:
+def _is_current(st: Stage, key: str, store: RunStore, inputs: RunInputs) -> tuple[bool, str]:
+    """Whether ``st`` may be skipped, and when its outputs are what stops it, which one."""
     rec = store.manifest().get("stages", {}).get(st.name, {})
     if rec.get("status") != "done" or rec.get("key") != key:
-        return False
-    if not all(store.exists(p) for p in st.writes):
-        return False
+        return False, ""
+    # what the stage wrote must be there with the checksum recorded when it finished
+    damaged = store.damaged({**{p: {} for p in st.writes}, **(rec.get("outputs") or {})})
+    if damaged:
+        return False, damaged
     current = st.resolve("current")
-    return current is None or bool(current(store, inputs))
+    return current is None or bool(current(store, inputs)), ""
 
 
 def _failure_reason(e: BaseException) -> str:
@@ -73,11 +77,16 @@ def _failure_reason(e: BaseException) -> str:
 
 
 def _record_failure(store: RunStore, st: Stage, key: str, e: BaseException, seconds: float) -> str:
+    """Record the stage failed (manifest and an errors.parquet row); best effort, so a disk
+    that is full still ends in the one line that names the stage, not in another error."""
     reason = _failure_reason(e)
     log.debug("stage %s failed:\n%s", st.name, traceback.format_exc())
-    store.set_stage(st.name, "failed", key=key, reason=reason, seconds=round(seconds, 1))
     detail = f"{reason}\n{traceback.format_exc(limit=-4)}"
-    store.record_errors([{"stage": st.name, "item": f"stage {st.name}", "reason": detail}])
+    try:
+        store.set_stage(st.name, "failed", key=key, reason=reason, seconds=round(seconds, 1))
+        store.record_errors([{"stage": st.name, "item": f"stage {st.name}", "reason": detail}])
+    except OSError as again:
+        log.warning("stage %s failed; recording it failed too: %s", st.name, again)
     return reason
 
 
@@ -96,9 +105,11 @@ def _run_stage(st: Stage, key: str, store: RunStore, inputs: RunInputs, forced: 
     seconds = time.perf_counter() - t0
     result = st.resolve("result")
     produced = result(store, inputs) if result else None
+    outputs = {p: store.fingerprint(p) for p in st.writes if store.exists(p)}
     # a forced stage gets a new output key, so the stages that read it run again too
     out_key = content_hash(key, produced, time.time_ns() if forced else None)
-    store.set_stage(st.name, "done", key=key, out_key=out_key, line=line, seconds=round(seconds, 1))
+    info = {"out_key": out_key, "line": line, "seconds": round(seconds, 1), "outputs": outputs}
+    store.set_stage(st.name, "done", key=key, **info)
     return line, out_key, seconds
 
 
@@ -124,16 +135,29 @@ def run_pipeline(
     outcome = RunOutcome()
     try:
         _run_stages(stages, store, inputs, force, console, outcome)
-    except KeyboardInterrupt:
+        outcome.summary = run_summary(RunView(store, inputs.config, data=inputs.data))
+        _write_summary(store, outcome)
+    except BaseException as e:
         # the stage (if one was running) is recorded already; the run as a whole is too
-        store.update_manifest(status="interrupted")
+        status = "interrupted" if signal_of(e) is not None else "failed"
+        with contextlib.suppress(OSError):
+            store.update_manifest(status=status)
         raise
-    outcome.summary = run_summary(RunView(store, inputs.config, data=inputs.data))
-    store.write_bytes("summary.txt", (outcome.summary + "\n").encode())
     outcome.seconds = time.perf_counter() - t_run
     status = "failed" if outcome.failed else "done"
     store.update_manifest(status=status, seconds=round(outcome.seconds, 1))
     return outcome
+
+
+def _write_summary(store: RunStore, outcome: RunOutcome) -> None:
+    """``summary.txt``; after a failed stage a write that fails too (a full disk) is logged,
+    so the line names the stage that failed, not the summary."""
+    try:
+        store.write_bytes("summary.txt", (outcome.summary + "\n").encode())
+    except OSError as e:
+        if outcome.failed is None:
+            raise
+        log.warning("summary.txt not written: %s", e)
 
 
 def _run_stages(stages, store: RunStore, inputs: RunInputs, force, console, outcome) -> None:
@@ -145,7 +169,10 @@ def _run_stages(stages, store: RunStore, inputs: RunInputs, force, console, outc
             console(f"  {st.name:<11s} off in the config")
             continue
         key = stage_key(st, inputs, out_keys)
-        if st.name not in force and _is_current(st, key, store, inputs):
+        current, damaged = _is_current(st, key, store, inputs)
+        if damaged and st.name not in force:
+            console(f"  {st.name:<11s} {damaged}: redoing the stage")
+        if st.name not in force and current:
             rec = store.manifest()["stages"][st.name]
             out_keys[st.name] = rec.get("out_key", key)
             outcome.skipped.append(st.name)

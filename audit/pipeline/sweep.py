@@ -117,13 +117,23 @@ def record_model(store: RunStore, name: str, entry: dict) -> None:
     store.update_manifest(sweep={"models": {**sweep_records(store), name: entry}})
 
 
+def intact(store: RunStore, name: str, entry: dict) -> bool:
+    """A finished model's stored outputs are all there with the checksums recorded when they
+    were written (a corrupted predictions file or a deleted ``features/`` is not)."""
+    recorded = {prediction_path(name): {}, **(entry.get("outputs") or {})}
+    damaged = store.damaged(recorded)
+    if damaged:
+        log.warning("sweep: %s; model %s is run again", damaged, name)
+    return damaged is None
+
+
 def is_current(store: RunStore, name: str, key: str, with_features: bool) -> bool:
     e = sweep_records(store).get(name, {})
     return (
         e.get("status") == "done"
         and e.get("key") == key
-        and store.exists(prediction_path(name))
         and (not with_features or store.exists(feature_path(name)))
+        and intact(store, name, e)
     )
 
 
@@ -145,11 +155,10 @@ class StoreSink:
         store_result(
             self.store, ModelResult(name, table, features, None, self.job.batch_size), stage="sweep"
         )
-        record_model(
-            self.store,
-            name,
-            {"key": self.keys[name], "status": "done", "split": self.split, "shard": shard},
-        )
+        written = [prediction_path(name)] + ([feature_path(name)] if features is not None else [])
+        entry = {"key": self.keys[name], "status": "done", "split": self.split, "shard": shard}
+        entry["outputs"] = {p: self.store.fingerprint(p) for p in written}
+        record_model(self.store, name, entry)
         self.result.done.append(name)
 
     def model_failed(self, name, reason):
@@ -310,8 +319,10 @@ def run_sweep_stage(store: RunStore, inputs, cfg) -> str:
 
 
 def sweep_current(store: RunStore, inputs) -> bool:
-    """Every model of the zoo has its stored outputs."""
-    return len(swept_models(store, inputs.zoo)) == len(inputs.zoo)
+    """Every model of the zoo has its stored outputs, as they were written."""
+    rec = sweep_records(store)
+    done = swept_models(store, inputs.zoo)
+    return len(done) == len(inputs.zoo) and all(intact(store, m, rec[m]) for m in done)
 
 
 def sweep_result(store: RunStore, inputs) -> list:
