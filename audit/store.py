@@ -52,7 +52,7 @@ def _write_error(e: OSError, rel: str, uri: str) -> OSError:
     why = e.strerror or str(e)
     if e.errno == errno.ENOSPC or "No space left" in str(e):
         fix = "free space on that disk or choose another --out, then rerun"
-        return OSError(errno.ENOSPC, f"no space left on the device writing {rel} in {uri}; {fix}")
+        return OSError(errno.ENOSPC, f"No space left on device writing {rel} in {uri}; {fix}")
     return OSError(e.errno, f"cannot write {rel} in {uri}: {why}")
 
 

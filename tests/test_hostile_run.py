@@ -248,7 +248,7 @@ def test_a_full_disk_fails_the_stage_naming_it_and_the_file(config, tmp_path, mo
     assert main(["run", config, "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "stage 'sweep' failed" in err and "writing features/model=tiny-resnet/" in err
-    assert "no space left" in err and "free space" in err
+    assert "No space left on device" in err and "free space" in err
     monkeypatch.setattr(Store, "_write_stream", write)
     m = RunStore(str(out)).manifest()
     assert m["status"] == "failed" and m["stages"]["sweep"]["status"] == "failed"

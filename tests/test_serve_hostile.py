@@ -7,6 +7,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -254,3 +256,59 @@ def test_generator_lost_mid_request_is_503_with_retry_after_and_nothing_stored(s
             break
         time.sleep(1)
     assert ok.status_code == 200, ok.text
+
+
+# -- claims whose holder is gone (issue 20 #3; no Ray) --------------------------------------
+_CLAIM = (
+    "import sys, time; from audit.store import RunStore; "
+    "from audit.synthetic.claims import claim_set; "
+    "assert claim_set(RunStore(sys.argv[1]), 'set-a', 'h1', 900) is None; "
+    "print('claimed', flush=True); time.sleep(60)"
+)
+
+
+def _claimed_by_a_process(root) -> subprocess.Popen:
+    """A process that claims ``set-a`` (for request ``h1``) and holds it until it is killed,
+    as an ingress replica generating the set does."""
+    p = subprocess.Popen(
+        [sys.executable, "-c", _CLAIM, str(root)], stdout=subprocess.PIPE, text=True
+    )
+    assert p.stdout.readline().strip() == "claimed"
+    return p
+
+
+def test_a_claim_whose_holder_was_killed_is_released_at_once(tmp_path):
+    """An ingress killed mid-generation left its claim: the same request hung and another got
+    409 for the claim's 15 minutes. The holder is checked: alive, the claim stands; gone, the
+    claim is taken over at once, by this or a different request."""
+    from audit.store import RunStore
+    from audit.synthetic.claims import claim_set
+
+    store = RunStore(str(tmp_path / "s"))
+    p = _claimed_by_a_process(tmp_path / "s")
+    try:
+        held = claim_set(store, "set-a", "h2", 900)
+        assert held is not None and held["pid"] == p.pid and held["request_hash"] == "h1"
+    finally:
+        p.kill()
+        p.wait()
+    assert claim_set(store, "set-a", "h2", 900) is None  # a different request: no 409
+    assert claim_set(store, "set-a", "h2", 900)["pid"] == os.getpid()  # and now ours holds
+
+
+def test_a_claim_of_a_reused_process_id_is_released(tmp_path):
+    """The holder's process id now belongs to another process (another start time)."""
+    import json
+
+    from audit.store import RunStore
+    from audit.synthetic.claims import claim_path, claim_set, process_start
+
+    store = RunStore(str(tmp_path / "s"))
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
+    old = {"request_hash": "h1", "time": time.time(), "owner": "x", **me}
+    old["start"] -= 1
+    store.write_bytes(claim_path("set-a"), json.dumps(old).encode())
+    assert claim_set(store, "set-a", "h1", 900) is None
+    other_host = {**old, "host": "elsewhere", "start": 1}
+    store.write_bytes(claim_path("set-b"), json.dumps(other_host).encode())
+    assert claim_set(store, "set-b", "h1", 900)["host"] == "elsewhere"  # judged by its age only

@@ -17,19 +17,49 @@ def claim_path(set_id: str) -> str:
     return f"synthetic/{check_set_id(set_id)}/.claim.json"
 
 
+def process_start(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks since boot, ``/proc/PID/stat`` field 22),
+    or None when there is no such process (or no ``/proc``)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(") ", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _owner() -> dict:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start": process_start(pid)}
+
+
+def owner_gone(held: dict) -> bool:
+    """The claim's holder is a process of this machine that no longer runs (its id is free or
+    taken by a process started at another time). Claims of other machines, or without the
+    holder's start time, are judged by their age alone."""
+    if held.get("host") != socket.gethostname() or held.get("start") is None:
+        return False
+    if not os.path.isdir("/proc"):
+        return False
+    return process_start(int(held.get("pid", -1))) != held["start"]
+
+
 def claim_set(store: RunStore, set_id: str, request_hash: str, stale_after_s: float) -> dict | None:
     """Claim ``set_id`` for ``request_hash``: None when this call holds the claim now, else the
-    holder's claim ``{"request_hash", "time", "owner"}``.
+    holder's claim ``{"request_hash", "time", "owner", "host", "pid", "start"}``.
 
     The claim is a file created exclusively in the store (:meth:`RunStore.create_exclusive`),
-    so two writers cannot both generate one id. A claim older than ``stale_after_s`` (its
-    holder died) is moved aside and the id is claimed again.
+    so two writers cannot both generate one id. A claim whose holder is gone (a replica killed
+    mid-generation: its process no longer runs on this machine, :func:`owner_gone`) is moved
+    aside at once and the id claimed again; a claim of another machine only once it is older
+    than ``stale_after_s``.
     """
     rel = claim_path(set_id)
+    me = _owner()
     mine = {
         "request_hash": request_hash,
         "time": time.time(),
-        "owner": f"{socket.gethostname()}:{os.getpid()}",
+        "owner": f"{me['host']}:{me['pid']}",
+        **me,
     }
     for _ in range(3):
         if store.create_exclusive(rel, json.dumps(mine).encode()):
@@ -40,7 +70,7 @@ def claim_set(store: RunStore, set_id: str, request_hash: str, stale_after_s: fl
             continue  # released between the two calls: try again
         except ValueError:
             held = {"request_hash": "", "time": 0.0, "owner": "unreadable claim"}
-        if time.time() - float(held.get("time", 0)) <= stale_after_s:
+        if time.time() - float(held.get("time", 0)) <= stale_after_s and not owner_gone(held):
             return held
         try:  # a dead holder's claim: move it aside (only one mover succeeds), then claim
             store.fs.move(
