@@ -48,6 +48,10 @@ MODES_SCHEMA = pa.schema(
 
 #: ``check(scope, class, captions) -> {caption: subpopulations row}`` on the eval split
 Check = Callable[[str, str, list[str]], Mapping[str, Mapping]]
+#: ``beyond((scope, class, mode), earlier names) -> row | None``: how much the eval images the
+#: mode's direction finds hardest fail once those the names cover are set aside (a check row
+#: with ``share_covered``, the share set aside; None: nothing left)
+Beyond = Callable[[tuple, list[str]], Mapping | None]
 
 
 def refines(slots: Mapping[str, str], taken: list[Mapping[str, str]]) -> bool:
@@ -102,14 +106,21 @@ def name_one(
     earlier mode of the class already named (two planted failures of one class often share a
     top caption, "an orange coat on coins"), the mode is named by the first of its other hard
     captions whose most general form fails and names another one; failing that, it keeps the
-    top caption's name."""
+    top caption's name. A last item says whether the name is the mode's own."""
     for cap in captions:
         general, slots, chk, dropped = generalise(scope, cls, cap, grammar, check, taken)
         named = is_named(chk)
         if (named and not refines(slots, taken)) or (not named and cap == captions[0]):
-            return general, slots, chk, dropped, cap, named
+            return general, slots, chk, dropped, cap, named, True
     general, slots, chk, dropped = generalise(scope, cls, captions[0], grammar, check)
-    return general, slots, chk, dropped, captions[0], is_named(chk)
+    return general, slots, chk, dropped, captions[0], is_named(chk), False
+
+
+def beyond_earlier(row: Mapping | None) -> bool:
+    """The images a mode's direction finds hardest lie mostly outside what the earlier names of
+    its class cover, and fail clearly without them: a failure of its own that no caption of
+    the vocabulary names (not the earlier failure found twice)."""
+    return row is not None and row["share_covered"] < 0.5 and is_named(row)
 
 
 def is_named(row: Mapping) -> bool:
@@ -123,25 +134,31 @@ def name_modes(
     grammar: SlotGrammar,
     check: Check,
     direction_check: Callable[[tuple], Mapping] | None = None,
+    beyond: Beyond | None = None,
 ) -> pa.Table:
     """``modes.parquet`` for ``hard[(scope, class, mode)]`` = the mode's hard captions, best
     first (or its top one; None: the space has no text, the mode is unnamed and
     ``direction_check(key)`` says how much the images its direction finds hardest fail).
     The modes of a class are named in mode order, each by a subpopulation the earlier ones
-    have not named when its captions offer one that fails."""
-    rows, taken = [], {}
+    have not named when its captions offer one that fails; a later mode whose captions only
+    name an earlier mode's failure is unnamed when ``beyond`` shows a failure of its own."""
+    rows, taken, names = [], {}, {}
     for (scope, cls, mode), caps in sorted(hard.items()):
-        held = taken.setdefault((scope, cls), [])
+        held, said = taken.setdefault((scope, cls), []), names.setdefault((scope, cls), [])
         caps = [caps] if isinstance(caps, str) else list(caps or [])
         if not caps:
             chk = direction_check((scope, cls, mode))
             general, specific, slots, dropped, named = None, None, {}, [], False
         else:
-            general, slots, chk, dropped, specific, named = name_one(
+            general, slots, chk, dropped, specific, named, own = name_one(
                 scope, cls, caps, grammar, check, held
             )
-            if named and slots:
+            if named and not own and beyond is not None:
+                if beyond_earlier(b := beyond((scope, cls, mode), list(said))):
+                    chk, named = b, False
+            if named and own and slots:
                 held.append(slots)
+                said.append(general)
         rows.append(
             {"scope": scope, "class": cls, "mode": int(mode), "named": named}
             | {"caption": general if named else None, "specific_caption": specific}

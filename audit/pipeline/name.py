@@ -98,12 +98,39 @@ class _EvalCheck:
     def direction(self, row: dict) -> dict:
         """How much the ``k`` eval images of the class its direction finds hardest fail (pooled
         over the scope's models), against the class: a mode without a caption."""
+        c = self.classes.index(row["class"])
+        return self._rows_vs_class(row["scope"], c, self.hardest(row), "direction")
+
+    def hardest(self, row: dict) -> np.ndarray:
+        """The ``k`` eval rows of the class its direction finds hardest."""
         from audit.directions import decision_from_row
 
+        in_c = np.flatnonzero(self.ev.labels == self.classes.index(row["class"]))
+        return in_c[np.argsort(decision_from_row(row, self.ev.X[in_c]), kind="stable")[: self.k]]
+
+    def covered(self, cls: str, caption: str) -> np.ndarray:
+        """The eval rows a caption names: its attribute group where the columns say, else its
+        ``k`` nearest images of the class."""
+        from audit.index import _caption_vectors, _neighbours
+
+        c, slots, table = self.classes.index(cls), self.grammar.parse(caption), self.ev.table
+        if slots and all(a in table.columns for a in slots):
+            return np.flatnonzero((self.ev.labels == c) & self.grammar.matches(table, slots))
+        rows = [{"class": cls, "caption": caption}]
+        vecs = _caption_vectors([caption], self.emb)
+        return np.asarray(_neighbours(rows, vecs, self.index, self.classes, self.k)[(c, caption)])
+
+    def beyond(self, row: dict, names: list[str]) -> dict | None:
+        """How much the mode's hardest eval images fail once those the earlier ``names`` of its
+        class cover are set aside, with ``share_covered`` (None: nothing is left)."""
+        near = self.hardest(row)
+        cov = np.concatenate([self.covered(row["class"], n) for n in names] or [np.zeros(0, int)])
+        rest = near[~np.isin(near, cov)]
+        if not len(rest):
+            return None
         c = self.classes.index(row["class"])
-        in_c = np.flatnonzero(self.ev.labels == c)
-        near = in_c[np.argsort(decision_from_row(row, self.ev.X[in_c]), kind="stable")[: self.k]]
-        return self._rows_vs_class(row["scope"], c, near, "direction")
+        out = self._rows_vs_class(row["scope"], c, rest, "direction, beyond the earlier names")
+        return out | {"share_covered": 1 - len(rest) / max(len(near), 1)}
 
     def attribute_group(self, scope: str, cls: str, caption: str) -> dict | None:
         """The caption checked on the eval images of its class whose attribute columns show
@@ -155,7 +182,14 @@ def name_stage(store: RunStore, inputs, cfg) -> str:
     grammar = SlotGrammar.of(inputs.data, inputs.config.data.attribute_templates)
     check = _EvalCheck(store, inputs, cfg, grammar)
     rows = {(r["scope"], r["class"], r["mode"]): r for r in dirs.to_pylist() if r["status"] == "ok"}
-    modes = name_modes(hard, cv, grammar, check, lambda key: check.direction(rows[key]))
+    modes = name_modes(
+        hard,
+        cv,
+        grammar,
+        check,
+        lambda key: check.direction(rows[key]),
+        lambda key, names: check.beyond(rows[key], names),
+    )
     store.write_table("modes.parquet", modes)
     if "group" in inputs.data.columns and store.exists("accuracy.parquet"):
         from audit.planted import named_evaluation
