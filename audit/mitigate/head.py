@@ -1,11 +1,25 @@
 """The retrained head: a multinomial logistic regression on a frozen backbone's penultimate
 features, warm-started from and anchored to the model's own head (arXiv 2312.05464 retrains
-only this head, on a lambda-weighted mix of real and synthetic examples)."""
+only this head, on a lambda-weighted mix of real and synthetic examples).
+
+Solved with L-BFGS in torch on the features' device (a GPU when there is one, CPU threads
+otherwise). At many classes a fit may move only some rows of the head (``active``: the hard
+classes and their main confusions) while the rest stay at the model's own weights; the
+frozen rows enter the softmax through one per-example constant (their log-sum-exp), so the
+restricted problem is solved exactly and costs ``N x D x |active|`` per iteration instead of
+``N x D x C``.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
+
+_ROWS = 8192  # rows per block when the frozen classes' logits are summed (bounded memory)
+# below this many multiply-adds per product a CPU fit runs on one thread: a small product
+# takes well under a millisecond, and a second thread costs more than it saves (100x on
+# a loaded machine, where threads wait for each other on every product)
+_ONE_THREAD_WORK = 2e7
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -14,22 +28,65 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def resolve_device(X, device: str | None = None):
+    """The torch device a fit runs on: ``device`` when given (not ``"auto"``), else the
+    device of ``X`` when it is a torch tensor, else CUDA when available, else the CPU."""
+    import torch
+
+    if device not in (None, "auto"):
+        return torch.device(device)
+    if isinstance(X, torch.Tensor):
+        return X.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _validated(X, y, sample_weight, coef_init, intercept_init, n_classes, active):
+    """``(y [N] int64, w [N] summing to 1, W0 [C, D], b0 [C], active [A] sorted)`` as numpy;
+    ``X`` is only checked (it may live on a GPU)."""
+    y = np.asarray(y.cpu() if hasattr(y, "cpu") else y, np.int64)
+    if len(X.shape) != 2 or X.shape[0] != len(y) or len(y) == 0:
+        raise ValueError(
+            f"X must be [N, D] with N = len(y) > 0; got X {tuple(X.shape)}, y {y.shape}"
+        )
+    C = int(n_classes or (len(coef_init) if coef_init is not None else y.max() + 1))
+    if y.min() < 0 or y.max() >= C:
+        raise ValueError(f"labels must be in [0, {C}); got {y.min()}..{y.max()}")
+    w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, np.float64)
+    if w.shape != y.shape or (w < 0).any() or w.sum() <= 0:
+        raise ValueError("sample_weight must be [N], non-negative, with a positive sum")
+    D = int(X.shape[1])
+    W0 = np.zeros((C, D)) if coef_init is None else np.asarray(coef_init, np.float64)
+    b0 = np.zeros(C) if intercept_init is None else np.asarray(intercept_init, np.float64)
+    W0, b0 = W0.reshape(C, D), b0.reshape(C)
+    A = np.arange(C) if active is None else np.unique(np.asarray(active, np.int64))
+    if len(A) == 0 or A[0] < 0 or A[-1] >= C:
+        raise ValueError(f"active must name at least one class in [0, {C}); got {active!r}")
+    return y, w / w.sum(), W0, b0, A
+
+
 class LinearHead(ClassifierMixin, BaseEstimator):
     """A multinomial logistic head on fixed features, warm-started from (and anchored to) the
     model's own head::
 
         min_{W, b}  sum_i w_i CE(softmax(W x_i + b), y_i) / sum_i w_i  +  alpha/2 ||W - W0||^2
 
-    ``fit(X [N, D], y [N], sample_weight, coef_init [C, D], intercept_init [C])``; without an
-    init the anchor is 0 (plain L2). Solved with L-BFGS (scipy). The anchor keeps what the
-    backbone and head learnt jointly, so a small targeted set moves the head only where the
-    data asks it to.
+    ``fit(X [N, D], y [N], sample_weight, coef_init [C, D], intercept_init [C], n_classes,
+    active)``; without an init the anchor is 0 (plain L2). ``active`` (class indices, default
+    all) are the rows the fit may move; the others stay at the init, which is their optimum
+    of the anchor. Solved with L-BFGS (strong Wolfe line search) in torch on ``device``
+    (``None``: ``X``'s device if ``X`` is a tensor, else CUDA when available, else the CPU):
+    float32 products, float64 parameters and softmax. ``coef_`` / ``intercept_`` are numpy;
+    ``active_`` the rows moved. The anchor keeps what the backbone and head learnt jointly, so
+    a small targeted set moves the head only where the data asks it to.
     """
 
-    def __init__(self, alpha: float = 1e-3, max_iter: int = 200, tol: float = 1e-7):
+    def __init__(
+        self, alpha: float = 1e-3, max_iter: int = 200, tol: float = 1e-7, device: str | None = None
+    ):
         self.alpha = alpha
         self.max_iter = max_iter
         self.tol = tol
+        self.device = device
 
     def fit(
         self,
@@ -39,58 +96,68 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         coef_init=None,
         intercept_init=None,
         n_classes: int | None = None,
+        active=None,
     ):
-        from scipy.optimize import minimize
-
-        X = np.ascontiguousarray(
-            X, np.float32
-        )  # float32 products: half the time, ample precision for a head
-        y = np.asarray(y, np.int64)
-        if X.ndim != 2 or len(X) != len(y) or len(X) == 0:
-            raise ValueError(f"X must be [N, D] with N = len(y) > 0; got X {X.shape}, y {y.shape}")
-        C = int(n_classes or (len(coef_init) if coef_init is not None else y.max() + 1))
-        if y.min() < 0 or y.max() >= C:
-            raise ValueError(f"labels must be in [0, {C}); got {y.min()}..{y.max()}")
-        w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, np.float64)
-        if w.shape != y.shape or (w < 0).any() or w.sum() <= 0:
-            raise ValueError("sample_weight must be [N], non-negative, with a positive sum")
-        w = w / w.sum()
-        D = X.shape[1]
-        W0 = (
-            np.zeros((C, D))
-            if coef_init is None
-            else np.asarray(coef_init, np.float64).reshape(C, D)
+        y, w, W0, b0, A = _validated(
+            X, y, sample_weight, coef_init, intercept_init, n_classes, active
         )
-        b0 = (
-            np.zeros(C)
-            if intercept_init is None
-            else np.asarray(intercept_init, np.float64).reshape(C)
-        )
-        Y = np.zeros((len(y), C))
-        Y[np.arange(len(y)), y] = 1.0
+        from audit.zoo.loop import torch_threads
 
-        def loss_grad(theta):
-            W, b = theta[: C * D].reshape(C, D), theta[C * D :]
-            Z = (X @ W.T.astype(np.float32)).astype(np.float64) + b
-            Zs = Z - Z.max(axis=1, keepdims=True)
-            logp = Zs - np.log(np.exp(Zs).sum(axis=1, keepdims=True))
-            loss = -(w * (Y * logp).sum(1)).sum() + 0.5 * self.alpha * ((W - W0) ** 2).sum()
-            G = (np.exp(logp) - Y) * w[:, None]
-            GX = (X.T @ G.astype(np.float32)).T.astype(np.float64)  # X^T G: the fast memory order
-            return loss, np.concatenate([(GX + self.alpha * (W - W0)).ravel(), G.sum(0)])
-
-        res = minimize(
-            loss_grad,
-            np.concatenate([W0.ravel(), b0]),
-            jac=True,
-            method="L-BFGS-B",
-            options={"maxiter": int(self.max_iter), "gtol": self.tol},
+        small = resolve_device(X, self.device).type == "cpu" and (
+            len(y) * W0.shape[1] * len(A) < _ONE_THREAD_WORK
         )
-        self.coef_ = res.x[: C * D].reshape(C, D)
-        self.intercept_ = res.x[C * D :]
-        self.classes_ = np.arange(C)
-        self.n_iter_ = int(res.nit)
+        with torch_threads(1 if small else None):
+            W, b, self.n_iter_ = self._solve(X, y, w, W0, b0, A)
+        self.coef_, self.intercept_ = W0.copy(), b0.copy()
+        self.coef_[A], self.intercept_[A] = W, b
+        self.classes_ = np.arange(len(W0))
+        self.active_ = A
         return self
+
+    def _solve(self, X, y, w, W0, b0, A) -> tuple[np.ndarray, np.ndarray, int]:
+        """``(W [A, D], b [A], iterations)``: the active rows at the optimum."""
+        import torch
+
+        dev = resolve_device(X, self.device)
+        f64 = dict(device=dev, dtype=torch.float64)
+        Xt = torch.as_tensor(X).to(dev, torch.float32).contiguous()
+        yt, wt = torch.as_tensor(y, device=dev), torch.as_tensor(w, **f64)
+        r, zy_frozen = _frozen_terms(Xt, yt, W0, b0, A)
+        pos = torch.full((len(W0),), -1, dtype=torch.int64, device=dev)
+        pos[torch.as_tensor(A, device=dev)] = torch.arange(len(A), device=dev)
+        yA = pos[yt]  # the label's active column, -1 when its row is frozen
+        has = yA >= 0
+        onehot = torch.zeros(len(y), len(A), **f64)
+        onehot[has.nonzero()[:, 0], yA[has]] = 1.0
+        WA0 = torch.as_tensor(W0[A], **f64)
+        theta = torch.cat([WA0.ravel(), torch.as_tensor(b0[A], **f64)]).requires_grad_()
+        D, alpha = Xt.shape[1], float(self.alpha)
+
+        @torch.no_grad()  # the gradient is written by hand: no graph to build
+        def closure():
+            W, b = theta[: len(A) * D].view(len(A), D), theta[len(A) * D :]
+            z = (Xt @ W.T.float()).double() + b
+            lse = torch.logsumexp(z if r is None else torch.cat([z, r[:, None]], 1), 1)
+            zy = torch.where(has, z.gather(1, yA.clamp(min=0)[:, None])[:, 0], zy_frozen)
+            loss = (wt * (lse - zy)).sum() + 0.5 * alpha * ((W - WA0) ** 2).sum()
+            G = (torch.exp(z - lse[:, None]) - onehot) * wt[:, None]
+            gW = (G.float().T @ Xt).double() + alpha * (W - WA0)
+            theta.grad = torch.cat([gW.ravel(), G.sum(0)])
+            return loss
+
+        opt = torch.optim.LBFGS(
+            [theta],
+            max_iter=int(self.max_iter),
+            max_eval=4 * int(self.max_iter),
+            tolerance_grad=float(self.tol),
+            tolerance_change=2.2e-9,  # scipy L-BFGS-B's default ftol (factr 1e7)
+            history_size=10,
+            line_search_fn="strong_wolfe",
+        )
+        opt.step(closure)
+        nit = int(opt.state[opt._params[0]].get("n_iter", 0))
+        out = theta.detach().cpu().numpy()
+        return out[: len(A) * D].reshape(len(A), D), out[len(A) * D :], nit
 
     def decision_function(self, X) -> np.ndarray:
         return np.asarray(X, np.float32) @ self.coef_.T.astype(np.float32) + self.intercept_
@@ -100,6 +167,29 @@ class LinearHead(ClassifierMixin, BaseEstimator):
 
     def predict(self, X) -> np.ndarray:
         return self.decision_function(X).argmax(1)
+
+
+def _frozen_terms(Xt, yt, W0: np.ndarray, b0: np.ndarray, A: np.ndarray):
+    """``(r [N], zy [N])`` float64 on ``Xt``'s device: the log-sum-exp of each row's frozen
+    logits (None when every class is active) and its label's logit when that row is frozen
+    (0 otherwise). One ``N x D x (C - A)`` product, in blocks of rows."""
+    import torch
+
+    frozen = np.setdiff1d(np.arange(len(W0)), A)
+    zy = torch.zeros(len(yt), dtype=torch.float64, device=Xt.device)
+    if len(frozen) == 0:
+        return None, zy
+    Wf = torch.as_tensor(W0[frozen], dtype=torch.float32, device=Xt.device)
+    bf = torch.as_tensor(b0[frozen], dtype=torch.float64, device=Xt.device)
+    col = torch.full((len(W0),), -1, dtype=torch.int64, device=Xt.device)
+    col[torch.as_tensor(frozen, device=Xt.device)] = torch.arange(len(frozen), device=Xt.device)
+    r = torch.empty(len(yt), dtype=torch.float64, device=Xt.device)
+    for i in range(0, len(yt), _ROWS):
+        z = (Xt[i : i + _ROWS] @ Wf.T).double() + bf
+        r[i : i + _ROWS] = torch.logsumexp(z, 1)
+        c = col[yt[i : i + _ROWS]]
+        zy[i : i + _ROWS] = torch.where(c >= 0, z.gather(1, c.clamp(min=0)[:, None])[:, 0], 0.0)
+    return r, zy
 
 
 def mix_weights(n_real: int, n_added: int, lam: float) -> np.ndarray:

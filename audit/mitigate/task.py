@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from audit.evaluate import align_ids, feature_path, prediction_path
+from audit.mitigate.classes import active_classes, confusion_mass, weakest_classes
 from audit.mitigate.gain import paired_gain
 from audit.mitigate.head import LinearHead, mix_weights
 from audit.mitigate.select import stratified_subsample
@@ -80,21 +81,31 @@ class Fit:
 
 
 class ModelData:
-    """A model's features (``F``), labels (``Y``) and confidences on the real splits, its
-    original head ``(W0, b0)``, and the real examples every method trains on."""
+    """A model's features (``F``, float32), labels (``Y``) and confidences on the real splits,
+    its original head ``(W0, b0)``, its hard classes, and the real examples every method
+    trains on. The original head's logits per split are computed once: a retrained head that
+    moves only some rows predicts from them plus its own rows."""
 
-    def __init__(self, F: dict, Y: dict, conf: dict, head, cfg: MitigateSection, setting: Setting):
-        self.F, self.Y, self.conf = F, Y, conf
-        self.W0, self.b0 = head
+    def __init__(
+        self, F: dict, Y: dict, conf: dict, head, cfg: MitigateSection, setting: Setting, hard=()
+    ):
+        self.F = {s: np.asarray(x, np.float32) for s, x in F.items()}
+        self.Y, self.conf = Y, conf
+        self.W0, self.b0 = (np.asarray(a, np.float64) for a in head)
         self.cfg, self.setting = cfg, setting
+        self.hard = np.unique(np.asarray(hard, np.int64))
         keep = stratified_subsample(
             Y["train"], int(cfg.max_real), seed=0
         )  # the same for every method
-        self.train_X, self.train_y = F["train"][keep], Y["train"][keep]
+        self.train_X, self.train_y = self.F["train"][keep], Y["train"][keep]
+        self._logits: dict[str, np.ndarray] = {}
+        self._probas: dict[str, np.ndarray] = {}
+        self._masses: dict[int, np.ndarray] = {}
 
     def fit(self, X_add=None, y_add=None, lam: float = 0.0, w_add=None) -> LinearHead:
         """The head retrained on the real examples plus ``X_add`` (weighted ``lam`` in all, or
-        per example by ``w_add`` against real examples of weight 1)."""
+        per example by ``w_add`` against real examples of weight 1), moving the rows of
+        :meth:`active` only."""
         X, y, w = self.train_X, self.train_y, None
         if X_add is not None and len(X_add):
             X, y = np.concatenate([X, X_add]), np.concatenate([y, y_add])
@@ -105,10 +116,51 @@ class ModelData:
                 else np.concatenate([np.ones(n), w_add])
             )
         head = LinearHead(alpha=self.cfg.alpha, max_iter=self.cfg.max_iter)
-        return head.fit(X, y, w, self.W0, self.b0, n_classes=len(self.W0))
+        active = self.active(y_add if X_add is not None and len(X_add) else None)
+        return head.fit(X, y, w, self.W0, self.b0, n_classes=len(self.W0), active=active)
+
+    def active(self, y_add=None) -> np.ndarray | None:
+        """The head rows a fit moves (None: all): the hard classes and those of the added
+        examples (without either, the fit split's weakest classes), then their main
+        confusions on the fit split, up to ``[mitigate] head_classes``."""
+        cap, C = int(self.cfg.head_classes), len(self.W0)
+        if cap <= 0 or cap >= C:
+            return None
+        focus = np.union1d(self.hard, np.zeros(0, np.int64) if y_add is None else y_add)
+        fs = self.setting.fit_split
+        if not len(focus):
+            focus = weakest_classes(self.correct_before(fs), self.Y[fs], max(1, cap // 4))
+        for c in focus.tolist():
+            if c not in self._masses:
+                self._masses[c] = confusion_mass(self._proba(fs), self.Y[fs], c)
+        return active_classes(focus, self._masses, cap, C)
+
+    def _proba(self, split: str) -> np.ndarray:
+        if split not in self._probas:
+            z = self.logits(split)
+            e = np.exp(z - z.max(1, keepdims=True))
+            self._probas[split] = e / e.sum(1, keepdims=True)
+        return self._probas[split]
+
+    def logits(self, split: str) -> np.ndarray:
+        """``[N, C]`` float32 logits of the original head on ``split`` (computed once)."""
+        if split not in self._logits:
+            W = self.W0.T.astype(np.float32)
+            self._logits[split] = self.F[split] @ W + self.b0.astype(np.float32)
+        return self._logits[split]
+
+    def predict(self, head: LinearHead, split: str) -> np.ndarray:
+        """``[N]`` a retrained head's predictions on ``split``: the original logits with the
+        rows the head moved (``head.active_``) recomputed."""
+        A = head.active_
+        if len(A) == len(self.W0):
+            return head.predict(self.F[split])
+        z = self.logits(split).copy()
+        z[:, A] = self.F[split] @ head.coef_[A].T.astype(np.float32) + head.intercept_[A]
+        return z.argmax(1)
 
     def correct_before(self, split: str) -> np.ndarray:
-        return (self.F[split] @ self.W0.T + self.b0).argmax(1) == self.Y[split]
+        return self.logits(split).argmax(1) == self.Y[split]
 
 
 @dataclass
@@ -124,7 +176,7 @@ class MethodContext:
     def fit_score(self, head: LinearHead) -> tuple[float, float]:
         """``(hard, overall)`` accuracy on the fit split: the choices' score (never the eval split)."""
         fs = self.data.setting.fit_split
-        ok = head.predict(self.data.F[fs]) == self.data.Y[fs]
+        ok = self.data.predict(head, fs) == self.data.Y[fs]
         hard = [ok[hc.fit_near].mean() for hc in self.task.hard if len(hc.fit_near)]
         return (float(np.mean(hard)) if hard else float(ok.mean())), float(ok.mean())
 
@@ -143,12 +195,12 @@ def model_head(spec, classes, weights_path) -> tuple[np.ndarray, np.ndarray] | N
 
 
 def load_model_data(
-    store: RunStore, name: str, split_ids: dict, split_labels: dict, head, cfg, setting
+    store: RunStore, name: str, split_ids: dict, split_labels: dict, head, cfg, setting, hard=()
 ):
-    """The model's :class:`ModelData`, or an error string (missing features, a head that does
-    not reproduce the model's predictions)."""
+    """The model's :class:`ModelData` (``hard``: its hard classes), or an error string
+    (missing features, a head that does not reproduce the model's predictions)."""
     ft = store.read_table(feature_path(name))
-    fvec = np.asarray(ft["vector"].combine_chunks().flatten().to_numpy(), np.float64).reshape(
+    fvec = np.asarray(ft["vector"].combine_chunks().flatten().to_numpy(), np.float32).reshape(
         ft.num_rows, -1
     )
     fids = ft["example_id"].to_numpy(zero_copy_only=False)
@@ -161,9 +213,9 @@ def load_model_data(
             return f"model {name} has no features for {int((idx < 0).sum())} {split} examples"
         F[split], Y[split] = fvec[idx], split_labels[split]
         conf[split] = preds["confidence"].to_numpy(zero_copy_only=False)[align_ids(pids, ids)]
-    data = ModelData(F, Y, conf, head, cfg, setting)
+    data = ModelData(F, Y, conf, head, cfg, setting, hard)
     pred = preds["pred"].to_numpy()[align_ids(pids, split_ids[setting.fit_split])]
-    agree = float(np.mean((F[setting.fit_split] @ data.W0.T + data.b0).argmax(1) == pred))
+    agree = float(np.mean(data.logits(setting.fit_split).argmax(1) == pred))
     if agree < 0.99:
         return f"model {name}: features x head reproduce only {agree:.1%} of its predictions"
     return data
@@ -185,7 +237,7 @@ def evaluation_rows(
             targets.append(("attribute_group", classes[hc.cls], hc.group, hc.group_eval))
     rows = []
     for method, f in fits:
-        after = f.head.predict(data.F[es]) == data.Y[es]
+        after = data.predict(f.head, es) == data.Y[es]
         for kind, cls, target, idx in targets:
             g, lo, hi = paired_gain(before[idx], after[idx], n_boot=n_boot, seed=len(rows))
             rows.append(
@@ -223,7 +275,6 @@ def run_model(
     setting: Setting,
 ) -> dict:
     """Every method for one model: ``{"rows": [...], "error": str | None}``."""
-    from audit.mitigate.methods import METHODS
     from audit.mitigate.synthetic import load_index
 
     store, name = RunStore(run_uri), task.model
@@ -233,7 +284,8 @@ def run_model(
             "rows": [],
             "error": f"model {name} has no linear head to retrain (builder {spec_of[name].builder})",
         }
-    data = load_model_data(store, name, split_ids, split_labels, head, cfg, setting)
+    hard = [hc.cls for hc in task.hard]
+    data = load_model_data(store, name, split_ids, split_labels, head, cfg, setting, hard)
     if isinstance(data, str):
         return {"rows": [], "error": data}
     syn = load_index(store)
@@ -242,9 +294,16 @@ def run_model(
         return {"rows": [], "error": f"model {name} has no outputs on the generated images"}
     if syn_X is None:  # no generated image in the run: the methods that need none still apply
         syn_X = np.zeros((0, data.W0.shape[1]))
-    ctx = MethodContext(task, data, syn, syn_X)
+    ctx = MethodContext(task, data, syn, np.asarray(syn_X, np.float32))
+    return {"rows": mitigate_model(ctx, classes, cfg.n_boot), "error": None}
+
+
+def mitigate_model(ctx: MethodContext, classes: list[str], n_boot: int) -> list[dict]:
+    """Every method of :mod:`audit.mitigate.methods` for one model, and its evaluation rows."""
+    from audit.mitigate.methods import METHODS
+
     fits = []
     for m, method in METHODS.items():
         made = method(ctx)
         fits += [(m, f) for f in ([made] if isinstance(made, Fit) else made or [])]
-    return {"rows": evaluation_rows(task, data, fits, classes, cfg.n_boot), "error": None}
+    return evaluation_rows(ctx.task, ctx.data, fits, classes, n_boot)

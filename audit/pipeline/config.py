@@ -197,6 +197,9 @@ class MitigateSection(Section):
     lambdas: list[Annotated[float, Field(ge=0, lt=1)]] = Field([0.5, 0.75, 0.9], min_length=1)
     # real train examples in a head's training (stratified; 0 = all)
     max_real: int = Field(3000, ge=0, le=MAX_COUNT)
+    # head rows a fit may move: the hard classes and their main confusions on the fit split;
+    # the rest stay at the model's own weights (0, or at least the classes: every row moves)
+    head_classes: int = Field(32, ge=0, le=MAX_COUNT)
     pool_k: int = Field(50, ge=1, le=MAX_NEAREST)  # pool (and upweighted fit) images per hard class
     # weight of the fit split's direction-selected images
     upweight: float = Field(5.0, gt=0, le=1e6)

@@ -148,6 +148,9 @@ STAGES: tuple[Stage, ...] = (
         writes=("mitigation.parquet",),
         section="mitigate",
         needs=("directions", "generate", "mitigate"),
+        # v2: heads solved in torch (L-BFGS, strong Wolfe); at more classes than [mitigate]
+        # head_classes a fit moves only the hard classes and their main confusions
+        version=2,
     ),
     Stage(
         "confirm",
