@@ -252,3 +252,19 @@ def test_a_full_disk_fails_the_stage_naming_it_and_the_file(config, tmp_path, mo
     monkeypatch.setattr(Store, "_write_stream", write)
     m = RunStore(str(out)).manifest()
     assert m["status"] == "failed" and m["stages"]["sweep"]["status"] == "failed"
+
+
+def test_report_out_refuses_a_folder_of_the_users_own_files(config, tmp_path, capsys):
+    out = tmp_path / "run"
+    _run(config, out)
+    mine = tmp_path / "site"
+    mine.mkdir()
+    (mine / "index.html").write_text("my own page")
+    assert main(["report", str(out), "--out", str(mine)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "index.html" in err and "empty or new folder" in err
+    assert (mine / "index.html").read_text() == "my own page"
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert main(["report", str(out), "--out", str(fresh)]) == 0  # an empty folder
+    assert main(["report", str(out), "--out", str(fresh)]) == 0  # an earlier report's folder

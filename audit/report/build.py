@@ -14,7 +14,7 @@ from audit.report.context import ReportContext
 from audit.report.images import Thumbs
 from audit.report.overview import write_overview, write_sets
 from audit.report.shared import write_shared
-from audit.report.site import Site, out_dir_for
+from audit.report.site import Site, out_dir_for, take_out_dir
 from audit.store import RunStore
 from audit.view import RunView
 
@@ -28,6 +28,7 @@ def write_report(
     view = run if isinstance(run, RunView) else RunView.open(run)
     opts = opts or view.config.report
     out = RunStore(out_dir_for(view.store, out_dir))
+    take_out_dir(out)
     site = Site(out, view)
     site.static()
     thumbs = Thumbs(out, opts.thumb_size)

@@ -30,6 +30,27 @@ def run_status(view: RunView) -> str:
     return status
 
 
+#: the file that marks a folder as a report's (written first, before any page)
+OWN = ".zoo-audit-report"
+
+
+def take_out_dir(out: RunStore) -> None:
+    """Make ``out`` the report's folder: empty, new, or an earlier report's (its marker file, or
+    an ``index.html`` this tool wrote). A folder holding a user's own files is refused (a
+    report would overwrite their ``index.html``), with one line naming a file and the fix."""
+    names = [n for n in out.listdir() if not n.startswith(".tmp-")]
+    ours = OWN in names or (
+        "index.html" in names and MARKER.encode() in out.read_bytes("index.html")
+    )
+    if names and not ours:
+        shown = "index.html" if "index.html" in names else names[0]
+        raise ValueError(
+            f"report --out {out.uri} holds {shown} ({len(names)} entries) that zoo-audit did not "
+            "write; choose an empty or new folder, or the folder of an earlier report"
+        )
+    out.write_bytes(OWN, b"written by zoo-audit report: its files are replaced by the next one\n")
+
+
 class Site:
     """Writes pages into the report folder ``out``; refuses nothing, overwrites only what a
     previous report build wrote (recognised by its marker)."""
