@@ -120,7 +120,26 @@ def _serve(a):
             f"--backend {a.backend!r}: unknown backend {name!r}; known: {', '.join(list_backends())}"
         )
 
+    if name == "diffusers":
+        _check_diffusers(a.backend, _)
     serve_main(a)
+
+
+def _check_diffusers(backend: str, model: str | None) -> None:
+    """Weights that cannot be loaded are one line before Serve starts (it took ~50 s to end in
+    'failed to update the deployments'); a hub id may still be downloaded when online."""
+    from cluster.generate import diffusion_weights_present
+
+    model = model or ""
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    pathlike = model.startswith((".", "/", "~")) or model.count("/") > 1  # hub ids: ORG/NAME
+    if not diffusion_weights_present(model) and (offline or pathlike or not model):
+        where = "no such model directory" if pathlike else "not in the Hugging Face cache"
+        where += " and HF_HUB_OFFLINE=1 allows no download" if offline and not pathlike else ""
+        raise ValueError(
+            f"--backend {backend!r}: diffusion weights {model!r} are not here ({where}); give a "
+            "directory with model_index.json or download the model first"
+        )
 
 
 def _add_world(sub) -> None:

@@ -268,3 +268,11 @@ def test_report_out_refuses_a_folder_of_the_users_own_files(config, tmp_path, ca
     fresh.mkdir()
     assert main(["report", str(out), "--out", str(fresh)]) == 0  # an empty folder
     assert main(["report", str(out), "--out", str(fresh)]) == 0  # an earlier report's folder
+
+
+@pytest.mark.parametrize("model", ["/no/such/model", "MISSING"])
+def test_serve_with_missing_diffusion_weights_is_one_line_before_serve(model, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["serve", "--backend", f"diffusers:{model}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"diffusion weights {model!r} are not here" in err
