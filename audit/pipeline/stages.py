@@ -122,7 +122,9 @@ STAGES: tuple[Stage, ...] = (
         writes=("modes.parquet",),
         section="directions",
         needs=("directions",),
-        version=2,  # v2: a class's later modes named by a subpopulation the earlier ones have not
+        # v2: a class's later modes named by a subpopulation the earlier ones have not;
+        # v3: a later mode with only an earlier name is unnamed when it fails beyond that name
+        version=3,
     ),
     Stage(
         "generate",
