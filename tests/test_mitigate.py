@@ -256,7 +256,7 @@ def test_moving_only_the_hard_class_and_its_main_confusion_still_fixes_it(
             moved.append(tuple(kw["active"]))
             return super().fit(*args, **kw)
 
-    monkeypatch.setattr(task, "LinearHead", Recording)
+    monkeypatch.setattr(task.ModelData, "head_class", Recording)
     store, inputs = mitigated
     shutil.copytree(store.uri, tmp_path / "run")
     copy = RunStore(str(tmp_path / "run"))

@@ -86,6 +86,8 @@ class ModelData:
     trains on. The original head's logits per split are computed once: a retrained head that
     moves only some rows predicts from them plus its own rows."""
 
+    head_class = LinearHead  # the estimator a fit makes (benchmarks swap in the scipy oracle)
+
     def __init__(
         self, F: dict, Y: dict, conf: dict, head, cfg: MitigateSection, setting: Setting, hard=()
     ):
@@ -115,7 +117,7 @@ class ModelData:
                 if w_add is None
                 else np.concatenate([np.ones(n), w_add])
             )
-        head = LinearHead(alpha=self.cfg.alpha, max_iter=self.cfg.max_iter)
+        head = self.head_class(alpha=self.cfg.alpha, max_iter=self.cfg.max_iter)
         active = self.active(y_add if X_add is not None and len(X_add) else None)
         return head.fit(X, y, w, self.W0, self.b0, n_classes=len(self.W0), active=active)
 
