@@ -4,7 +4,8 @@
 backend=world store=runs/serve`` or ``serve run configs/serve/serve.yaml``);
 ``serve_main(args)`` is ``zoo-audit serve``: Ray embedded, the app on 127.0.0.1, blocking.
 
-Routes (bearer token required on all but /healthz when a token is configured)::
+Routes (bearer token required on all but /healthz when a token is configured; with auth off,
+or with ``allowed_hosts`` set, a Host header that names no local or allowed host gets 403)::
 
     POST /v1/generate            {prompts, images_per_prompt, seed, steps, guidance, size,
                                   set_id?, return_images?} -> {set_id, image_ids, ...}
@@ -12,7 +13,8 @@ Routes (bearer token required on all but /healthz when a token is configured)::
     GET  /v1/sets/{set_id}/images/{n}.png
     GET  /healthz
 
-The ingress validates (422 naming the bound), authenticates (401), dedups by set id
+The ingress checks the Host (403), validates (422 naming the bound), authenticates (401),
+counts every loopback address as one client for the quota (429), dedups by set id
 (same request -> the stored set, different request -> 409), calls the generator through a
 handle (whose bounded queue turns overload into 503 + Retry-After), and writes the set in
 one atomic Parquet file only after every image exists (a failure -> 500 with an error id,
@@ -38,6 +40,7 @@ from audit.synthetic.claims import probe_store
 from audit.synthetic.sets import SetUnreadable, check_set_id, image_id, read_set_image
 from serve.config import AUTH_OFF, GenerateRequest, ServeAppConfig, load_config
 from serve.generator import Generator
+from serve.guard import client_key, host_refusal
 from serve.making import SetFailed, SetMaker
 
 log = logging.getLogger("zoo_audit.serve")
@@ -63,11 +66,30 @@ class Ingress(SetMaker):
     def __init__(self, generator, config: dict, token_sha256: str | None, http: bool = True):
         super().__init__(generator, config)
         self.token_sha256 = token_sha256
-        self._clients: dict[str, deque] = {}  # client address -> (time, images) of the last minute
+        self._clients: dict[str, deque] = {}  # client_key -> (time, pixels) of the last minute
         if token_sha256 is None and http:
             log.warning(AUTH_OFF)
 
     # -- helpers -----------------------------------------------------------------------
+    def _host(self, request: Request) -> JSONResponse | None:
+        """403 when the Host header names no local or allowed host, if the check applies.
+
+        With auth off it always does: that stops DNS rebinding. With a token, the token already
+        keeps a rebinding page out (the browser never sends it there), and a remote client
+        behind a reverse proxy may use any name, so the check applies only when the user set
+        ``allowed_hosts`` (asking for it). 403, not 421: a browser may retry a 421 elsewhere."""
+        if self.token_sha256 is not None and not self.cfg.allowed_hosts:
+            return None
+        server = request.scope.get("server")
+        refusal = host_refusal(
+            request.headers.get("host"), server[0] if server else None, self.cfg.allowed_hosts
+        )
+        return None if refusal is None else _error(403, refusal)
+
+    def _guard(self, request: Request) -> JSONResponse | None:
+        """The Host check, then the token: the refusal, or None when the request may go on."""
+        return self._host(request) or self._auth(request)
+
     def _auth(self, request: Request) -> JSONResponse | None:
         if self.token_sha256 is None:
             return None
@@ -139,8 +161,11 @@ class Ingress(SetMaker):
 
     # -- routes ------------------------------------------------------------------------
     @api.get("/healthz")
-    async def healthz(self):
-        """Asks the generator and writes to the store on every call (nothing cached)."""
+    async def healthz(self, request: Request):
+        """Asks the generator and writes to the store on every call (nothing cached); no token
+        asked, but the Host is checked (a rebinding page could make the service write)."""
+        if (denied := self._host(request)) is not None:
+            return denied
         try:
             info = await asyncio.wait_for(self.generator.info.remote(), timeout=30)
             self._info = info
@@ -163,21 +188,21 @@ class Ingress(SetMaker):
 
     @api.post("/v1/generate")
     async def generate(self, request: Request):
-        if (denied := self._auth(request)) is not None:
+        if (denied := self._guard(request)) is not None:
             return denied
         req = await self._parse(request)
         if isinstance(req, JSONResponse):
             return req
-        client = request.client.host if request.client else "?"
+        client = client_key(request.client.host) if request.client else "?"
         try:
             return await self.set_for(req, self.cfg.limits, lambda n: self._charge(client, n))
         except SetFailed as e:
             return _failed(e)
 
     def _check_read(self, request: Request, set_id: str):
-        """The error response for a read of ``set_id`` (401 without the token, 422 for a bad
-        id), or None when the read may go on."""
-        if (denied := self._auth(request)) is not None:
+        """The error response for a read of ``set_id`` (403 for a foreign Host, 401 without the
+        token, 422 for a bad id), or None when the read may go on."""
+        if (denied := self._guard(request)) is not None:
             return denied
         try:
             check_set_id(set_id)

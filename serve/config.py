@@ -16,6 +16,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from audit.synthetic.sets import check_set_id
+from serve.guard import check_host_name
 
 log = logging.getLogger("zoo_audit.serve")
 
@@ -50,7 +51,7 @@ class Limits(_Strict):
     client_pixels_per_minute: int = Field(
         64 * 1024 * 1024,
         ge=0,
-        description="new image pixels one client (address) may ask for per minute, per ingress replica (4 full requests); 0 = no quota",
+        description="new image pixels one client (address; all loopback addresses are one) may ask for per minute, per ingress replica (4 full requests); 0 = no quota",
     )
 
 
@@ -130,9 +131,23 @@ class ServeAppConfig(_Strict):
         gt=0,
         description="a set id claimed this long without a set is taken over (its holder died)",
     )
+    # Host names (or addresses) a request may name in its Host header besides localhost,
+    # 127.0.0.1, [::1] and the address it reached the service at. With auth off any other
+    # Host gets 403: a DNS-rebinding web page (its own name re-pointed at 127.0.0.1) cannot
+    # post to the service. Add the name you reach the service by (a machine's, a reverse
+    # proxy's). With a token the check is off unless this list is set (see Ingress._guard).
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names besides localhost that requests may name (no scheme, port or path)",
+    )
     limits: Limits = Field(default_factory=Limits)
     generator: GeneratorOptions = Field(default_factory=GeneratorOptions)
     ingress: IngressOptions = Field(default_factory=IngressOptions)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _allowed_hosts(cls, v: list[str]) -> list[str]:
+        return [check_host_name(h) for h in v]
 
     def resolve_token_hash(self) -> str | None:
         """sha256 of the bearer token (file first, then ``$token_env``), or None for no auth."""
@@ -212,6 +227,8 @@ def load_config(args: ServeAppConfig | dict[str, Any] | None = None) -> ServeApp
     for key in ("backend_options",):  # `serve run ... backend_options='{"steps": 2}'`
         if isinstance(args.get(key), str):
             args[key] = json.loads(args[key])
+    if isinstance(args.get("allowed_hosts"), str):  # `serve run ... allowed_hosts=a.lan,b.lan`
+        args["allowed_hosts"] = [h for h in args["allowed_hosts"].split(",") if h.strip()]
     return ServeAppConfig.model_validate(_deep_merge(_nest(base), _nest(args)))
 
 

@@ -113,10 +113,10 @@ def test_body_is_limited_while_streaming_and_only_json_is_accepted(service, http
         assert not RunStore(service["stores"][app]).exists("synthetic/xsite")
     port = int(service["url"].rsplit(":", 1)[1])
     # a declared 300 MB body: refused from the header, without waiting for (or reading) it
-    head = "POST /n/v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 300000000\r\n"
+    head = "POST /n/v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 300000000\r\n"
     assert " 413" in _raw(port, head, b'{"prompts": [')
     # a chunked body with no length: refused once 64 KiB + 1 have streamed in, the rest never sent
-    head = "POST /n/v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+    head = "POST /n/v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
     chunk = b"x" * (100 * 1024)
     assert " 413" in _raw(port, head, f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
 
