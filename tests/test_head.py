@@ -160,3 +160,18 @@ def test_model_data_predicts_a_restricted_head_from_the_cached_logits():
     assert data.active() is not None and 5 in data.active()
     everything = ModelData(F, Y, {}, (W0, b0), MitigateSection(head_classes=12), data.setting)
     assert everything.active() is None and len(everything.fit().active_) == 12
+
+
+def test_small_fits_on_several_threads_leave_torch_threads_as_they_were():
+    """Small CPU fits run on one torch thread (a setting of the whole process): fits on a
+    thread pool restore it once the last one is done."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    X, y, w, W0, b0 = anchored_problem(n=200)
+    before = torch.get_num_threads()
+    with ThreadPoolExecutor(4) as pool:
+        heads = list(pool.map(lambda _: LinearHead(max_iter=20).fit(X, y, w, W0, b0), range(8)))
+    assert torch.get_num_threads() == before
+    assert all(np.array_equal(h.coef_, heads[0].coef_) for h in heads)

@@ -12,6 +12,9 @@ restricted problem is solved exactly and costs ``N x D x |active|`` per iteratio
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
@@ -26,6 +29,30 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+_threads_lock = threading.Lock()
+_threads_held = [0, 0]  # fits inside _one_thread now, torch's thread count before the first
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one intra-op thread for the block; the setting is process-wide, so fits on
+    several Python threads count themselves in and the last one out restores it."""
+    import torch
+
+    with _threads_lock:
+        if _threads_held[0] == 0:
+            _threads_held[1] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_held[0] += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_held[0] -= 1
+            if _threads_held[0] == 0:
+                torch.set_num_threads(_threads_held[1])
 
 
 def resolve_device(X, device: str | None = None):
@@ -101,12 +128,10 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         y, w, W0, b0, A = _validated(
             X, y, sample_weight, coef_init, intercept_init, n_classes, active
         )
-        from audit.zoo.loop import torch_threads
-
         small = resolve_device(X, self.device).type == "cpu" and (
             len(y) * W0.shape[1] * len(A) < _ONE_THREAD_WORK
         )
-        with torch_threads(1 if small else None):
+        with _one_thread() if small else contextlib.nullcontext():
             W, b, self.n_iter_ = self._solve(X, y, w, W0, b0, A)
         self.coef_, self.intercept_ = W0.copy(), b0.copy()
         self.coef_[A], self.intercept_[A] = W, b
