@@ -123,8 +123,8 @@ STAGES: tuple[Stage, ...] = (
         section="directions",
         needs=("directions",),
         # v2: a class's later modes named by a subpopulation the earlier ones have not;
-        # v3: a later mode with only an earlier name is unnamed when it fails beyond that name
-        version=3,
+        # v3/v4: a later mode with only an earlier name is unnamed when it fails beyond that name
+        version=4,
     ),
     Stage(
         "generate",
