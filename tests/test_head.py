@@ -140,7 +140,7 @@ def test_the_head_fits_on_cuda_as_on_the_cpu():
     gpu = LinearHead(alpha=1e-2, max_iter=300).fit(Xg, y, w, W0, b0, active=[1, 2, 3])
     assert gpu.coef_.dtype == np.float64 and isinstance(gpu.coef_, np.ndarray)
     np.testing.assert_allclose(gpu.coef_, cpu.coef_, atol=2e-3)
-    assert np.mean(gpu.predict(X) == cpu.predict(X)) >= 0.995
+    assert np.mean(gpu.predict(Xg) == cpu.predict(X)) >= 0.995
 
 
 def test_model_data_predicts_a_restricted_head_from_the_cached_logits():

@@ -185,6 +185,7 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         return out[: len(A) * D].reshape(len(A), D), out[len(A) * D :], nit
 
     def decision_function(self, X) -> np.ndarray:
+        X = X.detach().cpu().numpy() if hasattr(X, "detach") else X  # a tensor, on any device
         return np.asarray(X, np.float32) @ self.coef_.T.astype(np.float32) + self.intercept_
 
     def predict_proba(self, X) -> np.ndarray:
