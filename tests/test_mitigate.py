@@ -99,6 +99,27 @@ def test_choose_respects_the_overall_constraint_and_reports_every_try():
     assert best == "b"
 
 
+def test_a_gentler_mix_is_tried_before_no_image_is_used():
+    """Every mix of ``lambdas`` costs the fit split more than max_drop: a half or a quarter of
+    the gentlest weight, with all or a quarter of the images, before giving up."""
+    from audit.mitigate.methods import search_mix
+
+    def score(mix):  # the hard rows rise with the synthetic weight; above 0.2 it costs overall
+        lam, k = mix
+        return 0.4 + lam * 0.5 + k / 1000, 0.9 if lam < 0.2 else 0.85
+
+    chosen, tried, kept = search_mix([0.5, 0.75], 16, score, base=0.9, max_drop=0.005)
+    assert kept and chosen == (0.125, 16)  # the hardest-helping mix that keeps overall
+    assert [m for m, _, _ in tried][:3] == [(0.5, 16), (0.75, 16), (0.75, 8)]
+    assert {m for m, _, _ in tried[3:]} == {(0.25, 16), (0.25, 4), (0.125, 16), (0.125, 4)}
+    # nothing keeps it: reported as not kept (the caller then uses no image)
+    chosen, tried, kept = search_mix([0.5], 16, lambda m: (0.9, 0.5), base=0.9, max_drop=0.005)
+    assert not kept and len(tried) == 6
+    # the first mix keeps it: no gentler one is tried
+    chosen, tried, kept = search_mix([0.5], 16, lambda m: (0.9, 0.9), base=0.9, max_drop=0.005)
+    assert kept and chosen == (0.5, 16) and len(tried) == 2
+
+
 def test_paired_gain_interval_covers_the_gain():
     before = np.r_[np.zeros(50), np.ones(50)]
     after = np.ones(100)

@@ -66,14 +66,12 @@ def _synthetic(ctx: MethodContext, generator: str, set_ids: list[str]) -> Fit:
         return ctx.fit_score(fitted[c][0])
 
     base = float(ctx.data.correct_before(fs).mean())
-    lam, tried = choose([(x, k_max) for x in cfg.lambdas], score, base, cfg.max_drop)
-    chosen, tried2 = choose([lam, (lam[0], max(1, k_max // 2))], score, base, cfg.max_drop)
-    tried += tried2[1:]
+    chosen, tried, kept = search_mix(cfg.lambdas, k_max, score, base, cfg.max_drop)
     ctx.chosen[("synthetic", generator)] = chosen
     tries = "; ".join(
         f"lambda={c[0]:g} k={c[1]}: hard {h:.3f} overall {o:.3f}" for c, h, o in tried
     )
-    if all(o < base - cfg.max_drop for _, _, o in tried):
+    if not kept:
         # every mix costs the fit split more than max_drop: these images do not help this
         # head, so none is used (the fix is then the control's, and says so)
         ctx.chosen[("synthetic", generator)] = (0.0, 0)
@@ -82,6 +80,27 @@ def _synthetic(ctx: MethodContext, generator: str, set_ids: list[str]) -> Fit:
     head, n = fitted[chosen]
     choice = f"chose lambda={chosen[0]:g} k={chosen[1]} on {fs}; tried {tries}"
     return Fit(head, chosen[0], n, choice, generator=generator)
+
+
+def search_mix(lambdas, k_max: int, score, base: float, max_drop: float) -> tuple:
+    """``(chosen (lambda, k), every (mix, hard, overall) tried, whether it keeps the fit split
+    within max_drop)``: lambda at the most images, then fewer images at that lambda; when every
+    such mix costs the fit split more than ``max_drop``, gentler ones (:func:`_gentler`)."""
+    lam, tried = choose([(x, k_max) for x in lambdas], score, base, max_drop)
+    chosen, tried2 = choose([lam, (lam[0], max(1, k_max // 2))], score, base, max_drop)
+    tried += tried2[1:]
+    if all(o < base - max_drop for _, _, o in tried):
+        # a head with few classes moves far on a few images: a smaller weight, fewer images,
+        # before giving up on these images
+        chosen, tried3 = choose(_gentler(min(lambdas), k_max), score, base, max_drop)
+        tried += tried3
+    return chosen, tried, any(o >= base - max_drop for _, _, o in tried)
+
+
+def _gentler(lam: float, k: int) -> list[tuple[float, int]]:
+    """Mixes gentler than the gentlest of ``[mitigate] lambdas``: a half and a quarter of its
+    weight, with all and a quarter of the images per caption."""
+    return [(lam * f, n) for f in (0.5, 0.25) for n in dict.fromkeys((k, max(1, k // 4)))]
 
 
 @method("synthetic_cluster")

@@ -151,8 +151,9 @@ STAGES: tuple[Stage, ...] = (
         section="mitigate",
         needs=("directions", "generate", "mitigate"),
         # v2: heads solved in torch (L-BFGS, strong Wolfe); at more classes than [mitigate]
-        # head_classes a fit moves only the hard classes and their main confusions
-        version=2,
+        # head_classes a fit moves only the hard classes and their main confusions;
+        # v3: gentler mixes tried before a generator's images are given up on
+        version=3,
     ),
     Stage(
         "confirm",
