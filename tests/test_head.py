@@ -57,6 +57,10 @@ def test_a_restricted_fit_freezes_the_other_rows_at_their_optimum():
     frozen = np.setdiff1d(np.arange(12), A)
     assert np.array_equal(h.coef_[frozen], W0[frozen])
     assert np.array_equal(h.intercept_[frozen], b0[frozen])
+    given = LinearHead(alpha=1e-2, max_iter=500).fit(
+        X, y, w, W0, b0, active=A, init_logits=X @ W0.T + b0
+    )  # the frozen rows' terms read from the caller's logits: the same fit
+    np.testing.assert_allclose(given.coef_, h.coef_, atol=1e-6)
     loss, grad = objective(X, y, w, h.coef_, h.intercept_, W0, 1e-2)
     assert np.abs(grad[h.active_]).max() < 1e-5 and np.abs(grad[frozen]).max() > 1e-3
     assert loss < objective(X, y, w, W0, b0, W0, 1e-2)[0]

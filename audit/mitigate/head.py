@@ -98,9 +98,10 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         min_{W, b}  sum_i w_i CE(softmax(W x_i + b), y_i) / sum_i w_i  +  alpha/2 ||W - W0||^2
 
     ``fit(X [N, D], y [N], sample_weight, coef_init [C, D], intercept_init [C], n_classes,
-    active)``; without an init the anchor is 0 (plain L2). ``active`` (class indices, default
-    all) are the rows the fit may move; the others stay at the init, which is their optimum
-    of the anchor. Solved with L-BFGS (strong Wolfe line search) in torch on ``device``
+    active, init_logits)``; without an init the anchor is 0 (plain L2). ``active`` (class
+    indices, default all) are the rows the fit may move; the others stay at the init, which is
+    their optimum of the anchor (``init_logits`` [N, C], ``X`` under the init head, spares the
+    product that sums them when the caller has it). Solved with L-BFGS (strong Wolfe line search) in torch on ``device``
     (``None``: ``X``'s device if ``X`` is a tensor, else CUDA when available, else the CPU):
     float32 products, float64 parameters and softmax. ``coef_`` / ``intercept_`` are numpy;
     ``active_`` the rows moved. The anchor keeps what the backbone and head learnt jointly, so
@@ -124,6 +125,7 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         intercept_init=None,
         n_classes: int | None = None,
         active=None,
+        init_logits=None,
     ):
         y, w, W0, b0, A = _validated(
             X, y, sample_weight, coef_init, intercept_init, n_classes, active
@@ -132,14 +134,14 @@ class LinearHead(ClassifierMixin, BaseEstimator):
             len(y) * W0.shape[1] * len(A) < _ONE_THREAD_WORK
         )
         with _one_thread() if small else contextlib.nullcontext():
-            W, b, self.n_iter_ = self._solve(X, y, w, W0, b0, A)
+            W, b, self.n_iter_ = self._solve(X, y, w, W0, b0, A, init_logits)
         self.coef_, self.intercept_ = W0.copy(), b0.copy()
         self.coef_[A], self.intercept_[A] = W, b
         self.classes_ = np.arange(len(W0))
         self.active_ = A
         return self
 
-    def _solve(self, X, y, w, W0, b0, A) -> tuple[np.ndarray, np.ndarray, int]:
+    def _solve(self, X, y, w, W0, b0, A, init_logits=None) -> tuple[np.ndarray, np.ndarray, int]:
         """``(W [A, D], b [A], iterations)``: the active rows at the optimum."""
         import torch
 
@@ -147,7 +149,7 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         f64 = dict(device=dev, dtype=torch.float64)
         Xt = torch.as_tensor(X).to(dev, torch.float32).contiguous()
         yt, wt = torch.as_tensor(y, device=dev), torch.as_tensor(w, **f64)
-        r, zy_frozen = _frozen_terms(Xt, yt, W0, b0, A)
+        r, zy_frozen = _frozen_terms(Xt, yt, W0, b0, A, init_logits)
         pos = torch.full((len(W0),), -1, dtype=torch.int64, device=dev)
         pos[torch.as_tensor(A, device=dev)] = torch.arange(len(A), device=dev)
         yA = pos[yt]  # the label's active column, -1 when its row is frozen
@@ -195,16 +197,22 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         return self.decision_function(X).argmax(1)
 
 
-def _frozen_terms(Xt, yt, W0: np.ndarray, b0: np.ndarray, A: np.ndarray):
+def _frozen_terms(Xt, yt, W0: np.ndarray, b0: np.ndarray, A: np.ndarray, init_logits=None):
     """``(r [N], zy [N])`` float64 on ``Xt``'s device: the log-sum-exp of each row's frozen
     logits (None when every class is active) and its label's logit when that row is frozen
-    (0 otherwise). One ``N x D x (C - A)`` product, in blocks of rows."""
+    (0 otherwise). Read from ``init_logits`` when given, else one ``N x D x (C - A)``
+    product, in blocks of rows."""
     import torch
 
     frozen = np.setdiff1d(np.arange(len(W0)), A)
     zy = torch.zeros(len(yt), dtype=torch.float64, device=Xt.device)
     if len(frozen) == 0:
         return None, zy
+    if init_logits is not None:
+        Z = torch.as_tensor(np.asarray(init_logits), device=Xt.device).double()
+        is_frozen = torch.as_tensor(np.isin(np.arange(len(W0)), frozen), device=Xt.device)
+        zy = torch.where(is_frozen[yt], Z.gather(1, yt[:, None])[:, 0], zy)
+        return torch.logsumexp(Z[:, torch.as_tensor(frozen, device=Xt.device)], 1), zy
     Wf = torch.as_tensor(W0[frozen], dtype=torch.float32, device=Xt.device)
     bf = torch.as_tensor(b0[frozen], dtype=torch.float64, device=Xt.device)
     col = torch.full((len(W0),), -1, dtype=torch.int64, device=Xt.device)

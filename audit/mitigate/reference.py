@@ -17,7 +17,7 @@ class ScipyHead(LinearHead):
     (``device`` is ignored), float32 products and float64 parameters, as before the torch
     solver."""
 
-    def _solve(self, X, y, w, W0, b0, A) -> tuple[np.ndarray, np.ndarray, int]:
+    def _solve(self, X, y, w, W0, b0, A, init_logits=None) -> tuple[np.ndarray, np.ndarray, int]:
         from scipy.optimize import minimize
 
         C, D = W0.shape

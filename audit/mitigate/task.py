@@ -99,7 +99,7 @@ class ModelData:
         keep = stratified_subsample(
             Y["train"], int(cfg.max_real), seed=0
         )  # the same for every method
-        self.train_X, self.train_y = self.F["train"][keep], Y["train"][keep]
+        self.train_X, self.train_y, self._keep = self.F["train"][keep], Y["train"][keep], keep
         self._logits: dict[str, np.ndarray] = {}
         self._probas: dict[str, np.ndarray] = {}
         self._masses: dict[int, np.ndarray] = {}
@@ -119,7 +119,13 @@ class ModelData:
             )
         head = self.head_class(alpha=self.cfg.alpha, max_iter=self.cfg.max_iter)
         active = self.active(y_add if X_add is not None and len(X_add) else None)
-        return head.fit(X, y, w, self.W0, self.b0, n_classes=len(self.W0), active=active)
+        if active is None:
+            return head.fit(X, y, w, self.W0, self.b0, n_classes=len(self.W0))
+        Z = self.logits("train")[self._keep]  # the frozen rows' logits: the real ones cached
+        if len(X) > len(Z):
+            Z = np.concatenate([Z, self._logits_of(X[len(Z) :])])
+        C = len(self.W0)
+        return head.fit(X, y, w, self.W0, self.b0, n_classes=C, active=active, init_logits=Z)
 
     def active(self, y_add=None) -> np.ndarray | None:
         """The head rows a fit moves (None: all): the hard classes and those of the added
@@ -147,9 +153,11 @@ class ModelData:
     def logits(self, split: str) -> np.ndarray:
         """``[N, C]`` float32 logits of the original head on ``split`` (computed once)."""
         if split not in self._logits:
-            W = self.W0.T.astype(np.float32)
-            self._logits[split] = self.F[split] @ W + self.b0.astype(np.float32)
+            self._logits[split] = self._logits_of(self.F[split])
         return self._logits[split]
+
+    def _logits_of(self, X: np.ndarray) -> np.ndarray:
+        return X @ self.W0.T.astype(np.float32) + self.b0.astype(np.float32)
 
     def predict(self, head: LinearHead, split: str) -> np.ndarray:
         """``[N]`` a retrained head's predictions on ``split``: the original logits with the
