@@ -28,7 +28,7 @@ not C. Per model the evaluation adds 2 M D C once (the original logits, cached) 
 2 M D A per prediction instead of 2 M D C; at 1,000 classes the fits dominate, linear in N,
 D and A.
 
-    python benchmarks/bench_mitigation.py                       # ~4 minutes on 2 idle cores
+    python benchmarks/bench_mitigation.py                       # ~3 minutes on 2 idle cores
     python benchmarks/bench_mitigation.py --only head --classes 100 --examples 5000 --dim 256
 """
 
