@@ -5,7 +5,10 @@ features, on a mix of real training data and synthetic images of the failure mod
 ``(1 - lambda)`` real and ``lambda`` synthetic; Jain et al. add real images from a pool
 selected by the failure direction, or upweight the direction-selected examples.
 
-- :mod:`.head`: :class:`LinearHead`, the anchored multinomial head (scikit-learn contract);
+- :mod:`.head`: :class:`LinearHead`, the anchored multinomial head (scikit-learn contract),
+  solved in torch on the features' device, moving all of its rows or some;
+- :mod:`.classes`: which rows a fit moves (the hard classes and their main confusions);
+- :mod:`.reference`: the scipy solver it replaced, kept as the tests' oracle;
 - :mod:`.select`: selections (indices) and :func:`choose` (a candidate, on the fit split);
 - :mod:`.gain`: :func:`paired_gain`, a before/after difference with a bootstrap interval;
 - :mod:`.synthetic`: the run's generated images, indexed, and the zoo's outputs on them;
