@@ -1,7 +1,9 @@
 """End to end on real photographs with real ImageNet weights, offline (slow, not in the default
 run): ``zoo-audit run`` with EfficientNet-Lite0/1/2 of the imagenet40 zoo (1,000-class heads)
 on scikit-image's photographs of a cat, a coffee cup and a motorbike, cropped, flipped and
-greyed into the four splits.
+greyed into the four splits. A failure is planted: 40% of the images are shrunk to 16-24
+pixels and blown up again, and none of the three models classifies those right (the whole
+photographs they classify right, as each of the three classes' other crops mostly).
 
 The images are an ImageFolder (``ROOT/SPLIT/CLASS/*.png``); a Parquet manifest beside it
 (``example_id, split, label, path``) names ImageNet's 1,000 classes in the models' output
@@ -27,7 +29,8 @@ pytestmark = pytest.mark.slow
 MODELS = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 #: ImageNet index -> the scikit-image photograph of it
 PHOTOS = {281: "chelsea", 967: "coffee", 665: "stereo_motorcycle"}
-PER_SPLIT = {"train": 24, "debug": 30, "test": 30, "pool": 16}
+PER_SPLIT = {"train": 30, "debug": 40, "test": 40, "pool": 24}
+LOW_RES = 0.4  # the planted failure: this share of the images is shrunk and blown up again
 
 
 def imagenet_classes() -> list[str]:
@@ -50,8 +53,8 @@ def _photo(name: str) -> np.ndarray:
 
 
 def _variant(img: np.ndarray, rng: np.random.Generator, size: int = 224) -> np.ndarray:
-    """A random crop (2% to 100% of the area, so some show too little to classify), maybe
-    flipped, maybe grey: the kind of variety that makes real failures."""
+    """A random crop (2% to 100% of the area), maybe flipped, maybe grey, and with
+    probability ``LOW_RES`` shrunk to 16-24 pixels first (the planted failure)."""
     from PIL import Image
 
     h, w = img.shape[:2]
@@ -59,6 +62,9 @@ def _variant(img: np.ndarray, rng: np.random.Generator, size: int = 224) -> np.n
     side = int(min(h, w, np.sqrt(area)))
     y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
     crop = Image.fromarray(img[y : y + side, x : x + side]).resize((size, size), Image.BICUBIC)
+    if rng.random() < LOW_RES:
+        px = int(rng.integers(16, 25))
+        crop = crop.resize((px, px), Image.BILINEAR).resize((size, size), Image.BILINEAR)
     out = np.asarray(crop)
     if rng.random() < 0.5:
         out = out[:, ::-1]
@@ -147,6 +153,13 @@ def test_zoo_audit_run_on_real_photographs_with_real_imagenet_weights(tmp_path):
         assert max(max(r["top5"]) for r in pred) >= 282  # ImageNet indices: 1,000-class heads
         right = float(np.mean([r["correct"] for r in test]))
         print(f"{name}: {right:.0%} of the test crops right")
-        assert 0.4 < right < 1.0, f"{name}: {right:.0%} of the test crops right"
-    assert store.read_table("modes.parquet").num_rows > 0  # failure modes found (unnamed)
-    assert store.read_table("mitigation.parquet").num_rows > 0
+        assert 0.2 < right < 0.8, f"{name}: {right:.0%} of the test crops right"
+    modes = store.read_table("modes.parquet").to_pylist()
+    planted = [m for m in modes if m["class"] in ("espresso", "moped")]
+    print(*[{k: m[k] for k in ("scope", "class", "named", "cv_score")} for m in modes], sep="\n")
+    assert planted, "the planted failure (16-24 pixel images) is found in the features"
+    assert not any(m["named"] for m in modes)  # image-only space: nothing to name them with
+    assert all(m["accuracy_on_nearest"] < m["class_accuracy"] for m in planted)
+    mit = store.read_table("mitigation.parquet").to_pylist()
+    print(*mit, sep="\n")
+    assert {"pool_direction", "upweight"} <= {r["method"] for r in mit}  # 1,000-class heads
