@@ -254,6 +254,18 @@ def test_no_train_split_with_members_trained_here_is_one_line_before_training(
     assert 'weights = "train"' in msg and "split = 'train'" in msg
 
 
+def test_only_timm_members_with_weights_train_count_as_trained_here():
+    """An open_clip or package member leaves ``weights`` at its default: it brings its own
+    weights, so the shipped 40-model zoo needs no train split (CLIP members counted as trained)."""
+    from audit.zoo.spec import ZooSpec
+
+    zoo = ZooSpec.from_toml("imagenet40")
+    kinds = {m.builder: m.trained_here for m in zoo}
+    assert kinds.get("open_clip") is False and kinds.get("efficientnet_lite_pkg") is False
+    assert not [m.name for m in zoo if m.trained_here]
+    assert all(m.trained_here for m in ZooSpec.from_toml("demo"))
+
+
 # -- files that do not parse name themselves ----------------------------------------------------
 def test_parquet_and_json_errors_name_the_file(tmp_path):
     from audit.data.readers import read_dataset

@@ -54,7 +54,7 @@ def image_only_embedder(inputs, name: str | None = None) -> ZooFeatures:
         )
     weights = inputs.weights
     for spec in specs:
-        if spec.weights != "train" or spec.name in weights:
+        if not spec.trained_here or spec.name in weights:
             return ZooFeatures(spec, inputs.data.classes, weights.get(spec.name))
     raise ValueError(
         f"embedder {name or 'features'}: no zoo member has weights yet (train the zoo first)"

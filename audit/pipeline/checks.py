@@ -54,7 +54,7 @@ def check_embedder_model(cfg: AuditConfig, zoo: ZooSpec) -> None:
 
 def check_train_split(cfg: AuditConfig, data: ImageTable, zoo: ZooSpec) -> None:
     """Members trained here (``weights = "train"``) need a train split to train on."""
-    trained_here = [m.name for m in zoo if m.weights == "train"]
+    trained_here = [m.name for m in zoo if m.trained_here]
     if trained_here and not len(data.split("train")):
         raise ValueError(
             f"the data ({cfg.data.path or cfg.data.world_spec}) has no train split, but the zoo "

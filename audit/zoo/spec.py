@@ -104,6 +104,12 @@ class ModelSpec:
                 )
             object.__setattr__(self, "weights", "package")
 
+    @property
+    def trained_here(self) -> bool:
+        """A timm member this project trains on the data (``weights = "train"``); the other
+        builders' ``weights`` default says nothing of where their weights come from."""
+        return self.builder == "timm" and self.weights == "train"
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -118,7 +118,7 @@ def train_model(
     from audit.zoo.loop import torch_threads, train_loop
     from audit.zoo.models import _timm_input_config, create_timm, preprocess
 
-    if spec.builder != "timm" or spec.weights != "train":
+    if not spec.trained_here:
         raise ValueError(
             f"model {spec.name!r} is not trained here (builder={spec.builder}, weights={spec.weights})"
         )
@@ -182,7 +182,7 @@ class TrainSet:
 
 def trainable_members(zoo: ZooSpec, names: list[str] | None = None) -> list[ModelSpec]:
     """The members of ``zoo`` (or of its ``names``) that this module trains (``weights = "train"``)."""
-    return [m for m in zoo.select(names) if m.builder == "timm" and m.weights == "train"]
+    return [m for m in zoo.select(names) if m.trained_here]
 
 
 def member_checkpoints(
