@@ -97,29 +97,33 @@ def group_accuracy(
         k: [] for k in ("model", "class", "attribute", "value", "n", "n_correct", "class_accuracy")
     }
 
-    def add(cls, attr, value, mask, cls_acc):
-        rows["model"].append(model)
-        rows["class"].append(cls)
-        rows["attribute"].append(attr)
-        rows["value"].append(value)
-        rows["n"].append(int(mask.sum()))
-        rows["n_correct"].append(int(correct[mask].sum()))
-        rows["class_accuracy"].append(cls_acc)
+    def add(cls, attr, value, n, n_correct, cls_acc):
+        row = (model, cls, attr, value, int(n), int(n_correct), cls_acc)
+        for key, v in zip(rows, row, strict=True):
+            rows[key].append(v)
 
     overall = float(correct.mean()) if len(correct) else float("nan")
-    add("*", "*", "*", np.ones(len(correct), bool), overall)
+    add("*", "*", "*", len(correct), correct.sum(), overall)
+    # one pass over the rows per class (its slice of the rows sorted by label), attribute
+    # columns as strings once: linear in examples (a mask over every row per class and value
+    # made it examples x classes: 59 s for 4 models at ImageNet shape)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(len(classes) + 1), side="left")
+    attrs = {a: np.asarray(v).astype(str) for a, v in attributes.items()}
     for ci, cname in enumerate(classes):
-        in_c = labels == ci
-        if not in_c.any():
+        idx = order[bounds[ci] : bounds[ci + 1]]
+        if not len(idx):
             continue
-        acc_c = float(correct[in_c].mean())
-        add(cname, "*", "*", in_c, acc_c)
-        for attr, values in attributes.items():
-            values = np.asarray(values).astype(str)
-            for v in np.unique(values[in_c]):
-                if v == "":
-                    continue
-                add(cname, attr, str(v), in_c & (values == v), acc_c)
+        hits = correct[idx]
+        acc_c = float(hits.mean())
+        add(cname, "*", "*", len(idx), hits.sum(), acc_c)
+        for attr, values in attrs.items():
+            vals, inv = np.unique(values[idx], return_inverse=True)
+            n_v = np.bincount(inv, minlength=len(vals))
+            k_v = np.bincount(inv, weights=hits, minlength=len(vals))
+            for v, n, k in zip(vals, n_v, k_v, strict=True):
+                if v != "":
+                    add(cname, attr, str(v), n, round(k), acc_c)
     n = np.asarray(rows["n"])
     k = np.asarray(rows["n_correct"])
     acc = np.where(n > 0, k / np.maximum(n, 1), np.nan)

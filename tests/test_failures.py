@@ -294,3 +294,31 @@ def test_bootstrap_in_pair_chunks_bounds_memory_and_keeps_its_intervals():
     np.testing.assert_array_equal(lo2, lo3)
     np.testing.assert_allclose(lo2, lo, atol=0.02)
     np.testing.assert_allclose(hi2, hi, atol=0.02)
+
+
+def test_group_accuracy_counts_every_class_and_attribute_value_as_masks_would():
+    """One pass per class over its slice of the rows sorted by label, checked against the
+    plain definition (a mask per class and value) on random data with empty values, classes
+    without examples and labels out of order."""
+    from audit.predictions import group_accuracy
+
+    rng = np.random.default_rng(7)
+    n, classes = 400, ["a", "b", "c", "d", "e"]
+    labels = rng.integers(0, 4, n)  # class "e" has no example
+    correct = rng.random(n) < 0.6
+    attrs = {"color": rng.choice(["red", "blue", ""], n), "bg": rng.choice(["x", "y"], n)}
+    got = {
+        (r["class"], r["attribute"], r["value"]): (r["n"], r["n_correct"], r["class_accuracy"])
+        for r in group_accuracy("m", correct, labels, classes, attrs).to_pylist()
+    }
+    want = {("*", "*", "*"): (n, int(correct.sum()), correct.mean())}
+    for ci, c in enumerate(classes[:4]):
+        in_c = labels == ci
+        want[(c, "*", "*")] = (int(in_c.sum()), int(correct[in_c].sum()), correct[in_c].mean())
+        for a, vals in attrs.items():
+            for v in {"red", "blue", "x", "y"} & set(vals[in_c]):
+                m = in_c & (vals == v)
+                want[(c, a, v)] = (int(m.sum()), int(correct[m].sum()), correct[in_c].mean())
+    assert got.keys() == want.keys()
+    for key, (cnt, hits, cls_acc) in want.items():
+        assert got[key][:2] == (cnt, hits) and np.isclose(got[key][2], cls_acc), key
