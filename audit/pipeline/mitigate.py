@@ -59,6 +59,8 @@ class _Space:
         from audit.directions import decision_from_row
 
         in_c = np.flatnonzero(self.part[split].labels == cls)
+        if not len(in_c):  # a class the split has no image of (a small pool at 1,000 classes)
+            return in_c
         return in_c[np.argsort(decision_from_row(row, self.X[split][in_c]), kind="stable")]
 
 
