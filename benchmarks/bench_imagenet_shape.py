@@ -168,12 +168,13 @@ def check_confirmed(store) -> str:
 
 #: stage -> (what its cost grows with, what runs it in parallel: "cores", "gpus" or "serial")
 SCALING = {
-    # per model, each class x attribute value group masks all N rows (measured: 10x N x C, 8.7x)
-    "accuracy": ("M x N x C (a pass over N per class group)", "serial"),
+    # per model, one pass over each class's slice of the rows
+    "accuracy": ("M x N (a pass over each class's rows)", "serial"),
     "stats": ("M^2 x N", "serial"),
     "embed": ("N (here decode + lookup; a real embedder: its forward)", "gpus"),
-    # the SVMs are M x N; the captions' image grounding scores all N fit rows per direction
-    "directions": ("M x N x C (caption grounding: all N rows per direction)", "serial"),
+    # the SVMs are M x N (each class's rows); the captions' image grounding scores the
+    # neighbours it reads (it scored all N fit rows per direction: M x N x C)
+    "directions": ("M x N (per-class SVMs; grounding on the neighbours read)", "serial"),
     "name": ("M x C", "serial"),
     "generate": ("M x H (named modes; retrieval over the pool)", "serial"),
     "classify": ("M x generated images (here lookup; real: forward)", "gpus"),
@@ -188,6 +189,7 @@ def _units(stage: str, m: int, n: int, c: int) -> float:
     h = max(2, c // 100)
     return {
         "M x N x C": m * n * c,
+        "M x N": m * n,
         "M^2 x N": m * m * n,
         "N": n,
         "M x C": m * c,
