@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+from html import unescape
 
 import numpy as np
 import pyarrow as pa
@@ -285,6 +286,97 @@ def test_report_command_and_optional_tables(audited, tmp_path, capsys):
 
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def _transfer_tables(clusters: list[dict]) -> tuple[pa.Table, pa.Table]:
+    """``zoo-audit fix`` tables for three new members of the audited run: ``new-a`` (a family of
+    cluster 0, one planted target a method, an own fix), ``new-b`` (a family no cluster holds, two
+    targets), ``new-c`` (failed); generators ``retrieval`` and ``world`` (the oracle)."""
+    from audit.transfer.tables import ASSIGN_SCHEMA, TRANSFER_SCHEMA
+
+    scopes = [f"cluster:{c}" for c in sorted({r["cluster"] for r in clusters})]
+    fam = {
+        s: sorted({r["family"] for r in clusters if f"cluster:{r['cluster']}" == s}) for s in scopes
+    }
+    a_family, home = fam[scopes[0]][0], scopes[0]
+    assign = [
+        {"model": m, "family": f, "cluster": s, "cluster_families": ", ".join(fam[s])}
+        | {"similarity": 0.5 - 0.1 * i, "assigned": i == 0, "n_fail": 40, "n_examples": 200}
+        for m, f in (("new-a", a_family), ("new-b", "vit"))
+        for i, s in enumerate(scopes)
+    ]
+    gains = {"family_set": 0.30, "other_set": 0.10, "own": 0.40, "control": 0.02}
+    rows = []
+    for gen in ("retrieval", "world"):
+        for method, g in gains.items():
+            base = {"cluster": home, "cluster_families": ", ".join(fam[home]), "eval": "planted"}
+            base |= {"method": method, "generator": "" if method == "control" else gen}
+            base |= {"oracle": gen == "world", "overall_before": 0.70, "overall_after": 0.72}
+            if method == "control" and gen == "world":
+                continue  # the control has no generator: one row serves both tables
+            rows.append(
+                base
+                | {"model": "new-a", "family": a_family, "family_in_cluster": True}
+                | {
+                    "gain": g,
+                    "gain_ci_low": g - 0.2,
+                    "gain_ci_high": g + 0.2,
+                    "target": "t:color=red",
+                }
+            )
+            if method != "own":  # no reference audit of new-b
+                for target, gb in (("t:color=red", 0.05), ("t:size=big", 0.15)):
+                    rows.append(
+                        base
+                        | {"model": "new-b", "family": "vit", "family_in_cluster": False}
+                        | {"gain": gb, "target": target}
+                    )
+    rows.append(
+        {"model": "new-c", "family": "mlp", "error": "another class list: 3 classes, not 10"}
+    )
+    return (
+        pa.Table.from_pylist(rows, schema=TRANSFER_SCHEMA),
+        pa.Table.from_pylist(assign, schema=ASSIGN_SCHEMA),
+    )
+
+
+def test_transfer_page_only_when_the_run_has_transfer_tables(audited, tmp_path):
+    """``zoo-audit fix``'s page: each new member with its assigned cluster and gains per generator
+    (the oracle's labelled), the failed member's reason, and a nav entry; none without the table."""
+    from audit.report import build_report
+    from audit.synthetic import ORACLE_NOTE
+
+    store, _, _ = audited
+    assert not os.path.exists(store.path("report/transfer.html"))
+    assert 'href="transfer.html"' not in open(store.path("report/index.html")).read()
+    run = str(tmp_path / "run")
+    shutil.copytree(store.root, run, ignore=shutil.ignore_patterns("report"))
+    clusters = store.read_table("clusters.parquet").to_pylist()
+    transfer, assign = _transfer_tables(clusters)
+    pq.write_table(transfer, f"{run}/transfer.parquet")
+    pq.write_table(assign, f"{run}/transfer_assign.parquet")
+    out = str(tmp_path / "html")
+    build_report(run, out)
+    page = open(f"{out}/transfer.html").read()
+    for member in ("new-a", "new-b", "new-c"):
+        assert f"<td>{member}</td>" in page
+    home = min(r["cluster"] for r in clusters)
+    assert f'href="clusters/cluster-{home}.html"' in page
+    assert "<b>1 of 2</b> members were assigned to a cluster that holds their family" in page
+    assert "retrieval" in page and ORACLE_NOTE in unescape(page)
+    assert page.index("Gains with retrieval") < page.index("Gains with world")
+    # new-a: one target, so its interval; family set 0.30 of own 0.40; new-b: mean of two targets
+    assert "+30.0 pts" in page and "[+10.0, +50.0]" in page and ">75%</td>" in page
+    assert '+10.0 pts</span><br><span class="muted small">mean of 2 targets' in page
+    assert "another class list: 3 classes, not 10" in page
+    model = clusters[0]["model"]
+    assert 'href="transfer.html"' in open(f"{out}/index.html").read()
+    assert 'href="../transfer.html"' in open(f"{out}/models/{model}.html").read()
+
+    os.remove(f"{run}/transfer.parquet")  # the same folder, rebuilt: no stale page or link
+    build_report(run, out)
+    assert not os.path.exists(f"{out}/transfer.html")
+    assert "transfer.html" not in open(f"{out}/index.html").read()
 
 
 # -- a real browser ------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from audit.report.images import Thumbs
 from audit.report.overview import write_overview, write_sets
 from audit.report.shared import write_shared
 from audit.report.site import Site, out_dir_for, take_out_dir
+from audit.report.transfer import write_transfer
 from audit.store import RunStore
 from audit.view import RunView
 
@@ -36,6 +37,7 @@ def write_report(
     n_model_pages = write_cards(ctx, site)
     write_shared(ctx, site)
     n_synthetic = write_sets(ctx, site)
+    write_transfer(ctx, site)
     write_overview(ctx, site, n_synthetic)
     n_bytes = site.n_bytes + thumbs.n_bytes
     seconds = time.perf_counter() - t0

@@ -15,6 +15,8 @@ NAV = [
     ("cards.html", "Models & clusters", "cards"),
     ("sets.html", "Synthetic sets", "sets"),
 ]
+#: the page of ``zoo-audit fix``, in the header only when the run has ``transfer.parquet``
+TRANSFER_NAV = ("transfer.html", "Fixing new members", "transfer")
 METRIC_LABELS = {
     "jaccard": "Jaccard overlap",
     "shared_fraction": "shared fraction of errors",

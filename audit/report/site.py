@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 from importlib.resources import files
 
-from audit.report.common import MARKER, NAV, _env
+from audit.report.common import MARKER, NAV, TRANSFER_NAV, _env
 from audit.store import RunStore
+from audit.transfer.tables import TRANSFER
 from audit.view import RunView
 
 #: a previous build's pages and thumbnails (removed before a new build)
-BUILT = ("img", "models", "clusters", "figures")
+BUILT = ("img", "models", "clusters", "figures", "transfer.html")
 
 
 def out_dir_for(store: RunStore, out_dir: str | None) -> str:
@@ -58,6 +59,7 @@ class Site:
     def __init__(self, out: RunStore, view: RunView):
         self.out, self.view = out, view
         self.env = _env()
+        self.nav = NAV + ([TRANSFER_NAV] if view.has(TRANSFER) else [])
         self.n_bytes = 0
         if out.exists("index.html") and MARKER.encode() in out.read_bytes("index.html"):
             for sub in BUILT:
@@ -86,7 +88,7 @@ class Site:
         cfg = self.view.config
         html = self.env.get_template(template).render(
             root="../" * rel.count("/"),
-            nav=NAV,
+            nav=self.nav,
             page=page,
             fit_split=cfg.data.split,
             eval_split=cfg.data.eval_split,
