@@ -102,6 +102,21 @@ def _report(a):
     print(f"report: {res.index}")
 
 
+def _fix(a):
+    from audit.pipeline.interrupt import stop_on_signals
+    from cluster.runner import run_fix
+
+    with stop_on_signals():
+        run_fix(
+            a.run,
+            a.zoo,
+            models=a.models.split(",") if a.models else (),
+            reference=a.reference,
+            address=a.address,
+            verbose=a.verbose,
+        )
+
+
 def _embed_train(a):
     from audit.embed.world_encoder import train_cli
 
@@ -215,6 +230,25 @@ def _add_audit(sub) -> None:
     rp.add_argument("run", help="a run directory (the --out of `zoo-audit run` or `demo`)")
     rp.add_argument("--out", default=None, help="where to write it (default RUN/report)")
     rp.set_defaults(fn=_report)
+    _add_fix(sub)
+
+
+def _add_fix(sub) -> None:
+    what = (
+        "fix new members of a zoo with an audited run's cluster sets (no new audit): one sweep "
+        "of each member, its cluster assigned by shared failures, its head retrained"
+    )
+    f = sub.add_parser("fix", help=what)
+    f.add_argument("run", help="an audited run directory (the --out of `zoo-audit run`)")
+    f.add_argument("--zoo", required=True, help="a zoo manifest of the new members (TOML or name)")
+    f.add_argument("--models", default=None, help="comma-separated subset of that zoo")
+    ref = (
+        "a run directory for a full audit of the new members, to compare with their own "
+        "per-model fix (audited there first if it holds no finished run)"
+    )
+    f.add_argument("--reference", default=None, help=ref)
+    f.add_argument("--address", default=None, help="Ray cluster address (default: embedded Ray)")
+    f.set_defaults(fn=_fix)
 
 
 def _add_services(sub) -> None:

@@ -259,7 +259,7 @@ def _closing(store: RunStore, outcome: RunOutcome, seconds: float) -> str:
 
 
 def run_audit(
-    config: str,
+    config: str | AuditConfig,
     out: str,
     *,
     address: str | None = None,
@@ -270,13 +270,14 @@ def run_audit(
     services: Services | None = None,
     console: Callable[[str], None] = print,
 ) -> tuple[RunStore, RunOutcome]:
-    """Run the audit of ``config`` into ``out``; returns the store and what happened.
+    """Run the audit of ``config`` (a path, a shipped name, or a loaded config) into ``out``;
+    returns the store and what happened.
 
     ``services`` replaces the Ray services (tests inject threads and in-process fakes).
     Raises :class:`StageFailed` after recording a failed stage (the CLI prints one line).
     """
     t0 = time.perf_counter()
-    cfg = load_config(config, overrides)
+    cfg = config if isinstance(config, AuditConfig) else load_config(config, overrides)
     check_ray_cpus(cfg, address)
     check_backends(cfg)
     store = RunStore(check_out(out))
@@ -304,6 +305,70 @@ def run_audit(
     return store, outcome
 
 
+def run_fix(
+    run: str,
+    zoo: str,
+    *,
+    models: Sequence[str] = (),
+    reference: str | None = None,
+    address: str | None = None,
+    verbose: bool = False,
+    services: Services | None = None,
+    console: Callable[[str], None] = print,
+):
+    """``zoo-audit fix``: the new members of ``zoo`` fixed with the audited run's cluster sets
+    (:func:`audit.transfer.fix_zoo`). ``reference``: a run directory for a full audit of the new
+    members (their own per-model fix, for comparison); audited there first when it holds no
+    finished run. Returns the :class:`audit.transfer.FixOutcome`."""
+    from audit.transfer import fix_zoo
+    from audit.transfer.fix import check_run, member_inputs
+    from audit.view import RunView
+
+    t0 = time.perf_counter()
+    view = RunView.open(run)
+    check_run(view)  # before any work: the run reached the stages a fix reuses
+    cfg = view.config
+    ref = None
+    if reference:
+        ref = _reference_audit(view, zoo, models, reference, address, verbose, services, console)
+    ray = _LazyRay(cfg, address, verbose, view.store.path("logs") if view.store.local else None)
+    try:
+        console(f"zoo-audit fix {view.store.uri} --zoo {zoo}")
+        if services is None:
+            services = ray_services(cfg, view.store, view.world_dir, ray, sys.stderr.isatty())
+        inputs = member_inputs(view, zoo, models, services)
+        outcome = fix_zoo(view, inputs, ref, console=console)
+    finally:
+        ray.close()
+    for line in outcome.lines:
+        console(line)
+    from audit.transfer.summary import fix_summary
+
+    console(fix_summary(outcome))
+    console(f"\ntransfer.parquet in {view.store.uri}  total {time.perf_counter() - t0:.1f}s")
+    return outcome
+
+
+def _reference_audit(view, zoo, models, out, address, verbose, services, console):
+    """The full audit of the new members into ``out`` (resumed when already there)."""
+    from audit.view import RunView
+
+    cfg = view.config
+    over = {"manifest": zoo, "models": list(models)}
+    ref_cfg = cfg.model_copy(update={"zoo": cfg.zoo.model_copy(update=over)})
+    console(f"reference: a full audit of the new members -> {out}")
+    run_audit(
+        ref_cfg,
+        out,
+        address=address,
+        resume=True,
+        verbose=verbose,
+        services=services,
+        console=lambda s: console("  " + s) if s.strip() else None,
+    )
+    return RunView.open(out)
+
+
 def _config_key(cfg: AuditConfig) -> str:
     """The key of a whole config: every section's result-changing fields."""
     from audit.cache import content_hash
@@ -312,4 +377,4 @@ def _config_key(cfg: AuditConfig) -> str:
     return content_hash({n: cfg.section(n).key_fields() for n in SECTIONS})
 
 
-__all__ = ["StageFailed", "run_audit"]
+__all__ = ["StageFailed", "run_audit", "run_fix"]

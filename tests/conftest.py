@@ -150,3 +150,26 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mitigated(tmp_path_factory, testbed):
+    """The test bed (a planted failure the tiny models really learn) through every stage on
+    threads, with the world renderer as its generator (an oracle: the data's own generator).
+    Shared by the mitigation and the transfer tests (which add only their own files)."""
+    from test_runner import RecordingGenerator, threads
+    from testbed import testbed_config
+
+    from audit.pipeline.config import load_config
+    from audit.pipeline.inputs import load_inputs
+    from audit.store import RunStore
+    from cluster.runner import run_audit
+
+    world, zoo = testbed
+    root = tmp_path_factory.mktemp("mitigate")
+    config = testbed_config(root / "audit.toml", world, zoo)
+    store = RunStore(str(root / "run"))
+    services = threads(RecordingGenerator(world_dir=world, store=store))
+    store, out = run_audit(config, store.uri, services=services, console=lambda s: None)
+    assert out.failed is None, out.failed
+    return store, load_inputs(load_config(config), services)

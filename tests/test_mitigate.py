@@ -128,28 +128,6 @@ def test_paired_gain_interval_covers_the_gain():
     assert all(np.isnan(v) for v in paired_gain(np.zeros(0), np.zeros(0)))
 
 
-@pytest.fixture(scope="module")
-def mitigated(tmp_path_factory, testbed):
-    """The test bed (a planted failure the tiny models really learn) through every stage on
-    threads, with the world renderer as its generator (an oracle: the data's own generator)."""
-    from test_runner import RecordingGenerator, threads
-    from testbed import testbed_config
-
-    from audit.pipeline import runner
-    from audit.pipeline.config import load_config
-    from audit.pipeline.inputs import load_inputs
-    from audit.store import RunStore
-
-    world, zoo = testbed
-    root = tmp_path_factory.mktemp("mitigate")
-    cfg = load_config(testbed_config(root / "audit.toml", world, zoo))
-    store = RunStore(str(root / "run"))
-    inputs = load_inputs(cfg, threads(RecordingGenerator(world_dir=world, store=store)))
-    out = runner.run_pipeline(store, inputs, console=lambda s: None)
-    assert out.failed is None, out.failed
-    return store, inputs
-
-
 def test_the_planted_failure_is_found_named_fixed_and_confirmed(mitigated):
     """The whole chain on a failure the models really have: blue t-shirts (rare in train,
     while trousers are nearly all blue) fail; the direction for t-shirts is significant, its

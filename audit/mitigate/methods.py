@@ -53,10 +53,13 @@ def synthetic(ctx: MethodContext) -> list[Fit]:
     """Per generator: coordinate search on the fit split, lambda at the most images, then
     fewer images at that lambda; a choice may not lower the fit split's accuracy more than
     ``max_drop``."""
-    return [_synthetic(ctx, g, sets) for g, sets in ctx.task.own_sets.items() if sets]
+    return [search_set(ctx, g, sets) for g, sets in ctx.task.own_sets.items() if sets]
 
 
-def _synthetic(ctx: MethodContext, generator: str, set_ids: list[str]) -> Fit:
+def search_set(ctx: MethodContext, generator: str, set_ids: list[str]) -> Fit:
+    """The head retrained with the sets' images (one generator's) at the mix that :func:`search_mix`
+    chooses on the fit split for the hard classes of ``ctx.task`` (the model's own sets here; a
+    cluster's shared set for a new member in :mod:`audit.transfer`)."""
     cfg, fs, k_max = ctx.data.cfg, ctx.data.setting.fit_split, int(ctx.data.setting.k)
     fitted: dict[tuple, tuple] = {}
 

@@ -272,7 +272,16 @@ def evaluation_rows(
     return rows
 
 
-def run_model(
+def run_model(task: ModelTask, **shared) -> dict:
+    """Every method for one model: ``{"rows": [...], "error": str | None}`` (``shared``: the
+    keyword arguments of :func:`model_context`)."""
+    ctx = model_context(task, **shared)
+    if isinstance(ctx, str):
+        return {"rows": [], "error": ctx}
+    return {"rows": mitigate_model(ctx, shared["classes"], shared["cfg"].n_boot), "error": None}
+
+
+def model_context(
     task: ModelTask,
     *,
     run_uri: str,
@@ -283,29 +292,31 @@ def run_model(
     classes: list[str],
     cfg: MitigateSection,
     setting: Setting,
-) -> dict:
-    """Every method for one model: ``{"rows": [...], "error": str | None}``."""
+    outputs_uri: str | None = None,
+    hard: list[int] | None = None,
+) -> MethodContext | str:
+    """A model's :class:`MethodContext` (its head, stored features and the run's generated
+    images), or why it cannot be made. ``outputs_uri``: where the model's outputs are stored
+    when not in the run itself (a new member fixed by ``zoo-audit fix``); ``hard``: the
+    classes whose head rows may move (default: the task's hard classes)."""
     from audit.mitigate.synthetic import load_index
 
     store, name = RunStore(run_uri), task.model
+    out = RunStore(outputs_uri) if outputs_uri else store
     head = model_head(spec_of[name], classes, weights.get(name))
     if head is None:
-        return {
-            "rows": [],
-            "error": f"model {name} has no linear head to retrain (builder {spec_of[name].builder})",
-        }
-    hard = [hc.cls for hc in task.hard]
-    data = load_model_data(store, name, split_ids, split_labels, head, cfg, setting, hard)
+        return f"model {name} has no linear head to retrain (builder {spec_of[name].builder})"
+    hard = [hc.cls for hc in task.hard] if hard is None else hard
+    data = load_model_data(out, name, split_ids, split_labels, head, cfg, setting, hard)
     if isinstance(data, str):
-        return {"rows": [], "error": data}
+        return data
     syn = load_index(store)
-    syn_X = syn_features(store, name, syn)
+    syn_X = syn_features(out, name, syn)
     if syn_X is None and len(syn.prompts):
-        return {"rows": [], "error": f"model {name} has no outputs on the generated images"}
+        return f"model {name} has no outputs on the generated images"
     if syn_X is None:  # no generated image in the run: the methods that need none still apply
         syn_X = np.zeros((0, data.W0.shape[1]))
-    ctx = MethodContext(task, data, syn, np.asarray(syn_X, np.float32))
-    return {"rows": mitigate_model(ctx, classes, cfg.n_boot), "error": None}
+    return MethodContext(task, data, syn, np.asarray(syn_X, np.float32))
 
 
 def mitigate_model(ctx: MethodContext, classes: list[str], n_boot: int) -> list[dict]:

@@ -71,21 +71,22 @@ def _labels(store: RunStore, inputs) -> dict[str, int]:
     }
 
 
-def _sweep(
-    store: RunStore, inputs, images: np.ndarray, ids: np.ndarray, labels: np.ndarray
+def sweep_images(
+    out: RunStore, inputs, specs, images: np.ndarray, ids: np.ndarray, labels: np.ndarray
 ) -> _Store:
-    from audit.pipeline.sweep import SweepJob, swept_models
+    """``specs`` (zoo members) over generated ``images``; their outputs stored in ``out``."""
+    from audit.pipeline.sweep import SweepJob
 
-    specs = [m for m in inputs.zoo if m.name in set(swept_models(store, inputs.zoo))]
     classes, batch = list(inputs.data.classes), inputs.config.ray.batch_size
     job = SweepJob(images, ids, labels, classes, specs, inputs.weights, batch, with_features=True)
-    sink = _Store(store, ids, labels)
+    sink = _Store(out, ids, labels)
     inputs.services.sweeper.run(job, sink)
     return sink
 
 
-def classify_stage(store: RunStore, inputs, cfg) -> str:
-    """Stage: the zoo's predictions and features on every labelled generated image."""
+def labelled_images(store: RunStore, inputs) -> tuple:
+    """``(index, PNG bytes)`` of the run's generated images whose prompt names a class of the
+    run (the rows of ``synthetic_images.parquet``, in its order)."""
     sets = store.read_table("synthetic_sets.parquet")
     index, pngs = index_sets(store, sets, _labels(store, inputs))
     unknown = sorted(
@@ -98,13 +99,19 @@ def classify_stage(store: RunStore, inputs, cfg) -> str:
             unknown[:3],
         )
     keep = np.flatnonzero(index.labels >= 0)
-    index = index.take(keep)
+    return index.take(keep), [pngs[i] for i in keep]
+
+
+def classify_stage(store: RunStore, inputs, cfg) -> str:
+    """Stage: the zoo's predictions and features on every labelled generated image."""
+    from audit.pipeline.sweep import swept_models
+
+    index, pngs = labelled_images(store, inputs)
     store.write_table(IMAGES, index.table())
-    if not len(keep):
+    if not len(pngs):
         return "no labelled generated image"
-    sink = _sweep(
-        store, inputs, decode_pngs([pngs[i] for i in keep]), index.example_ids, index.labels
-    )
+    specs = [m for m in inputs.zoo if m.name in set(swept_models(store, inputs.zoo))]
+    sink = sweep_images(store, inputs, specs, decode_pngs(pngs), index.example_ids, index.labels)
     rows = (
         {"stage": "classify", "item": f"model {m}", "reason": f"on the generated images: {r}"}
         for m, r in sink.failed.items()
@@ -115,5 +122,5 @@ def classify_stage(store: RunStore, inputs, cfg) -> str:
         raise RuntimeError(
             f"no model could classify the generated images ({len(sink.failed)} failed; first: {first})"
         )
-    line = f"{len(sink.done)} models x {len(keep):,} generated images"
+    line = f"{len(sink.done)} models x {len(pngs):,} generated images"
     return line + (f"; {len(sink.failed)} failed (errors.parquet)" if sink.failed else "")

@@ -25,7 +25,7 @@ from audit.store import RunStore
 log = logging.getLogger(__name__)
 
 
-class _Space:
+class SplitSpace:
     """The joint embedding of the rows every model predicted, per split, with class indexes."""
 
     def __init__(self, store: RunStore, inputs, models: list[str]):
@@ -81,7 +81,7 @@ def planted_groups(acc: pa.Table | None, ev_table, min_gap: float, classes) -> d
     return out
 
 
-def _attribute_group(space: _Space, inputs, grammar, caption: str, c: int) -> tuple:
+def _attribute_group(space: SplitSpace, inputs, grammar, caption: str, c: int) -> tuple:
     """``(eval rows of class c whose attributes show every slot of the caption, the slots)``,
     or ``(None, "")`` when the eval split lacks the caption's attribute columns."""
     slots = grammar.parse(caption)
@@ -92,8 +92,8 @@ def _attribute_group(space: _Space, inputs, grammar, caption: str, c: int) -> tu
     return rows, ", ".join(f"{a}={v}" for a, v in slots.items())
 
 
-def _hard_class(
-    space: _Space, inputs, row: dict, caption: str | None, k: int, grammar
+def hard_class(
+    space: SplitSpace, inputs, row: dict, caption: str | None, k: int, grammar
 ) -> HardClass:
     """A failing class of a model: its named caption's nearest images (fit and eval), or, for
     an unnamed mode, the ``k`` images its direction finds hardest; pool and fit rows of the
@@ -110,44 +110,58 @@ def _hard_class(
     return HardClass(c, caption, near_fit, near_ev, pool, fit_order, group, slots)
 
 
-def _failing_modes(view) -> dict[str, list[tuple[str, int, str | None]]]:
-    """Per model: ``(class, mode, named caption or None)`` of each failing class, its most
-    failing named mode, else its strongest unnamed one."""
+def failing_modes(view, clusters: bool = False) -> dict[str, list[tuple[str, int, str | None]]]:
+    """Per model (per cluster with ``clusters``): ``(class, mode, named caption or None)`` of
+    each failing class, its most failing named mode, else its strongest unnamed one."""
     out: dict[tuple[str, str], tuple[int, str | None]] = {}
     for r in view.table("modes.parquet").to_pylist():
         key = (r["scope"], r["class"])
-        if r["scope"].startswith("cluster:") or (key in out and out[key][1] is not None):
+        if r["scope"].startswith("cluster:") != clusters or (
+            key in out and out[key][1] is not None
+        ):
             continue
         if key not in out or r["named"]:
             out[key] = (int(r["mode"]), r["caption"] if r["named"] else None)
-    by_model: dict[str, list] = {}
+    by_scope: dict[str, list] = {}
     for (m, cls), (mode, caption) in sorted(out.items()):
-        by_model.setdefault(m, []).append((cls, mode, caption))
-    return by_model
+        by_scope.setdefault(m, []).append((cls, mode, caption))
+    return by_scope
 
 
-def _tasks(store: RunStore, inputs, cfg: MitigateSection, models: list[str], space: _Space) -> list:
-    from audit.view import RunView
-
-    view = RunView(store, inputs.config, data=inputs.data)
-    rows_by = {
+def ok_directions(view) -> dict[tuple[str, str, int], dict]:
+    """``{(scope, class, mode): row}`` of the directions the run fitted (status ok)."""
+    return {
         (r["scope"], r["class"], r["mode"]): r
         for r in view.table("directions.parquet").to_pylist()
         if r["status"] == "ok"
     }
-    sets_of: dict[str, dict[str, list[str]]] = {}  # scope -> generator -> set ids
+
+
+def sets_by_scope(view) -> dict[str, dict[str, list[str]]]:
+    """``{scope: {generator: [set ids]}}`` of the run's synthetic sets."""
+    out: dict[str, dict[str, list[str]]] = {}
     for r in view.table("synthetic_sets.parquet").to_pylist():
-        sets_of.setdefault(r["scope"], {}).setdefault(r["generator"], []).append(r["set_id"])
+        out.setdefault(r["scope"], {}).setdefault(r["generator"], []).append(r["set_id"])
+    return out
+
+
+def _tasks(
+    store: RunStore, inputs, cfg: MitigateSection, models: list[str], space: SplitSpace
+) -> list:
+    from audit.view import RunView
+
+    view = RunView(store, inputs.config, data=inputs.data)
+    rows_by, sets_of = ok_directions(view), sets_by_scope(view)
     ev = space.part.get(inputs.eval_split)
     planted = planted_groups(view.table("accuracy.parquet"), ev, view.min_gap, inputs.data.classes)
-    failing = _failing_modes(view)
+    failing = failing_modes(view)
     grammar = SlotGrammar.of(inputs.data, inputs.config.data.attribute_templates)
     tasks = []
     for m in models:
         cl = view.clusters.get(m)
         k = int(cfg.k_nearest)
         hard = [
-            _hard_class(space, inputs, rows_by[(m, c, mode)], cap, k, grammar)
+            hard_class(space, inputs, rows_by[(m, c, mode)], cap, k, grammar)
             for c, mode, cap in failing.get(m, [])
         ]
         tasks.append(
@@ -179,7 +193,7 @@ def mitigate_stage(store: RunStore, inputs, cfg: MitigateSection) -> str:
     # image (no named mode), every model still gets the methods that need none
     syn = [m for m in swept_models(store, inputs.zoo) if store.exists(syn_feature_path(m))]
     models = syn or swept_models(store, inputs.zoo)
-    space = _Space(store, inputs, models)
+    space = SplitSpace(store, inputs, models)
     setting = Setting(inputs.fit_split, inputs.eval_split, inputs.config.generate.k)
     shared = {
         "run_uri": store.uri,
