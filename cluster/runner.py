@@ -340,8 +340,6 @@ def run_fix(
         outcome = fix_zoo(view, inputs, ref, console=console)
     finally:
         ray.close()
-    for line in outcome.lines:
-        console(line)
     from audit.transfer.summary import fix_summary
 
     console(fix_summary(outcome))

@@ -89,7 +89,21 @@ def outputs_store(view: RunView) -> RunStore:
     return RunStore(store.path(OUTPUTS) if store.local else f"{store.uri.rstrip('/')}/{OUTPUTS}")
 
 
-def _prepare(view: RunView, out: RunStore, inputs: RunInputs, errors: dict, lines: list) -> list:
+class _Lines(list):
+    """The console's lines of a fix, each with its step's time, shown as they come."""
+
+    def __init__(self, console):
+        super().__init__()
+        self.console, self.t = console, time.perf_counter()
+
+    def say(self, step: str, text: str) -> None:
+        now = time.perf_counter()
+        self.append(f"  {step:<9s} {text} ({now - self.t:.1f}s)")
+        self.console(self[-1])
+        self.t = now
+
+
+def _prepare(view: RunView, out: RunStore, inputs: RunInputs, errors: dict, lines) -> list:
     """Train (when trained here), sweep and classify the new members; the names that have
     outputs on the real and the generated images."""
     from audit.pipeline.sweep import sweep_stage, swept_models
@@ -97,19 +111,19 @@ def _prepare(view: RunView, out: RunStore, inputs: RunInputs, errors: dict, line
     from audit.transfer.members import classify_members
 
     cfg = inputs.config
-    lines.append(f"  {'train':<9s} {train_pending(out, inputs, cfg.zoo)}")
+    lines.say("train", train_pending(out, inputs, cfg.zoo))
     try:
         line, res = sweep_stage(out, inputs, cfg.ray)
         errors.update({m: f"sweep: {r.splitlines()[0]}" for m, r in res.failed.items()})
     except RuntimeError as e:  # every member failed: each one's reason is in errors
         line = str(e)
         errors.update(_sweep_errors(out, inputs.zoo.names))
-    lines.append(f"  {'sweep':<9s} {line}")
+    lines.say("sweep", line)
     swept = [m for m in swept_models(out, inputs.zoo) if m not in errors]
     if swept:
         line, failed = classify_members(view.store, out, inputs, swept)
         errors.update({m: f"on the generated images: {r}" for m, r in failed.items()})
-        lines.append(f"  {'classify':<9s} {line}")
+        lines.say("classify", line)
     return [m for m in swept if m not in errors]
 
 
@@ -130,7 +144,7 @@ def fix_zoo(
 
     t0 = time.perf_counter()
     check_run(view)
-    out, lines = outputs_store(view), []
+    out, lines = outputs_store(view), _Lines(console)
     errors = {
         m: f"already audited in {view.store.uri}: its own fix is in mitigation.parquet"
         for m in inputs.zoo.names
@@ -143,6 +157,8 @@ def fix_zoo(
     assign = assign_members(view, out, ready, families) if ready else None
     info = member_info(view, assign) if assign is not None else {}
     rows = transfer_rows(view, out, inputs, assign, info, errors) if ready else []
+    if ready:
+        lines.say("heads", f"{len(info)} members assigned a cluster; heads retrained with its set")
     if reference is not None:
         rows += own_rows(reference, info)
     rows += error_rows(errors, families)
@@ -158,4 +174,4 @@ def fix_zoo(
         transfer={"zoo": inputs.zoo.path, "models": ready, "failed": sorted(errors)}
         | {"seconds": seconds, "reference": reference.store.uri if reference else None}
     )
-    return FixOutcome(table, assign, lines, errors, seconds)
+    return FixOutcome(table, assign, list(lines), errors, seconds)
