@@ -183,6 +183,21 @@ def _line(table: pa.Table, n_models: int, errors: list[str]) -> str:
     return line + (f"; {len(errors)} models skipped (errors.parquet)" if errors else "")
 
 
+def task_inputs(store: RunStore, inputs, space: SplitSpace, cfg: MitigateSection) -> dict:
+    """What every model's task shares (the keyword arguments of
+    :func:`audit.mitigate.task.model_context`)."""
+    return {
+        "run_uri": store.uri,
+        "split_ids": space.ids,
+        "split_labels": {s: t.labels for s, t in space.part.items()},
+        "spec_of": {s.name: s for s in inputs.zoo},
+        "weights": inputs.weights,
+        "classes": inputs.data.classes,
+        "cfg": cfg,
+        "setting": Setting(inputs.fit_split, inputs.eval_split, inputs.config.generate.k),
+    }
+
+
 def mitigate_stage(store: RunStore, inputs, cfg: MitigateSection) -> str:
     """Stage: retrain heads per model and method, evaluate on the eval split."""
     from audit.mitigate.synthetic import syn_feature_path
@@ -194,17 +209,7 @@ def mitigate_stage(store: RunStore, inputs, cfg: MitigateSection) -> str:
     syn = [m for m in swept_models(store, inputs.zoo) if store.exists(syn_feature_path(m))]
     models = syn or swept_models(store, inputs.zoo)
     space = SplitSpace(store, inputs, models)
-    setting = Setting(inputs.fit_split, inputs.eval_split, inputs.config.generate.k)
-    shared = {
-        "run_uri": store.uri,
-        "split_ids": space.ids,
-        "split_labels": {s: t.labels for s, t in space.part.items()},
-        "spec_of": {s.name: s for s in inputs.zoo},
-        "weights": inputs.weights,
-        "classes": inputs.data.classes,
-        "cfg": cfg,
-        "setting": setting,
-    }
+    shared = task_inputs(store, inputs, space, cfg)
     out = inputs.services.executor.map(
         run_model, _tasks(store, inputs, cfg, models, space), shared=shared
     )

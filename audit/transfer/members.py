@@ -9,7 +9,7 @@ import math
 
 import pyarrow as pa
 
-from audit.mitigate.task import Fit, MethodContext, ModelTask, Setting
+from audit.mitigate.task import Fit, MethodContext, ModelTask
 from audit.store import RunStore
 
 
@@ -94,7 +94,7 @@ def transfer_rows(
 ) -> list[dict]:
     """Every assigned member's rows of ``transfer.parquet`` (a member whose task fails gets
     its reason in ``errors`` instead)."""
-    from audit.pipeline.mitigate import SplitSpace, planted_groups
+    from audit.pipeline.mitigate import SplitSpace, planted_groups, task_inputs
     from audit.pipeline.stats import accuracy_tables
 
     members = [r["model"] for r in assign.to_pylist() if r["assigned"]]
@@ -102,17 +102,8 @@ def transfer_rows(
     acc = accuracy_tables(out, inputs.data.split(inputs.fit_split), members)
     ev = space.part.get(inputs.eval_split)
     planted = planted_groups(acc, ev, view.min_gap, inputs.data.classes)
-    shared = {
-        "run_uri": view.store.uri,
-        "outputs_uri": out.uri,
-        "split_ids": space.ids,
-        "split_labels": {s: t.labels for s, t in space.part.items()},
-        "spec_of": {s.name: s for s in inputs.zoo},
-        "weights": inputs.weights,
-        "classes": inputs.data.classes,
-        "cfg": inputs.config.mitigate,
-        "setting": Setting(inputs.fit_split, inputs.eval_split, inputs.config.generate.k),
-    }
+    cfg = inputs.config.mitigate
+    shared = task_inputs(view.store, inputs, space, cfg) | {"outputs_uri": out.uri}
     tasks = _tasks(view, space, inputs, assign, planted)
     done = inputs.services.executor.map(fix_member, tasks, shared=shared)
     rows = []
