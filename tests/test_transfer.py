@@ -10,8 +10,9 @@ import pytest
 from testbed import TESTBED_ZOO
 
 #: the test bed's zoo with cnn-b replaced by a new member of its family (cnn-c, another seed),
-#: cnn-a kept (already audited: its own fix is in mitigation.parquet), and a Mixer built for
-#: 8-pixel images while the data is 16 (an input the data does not fit)
+#: cnn-a kept (already audited: its own fix is in mitigation.parquet), a Mixer built for
+#: 8-pixel images while the data is 16 (an input the data does not fit) and a CNN with a head
+#: of 5 classes (the data has 3)
 NEW_ZOO = TESTBED_ZOO.replace('name = "testbed"', 'name = "testbed-new"').replace(
     'name = "cnn-b"', 'name = "cnn-c"'
 ).replace("train = { seed = 1 }", "train = { seed = 2 }") + (
@@ -22,6 +23,12 @@ family = "mixer"
 arch = "timm.models.mlp_mixer.MlpMixer"
 kwargs = { img_size = 8, patch_size = 4, num_blocks = 1, embed_dim = 16 }
 train = { epochs = 1 }
+
+[[models]]
+name = "cnn-5way"
+family = "resnet"
+arch = "resnet18"
+kwargs = { layers = [1, 1, 1, 1], channels = [8, 16, 16, 16], stem_width = 8, num_classes = 5 }
 """
 )
 
@@ -78,9 +85,13 @@ def test_members_that_cannot_be_fixed_are_rows_naming_why(fixed):
         for r in store.read_table("transfer.parquet").to_pylist()
         if r["error"]
     }
-    assert set(errors) == {"mixer-8px", "cnn-a"}
+    assert set(errors) == {"mixer-8px", "cnn-a", "cnn-5way"}
     assert "already audited" in errors["cnn-a"]
-    assert errors["mixer-8px"].startswith(("sweep:", "on the generated"))
+    assert (
+        errors["mixer-8px"].startswith("train:")
+        and "doesn't match model (8)" in errors["mixer-8px"]
+    )
+    assert "its head has 5 classes" in errors["cnn-5way"] and "data 3" in errors["cnn-5way"]
     logged = store.read_table("errors.parquet").to_pylist()
     assert any(r["stage"] == "fix" and r["item"] == "model mixer-8px" for r in logged)
     # the audited run is untouched: the new members' outputs are under transfer/

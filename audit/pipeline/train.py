@@ -24,13 +24,19 @@ def _train_one(item, *, train, device: str, threads: int, progress: bool):
 
 def train_pending(store: RunStore, inputs, cfg) -> str:
     """Stage: train what is missing. ``cfg``: the ``[zoo]`` section. Returns the stage's line."""
+    return train_members(store, inputs, cfg)[0]
+
+
+def train_members(store: RunStore, inputs, cfg) -> tuple[str, dict[str, str]]:
+    """:func:`train_pending`'s work: ``(its line, {member: why it could not be trained})``."""
     from audit.zoo.train import TrainSet, member_checkpoints, pending_members
 
     all_members = member_checkpoints(inputs.zoo, inputs.train_key, cfg.cache or None)
     todo = pending_members(inputs.zoo, inputs.train_key, cfg.cache or None)
     if not cfg.train or not todo:
         missing = f", {len(todo)} not trained ([zoo] train = false)" if todo else ""
-        return f"{len(all_members)} trainable models: {len(all_members) - len(todo)} from cache{missing}"
+        line = f"{len(all_members)} trainable models: {len(all_members) - len(todo)} from cache"
+        return line + missing, {}
     ex = inputs.services.executor
     train = TrainSet.decode(inputs.data.split("train"))
     # one thread per model when models run side by side; all of them when one runs alone
@@ -55,7 +61,7 @@ def train_pending(store: RunStore, inputs, cfg) -> str:
         f"{len(all_members)} trainable models: {len(todo) - len(failed)} trained, "
         f"{len(all_members) - len(todo)} from cache, {len(failed)} failed ({seconds:.0f} model-seconds)"
     )
-    return line + "".join(f"; {name}: {reason[:100]}" for name, reason in failed)
+    return line + "".join(f"; {name}: {reason[:100]}" for name, reason in failed), dict(failed)
 
 
 def checkpoints_current(store: RunStore, inputs) -> bool:

@@ -84,6 +84,26 @@ def member_inputs(view: RunView, manifest: str, models, services: Services) -> R
     return RunInputs(cfg, data, key, world_dir, zoo, services)
 
 
+def member_errors(view: RunView, inputs: RunInputs) -> dict[str, str]:
+    """The members that cannot be fixed, known before any work: a name already audited, a
+    head declared for another number of classes (``kwargs.num_classes``)."""
+    n = len(inputs.data.classes)
+    errors = {}
+    for spec in inputs.zoo:
+        declared = spec.kwargs.get("num_classes")
+        if spec.name in view.zoo_models:
+            errors[spec.name] = (
+                f"already audited in {view.store.uri}: its own fix is in mitigation.parquet"
+            )
+        elif declared is not None and declared != n:
+            errors[spec.name] = (
+                f"its head has {declared} classes (kwargs.num_classes) and the run's data {n} "
+                f"({', '.join(inputs.data.classes[:5])}{', ...' if n > 5 else ''}); a fix "
+                "retrains the head of a member of the same classes"
+            )
+    return errors
+
+
 def outputs_store(view: RunView) -> RunStore:
     store = view.store
     return RunStore(store.path(OUTPUTS) if store.local else f"{store.uri.rstrip('/')}/{OUTPUTS}")
@@ -107,11 +127,18 @@ def _prepare(view: RunView, out: RunStore, inputs: RunInputs, errors: dict, line
     """Train (when trained here), sweep and classify the new members; the names that have
     outputs on the real and the generated images."""
     from audit.pipeline.sweep import sweep_stage, swept_models
-    from audit.pipeline.train import train_pending
+    from audit.pipeline.train import train_members
     from audit.transfer.members import classify_members
 
     cfg = inputs.config
-    lines.say("train", train_pending(out, inputs, cfg.zoo))
+    line, failed = train_members(out, inputs, cfg.zoo)
+    lines.say("train", line)
+    errors.update({m: f"train: {r.splitlines()[0]}" for m, r in failed.items()})
+    if failed:  # the others go on
+        rest = [m for m in inputs.zoo.names if m not in failed]
+        if not rest:
+            return []
+        inputs = dataclasses.replace(inputs, zoo=inputs.zoo.select(rest))
     try:
         line, res = sweep_stage(out, inputs, cfg.ray)
         errors.update({m: f"sweep: {r.splitlines()[0]}" for m, r in res.failed.items()})
@@ -145,11 +172,7 @@ def fix_zoo(
     t0 = time.perf_counter()
     check_run(view)
     out, lines = outputs_store(view), _Lines(console)
-    errors = {
-        m: f"already audited in {view.store.uri}: its own fix is in mitigation.parquet"
-        for m in inputs.zoo.names
-        if m in view.zoo_models
-    }
+    errors = member_errors(view, inputs)
     keep = [m for m in inputs.zoo.names if m not in errors]
     inputs = dataclasses.replace(inputs, zoo=inputs.zoo.select(keep)) if keep else inputs
     ready = _prepare(view, out, inputs, errors, lines) if keep else []
