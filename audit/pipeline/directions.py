@@ -108,12 +108,19 @@ def correct_for(preds: Mapping[str, pa.Table], ids) -> tuple[dict, dict]:
     return correct, conf
 
 
-def _fit_one(name, *, X, X_stats, labels, correct, estimator):
-    from audit.directions import fit_directions
+def _fit_one(scope, *, X, X_stats, labels, correct, estimator, clusters):
+    """One scope's directions: ``("model", name)``, or ``("cluster", id)`` (its members'
+    pooled failures); None for a cluster with no member that has predictions."""
+    from audit.directions import fit_collective, fit_directions
 
-    return fit_directions(X, {name: correct[name]}, labels, X_stats=X_stats, estimator=estimator)[
-        name
-    ]
+    kind, name = scope
+    if kind == "model":
+        one = {name: correct[name]}
+        return fit_directions(X, one, labels, X_stats=X_stats, estimator=estimator)[name]
+    fitted = fit_collective(
+        X, correct, {name: clusters[name]}, labels, X_stats=X_stats, estimator=estimator
+    )
+    return fitted.get(f"cluster:{name}")
 
 
 class _Split:
@@ -132,26 +139,27 @@ class _Split:
 
 
 def _fit_directions(store: RunStore, inputs, cfg, fit: _Split, X_train) -> tuple[pa.Table, dict]:
-    """Per model (through the executor) and per cluster: ``(directions table, clusters)``."""
+    """Per model and per cluster, each a task of the executor: ``(directions table, clusters)``."""
     from audit.directions import (
         FailureDirections,
         clusters_from_table,
         directions_table,
-        fit_collective,
         with_q_values,
     )
 
     est = FailureDirections(max_modes=cfg.max_modes, n_permutations=cfg.n_permutations)
-    names = sorted(fit.correct)
-    shared = {"X": fit.X, "X_stats": X_train, "labels": fit.labels, "correct": fit.correct}
-    fits = inputs.services.executor.map(_fit_one, names, shared={**shared, "estimator": est})
-    fitted = dict(zip(names, fits, strict=True))
     clusters = {}
     if store.exists("clusters.parquet"):
         clusters = clusters_from_table(store.read_table("clusters.parquet"))
-    fitted.update(
-        fit_collective(fit.X, fit.correct, clusters, fit.labels, X_stats=X_train, estimator=est)
-    )
+    scopes = [("model", m) for m in sorted(fit.correct)] + [("cluster", c) for c in clusters]
+    shared = {"X": fit.X, "X_stats": X_train, "labels": fit.labels, "correct": fit.correct}
+    shared |= {"estimator": est, "clusters": clusters}
+    fits = inputs.services.executor.map(_fit_one, scopes, shared=shared)
+    fitted = {
+        name if kind == "model" else f"cluster:{name}": f
+        for (kind, name), f in zip(scopes, fits, strict=True)
+        if f is not None
+    }
     return with_q_values(directions_table(fitted, inputs.data.classes)), clusters
 
 
