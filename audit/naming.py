@@ -116,6 +116,10 @@ def name_one(
     return general, slots, chk, dropped, captions[0], is_named(chk), False
 
 
+#: ``checked_on`` of a check row on the images a later mode's direction finds hardest, once
+#: those its class's earlier names cover are set aside (the report's cards read it)
+BEYOND_EARLIER = "direction, beyond the earlier names"
+
 #: at most this share of a later mode's hardest images may lie in the earlier names' images for
 #: the rest to count as a failure of its own (at least 10 of the ``k`` = 50 images left)
 MAX_COVERED = 0.8
@@ -149,23 +153,22 @@ def name_modes(
     The modes of a class are named in mode order, each by a subpopulation the earlier ones
     have not named when its captions offer one that fails; a later mode whose captions only
     name an earlier mode's failure is unnamed when ``beyond`` shows a failure of its own."""
-    rows, taken, names = [], {}, {}
+    rows, earlier = [], {}  # (scope, class) -> [(slots, name)] of its modes named so far
     for (scope, cls, mode), caps in sorted(hard.items()):
-        held, said = taken.setdefault((scope, cls), []), names.setdefault((scope, cls), [])
+        before = earlier.setdefault((scope, cls), [])
         caps = [caps] if isinstance(caps, str) else list(caps or [])
         if not caps:
             chk = direction_check((scope, cls, mode))
             general, specific, slots, dropped, named = None, None, {}, [], False
         else:
             general, slots, chk, dropped, specific, named, own = name_one(
-                scope, cls, caps, grammar, check, held
+                scope, cls, caps, grammar, check, [s for s, _ in before]
             )
             if named and not own and beyond is not None:
-                if beyond_earlier(b := beyond((scope, cls, mode), list(said))):
+                if beyond_earlier(b := beyond((scope, cls, mode), [n for _, n in before])):
                     chk, named = b, False
             if named and own and slots:
-                held.append(slots)
-                said.append(general)
+                before.append((slots, general))
         rows.append(
             {"scope": scope, "class": cls, "mode": int(mode), "named": named}
             | {"caption": general if named else None, "specific_caption": specific}

@@ -343,7 +343,13 @@ def run_fix(
     from audit.transfer.summary import fix_summary
 
     console(fix_summary(outcome))
-    console(f"\ntransfer.parquet in {view.store.uri}  total {time.perf_counter() - t0:.1f}s")
+    tail = f"\ntransfer.parquet in {view.store.uri}  total {time.perf_counter() - t0:.1f}s"
+    if cfg.report.enabled:  # the report gains its page on the new members
+        from audit.report import write_report
+
+        res = write_report(RunView.open(run))
+        tail += f"\nreport: {os.path.join(os.path.dirname(res.index), 'transfer.html')}"
+    console(tail)
     return outcome
 
 

@@ -204,25 +204,32 @@ def model_head(spec, classes, weights_path) -> tuple[np.ndarray, np.ndarray] | N
     return build_model(spec, classes, weights_path).module.linear_head()
 
 
+def _rows(vectors, idx: np.ndarray) -> np.ndarray:
+    """``[len(idx), D]`` float32 rows of a fixed-size-list column (only those rows copied)."""
+    taken = vectors.take(pa.array(idx)).combine_chunks()
+    flat = taken.flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(flat, np.float32).reshape(len(idx), vectors.type.list_size)
+
+
 def load_model_data(
     store: RunStore, name: str, split_ids: dict, split_labels: dict, head, cfg, setting, hard=()
 ):
     """The model's :class:`ModelData` (``hard``: its hard classes), or an error string
     (missing features, a head that does not reproduce the model's predictions)."""
     ft = store.read_table(feature_path(name))
-    fvec = np.asarray(ft["vector"].combine_chunks().flatten().to_numpy(), np.float32).reshape(
-        ft.num_rows, -1
-    )
     fids = ft["example_id"].to_numpy(zero_copy_only=False)
-    preds = store.read_table(prediction_path(name))
+    vectors = ft["vector"]
+    del ft  # each split's rows are taken from the column: no flat copy of every row beside them
+    preds = store.read_table(prediction_path(name), columns=["example_id", "pred", "confidence"])
     pids = preds["example_id"].to_numpy(zero_copy_only=False)
     F, Y, conf = {}, {}, {}
     for split, ids in split_ids.items():
         idx = align_ids(fids, ids)
         if (idx < 0).any():
             return f"model {name} has no features for {int((idx < 0).sum())} {split} examples"
-        F[split], Y[split] = fvec[idx], split_labels[split]
+        F[split], Y[split] = _rows(vectors, idx), split_labels[split]
         conf[split] = preds["confidence"].to_numpy(zero_copy_only=False)[align_ids(pids, ids)]
+    del vectors
     data = ModelData(F, Y, conf, head, cfg, setting, hard)
     pred = preds["pred"].to_numpy()[align_ids(pids, split_ids[setting.fit_split])]
     agree = float(np.mean(data.logits(setting.fit_split).argmax(1) == pred))

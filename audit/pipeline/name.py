@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from audit.naming import BEYOND_EARLIER
 from audit.store import RunStore
 
 
@@ -129,7 +130,7 @@ class _EvalCheck:
         if not len(rest):
             return None
         c = self.classes.index(row["class"])
-        out = self._rows_vs_class(row["scope"], c, rest, "direction, beyond the earlier names")
+        out = self._rows_vs_class(row["scope"], c, rest, BEYOND_EARLIER)
         return out | {"share_covered": 1 - len(rest) / max(len(near), 1)}
 
     def attribute_group(self, scope: str, cls: str, caption: str) -> dict | None:

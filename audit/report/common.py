@@ -77,6 +77,9 @@ def _env():
             "" if s is None else (f"{s:.1f}s" if s < 60 else f"{int(s // 60)}m{int(s % 60):02d}s")
         ),
     )
+    from audit.naming import BEYOND_EARLIER
+
+    env.globals["BEYOND_EARLIER"] = BEYOND_EARLIER
     return env
 
 

@@ -172,11 +172,10 @@ def fix_zoo(
     t0 = time.perf_counter()
     check_run(view)
     out, lines = outputs_store(view), _Lines(console)
-    errors = member_errors(view, inputs)
+    errors, families = member_errors(view, inputs), inputs.families
     keep = [m for m in inputs.zoo.names if m not in errors]
     inputs = dataclasses.replace(inputs, zoo=inputs.zoo.select(keep)) if keep else inputs
     ready = _prepare(view, out, inputs, errors, lines) if keep else []
-    families = inputs.families
     assign = assign_members(view, out, ready, families) if ready else None
     info = member_info(view, assign) if assign is not None else {}
     rows = transfer_rows(view, out, inputs, assign, info, errors) if ready else []
