@@ -196,3 +196,40 @@ def test_threads_give_the_same_fit():
     two = FailureDirections(n_permutations=3, max_modes=1, n_jobs=2).fit(X, correct, labels)
     np.testing.assert_allclose(one.coef_, two.coef_)
     np.testing.assert_allclose(one.p_value_, two.p_value_)
+
+
+def _scripted_fitter(exceed, **params):
+    """A mode fitter whose permutation scores exceed the observed one at the draws in
+    ``exceed`` (0-based) and nowhere else; ``draws`` counts the permutations run."""
+    from audit.directions.fitter import _ModeFitter
+
+    est = FailureDirections(**params)
+    fitter = _ModeFitter(np.zeros((10, 2)), None, est, np.random.default_rng(0))
+    draws = []
+
+    def cv(err, grid, folds):
+        draws.append(1)
+        return np.array([1.0 if len(draws) - 1 in exceed else 0.0]), None, None
+
+    fitter.cv = cv
+    return fitter, draws
+
+
+def test_a_p_value_near_alpha_is_resolved_with_more_permutations():
+    """Two chance exceedances in 50 draws put p at 3/51 = 0.059 for a mode whose p is far
+    smaller: the test goes on (four times as many) until it is clear; clear cases cost no
+    more, and max_permutations = n_permutations keeps the old single draw."""
+    args = (np.zeros(10), np.zeros(10, int), 1.0, 0.5)
+    fitter, draws = _scripted_fitter({3, 40}, n_permutations=50)
+    assert fitter.p_value(*args) == pytest.approx(3 / 201) and len(draws) == 200
+    fitter, draws = _scripted_fitter({3, 40}, n_permutations=50, max_permutations=50)
+    assert fitter.p_value(*args) == pytest.approx(3 / 51) and len(draws) == 50
+    fitter, draws = _scripted_fitter(set(), n_permutations=50)  # clearly significant
+    assert fitter.p_value(*args) == pytest.approx(1 / 51) and len(draws) == 50
+    fitter, draws = _scripted_fitter({0, 1, 2}, n_permutations=50)  # clearly not
+    assert fitter.p_value(*args) == pytest.approx(1.0) and len(draws) == 3
+    # exceedances that stay near alpha: resolved up to the limit (16 x 50), then decided there
+    fitter, draws = _scripted_fitter(set(range(0, 800, 20)), n_permutations=50)
+    assert fitter.p_value(*args) == pytest.approx(41 / 801) and len(draws) == 800
+    with pytest.raises(ValueError, match="max_permutations"):
+        FailureDirections(max_permutations=-1).fit(np.zeros((20, 2)), np.ones(20, bool))

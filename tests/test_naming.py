@@ -198,3 +198,30 @@ def test_every_named_mode_of_a_class_with_a_name_of_its_own_is_generated():
         ("m", "coat", 0): (caps[0], "easy 0"),
         ("m", "coat", 1): (caps[1], "easy 1"),
     }
+
+
+def test_beyond_an_earlier_name_compares_with_the_class_outside_that_name():
+    """A class at 48% whose orange coats (a third of it) are at 5%: once they are set aside,
+    the mode's other hardest images (40%) are compared with the class without them (70%), not
+    with a class accuracy the earlier failure drags down."""
+    from types import SimpleNamespace
+
+    from audit.pipeline.name import _EvalCheck
+
+    n = 60
+    correct = np.ones(n, bool)
+    orange = np.arange(20)  # the earlier name's images: 1 of 20 right
+    correct[orange[1:]] = False
+    hard = np.arange(20, 40)  # the direction's other hardest images: 8 of 20 right
+    correct[hard[8:]] = False
+    chk = object.__new__(_EvalCheck)
+    chk.ev = SimpleNamespace(correct={"m": correct}, labels=np.zeros(n, int))
+    chk.scopes, chk.classes = {}, ["coat"]
+    chk.hardest = lambda row: np.concatenate([orange[:10], hard])
+    chk.covered = lambda cls, caption: orange
+    out = chk.beyond({"scope": "m", "class": "coat"}, ["a photo of an orange coat"])
+    assert out["accuracy_on_nearest"] == 0.4 and out["n"] == 20
+    assert abs(out["share_covered"] - 1 / 3) < 1e-12
+    assert out["class_accuracy"] == 0.7  # 28 of the 40 coats outside the orange ones
+    assert out["ci_high"] < out["class_accuracy"]  # its own failure (against 48% it is not)
+    assert out["ci_high"] > correct.mean()

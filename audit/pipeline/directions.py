@@ -147,7 +147,11 @@ def _fit_directions(store: RunStore, inputs, cfg, fit: _Split, X_train) -> tuple
         with_q_values,
     )
 
-    est = FailureDirections(max_modes=cfg.max_modes, n_permutations=cfg.n_permutations)
+    est = FailureDirections(
+        max_modes=cfg.max_modes,
+        n_permutations=cfg.n_permutations,
+        max_permutations=cfg.max_permutations,
+    )
     clusters = {}
     if store.exists("clusters.parquet"):
         clusters = clusters_from_table(store.read_table("clusters.parquet"))

@@ -84,14 +84,20 @@ class _EvalCheck:
         self.classes, self.k, self.grammar = inputs.data.classes, cfg.k, grammar
         self.cache: dict[tuple, dict] = {}
 
-    def _rows_vs_class(self, scope: str, c: int, rows: np.ndarray, how: str) -> dict:
+    def _rows_vs_class(
+        self, scope: str, c: int, rows: np.ndarray, how: str, outside: np.ndarray | None = None
+    ) -> dict:
         """Accuracy on ``rows`` (pooled over the scope's models) with its Wilson interval, and
-        the class's accuracy; ``how`` says which images were checked."""
+        the class's accuracy (on its rows not in ``outside``, when given); ``how`` says which
+        images were checked."""
         from audit.index import _members, _nearest_vs_class
         from audit.predictions import wilson_interval
 
         ms = _members(scope, self.scopes, self.ev.correct)
-        hits, n, acc, cls_acc = _nearest_vs_class(self.ev.correct, ms, rows, self.ev.labels == c)
+        in_class = self.ev.labels == c
+        if outside is not None:
+            in_class[outside] = False
+        hits, n, acc, cls_acc = _nearest_vs_class(self.ev.correct, ms, rows, in_class)
         lo, hi = wilson_interval(np.asarray([hits]), np.asarray([n]))
         out = {"accuracy_on_nearest": acc, "ci_low": float(lo[0]), "ci_high": float(hi[0])}
         return out | {"class_accuracy": cls_acc, "checked_on": how, "n": int(len(rows))}
@@ -123,14 +129,16 @@ class _EvalCheck:
 
     def beyond(self, row: dict, names: list[str]) -> dict | None:
         """How much the mode's hardest eval images fail once those the earlier ``names`` of its
-        class cover are set aside, with ``share_covered`` (None: nothing is left)."""
+        class cover are set aside, against the class's images they do not cover (the earlier
+        failure is no part of the comparison: a class at 58% whose orange coats are at 6% is
+        at 69% without them), with ``share_covered`` (None: nothing is left)."""
         near = self.hardest(row)
         cov = np.concatenate([self.covered(row["class"], n) for n in names] or [np.zeros(0, int)])
         rest = near[~np.isin(near, cov)]
         if not len(rest):
             return None
         c = self.classes.index(row["class"])
-        out = self._rows_vs_class(row["scope"], c, rest, BEYOND_EARLIER)
+        out = self._rows_vs_class(row["scope"], c, rest, BEYOND_EARLIER, outside=cov)
         return out | {"share_covered": 1 - len(rest) / max(len(near), 1)}
 
     def attribute_group(self, scope: str, cls: str, caption: str) -> dict | None:

@@ -114,6 +114,7 @@ STAGES: tuple[Stage, ...] = (
         ),
         section="directions",
         needs=("directions",),
+        version=2,  # v2: p-values near alpha resolved with more permutations
     ),
     Stage(
         "name",
@@ -124,7 +125,8 @@ STAGES: tuple[Stage, ...] = (
         needs=("directions",),
         # v2: a class's later modes named by a subpopulation the earlier ones have not;
         # v3/v4: a later mode with only an earlier name is unnamed when it fails beyond that name
-        version=4,
+        # v5: ... than the class's images outside that name
+        version=5,
     ),
     Stage(
         "generate",
