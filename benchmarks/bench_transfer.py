@@ -63,11 +63,11 @@ def _train(run: str, zoo: str) -> None:
 
 def _reference(run: str, zoo: str, out: str) -> float:
     from audit.view import RunView
-    from cluster.runner import _reference_audit
+    from cluster.runner import reference_audit
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    _reference_audit(RunView.open(run), zoo, (), out, None, False, None, lambda s: None)
+    reference_audit(RunView.open(run), zoo, (), out, console=lambda s: None)
     return time.perf_counter() - t0
 
 

@@ -330,7 +330,16 @@ def run_fix(
     cfg = view.config
     ref = None
     if reference:
-        ref = _reference_audit(view, zoo, models, reference, address, verbose, services, console)
+        ref = reference_audit(
+            view,
+            zoo,
+            models,
+            reference,
+            address=address,
+            verbose=verbose,
+            services=services,
+            console=console,
+        )
     ray = _LazyRay(cfg, address, verbose, view.store.path("logs") if view.store.local else None)
     try:
         console(f"zoo-audit fix {view.store.uri} --zoo {zoo}")
@@ -353,8 +362,12 @@ def run_fix(
     return outcome
 
 
-def _reference_audit(view, zoo, models, out, address, verbose, services, console):
-    """The full audit of the new members into ``out`` (resumed when already there)."""
+def reference_audit(
+    view, zoo, models, out, *, address=None, verbose=False, services=None, console=print
+):
+    """The full audit of the new members of ``zoo`` (``models``: those, empty for every one)
+    with the audited run's config into ``out`` (resumed when already there): what
+    ``zoo-audit fix --reference`` compares each member's shared fix with."""
     from audit.view import RunView
 
     cfg = view.config

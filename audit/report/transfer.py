@@ -14,10 +14,9 @@ from audit.report.common import METRIC_LABELS, _f, _page
 from audit.report.context import ReportContext
 from audit.report.site import Site
 from audit.synthetic import ORACLE_NOTE, generator_label, is_oracle
+from audit.transfer.summary import first_kind, share
 from audit.transfer.tables import ASSIGN, METHODS, TRANSFER
 
-#: what a member's gains average over: the first evaluation target a generator's rows have
-EVALS = ("planted", "attribute_group", "nearest_caption", "direction")
 EVAL_TEXT = {
     "planted": "the member's failing planted groups",
     "attribute_group": "the assigned cluster's failing attribute groups (the data has no planted groups)",
@@ -59,9 +58,7 @@ def _cell(rows: list[dict]) -> dict | None:
 
 def _share(part: dict | None, own: dict | None) -> float:
     """``part``'s gain as a share of the own fix's gain (NaN without a positive own gain)."""
-    if part is None or own is None or not own["gain"] > 0:
-        return math.nan
-    return part["gain"] / own["gain"]
+    return math.nan if part is None or own is None else share(part["gain"], own["gain"])
 
 
 def _member_row(model: str, rows: list[dict]) -> dict:
@@ -86,7 +83,7 @@ def _generator_table(gen: str, rows: list[dict], models: list[str]) -> dict:
     have = {r.get("eval") for r in mine if (r.get("generator") or "") == gen} or {
         r.get("eval") for r in mine
     }
-    ev = next((e for e in EVALS if e in have), sorted(x or "" for x in have)[0] if have else "")
+    ev = first_kind(have) or (sorted(x or "" for x in have)[0] if have else "")
     members = []
     for m in models:
         sel = [r for r in mine if r["model"] == m and r.get("eval") == ev]

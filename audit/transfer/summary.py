@@ -12,10 +12,24 @@ from audit.synthetic import ORACLE_NOTE, is_oracle
 SHOWN = ("family_set", "other_set", "control", "own")
 
 
+#: what a member's gains average over: the first of these evaluation targets its rows have
+EVALS = ("planted", "attribute_group", "nearest_caption", "direction")
+
+
+def first_kind(kinds) -> str | None:
+    """The first of :data:`EVALS` among ``kinds`` (None: none of them)."""
+    return next((k for k in EVALS if k in set(kinds)), None)
+
+
 def gain_kind(table: pa.Table) -> str | None:
-    """The evaluation the summary reads: planted groups, else attribute groups, else nearest."""
-    kinds = set(table["eval"].to_pylist()) if table.num_rows else set()
-    return next((k for k in ("planted", "attribute_group", "nearest_caption") if k in kinds), None)
+    """The evaluation the summary reads: planted groups, else attribute groups, else nearest
+    images, else the directions' hardest images."""
+    return first_kind(table["eval"].to_pylist() if table.num_rows else [])
+
+
+def share(part: float, own: float) -> float:
+    """A gain as a fraction of the member's own per-model gain (nan without a positive one)."""
+    return float(part / own) if np.isfinite(own) and own > 0 else float("nan")
 
 
 def mean_gains(table: pa.Table) -> dict[tuple[str, str, str], tuple[float, float]]:
@@ -37,8 +51,7 @@ def mean_gains(table: pa.Table) -> dict[tuple[str, str, str], tuple[float, float
 def share_of_own(gains: dict, model: str, generator: str, method: str) -> float:
     """``method``'s gain as a fraction of the member's own per-model gain (nan without one)."""
     own = gains.get((model, generator, "own"), (np.nan,))[0]
-    got = gains.get((model, generator, method), (np.nan,))[0]
-    return float(got / own) if np.isfinite(own) and own > 0 else float("nan")
+    return share(gains.get((model, generator, method), (np.nan,))[0], own)
 
 
 def fix_summary(outcome) -> str:
