@@ -210,6 +210,38 @@ def test_changed_section_reruns_that_stage_and_what_reads_it(world_config, tiny_
     assert res.skipped[:2] == ["train", "sweep"] and "stats" in res.ran and "embed" in res.skipped
 
 
+def test_a_cleared_embedder_cache_reruns_embed_on_resume(world_config, tiny_world, tmp_path):
+    """The world encoder lives in the cache, outside the run: a resume after the cache lost it
+    trains it again instead of failing at the directions ("no trained world encoder"), and the
+    stages after it rerun only when the encoder trained again embeds differently."""
+    import glob
+
+    from cluster.runner import run_audit
+
+    out = str(tmp_path / "run")
+    run_audit(world_config, out, services=rendering(out, tiny_world), console=lambda s: None)
+    before = RunStore(out).manifest()["stages"]["embed"]["out_key"]
+    ckpts = glob.glob(os.path.join(os.environ["ZOO_AUDIT_CACHE"], "embedders", "world-*"))
+    assert ckpts
+    for p in ckpts:  # set aside (the session's other tests share the cache)
+        os.replace(p, p + ".aside")
+    try:
+        _, res = run_audit(
+            world_config,
+            out,
+            resume=True,
+            services=rendering(out, tiny_world),
+            console=lambda s: None,
+        )
+        assert res.failed is None and "embed" in res.ran and res.skipped[:2] == ["train", "sweep"]
+        assert all(os.path.exists(p) for p in ckpts)  # trained again
+        same = RunStore(out).manifest()["stages"]["embed"]["out_key"] == before
+        assert ("directions" in res.skipped) == same
+    finally:
+        for p in ckpts:
+            os.replace(p + ".aside", p)
+
+
 def test_failing_stage_is_recorded_and_the_next_run_resumes(testbed, tmp_path):
     """The test bed's real failure makes the generate stage ask for a set; the service is
     unreachable: the stage fails, is recorded, and the next run resumes there."""

@@ -102,6 +102,14 @@ def checkpoint_key(table: ImageTable, hparams: Mapping | None = None) -> str:
     return content_hash(table_hash(training_rows(table, hp)), code, minilm_version(), hp)
 
 
+def checkpoint_path(
+    table: ImageTable, hparams: Mapping | None = None, cache: str | None = None
+) -> str:
+    """Where the encoder trained on ``table`` (an :func:`encoder_table`) is cached."""
+    key = checkpoint_key(table, hparams)
+    return os.path.join(cache or cache_dir("embedders"), f"world-{key}.safetensors")
+
+
 def training_rows(table: ImageTable, hp: Mapping) -> ImageTable:
     present = set(table.column("split").tolist()) if len(table) else set()
     splits = [s for s in hp["splits"] if s in present]
@@ -262,8 +270,7 @@ def load_or_train(
         )
     table = encoder_table(table, slots)
     if not train:
-        key = checkpoint_key(table, hparams)
-        path = os.path.join(cache or cache_dir("embedders"), f"world-{key}.safetensors")
+        path = checkpoint_path(table, hparams, cache)
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"no trained world encoder for this data ({path}); run `zoo-audit embed train --data DIR`"

@@ -81,6 +81,20 @@ def read_metadata(path: str) -> dict:
         return json.loads((f.metadata() or {}).get("world_encoder", "{}"))
 
 
+def state_digest(state: Mapping) -> str:
+    """A short content hash of a state dict's tensors (names, shapes, bytes)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 class WorldEncoder(Embedder):
     """The trained world encoder as an :class:`Embedder` (``name`` is ``world`` by default)."""
 
@@ -94,7 +108,9 @@ class WorldEncoder(Embedder):
         self.device = device
         self.name = name
         self.dim = int(meta["hparams"]["dim"])
-        self.key = str(meta["key"])
+        # the weights' digest too: an encoder trained again (a cleared cache) may differ in
+        # its last bits, and embeddings stored by the other one must not be mixed with its text
+        self.key = f"{meta['key']}-{state_digest(state)}"
         self.input_config = input_config_for(int(meta["image_size"]))
         self.minilm = load_minilm(device)
 

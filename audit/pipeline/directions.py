@@ -60,20 +60,52 @@ def run_embedder(config, data, train: bool = False, progress: bool = False):
         return create_embedder(name), None
     from audit.embed.world_encoder import (
         WorldEncoder,
-        encoder_table,
         load_or_train,
         train_world_encoder,
         with_vocabulary,
     )
-    from audit.pipeline.inputs import caption_attributes
 
-    table = encoder_table(
-        data, None if "caption" in data.columns else caption_attributes(config, data)
-    )
+    table = _encoder_table(config, data)
     if not train:
         return load_or_train(table, train=False), None
     res = train_world_encoder(table, progress=progress)
     return with_vocabulary(WorldEncoder.load(res.path), table), res
+
+
+def _encoder_table(config, data):
+    """The rows and captions the world encoder trains on (the data's ``caption`` column, else
+    captions composed from its attributes)."""
+    from audit.embed.world_encoder import encoder_table
+    from audit.pipeline.inputs import caption_attributes
+
+    return encoder_table(
+        data, None if "caption" in data.columns else caption_attributes(config, data)
+    )
+
+
+def embed_current(store: RunStore, inputs) -> bool:
+    """The world encoder the run embedded with is still in the cache: after the cache was
+    cleared the stage runs again (the encoder trains again; what it embeds differently is
+    embedded anew, since its key holds the weights' digest)."""
+    if inputs.config.directions.embedder != "world" or not has_captions(inputs):
+        return True
+    from audit.embed.world_encoder import checkpoint_path
+
+    return os.path.exists(checkpoint_path(_encoder_table(inputs.config, inputs.data)))
+
+
+def embed_result(store: RunStore, inputs) -> list:
+    """What the stage produced: the key of each stored embedding table (the stages after it
+    rerun when an encoder trained again embeds differently)."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for d in sorted(store.listdir("embeddings") if store.exists("embeddings") else []):
+        rel = f"embeddings/{d}/part-00000.parquet"
+        if store.exists(rel):
+            meta = pq.read_schema(store.path(rel)).metadata or {}
+            out.append((d, meta.get(b"key", b"").decode()))
+    return out
 
 
 def embed_stage(store: RunStore, inputs, cfg) -> str:

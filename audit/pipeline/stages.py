@@ -100,6 +100,8 @@ STAGES: tuple[Stage, ...] = (
         f"{_D}:embed_stage",
         reads=("[directions].embedder", "[data]", "data", "zoo", "embed_splits", "train"),
         needs=("directions",),
+        current="audit.pipeline.directions:embed_current",
+        result="audit.pipeline.directions:embed_result",
     ),
     Stage(
         "directions",
