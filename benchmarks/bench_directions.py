@@ -10,7 +10,10 @@ predictions when present (``--run``), else synthetic ones of the demo's size (12
 
 Reported: wall time of each (the fast one warmed up and repeated, median), the speed
 ratio (target >= 10x) and the largest |CV score difference| (target < 0.01); then the
-full default estimator (CI, permutation p-values, several modes) for scale.
+full default estimator (CI, permutation p-values, several modes) for scale; then the audit's
+settings (50 permutations, 2 modes) with p-values near alpha resolved by more permutations
+(``max_permutations`` 800) against the single draw of 50: the time ratio and the modes whose
+status the draw decided.
 
     python benchmarks/bench_directions.py [--run runs/demo] [--synthetic] [--repeat 3]
 """
@@ -63,9 +66,10 @@ def _correct(view, models: list[str], pos: dict) -> tuple[dict, list, dict]:
     return correct, keep_ids, labels
 
 
-def from_run(run: str, embedder: str | None):
+def from_run(run: str, embedder: str | None, split: str = ""):
     """(X, labels, {model: correct}, description) from a run directory (read through RunView:
-    its embedder is the run's ``[directions] embedder`` unless given), or None if absent."""
+    its embedder is the run's ``[directions] embedder`` unless given; ``split``: that split's
+    examples only, e.g. the fit split the audit's directions are fitted on), or None if absent."""
     from audit.view import RunView
 
     if not os.path.isdir(run):  # RunStore would create it
@@ -83,12 +87,15 @@ def from_run(run: str, embedder: str | None):
     name = embedder or (own if own in embs else embs[0])
     ids, V = _vectors(view.table(f"embeddings/embedder={name}"))
     pos = {e: i for i, e in enumerate(ids)}
+    if split:
+        keep = set(view.data.split(split).example_ids.astype(str).tolist())
+        pos = {e: i for e, i in pos.items() if e in keep}
     correct, keep_ids, labels = _correct(view, models, pos)
     if not keep_ids or not correct:
         return None
     X = V[[pos[e] for e in keep_ids]]
     y = np.asarray([labels[e] for e in keep_ids])
-    return X, y, correct, f"run {run} (embedder {name})"
+    return X, y, correct, f"run {run} (embedder {name}{f', {split} split' if split else ''})"
 
 
 def reference(X, labels, correct, Cs):
@@ -127,6 +134,7 @@ def _args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--embedder", default=None, help="default: the run's [directions] embedder")
     ap.add_argument("--synthetic", action="store_true", help="ignore any run directory")
+    ap.add_argument("--split", default="", help="that split of the run only (e.g. debug)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--n-jobs", type=int, default=2, help="threads for the extra threaded timing")
     return ap.parse_args(argv)
@@ -191,15 +199,40 @@ def threaded_and_full(X, labels, correct, t_ref: float, n_jobs: int) -> None:
     )
 
 
+def permutation_resolution(X, labels, correct, n: int = 50, limit: int = 800) -> None:
+    """The audit's directions with p-values near alpha resolved (up to ``limit`` permutations)
+    against one draw of ``n``: time ratio, modes whose status differs, p-values extended."""
+    from audit.directions import FailureDirections, fit_directions
+
+    def fit(max_permutations):
+        est = FailureDirections(max_modes=2, n_permutations=n, max_permutations=max_permutations)
+        return fit_directions(X, correct, labels, estimator=est)
+
+    one, t_one = timed(lambda: fit(n))
+    res, t_res = timed(lambda: fit(limit))
+    a = {(m, x.label, x.mode): x for m, f in one.items() for x in f.modes_}
+    b = {(m, x.label, x.mode): x for m, f in res.items() for x in f.modes_}
+    near = [k for k, x in a.items() if 0.025 < x.p_value <= 0.1]
+    flips = [k for k in a.keys() & b.keys() if a[k].status != b[k].status]
+    gained = sum(b[k].status == "ok" for k in flips)
+    print(
+        f"p-values near alpha resolved (up to {limit} permutations) vs one draw of {n}: "
+        f"{t_res:.2f} s vs {t_one:.2f} s (x{t_res / t_one:.2f} the time); {len(near)} of {len(a)} modes "
+        f"near alpha after {n}; status changed for {len(flips)} ({gained} became significant, "
+        f"{len(flips) - gained} not); modes {len(a)} -> {len(b)}"
+    )
+
+
 def main(argv=None):
     a = _args(argv)
     warnings.filterwarnings("ignore")
-    data = None if a.synthetic else from_run(a.run, a.embedder)
+    data = None if a.synthetic else from_run(a.run, a.embedder, a.split)
     X, labels, correct, what = data if data is not None else synthetic()
     print(f"data: {what}: {len(correct)} models x {len(np.unique(labels))} classes, X {X.shape}")
     print(machine_line("sklearn", "numpy"))
     t_ref = same_work(X, labels, correct, a.repeat)
     threaded_and_full(X, labels, correct, t_ref, a.n_jobs)
+    permutation_resolution(X, labels, correct)
 
 
 if __name__ == "__main__":
