@@ -141,10 +141,26 @@ def _mean(xs) -> float:
     return float(np.mean(xs)) if xs else float("nan")
 
 
+def failing_on_eval(view) -> set[tuple[str, str]]:
+    """The (model, planted group) pairs whose group is at least ``min_gap`` below its class on
+    the eval split too, where names are checked (failing pairs are found on the fit split; a
+    group a few images made fail there may not fail on held-out images)."""
+    from audit.pipeline.stats import accuracy_tables
+
+    models = view.models
+    acc = accuracy_tables(view.store, view.data.split(view.config.data.eval_split), models)
+    return {
+        (r["model"], r["value"])
+        for r in acc.to_pylist()
+        if r["attribute"] == "group" and r["class_accuracy"] - r["accuracy"] >= view.min_gap
+    }
+
+
 def naming(view) -> dict:
     """Over the failing pairs whose planted attribute the manifest carries: the share whose
-    name names the planted value; over those whose attribute it does not carry (dropped, or
-    never given): the share reported unnamed."""
+    name names the planted value (and among them, those failing on the eval split too); over
+    those whose attribute it does not carry (dropped, or never given): the share reported
+    unnamed."""
     from audit.planted import parse_group
 
     rows = _names(view)
@@ -153,6 +169,10 @@ def naming(view) -> dict:
     lost = [r for r in rows if parse_group(r["group"])[1] not in have]
     out = {"pairs": len(rows), "nameable_pairs": len(kept)}
     out["named_right"] = _mean([bool(r["caption_names_group"]) for r in kept])
+    both = failing_on_eval(view)
+    again = [r for r in kept if (r["model"], r["group"]) in both]
+    out |= {"failing_on_eval": len(again)}
+    out["named_right_failing_on_eval"] = _mean([bool(r["caption_names_group"]) for r in again])
     if lost:
         out |= {"lost_pairs": len(lost), "lost_unnamed": _mean([not r["named"] for r in lost])}
     return out
@@ -322,7 +342,10 @@ def _table(results: list[dict]) -> list[str]:
             else ""
         )
         lines.append(
-            f"{r['variant']}: exit {r['exit']}, {r['seconds']:.0f} s; {n['pairs']} failing pairs, named right {n['named_right']:.0%}{lost}"
+            f"{r['variant']}: exit {r['exit']}, {r['seconds']:.0f} s; {n['pairs']} failing pairs, "
+            f"named right {n['named_right']:.0%} of {n['nameable_pairs']} nameable "
+            f"({n['named_right_failing_on_eval']:.0%} of the {n['failing_on_eval']} failing on "
+            f"the eval split too){lost}"
         )
         base = r["gains"].get("control", {}).get("gain", float("nan"))
         for k, g in sorted(r["gains"].items(), key=lambda kv: -kv[1]["gain"]):
