@@ -213,6 +213,29 @@ def test_cards_show_failure_modes_with_real_and_generated_images(audited):
     )
 
 
+def test_modes_past_the_cards_are_listed_with_their_names(audited, tmp_path):
+    """Modes beyond ``[report] max_modes`` are a table row each with the mode's name (its
+    caption, or "unnamed"), not only its top hard caption, which for an unnamed mode names
+    a failure it does not have."""
+    from audit.pipeline.config import ReportSection
+    from audit.report import write_report
+
+    store, _, _ = audited
+    modes = store.read_table("modes.parquet").to_pylist()
+    scope = max({m["scope"] for m in modes}, key=lambda s: sum(m["scope"] == s for m in modes))
+    mine = [m for m in modes if m["scope"] == scope]
+    write_report(store, str(tmp_path / "html"), opts=ReportSection(max_modes=0))
+    page = "clusters" if scope.startswith("cluster:") else "models"
+    name = scope.replace(":", "-") if page == "clusters" else scope
+    html = open(tmp_path / "html" / page / f"{name}.html").read()
+    table = html[html.index("more significant modes") :]
+    table = table[: table.index("</table>")]
+    assert "name (the most general caption that fails as much)" in table
+    assert table.count("<tr><td>") == len(mine)
+    for m in mine:
+        assert (m["caption"] if m["named"] else '<span class="muted">unnamed</span>') in table
+
+
 def test_hard_images_are_the_models_errors_more_often_than_easy_ones(audited):
     """A planted answer: the real images at the hard end of a direction are misclassified far
     more often than those at the easy end (the direction separates errors from correct)."""

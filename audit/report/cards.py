@@ -10,6 +10,7 @@ import numpy as np
 from audit.report.common import _page
 from audit.report.context import ReportContext
 from audit.report.images import _safe
+from audit.report.modes import name_label
 from audit.report.site import Site
 
 NONE = {"acc": None, "lo": None, "hi": None}
@@ -124,8 +125,7 @@ def _mode_rows(ctx: ReportContext, scopes: list[str]) -> tuple[list[dict], int]:
     for m in all_modes[: opts.max_index_rows]:
         anchor = f"#{_safe(m['cls'])}-mode-{m['mode']}" if (m["scope"], m["row"]) in shown else ""
         hard = modes.captions.get((m["scope"], m["cls"], m["mode"], "hard"), [])
-        name = modes.names.get((m["scope"], m["cls"], m["mode"]))
-        named = name["caption"] if name and name["named"] else ("unnamed" if name else "")
+        named = name_label(modes.names.get((m["scope"], m["cls"], m["mode"])))
         rows.append(
             {
                 **m,

@@ -72,6 +72,11 @@ def _names(run: RunView) -> dict[tuple, dict]:
     return {} if t is None else {(r["scope"], r["class"], r["mode"]): r for r in t.to_pylist()}
 
 
+def name_label(row: dict | None) -> str:
+    """A mode's name in a table: its caption, "unnamed", or "" before the name stage ran."""
+    return row["caption"] if row and row["named"] else ("unnamed" if row else "")
+
+
 def _confirm_text(confirmations: list[dict]) -> str:
     from audit.synthetic import is_oracle
 
@@ -347,8 +352,9 @@ class _Modes:
             used |= set(mine)
             out.append(md)
         top = self.captions
-        others = [
-            {**m, "top_hard": next(iter(top.get((scope, m["cls"], m["mode"], "hard"), [])), "")}
-            for m in rest
-        ]
+        others = []
+        for m in rest:
+            hard = next(iter(top.get((scope, m["cls"], m["mode"], "hard"), [])), "")
+            name = name_label(self.names.get((scope, m["cls"], m["mode"])))
+            others.append({**m, "top_hard": hard, "name": name})
         return out, others, [r for i, r in enumerate(mitig) if i not in used]
