@@ -83,15 +83,21 @@ def _encoder_table(config, data):
     )
 
 
+def world_checkpoint(inputs) -> str | None:
+    """Where the world encoder the run embeds with is cached (None: another embedder)."""
+    if inputs.config.directions.embedder != "world" or not has_captions(inputs):
+        return None
+    from audit.embed.world_encoder import checkpoint_path
+
+    return checkpoint_path(_encoder_table(inputs.config, inputs.data))
+
+
 def embed_current(store: RunStore, inputs) -> bool:
     """The world encoder the run embedded with is still in the cache: after the cache was
     cleared the stage runs again (the encoder trains again; what it embeds differently is
     embedded anew, since its key holds the weights' digest)."""
-    if inputs.config.directions.embedder != "world" or not has_captions(inputs):
-        return True
-    from audit.embed.world_encoder import checkpoint_path
-
-    return os.path.exists(checkpoint_path(_encoder_table(inputs.config, inputs.data)))
+    path = world_checkpoint(inputs)
+    return path is None or os.path.exists(path)
 
 
 def embed_result(store: RunStore, inputs) -> list:
