@@ -217,13 +217,15 @@ def _scripted_fitter(exceed, **params):
 
 def test_a_p_value_near_alpha_is_resolved_with_more_permutations():
     """Two chance exceedances in 50 draws put p at 3/51 = 0.059 for a mode whose p is far
-    smaller: the test goes on (four times as many) until it is clear; clear cases cost no
+    smaller: the test goes on (twice as many at a time) until it is clear; clear cases cost no
     more, and max_permutations = n_permutations keeps the old single draw."""
     args = (np.zeros(10), np.zeros(10, int), 1.0, 0.5)
     fitter, draws = _scripted_fitter({3, 40}, n_permutations=50)
     assert fitter.p_value(*args) == pytest.approx(3 / 201) and len(draws) == 200
     fitter, draws = _scripted_fitter({3, 40}, n_permutations=50, max_permutations=50)
     assert fitter.p_value(*args) == pytest.approx(3 / 51) and len(draws) == 50
+    fitter, draws = _scripted_fitter({3, 40}, n_permutations=50)  # no sign of a pattern
+    assert fitter.p_value(*args, resolve=False) == pytest.approx(3 / 51) and len(draws) == 50
     fitter, draws = _scripted_fitter(set(), n_permutations=50)  # clearly significant
     assert fitter.p_value(*args) == pytest.approx(1 / 51) and len(draws) == 50
     fitter, draws = _scripted_fitter({0, 1, 2}, n_permutations=50)  # clearly not

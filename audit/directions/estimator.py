@@ -35,9 +35,10 @@ class FailureDirections(BaseEstimator):
     max_modes : at most this many directions per class.
     n_permutations : label permutations for the p-value (0: no p-value, every fit is "ok").
     max_permutations : a p-value that ``n_permutations`` leave within a factor of two of
-        ``alpha`` is resolved with more, four times as many at a time, up to this many
-        (None: 16 x ``n_permutations``; at 50, two chance exceedances decide p = 0.059 for a
-        mode whose p is 0.003 at 1,000). Clear cases cost no more.
+        ``alpha``, of a mode whose bootstrap interval lies above 0.5, is resolved with more,
+        twice as many at a time, up to this many (None: 16 x ``n_permutations``; at 50,
+        two chance exceedances decide p = 0.059 for a mode whose p is 0.003 at 1,000). Clear
+        cases, and chance modes whose draw lands near alpha, cost no more.
     permutation_search : ``"best"`` refits each permutation at the chosen C only (cheap,
         slightly optimistic because the observed score is a maximum over the grid);
         ``"grid"`` repeats the whole grid search per permutation (exact, ``len(Cs)`` x dearer).

@@ -104,7 +104,14 @@ class _ModeFitter:
         a = (1 - est.ci_level) / 2
         return float(np.nanquantile(boot, a)), float(np.nanquantile(boot, 1 - a))
 
-    def p_value(self, err: np.ndarray, fold_of_ex: np.ndarray, C: float, observed: float) -> float:
+    def p_value(
+        self,
+        err: np.ndarray,
+        fold_of_ex: np.ndarray,
+        C: float,
+        observed: float,
+        resolve: bool = True,
+    ) -> float:
         """Permutation p-value of the CV score (sequential: stops once it cannot reach alpha,
         goes on while the draw leaves it near alpha).
 
@@ -114,7 +121,10 @@ class _ModeFitter:
         sequential p-value ``h / permutations done``, so chance modes cost a few refits. A
         p-value within a factor of two of alpha is the Monte Carlo draw's call more than the
         data's (with 50 permutations, one exceedance more or less moves it across 0.05): the
-        test goes on with four times as many permutations, up to ``max_permutations``.
+        test goes on with twice as many permutations at a time, up to ``max_permutations``, when
+        ``resolve`` (the caller's evidence that the score is above chance: its bootstrap
+        interval; a chance mode's draw lands near alpha one time in eight, and resolving all
+        of those was most of the directions' time at ImageNet shape).
         """
         est = self.est
         n, limit = int(est.n_permutations), est._permutation_limit()
@@ -130,6 +140,6 @@ class _ModeFitter:
                 hits += score >= observed - 1e-12
                 done += 1
             p = hits / done if hits >= h_stop and done < n else (1 + hits) / (1 + done)
-            if n >= limit or not est.alpha / 2 < p <= 2 * est.alpha:
+            if n >= limit or not resolve or not est.alpha / 2 < p <= 2 * est.alpha:
                 return p
-            n = min(limit, 4 * n)
+            n = min(limit, 2 * n)  # a chance mode near alpha leaves after a few more

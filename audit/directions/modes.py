@@ -120,7 +120,8 @@ def _fit_mode(
     w, b = fitter.fit_one(ex, y, sw, C)
     norm = float(np.linalg.norm(w))
     lo, hi = fitter.bootstrap_ci(rows, oof[best])
-    p = fitter.p_value(e, folds, C, float(scores[best]))
+    # a draw near alpha is resolved only where the bootstrap says the score is above chance
+    p = fitter.p_value(e, folds, C, float(scores[best]), resolve=not lo <= 0.5)
     significant = not (p > est.alpha) and norm > 0  # NaN (no permutations) counts as significant
     fm = FailureMode(
         int(cd.label),

@@ -141,8 +141,8 @@ class DirectionsSection(Section):
     grounding_k: int = Field(50, ge=1, le=MAX_NEAREST)
     max_modes: int = Field(2, ge=1, le=10_000)
     n_permutations: int = Field(50, ge=0, le=MAX_RESAMPLES)
-    # a p-value the first n_permutations leave within a factor of two of 0.05 is resolved
-    # with more, up to this many (0: never more than n_permutations)
+    # a p-value the first n_permutations leave within a factor of two of 0.05, of a mode whose
+    # bootstrap interval lies above chance, is resolved with more, up to this many (0: never)
     max_permutations: int = Field(800, ge=0, le=MAX_RESAMPLES)
     llm_model: str = ""  # an OpenAI-compatible model for caption proposals; "" = grammar only
     llm_base_url: str = ""  # default $OPENAI_BASE_URL

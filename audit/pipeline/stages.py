@@ -116,7 +116,9 @@ STAGES: tuple[Stage, ...] = (
         ),
         section="directions",
         needs=("directions",),
-        version=2,  # v2: p-values near alpha resolved with more permutations
+        # v2: p-values near alpha resolved with more permutations; v3: only where the
+        # bootstrap interval of the score lies above chance, twice as many at a time
+        version=4,
     ),
     Stage(
         "name",
