@@ -122,7 +122,7 @@ def main() -> None:
     from cluster.runner import run_fix
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="/tmp/bench-transfer")
+    ap.add_argument("--out", required=True, help="a directory for the copied run and the reference")
     ap.add_argument("--run", default=None, help="an audited run of the demo zoo (copied)")
     ap.add_argument("--zoo", default="demo_heldout")
     a = ap.parse_args()

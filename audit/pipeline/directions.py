@@ -109,7 +109,7 @@ def embed_result(store: RunStore, inputs) -> list:
     for d in sorted(store.listdir("embeddings") if store.exists("embeddings") else []):
         rel = f"embeddings/{d}/part-00000.parquet"
         if store.exists(rel):
-            meta = pq.read_schema(store.path(rel)).metadata or {}
+            meta = pq.read_schema(store.path(rel), filesystem=store.fs).metadata or {}
             out.append((d, meta.get(b"key", b"").decode()))
     return out
 

@@ -18,7 +18,8 @@ EVALS = ("planted", "attribute_group", "nearest_caption", "direction")
 
 def first_kind(kinds) -> str | None:
     """The first of :data:`EVALS` among ``kinds`` (None: none of them)."""
-    return next((k for k in EVALS if k in set(kinds)), None)
+    have = set(kinds)
+    return next((k for k in EVALS if k in have), None)
 
 
 def gain_kind(table: pa.Table) -> str | None:
