@@ -288,7 +288,8 @@ def subpopulations_table(
     ``correct``: ``{model: bool [N]}`` aligned with the rows of ``index`` (the test images).
     ``embedder``: an Embedder (captions embedded once each) or ``{caption: vector}``.
     ``scopes``: for scopes that are not model names (a cluster), the models they pool; the
-    pooled accuracy counts every (model, image) pair, so ``n`` is images x models.
+    pooled accuracy counts every (model, image) pair, so ``n`` is images x models, and the
+    interval treats the images as the sample (:func:`effective_counts`).
     Returns a table with :data:`SUBPOPULATION_SCHEMA` (one row per caption row).
     """
     from audit.predictions import wilson_interval
@@ -315,7 +316,7 @@ def subpopulations_table(
         out["k"].append(int(k))
         out["accuracy_on_nearest"].append(acc)
         out["class_accuracy"].append(cls_acc)
-        out["n"].append(n)
+        out["n"].append(len(near) * len(ms))
         out["n_models"].append(len(ms))
         out["delta"].append(acc - cls_acc)
         hits_all.append(hits)
@@ -387,13 +388,38 @@ def _neighbours(
 
 def _nearest_vs_class(
     corr: Mapping[str, np.ndarray], ms: list[str], near: np.ndarray, in_class: np.ndarray
-) -> tuple[int, int, float, float]:
-    """``(hits, n, accuracy on near, accuracy on the class)`` pooled over the models ``ms``
-    (every (model, image) pair counts; NaN for an empty set)."""
-    hits = sum(int(corr[m][near].sum()) for m in ms)
-    n = len(near) * len(ms)
+) -> tuple[float, float, float, float]:
+    """``(hits, n, accuracy on near, accuracy on the class)`` pooled over the models ``ms``;
+    ``hits`` and ``n`` are the effective counts an interval needs (:func:`effective_counts`),
+    NaN accuracies for an empty set."""
+    near = np.asarray(near, int)
+    hits, n = effective_counts(corr, ms, near)
+    acc = hits / n if n else float("nan")
     cls_hits = sum(int(corr[m][in_class].sum()) for m in ms)
     cls_n = int(in_class.sum()) * len(ms)
-    acc = hits / n if n else float("nan")
     cls_acc = cls_hits / cls_n if cls_n else float("nan")
     return hits, n, acc, cls_acc
+
+
+def effective_counts(
+    corr: Mapping[str, np.ndarray], ms: list[str], rows: np.ndarray
+) -> tuple[float, float]:
+    """``(successes, trials)`` for an interval of the accuracy on ``rows`` pooled over the
+    models ``ms``. The images are what was sampled: the models of a cluster share their
+    failures, so counting every (model, image) pair as a trial would narrow the interval by up
+    to the square root of the models (and name chance subpopulations of a cluster). The
+    trials are the images times the models over Kish's design effect, estimated from the
+    spread of the per-image accuracies and kept between the images (the models always agree)
+    and the pairs (they never do); one model: its images and hits, exactly."""
+    rows = np.asarray(rows, int)
+    if not len(rows) or not ms:
+        return 0.0, 0.0
+    per_image = np.mean([np.asarray(corr[m], float)[rows] for m in ms], axis=0)
+    n_img, p = len(rows), float(per_image.mean())
+    if len(ms) == 1 or n_img < 2:
+        n_eff = float(n_img)
+    else:
+        spread = float(per_image.var(ddof=1))
+        pairs = float(n_img * len(ms))
+        n_eff = pairs if spread <= 0 else min(max(n_img * p * (1 - p) / spread, n_img), pairs)
+    return p * n_eff, n_eff

@@ -17,6 +17,9 @@ when the data has those columns, else on its nearest images of the class (as
   explains it. It is never handed to a generator under a caption that does not fail; the
   methods that need no caption (pool selection, upweighting) still apply, and the report
   shows its hardest images.
+- **undecided**: an unnamed mode whose interval reaches both the class's accuracy and
+  ``min_gap`` below it: its images are too few to tell whether it fails, which the console,
+  the tables and the cards say (where a caption's images are plainly not worse, they say so).
 
 Writes ``modes.parquet``: one row per significant (scope, class, mode), ordered within each
 scope by how much the named subpopulation fails (named first, largest gap first).
@@ -42,7 +45,7 @@ MODES_SCHEMA = pa.schema(
             ("ci_high", pa.float64()),
         ],
         *[("class_accuracy", pa.float64()), ("gap", pa.float64()), ("order", pa.int32())],
-        *[("checked_on", pa.string()), ("n_checked", pa.int64())],
+        *[("checked_on", pa.string()), ("n_checked", pa.int64()), ("undecided", pa.bool_())],
     ]
 )
 
@@ -139,6 +142,12 @@ def is_named(row: Mapping) -> bool:
     return bool(row["ci_high"] < row["class_accuracy"])
 
 
+def is_undecided(row: Mapping, min_gap: float) -> bool:
+    """Not named, yet the interval reaches a failure of ``min_gap`` below the class as well:
+    the images checked are too few to tell whether it fails (not "it does not fail")."""
+    return not is_named(row) and bool(row["ci_low"] <= row["class_accuracy"] - min_gap)
+
+
 def name_modes(
     hard: Mapping[tuple, str | list[str] | None],
     cv: Mapping[tuple, float],
@@ -146,13 +155,15 @@ def name_modes(
     check: Check,
     direction_check: Callable[[tuple], Mapping] | None = None,
     beyond: Beyond | None = None,
+    min_gap: float = 0.15,
 ) -> pa.Table:
     """``modes.parquet`` for ``hard[(scope, class, mode)]`` = the mode's hard captions, best
     first (or its top one; None: the space has no text, the mode is unnamed and
     ``direction_check(key)`` says how much the images its direction finds hardest fail).
     The modes of a class are named in mode order, each by a subpopulation the earlier ones
     have not named when its captions offer one that fails; a later mode whose captions only
-    name an earlier mode's failure is unnamed when ``beyond`` shows a failure of its own."""
+    name an earlier mode's failure is unnamed when ``beyond`` shows a failure of its own. An
+    unnamed mode is ``undecided`` when its check cannot rule out a failure of ``min_gap``."""
     rows, earlier = [], {}  # (scope, class) -> [(slots, name)] of its modes named so far
     for (scope, cls, mode), caps in sorted(hard.items()):
         before = earlier.setdefault((scope, cls), [])
@@ -182,6 +193,7 @@ def name_modes(
             | {
                 "checked_on": chk.get("checked_on", "nearest images"),
                 "n_checked": chk.get("n", chk.get("k")),
+                "undecided": is_undecided(chk, min_gap),
             }
         )
     return _ordered(rows)

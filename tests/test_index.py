@@ -142,3 +142,29 @@ def test_subpopulation_accuracy_matches_hand_computation():
         subpopulations_table(
             rows[:1], {"m1": correct["m1"][:3]}, caption_vecs, ClassIndex(x, labels), ["a", "b"]
         )
+
+
+def test_a_clusters_interval_counts_its_images_not_its_model_image_pairs():
+    """Models of a cluster share their failures: two copies of a model know no more than one,
+    so the pooled interval is the one model's; models that never agree count every pair."""
+    from audit.index import effective_counts
+    from audit.predictions import wilson_interval
+
+    rng = np.random.default_rng(0)
+    a = rng.random(40) < 0.6
+    rows = np.arange(40)
+    one = effective_counts({"m": a}, ["m"], rows)
+    assert one == (float(a.sum()), 40.0)  # a model alone: its hits and images, exactly
+    twins = effective_counts({"m": a, "n": a.copy()}, ["m", "n"], rows)
+    assert twins == pytest.approx(one)
+    half = np.arange(40) % 2 == 0  # each image right for exactly one of the two models
+    k, n = effective_counts({"m": half, "n": ~half}, ["m", "n"], rows)
+    assert (k, n) == pytest.approx((40.0, 80.0))
+    # independent models: between the images and the pairs, so the interval is narrower than
+    # one model's but no narrower than the pairs'
+    b = rng.random((3, 400)) < 0.5
+    k, n = effective_counts({str(i): b[i] for i in range(3)}, ["0", "1", "2"], np.arange(400))
+    assert 400 <= n <= 1200 and k / n == pytest.approx(b.mean())
+    lo2, hi2 = wilson_interval(np.array([k]), np.array([n]))
+    lo1, hi1 = wilson_interval(np.array([b.mean() * 400]), np.array([400]))
+    assert hi2 - lo2 < hi1 - lo1

@@ -89,6 +89,22 @@ def test_a_mode_whose_caption_does_not_fail_is_unnamed_and_ordered_last():
     assert np.isclose(rows[0]["gap"], 0.7)
 
 
+def test_an_unnamed_mode_too_small_to_tell_is_undecided_not_passed():
+    """Unnamed because the images are too few (the interval reaches the class and a failure of
+    min_gap alike) reads differently from unnamed because the caption's images do not fail."""
+    few, fine = "a photo of a red coat", "a photo of a blue bag"
+    check, _ = _check({few: 0.6, fine: 0.78}, class_accuracy=0.72, half_width=0.16)
+    hard = {("m", "coat", 0): few, ("m", "bag", 0): fine}
+    rows = {r["class"]: r for r in name_modes(hard, {}, _grammar(), check).to_pylist()}
+    assert not rows["coat"]["named"] and rows["coat"]["undecided"]  # [44%, 76%] vs 72%
+    assert not rows["bag"]["named"] and not rows["bag"]["undecided"]  # [62%, 94%]: no failure
+    strict = name_modes(hard, {}, _grammar(), check, min_gap=0.3).to_pylist()
+    assert not any(r["undecided"] for r in strict)  # a 30-point failure is ruled out for both
+    check, _ = _check({few: 0.3}, class_accuracy=0.72, half_width=0.16)
+    named = name_modes({("m", "coat", 0): few}, {}, _grammar(), check).to_pylist()[0]
+    assert named["named"] and not named["undecided"]
+
+
 def test_a_planted_failure_counts_as_named_by_the_mode_that_names_it():
     """An oracle check's own logic: a class with a mode named by the planted value is named;
     with none, a mode reported unnamed counts as the audit saying it cannot name it."""

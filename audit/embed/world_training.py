@@ -85,7 +85,7 @@ def fit_towers(towers, data: TrainingData, hp: Mapping, device: str, progress: b
     """Train ``towers`` on ``data`` with ``hp``'s schedule; returns the number of images."""
     import torch
 
-    from audit.zoo.loop import train_loop
+    from audit.zoo.loop import channels_last, train_loop
     from audit.zoo.models import preprocess
 
     images = data.images
@@ -93,6 +93,7 @@ def fit_towers(towers, data: TrainingData, hp: Mapping, device: str, progress: b
     x_all = torch.cat(
         [preprocess(images[i : i + 2048], cfg, "cpu") for i in range(0, len(images), 2048)]
     )
+    channels_last(towers["image"])
     step = functools.partial(_step_loss, towers=towers, x_all=x_all, data=data, device=device)
     towers.train()
     train_loop(
@@ -118,7 +119,9 @@ def _step_loss(idx, gen, *, towers, x_all, data: TrainingData, device: str):
     import torch
     import torch.nn.functional as F
 
-    xb = augment(x_all[idx], gen).to(device)
+    from audit.zoo.loop import channels_last
+
+    xb = channels_last(augment(x_all[idx], gen).to(device))
     img = F.normalize(towers["image"](xb), dim=-1)
     scale = towers.logit_scale.clamp(max=np.log(100.0)).exp()
     n_tpl = len(data.vocab.templates)

@@ -198,6 +198,7 @@ def name_stage(store: RunStore, inputs, cfg) -> str:
         check,
         lambda key: check.direction(rows[key]),
         lambda key, names: check.beyond(rows[key], names),
+        min_gap=inputs.config.stats.min_gap,
     )
     store.write_table("modes.parquet", modes)
     if "group" in inputs.data.columns and store.exists("accuracy.parquet"):
@@ -208,9 +209,11 @@ def name_stage(store: RunStore, inputs, cfg) -> str:
     rows = modes.to_pylist()
     n_named = sum(r["named"] for r in rows)
     n_general = sum(r["named"] and r["caption"] != r["specific_caption"] for r in rows)
+    n_undecided = sum(r["undecided"] for r in rows)
     return (
         f"{len(rows)} significant modes: {n_named} named ({n_general} by a more general caption "
-        f"than the top one), {len(rows) - n_named} unnamed"
+        f"than the top one), {len(rows) - n_named} unnamed ({n_undecided} of them: too few "
+        "eval images to tell)"
     )
 
 

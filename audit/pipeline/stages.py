@@ -117,20 +117,23 @@ STAGES: tuple[Stage, ...] = (
         section="directions",
         needs=("directions",),
         # v2: p-values near alpha resolved with more permutations; v3: only where the
-        # bootstrap interval of the score lies above chance, twice as many at a time
-        version=4,
+        # bootstrap interval of the score lies above chance, twice as many at a time;
+        # v5: a cluster's intervals count its images, not its (model, image) pairs
+        version=5,
     ),
     Stage(
         "name",
         "audit.pipeline.name:name_stage",
-        reads=("[directions]", "[data]", "data", "sweep", "stats", "embed", "directions"),
+        reads=("[directions]", "[data]", "[stats].min_gap", "data", "sweep", "stats", "embed")
+        + ("directions",),
         writes=("modes.parquet",),
         section="directions",
         needs=("directions",),
         # v2: a class's later modes named by a subpopulation the earlier ones have not;
         # v3/v4: a later mode with only an earlier name is unnamed when it fails beyond that name
-        # v5: ... than the class's images outside that name
-        version=5,
+        # v5: ... than the class's images outside that name; v6: a cluster's intervals count
+        # its images; an unnamed mode too small to tell is "undecided"
+        version=6,
     ),
     Stage(
         "generate",

@@ -81,20 +81,44 @@ def format_direction_similarity(sim: pa.Table, families: Mapping[str, str]) -> s
     )
 
 
-def _strongest_by_group(dirs: pa.Table, families: Mapping[str, str]) -> dict[str, list[dict]]:
+def _strongest_by_group(
+    dirs: pa.Table, families: Mapping[str, str], names: Mapping[tuple, dict]
+) -> dict[str, list[dict]]:
+    """Significant modes per cluster or family: named ones first, by how much their named
+    subpopulation fails, then by strength (by strength alone before the name stage)."""
     by_group: dict[str, list] = {}
     for r in dirs.to_pylist():
         if r["status"] == "ok":
             s = r["scope"]
             by_group.setdefault(s if s.startswith("cluster:") else families.get(s, s), []).append(r)
-    return {g: sorted(rs, key=lambda r: -r["cv_score"]) for g, rs in sorted(by_group.items())}
+
+    def key(r):
+        nm = names.get((r["scope"], r["class"], r["mode"]))
+        return (not (nm and nm["named"]), -(nm["gap"] if nm and nm["named"] else r["cv_score"]))
+
+    return {g: sorted(rs, key=key) for g, rs in sorted(by_group.items())}
 
 
-def _mode_lines(r: dict, caps_by: dict, sub: dict) -> list[str]:
+def _name_line(nm: dict | None) -> list[str]:
+    """The mode's name (modes.parquet): the caption that fails, or why it has none."""
+    if nm is None:
+        return []
+    check = (
+        f"{nm['accuracy_on_nearest']:.0%} [{nm['ci_low']:.0%}, {nm['ci_high']:.0%}] vs class "
+        f"{nm['class_accuracy']:.0%} on {nm['n_checked']} eval images ({nm['checked_on']})"
+    )
+    if nm["named"]:
+        return [f"      name: {nm['caption']!r}  {check}"]
+    why = "too few images to tell" if nm.get("undecided") else "no caption fails"
+    return [f"      name: unnamed ({why})  {check}"]
+
+
+def _mode_lines(r: dict, caps_by: dict, sub: dict, names: dict) -> list[str]:
     lines = [
         f"    {r['scope']:18s} {r['class']:10s} mode {r['mode']}  cv {r['cv_score']:.2f}  "
         f"p={r['p_value']:.3f} q={r.get('q_value', float('nan')):.3f}"
     ]
+    lines += _name_line(names.get((r["scope"], r["class"], r["mode"])))
     for pol in ("hard", "easy"):
         top = sorted(
             caps_by.get((r["scope"], r["class"], r["mode"], pol), []), key=lambda c: c["rank"]
@@ -139,14 +163,21 @@ def format_directions(view: RunView, per_family: int = 1) -> str:
     caps_by: dict[tuple, list] = {}
     for r in view.table("captions.parquet").to_pylist():
         caps_by.setdefault((r["scope"], r["class"], r["mode"], r["polarity"]), []).append(r)
+    modes = view.table("modes.parquet")
+    names = (
+        {} if modes is None else {(r["scope"], r["class"], r["mode"]): r for r in modes.to_pylist()}
+    )
     lines = [
-        "Strongest failure modes (CV score = balanced accuracy of the SVM; hard / easy captions;",
-        f"accuracy on the {view.config.directions.k} nearest eval images vs the class):",
+        "Worst failure modes (named ones by how much their name fails, then by CV score, the",
+        "SVM's balanced accuracy; the name is the most general caption that fails on the eval",
+        "split, or unnamed; top hard / easy captions with the accuracy on their",
+        f"{view.config.directions.k} nearest eval images vs the class):",
     ]
-    for g, rows in _strongest_by_group(view.table("directions.parquet"), view.families).items():
+    groups = _strongest_by_group(view.table("directions.parquet"), view.families, names)
+    for g, rows in groups.items():
         lines.append(f"  {g}:")
         for r in rows[:per_family]:
-            lines += _mode_lines(r, caps_by, sub)
+            lines += _mode_lines(r, caps_by, sub, names)
     sim = view.table("direction_similarity.parquet")
     if sim is not None and (line := format_direction_similarity(sim, view.families)):
         lines.append("\n" + line)

@@ -72,9 +72,18 @@ def _names(run: RunView) -> dict[tuple, dict]:
     return {} if t is None else {(r["scope"], r["class"], r["mode"]): r for r in t.to_pylist()}
 
 
+#: a table's name for an unnamed mode whose images are too few to tell whether it fails
+UNDECIDED = "unnamed (too few images to tell)"
+
+
 def name_label(row: dict | None) -> str:
-    """A mode's name in a table: its caption, "unnamed", or "" before the name stage ran."""
-    return row["caption"] if row and row["named"] else ("unnamed" if row else "")
+    """A mode's name in a table: its caption, "unnamed" (:data:`UNDECIDED` when its images
+    are too few to tell), or "" before the name stage ran."""
+    if not row:
+        return ""
+    if row["named"]:
+        return row["caption"]
+    return UNDECIDED if row.get("undecided") else "unnamed"
 
 
 def _confirm_text(confirmations: list[dict]) -> str:

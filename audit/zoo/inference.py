@@ -46,11 +46,13 @@ def forward(
     in chunks of ``batch_size``. Returns ``{"logits": [N, C]}`` (+ ``"features": [N, D]``), float32."""
     import torch
 
+    from audit.zoo.loop import channels_last
+
     logits, feats = [], []
     amp = str(device).startswith("cuda")
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
         for i in range(0, len(x), batch_size):
-            out, f = module(x[i : i + batch_size])
+            out, f = module(channels_last(x[i : i + batch_size]))
             logits.append(out.float().cpu().numpy())
             if with_features:
                 feats.append(f.float().cpu().numpy())

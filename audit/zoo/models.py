@@ -75,7 +75,9 @@ def build_model(
             f"model {spec.name!r}: no builder {spec.builder!r}; registered: {sorted(_BUILDERS)}"
         )
     loaded = _BUILDERS[spec.builder](spec, list(classes), weights_path)
-    loaded.module.eval().to(device)
+    from audit.zoo.loop import channels_last
+
+    channels_last(loaded.module.eval().to(device))
     return loaded
 
 

@@ -115,7 +115,7 @@ def train_model(
     (None: leave the process's setting as is), restored afterwards."""
     import torch
 
-    from audit.zoo.loop import torch_threads, train_loop
+    from audit.zoo.loop import channels_last, torch_threads, train_loop
     from audit.zoo.models import _timm_input_config, create_timm, preprocess
 
     if not spec.trained_here:
@@ -129,7 +129,7 @@ def train_model(
     hp = resolve_train_hparams(spec)
     with torch_threads(threads):
         torch.manual_seed(int(hp["seed"]))
-        model = create_timm(spec, len(classes)).to(device)
+        model = channels_last(create_timm(spec, len(classes)).to(device))
         cfg = _timm_input_config(model, spec)
         x_all = torch.cat(
             [preprocess(images[i : i + 1024], cfg, "cpu") for i in range(0, len(images), 1024)]
@@ -141,7 +141,7 @@ def train_model(
             xb, yb = x_all[idx].to(device), y_all[idx].to(device)
             flip = torch.rand(len(idx), generator=gen) < 0.5  # horizontal flip per image
             xb = torch.where(flip.view(-1, 1, 1, 1).to(device), xb.flip(-1), xb)
-            return loss_fn(model(xb), yb)
+            return loss_fn(model(channels_last(xb)), yb)
 
         model.train()
         train_loop(
