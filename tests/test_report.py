@@ -233,7 +233,23 @@ def test_modes_past_the_cards_are_listed_with_their_names(audited, tmp_path):
     assert "name (the most general caption that fails as much)" in table
     assert table.count("<tr><td>") == len(mine)
     for m in mine:
-        assert (m["caption"] if m["named"] else '<span class="muted">unnamed</span>') in table
+        label = "too few images to tell" if m["undecided"] else "unnamed"
+        assert (
+            m["caption"]
+            if m["named"]
+            else f'<span class="muted">unnamed{"" if label == "unnamed" else f" ({label})"}</span>'
+        ) in table
+
+
+def test_an_undecided_mode_reads_as_too_few_images_not_as_no_failure():
+    from audit.report.modes import UNDECIDED, name_label
+
+    row = {"named": False, "caption": None, "undecided": True}
+    assert name_label(row) == UNDECIDED and "too few images" in UNDECIDED
+    assert name_label(row | {"undecided": False}) == "unnamed"
+    assert name_label({"named": False, "caption": None}) == "unnamed"  # a run before the column
+    assert name_label({"named": True, "caption": "a red coat", "undecided": False}) == "a red coat"
+    assert name_label(None) == ""
 
 
 def test_hard_images_are_the_models_errors_more_often_than_easy_ones(audited):
