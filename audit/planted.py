@@ -129,7 +129,7 @@ NAMED_SCHEMA = pa.schema(
     [
         *[("model", pa.string()), ("group", pa.string()), ("gap", pa.float64())],
         *[("named", pa.bool_()), ("caption", pa.string()), ("specific_caption", pa.string())],
-        ("caption_names_group", pa.bool_()),
+        *[("caption_names_group", pa.bool_()), ("undecided", pa.bool_())],
     ]
 )
 
@@ -164,5 +164,6 @@ def named_evaluation(accuracy: pa.Table, modes: pa.Table, min_gap: float) -> pa.
             | {"caption": m["caption"] if m else None}
             | {"specific_caption": m["specific_caption"] if m else None}
             | {"caption_names_group": caption_names(m["caption"], value, neg) if named else None}
+            | {"undecided": bool(m and not named and m.get("undecided"))}
         )
     return pa.Table.from_pylist(rows, schema=NAMED_SCHEMA)

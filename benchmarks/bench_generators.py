@@ -169,6 +169,7 @@ def naming(view) -> dict:
     lost = [r for r in rows if parse_group(r["group"])[1] not in have]
     out = {"pairs": len(rows), "nameable_pairs": len(kept)}
     out["named_right"] = _mean([bool(r["caption_names_group"]) for r in kept])
+    out["undecided"] = sum(bool(r.get("undecided")) for r in kept)
     both = failing_on_eval(view)
     again = [r for r in kept if (r["model"], r["group"]) in both]
     out |= {"failing_on_eval": len(again)}
@@ -345,7 +346,8 @@ def _table(results: list[dict]) -> list[str]:
             f"{r['variant']}: exit {r['exit']}, {r['seconds']:.0f} s; {n['pairs']} failing pairs, "
             f"named right {n['named_right']:.0%} of {n['nameable_pairs']} nameable "
             f"({n['named_right_failing_on_eval']:.0%} of the {n['failing_on_eval']} failing on "
-            f"the eval split too){lost}"
+            f"the eval split too; {n.get('undecided', 0)} unnamed as too few eval images to "
+            f"tell){lost}"
         )
         base = r["gains"].get("control", {}).get("gain", float("nan"))
         for k, g in sorted(r["gains"].items(), key=lambda kv: -kv[1]["gain"]):

@@ -196,10 +196,11 @@ def format_named_planted(names: pa.Table) -> str:
     rows = names.to_pylist()
     named = [r for r in rows if r["named"]]
     right = sum(bool(r["caption_names_group"]) for r in named)
+    few = sum(bool(r.get("undecided")) for r in rows)
     return (
         f"  the mode's name (the most general caption that fails as much) names the planted value "
         f"for {right} of {len(rows)} pairs ({right / len(rows):.1%}); {len(rows) - len(named)} "
-        "reported unnamed"
+        f"reported unnamed ({few} of them: too few eval images to tell)"
     )
 
 
