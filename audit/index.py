@@ -414,7 +414,7 @@ def effective_counts(
     rows = np.asarray(rows, int)
     if not len(rows) or not ms:
         return 0.0, 0.0
-    per_image = np.mean([np.asarray(corr[m], float)[rows] for m in ms], axis=0)
+    per_image = np.mean([np.asarray(corr[m])[rows] for m in ms], axis=0, dtype=float)
     n_img, p = len(rows), float(per_image.mean())
     if len(ms) == 1 or n_img < 2:
         n_eff = float(n_img)
