@@ -19,7 +19,8 @@ when the data has those columns, else on its nearest images of the class (as
   shows its hardest images.
 - **undecided**: an unnamed mode whose interval reaches both the class's accuracy and
   ``min_gap`` below it: its images are too few to tell whether it fails, which the console,
-  the tables and the cards say (where a caption's images are plainly not worse, they say so).
+  the tables and the cards say (where a caption's images are plainly not worse, they say so),
+  with ``images_to_decide``: how many images at the accuracy seen would name it.
 
 Writes ``modes.parquet``: one row per significant (scope, class, mode), ordered within each
 scope by how much the named subpopulation fails (named first, largest gap first).
@@ -46,6 +47,7 @@ MODES_SCHEMA = pa.schema(
         ],
         *[("class_accuracy", pa.float64()), ("gap", pa.float64()), ("order", pa.int32())],
         *[("checked_on", pa.string()), ("n_checked", pa.int64()), ("undecided", pa.bool_())],
+        ("images_to_decide", pa.int64()),
     ]
 )
 
@@ -142,6 +144,23 @@ def is_named(row: Mapping) -> bool:
     return bool(row["ci_high"] < row["class_accuracy"])
 
 
+def images_to_decide(row: Mapping, limit: int = 100_000) -> int | None:
+    """The fewest images at which the accuracy seen would have an interval below the class's
+    accuracy (the images, one model's trials: for a cluster an upper bound), or None when it
+    is not below the class or more than ``limit`` would be needed."""
+    import numpy as np
+
+    from audit.predictions import wilson_interval
+
+    p, c = float(row["accuracy_on_nearest"]), float(row["class_accuracy"])
+    if not p < c:
+        return None
+    n = np.arange(1, limit + 1)
+    _, hi = wilson_interval(p * n, n)
+    below = np.flatnonzero(hi < c)
+    return int(n[below[0]]) if len(below) else None
+
+
 def is_undecided(row: Mapping, min_gap: float) -> bool:
     """Not named, yet the interval reaches a failure of ``min_gap`` below the class as well:
     the images checked are too few to tell whether it fails (not "it does not fail")."""
@@ -193,7 +212,8 @@ def name_modes(
             | {
                 "checked_on": chk.get("checked_on", "nearest images"),
                 "n_checked": chk.get("n", chk.get("k")),
-                "undecided": is_undecided(chk, min_gap),
+                "undecided": (few := is_undecided(chk, min_gap)),
+                "images_to_decide": images_to_decide(chk) if few else None,
             }
         )
     return _ordered(rows)

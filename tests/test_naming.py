@@ -8,6 +8,7 @@ import pyarrow as pa
 
 from audit.data.table import ImageTable
 from audit.naming import generalise, name_modes
+from audit.predictions import wilson_interval
 from audit.slots import SlotGrammar
 
 
@@ -97,12 +98,15 @@ def test_an_unnamed_mode_too_small_to_tell_is_undecided_not_passed():
     hard = {("m", "coat", 0): few, ("m", "bag", 0): fine}
     rows = {r["class"]: r for r in name_modes(hard, {}, _grammar(), check).to_pylist()}
     assert not rows["coat"]["named"] and rows["coat"]["undecided"]  # [44%, 76%] vs 72%
+    n = rows["coat"]["images_to_decide"]  # the fewest images at 60% whose interval is below 72%
+    lo, hi = wilson_interval(np.array([0.6 * n, 0.6 * (n - 1)]), np.array([n, n - 1]))
+    assert hi[0] < 0.72 <= hi[1] and rows["bag"]["images_to_decide"] is None
     assert not rows["bag"]["named"] and not rows["bag"]["undecided"]  # [62%, 94%]: no failure
     strict = name_modes(hard, {}, _grammar(), check, min_gap=0.3).to_pylist()
     assert not any(r["undecided"] for r in strict)  # a 30-point failure is ruled out for both
     check, _ = _check({few: 0.3}, class_accuracy=0.72, half_width=0.16)
     named = name_modes({("m", "coat", 0): few}, {}, _grammar(), check).to_pylist()[0]
-    assert named["named"] and not named["undecided"]
+    assert named["named"] and not named["undecided"] and named["images_to_decide"] is None
 
 
 def test_a_planted_failure_counts_as_named_by_the_mode_that_names_it():

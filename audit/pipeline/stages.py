@@ -132,8 +132,9 @@ STAGES: tuple[Stage, ...] = (
         # v2: a class's later modes named by a subpopulation the earlier ones have not;
         # v3/v4: a later mode with only an earlier name is unnamed when it fails beyond that name
         # v5: ... than the class's images outside that name; v6: a cluster's intervals count
-        # its images; an unnamed mode too small to tell is "undecided"
-        version=6,
+        # its images; an unnamed mode too small to tell is "undecided"; v7: with the images
+        # that would decide it
+        version=7,
     ),
     Stage(
         "generate",

@@ -109,7 +109,10 @@ def _name_line(nm: dict | None) -> list[str]:
     )
     if nm["named"]:
         return [f"      name: {nm['caption']!r}  {check}"]
-    why = "too few images to tell" if nm.get("undecided") else "no caption fails"
+    why = "no caption fails"
+    if nm.get("undecided"):
+        more = nm.get("images_to_decide")
+        why = "too few images to tell" + (f"; about {more} would, at this accuracy" if more else "")
     return [f"      name: unnamed ({why})  {check}"]
 
 
