@@ -9,8 +9,8 @@
   restricted to the images of its class with no loss of recall (an ``IDSelector`` over a
   global index would make HNSW walk a graph mostly made of other classes).
 - :func:`subpopulations_table`: the paper's check that a caption names a real failure mode
-  (Jain et al., Section 2.2): a model's accuracy on the k test images of a class nearest
-  to the caption versus its accuracy on the class, with a Wilson interval.
+  (Jain et al., Section 2.2): accuracy on a class's k test images nearest the caption vs
+  on the class, with a Wilson interval (a cluster's counting its images, not its pairs).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+
+from audit.predictions import effective_counts
 
 log = logging.getLogger(__name__)
 
@@ -287,10 +289,8 @@ def subpopulations_table(
     ``captions``: a table or row dicts with ``scope, class, caption, polarity``.
     ``correct``: ``{model: bool [N]}`` aligned with the rows of ``index`` (the test images).
     ``embedder``: an Embedder (captions embedded once each) or ``{caption: vector}``.
-    ``scopes``: for scopes that are not model names (a cluster), the models they pool; the
-    pooled accuracy counts every (model, image) pair, so ``n`` is images x models, and the
-    interval treats the images as the sample (:func:`effective_counts`).
-    Returns a table with :data:`SUBPOPULATION_SCHEMA` (one row per caption row).
+    ``scopes``: for scopes that are not model names (a cluster), the models they pool (``n``:
+    images x models). Returns a table with :data:`SUBPOPULATION_SCHEMA` (a row per caption).
     """
     from audit.predictions import wilson_interval
 
@@ -389,9 +389,8 @@ def _neighbours(
 def _nearest_vs_class(
     corr: Mapping[str, np.ndarray], ms: list[str], near: np.ndarray, in_class: np.ndarray
 ) -> tuple[float, float, float, float]:
-    """``(hits, n, accuracy on near, accuracy on the class)`` pooled over the models ``ms``;
-    ``hits`` and ``n`` are the effective counts an interval needs (:func:`effective_counts`),
-    NaN accuracies for an empty set."""
+    """``(hits, n, accuracy on near, accuracy on the class)`` pooled over the models ``ms``
+    (NaN for an empty set); ``hits, n``: an interval's counts (``effective_counts``)."""
     near = np.asarray(near, int)
     hits, n = effective_counts(corr, ms, near)
     acc = hits / n if n else float("nan")
@@ -399,27 +398,3 @@ def _nearest_vs_class(
     cls_n = int(in_class.sum()) * len(ms)
     cls_acc = cls_hits / cls_n if cls_n else float("nan")
     return hits, n, acc, cls_acc
-
-
-def effective_counts(
-    corr: Mapping[str, np.ndarray], ms: list[str], rows: np.ndarray
-) -> tuple[float, float]:
-    """``(successes, trials)`` for an interval of the accuracy on ``rows`` pooled over the
-    models ``ms``. The images are what was sampled: the models of a cluster share their
-    failures, so counting every (model, image) pair as a trial would narrow the interval by up
-    to the square root of the models (and name chance subpopulations of a cluster). The
-    trials are the images times the models over Kish's design effect, estimated from the
-    spread of the per-image accuracies and kept between the images (the models always agree)
-    and the pairs (they never do); one model: its images and hits, exactly."""
-    rows = np.asarray(rows, int)
-    if not len(rows) or not ms:
-        return 0.0, 0.0
-    per_image = np.mean([np.asarray(corr[m])[rows] for m in ms], axis=0, dtype=float)
-    n_img, p = len(rows), float(per_image.mean())
-    if len(ms) == 1 or n_img < 2:
-        n_eff = float(n_img)
-    else:
-        spread = float(per_image.var(ddof=1))
-        pairs = float(n_img * len(ms))
-        n_eff = pairs if spread <= 0 else min(max(n_img * p * (1 - p) / spread, n_img), pairs)
-    return p * n_eff, n_eff

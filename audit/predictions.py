@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pyarrow as pa
 
@@ -77,6 +79,30 @@ def wilson_interval(k: np.ndarray, n: np.ndarray, z: float = 1.96) -> tuple[np.n
     lo = np.where(n > 0, np.clip(centre - half, 0, 1), 0.0)
     hi = np.where(n > 0, np.clip(centre + half, 0, 1), 1.0)
     return lo, hi
+
+
+def effective_counts(
+    corr: Mapping[str, np.ndarray], ms: list[str], rows: np.ndarray
+) -> tuple[float, float]:
+    """``(successes, trials)`` for an interval of the accuracy on ``rows`` pooled over the
+    models ``ms``. The images are what was sampled: the models of a cluster share their
+    failures, so counting every (model, image) pair as a trial would narrow the interval by up
+    to the square root of the models (and name chance subpopulations of a cluster). The
+    trials are the images times the models over Kish's design effect, estimated from the
+    spread of the per-image accuracies and kept between the images (the models always agree)
+    and the pairs (they never do); one model: its images and hits, exactly."""
+    rows = np.asarray(rows, int)
+    if not len(rows) or not ms:
+        return 0.0, 0.0
+    per_image = np.mean([np.asarray(corr[m])[rows] for m in ms], axis=0, dtype=float)
+    n_img, p = len(rows), float(per_image.mean())
+    if len(ms) == 1 or n_img < 2:
+        n_eff = float(n_img)
+    else:
+        spread = float(per_image.var(ddof=1))
+        pairs = float(n_img * len(ms))
+        n_eff = pairs if spread <= 0 else min(max(n_img * p * (1 - p) / spread, n_img), pairs)
+    return p * n_eff, n_eff
 
 
 def group_accuracy(

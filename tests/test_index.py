@@ -147,8 +147,7 @@ def test_subpopulation_accuracy_matches_hand_computation():
 def test_a_clusters_interval_counts_its_images_not_its_model_image_pairs():
     """Models of a cluster share their failures: two copies of a model know no more than one,
     so the pooled interval is the one model's; models that never agree count every pair."""
-    from audit.index import effective_counts
-    from audit.predictions import wilson_interval
+    from audit.predictions import effective_counts, wilson_interval
 
     rng = np.random.default_rng(0)
     a = rng.random(40) < 0.6
