@@ -144,21 +144,17 @@ def is_named(row: Mapping) -> bool:
     return bool(row["ci_high"] < row["class_accuracy"])
 
 
-def images_to_decide(row: Mapping, limit: int = 100_000) -> int | None:
-    """The fewest images at which the accuracy seen would have an interval below the class's
-    accuracy (the images, one model's trials: for a cluster an upper bound), or None when it
-    is not below the class or more than ``limit`` would be needed."""
-    import numpy as np
-
-    from audit.predictions import wilson_interval
+def images_to_decide(row: Mapping, z: float = 1.96) -> int | None:
+    """The fewest images at which the accuracy seen would have a Wilson interval below the
+    class's accuracy (one model's trials: for a cluster an upper bound), or None when it is
+    not below the class. The Wilson interval inverts the score test, so its upper end is below
+    ``c`` exactly when ``c - p > z * sqrt(c (1 - c) / n)``, i.e. ``n > z^2 c (1 - c) / (c - p)^2``."""
+    import math
 
     p, c = float(row["accuracy_on_nearest"]), float(row["class_accuracy"])
-    if not p < c:
+    if not p < c:  # also NaN
         return None
-    n = np.arange(1, limit + 1)
-    _, hi = wilson_interval(p * n, n)
-    below = np.flatnonzero(hi < c)
-    return int(n[below[0]]) if len(below) else None
+    return math.floor(z * z * c * (1 - c) / (c - p) ** 2) + 1
 
 
 def is_undecided(row: Mapping, min_gap: float) -> bool:
@@ -219,14 +215,22 @@ def name_modes(
     return _ordered(rows)
 
 
+def worst_first(row: Mapping) -> tuple:
+    """Sort key of a ``modes.parquet`` row: named modes by how much they fail (largest gap
+    first), then the unnamed ones by strength."""
+    return (not row["named"], -(row["gap"] if row["named"] else row["cv_score"]))
+
+
+def by_mode(modes: pa.Table | None) -> dict[tuple, dict]:
+    """``{(scope, class, mode): its modes.parquet row}`` (empty before the name stage)."""
+    return (
+        {} if modes is None else {(r["scope"], r["class"], r["mode"]): r for r in modes.to_pylist()}
+    )
+
+
 def _ordered(rows: list[dict]) -> pa.Table:
-    """Within each scope: named modes by how much they fail (largest gap first), then the
-    unnamed ones by strength."""
-
-    def key(r):
-        return (r["scope"], not r["named"], -(r["gap"] if r["named"] else r["cv_score"]))
-
-    rows = sorted(rows, key=key)
+    """Within each scope, :func:`worst_first`."""
+    rows = sorted(rows, key=lambda r: (r["scope"], *worst_first(r)))
     order: dict[str, int] = {}
     for r in rows:
         r["order"] = order[r["scope"]] = order.get(r["scope"], -1) + 1

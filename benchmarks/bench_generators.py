@@ -22,7 +22,7 @@ mean over pairs, with the mean overall accuracy change), and confirmation by gen
 These are oracle *measurements* (only planted data has the truth); the generators measured
 are not oracles. One table, then ``OUT/generators.json``.
 
-    python benchmarks/bench_generators.py --dataset shapes --out /tmp/gen
+    python benchmarks/bench_generators.py --dataset shapes --out runs/bench-generators
         [--variants attributes,raw-pool,no-background] [--models resnet10-w16,...] [--scale 1]
 """
 

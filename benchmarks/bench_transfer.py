@@ -17,7 +17,7 @@ family set gives >= 70% of the own gain while another cluster's set gives < 30%,
 accuracy change >= -0.5 point; then the cost ratio (new audit / fix). The members are trained
 before step 1 (cached, as the demo zoo is) so neither timing counts their training.
 
-    python benchmarks/bench_transfer.py --out /tmp/bench-transfer [--run runs/demo]
+    python benchmarks/bench_transfer.py --out runs/bench-transfer [--run runs/demo]
 
 Figures go to ``OUT/transfer.json``.
 """

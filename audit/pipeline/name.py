@@ -212,8 +212,8 @@ def name_stage(store: RunStore, inputs, cfg) -> str:
     n_undecided = sum(r["undecided"] for r in rows)
     return (
         f"{len(rows)} significant modes: {n_named} named ({n_general} by a more general caption "
-        f"than the top one), {len(rows) - n_named} unnamed ({n_undecided} of them: too few "
-        "eval images to tell)"
+        f"than the top one), {len(rows) - n_named} unnamed"
+        + (f" ({n_undecided} of them: too few eval images to tell)" if n_undecided else "")
     )
 
 

@@ -86,6 +86,8 @@ def _strongest_by_group(
 ) -> dict[str, list[dict]]:
     """Significant modes per cluster or family: named ones first, by how much their named
     subpopulation fails, then by strength (by strength alone before the name stage)."""
+    from audit.naming import worst_first
+
     by_group: dict[str, list] = {}
     for r in dirs.to_pylist():
         if r["status"] == "ok":
@@ -94,7 +96,7 @@ def _strongest_by_group(
 
     def key(r):
         nm = names.get((r["scope"], r["class"], r["mode"]))
-        return (not (nm and nm["named"]), -(nm["gap"] if nm and nm["named"] else r["cv_score"]))
+        return worst_first(nm) if nm else (True, -r["cv_score"])
 
     return {g: sorted(rs, key=key) for g, rs in sorted(by_group.items())}
 
@@ -166,10 +168,9 @@ def format_directions(view: RunView, per_family: int = 1) -> str:
     caps_by: dict[tuple, list] = {}
     for r in view.table("captions.parquet").to_pylist():
         caps_by.setdefault((r["scope"], r["class"], r["mode"], r["polarity"]), []).append(r)
-    modes = view.table("modes.parquet")
-    names = (
-        {} if modes is None else {(r["scope"], r["class"], r["mode"]): r for r in modes.to_pylist()}
-    )
+    from audit.naming import by_mode
+
+    names = by_mode(view.table("modes.parquet"))
     lines = [
         "Worst failure modes (named ones by how much their name fails, then by CV score, the",
         "SVM's balanced accuracy; the name is the most general caption that fails on the eval",
@@ -203,7 +204,7 @@ def format_named_planted(names: pa.Table) -> str:
     return (
         f"  the mode's name (the most general caption that fails as much) names the planted value "
         f"for {right} of {len(rows)} pairs ({right / len(rows):.1%}); {len(rows) - len(named)} "
-        f"reported unnamed ({few} of them: too few eval images to tell)"
+        "reported unnamed" + (f" ({few} of them: too few eval images to tell)" if few else "")
     )
 
 

@@ -68,8 +68,9 @@ def _checks(run: RunView) -> dict[tuple, dict]:
 
 def _names(run: RunView) -> dict[tuple, dict]:
     """``{(scope, class, mode): its modes.parquet row}`` (named or not, and its order)."""
-    t = run.table("modes.parquet")
-    return {} if t is None else {(r["scope"], r["class"], r["mode"]): r for r in t.to_pylist()}
+    from audit.naming import by_mode
+
+    return by_mode(run.table("modes.parquet"))
 
 
 #: a table's name for an unnamed mode whose images are too few to tell whether it fails

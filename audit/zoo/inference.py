@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from audit.zoo.loop import channels_last
 from audit.zoo.spec import InputConfig
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,6 @@ def forward(
     """Run a zoo module (``x -> (logits, features)``) on a preprocessed batch ``x [N, 3, S, S]``
     in chunks of ``batch_size``. Returns ``{"logits": [N, C]}`` (+ ``"features": [N, D]``), float32."""
     import torch
-
-    from audit.zoo.loop import channels_last
 
     logits, feats = [], []
     amp = str(device).startswith("cuda")

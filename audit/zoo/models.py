@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from audit.extras import require
 from audit.zoo.inference import predict_arrays, preprocess  # noqa: F401 - re-exported
+from audit.zoo.loop import channels_last
 from audit.zoo.spec import InputConfig, ModelSpec
 from audit.zoo.weights import (  # noqa: F401 - re-exported
     WeightsSource,
@@ -75,8 +76,6 @@ def build_model(
             f"model {spec.name!r}: no builder {spec.builder!r}; registered: {sorted(_BUILDERS)}"
         )
     loaded = _BUILDERS[spec.builder](spec, list(classes), weights_path)
-    from audit.zoo.loop import channels_last
-
     channels_last(loaded.module.eval().to(device))
     return loaded
 
