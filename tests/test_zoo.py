@@ -284,3 +284,38 @@ def test_weights_ladder_hf_hub_looks_in_the_cache_only(tmp_path, monkeypatch):
     assert resolve_weights(spec) == type(src)(
         True, "HF cache (zoo-audit-test/tiny)", "hf-hub", "zoo-audit-test/tiny"
     )
+
+
+def test_models_trained_side_by_side_in_threads_match_one_trained_alone():
+    """An in-process executor trains models on Python threads: each must get the weights it
+    gets alone (its seeded initial weights are drawn from torch's process-wide generator,
+    one model at a time; without that, the other model's draws interleave), and torch's
+    thread count is as before once both are done."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from audit.zoo.spec import ModelSpec
+    from audit.zoo.train import train_model
+
+    kw = {"layers": [1, 1, 1, 1], "channels": [8, 16, 16, 16], "stem_width": 8}
+    inp = {"input_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3, "crop_pct": 1.0}
+
+    def spec(name, epochs):
+        train = {"epochs": epochs, "batch_size": 32, "lr": 0.01}
+        return ModelSpec(name, "f", arch="resnet18", kwargs=kw, input=inp, train=train)
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (128, 16, 16, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, 128)
+
+    def fit(s):
+        return train_model(s, images, labels, ["a", "b", "c"], progress=False, threads=1)
+
+    short, long = spec("short", 1), spec("long", 4)  # the short one finishes first
+    alone = fit(long)
+    before = torch.get_num_threads()
+    with ThreadPoolExecutor(2) as pool:
+        _, side_by_side = pool.map(fit, [short, long])
+    assert torch.get_num_threads() == before
+    assert all(torch.equal(alone[k], side_by_side[k]) for k in alone)

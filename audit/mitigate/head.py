@@ -13,7 +13,6 @@ restricted problem is solved exactly and costs ``N x D x |active|`` per iteratio
 from __future__ import annotations
 
 import contextlib
-import threading
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -31,28 +30,12 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-_threads_lock = threading.Lock()
-_threads_held = [0, 0]  # fits inside _one_thread now, torch's thread count before the first
-
-
-@contextlib.contextmanager
 def _one_thread():
-    """torch on one intra-op thread for the block; the setting is process-wide, so fits on
-    several Python threads count themselves in and the last one out restores it."""
-    import torch
+    """torch on one intra-op thread for the block (fits on several Python threads share the
+    process-wide setting: :func:`audit.zoo.loop.torch_threads`)."""
+    from audit.zoo.loop import torch_threads
 
-    with _threads_lock:
-        if _threads_held[0] == 0:
-            _threads_held[1] = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _threads_held[0] += 1
-    try:
-        yield
-    finally:
-        with _threads_lock:
-            _threads_held[0] -= 1
-            if _threads_held[0] == 0:
-                torch.set_num_threads(_threads_held[1])
+    return torch_threads(1)
 
 
 def resolve_device(X, device: str | None = None):

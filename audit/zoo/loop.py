@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -93,10 +94,17 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_threads_lock = threading.Lock()
+_threads_held = [0, 0]  # blocks inside torch_threads now, torch's thread count before the first
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     """Run the block with ``threads`` torch intra-op threads (None: leave the setting as is),
-    then restore the previous setting."""
+    then restore the previous setting. The setting is the whole process's: blocks on several
+    Python threads (an in-process executor training two models) count themselves in and the
+    last one out restores it, so none of them runs with another's count restored under it
+    (channels-last kernels give other weights on another thread count)."""
     if threads is None:
         yield
         return
@@ -106,9 +114,15 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         raise ValueError(
             f"threads must be a positive number of torch intra-op threads, or None; got {threads}"
         )
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
+    with _threads_lock:
+        if _threads_held[0] == 0:
+            _threads_held[1] = torch.get_num_threads()
+        _threads_held[0] += 1
+        torch.set_num_threads(int(threads))
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _threads_lock:
+            _threads_held[0] -= 1
+            if _threads_held[0] == 0:
+                torch.set_num_threads(_threads_held[1])

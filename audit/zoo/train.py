@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,10 @@ from audit.data.table import ImageTable
 from audit.zoo.spec import ModelSpec, ZooSpec
 
 log = logging.getLogger(__name__)
+
+#: models built on several Python threads (an in-process executor) draw their seeded initial
+#: weights one at a time from torch's process-wide generator
+_INIT_LOCK = threading.Lock()
 
 # Bump when what a checkpoint holds changes for the same spec and data: this module, the
 # training loop (audit/zoo/loop.py), or the builders and preprocessing in audit/zoo/models.py.
@@ -128,8 +133,9 @@ def train_model(
         )
     hp = resolve_train_hparams(spec)
     with torch_threads(threads):
-        torch.manual_seed(int(hp["seed"]))
-        model = channels_last(create_timm(spec, len(classes)).to(device))
+        with _INIT_LOCK:  # the seeded initial weights: torch's generator is the process's
+            torch.manual_seed(int(hp["seed"]))
+            model = channels_last(create_timm(spec, len(classes)).to(device))
         cfg = _timm_input_config(model, spec)
         x_all = torch.cat(
             [preprocess(images[i : i + 1024], cfg, "cpu") for i in range(0, len(images), 1024)]
