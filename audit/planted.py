@@ -130,6 +130,7 @@ NAMED_SCHEMA = pa.schema(
         *[("model", pa.string()), ("group", pa.string()), ("gap", pa.float64())],
         *[("named", pa.bool_()), ("caption", pa.string()), ("specific_caption", pa.string())],
         *[("caption_names_group", pa.bool_()), ("undecided", pa.bool_())],
+        ("zoo_caption", pa.string()),
     ]
 )
 
@@ -143,14 +144,22 @@ def _mode_for(modes: list[dict], value: str, neg: bool) -> dict | None:
     return next((m for m in modes if not m["named"]), modes[0] if modes else None)
 
 
-def named_evaluation(accuracy: pa.Table, modes: pa.Table, min_gap: float) -> pa.Table:
+def named_evaluation(
+    accuracy: pa.Table, modes: pa.Table, min_gap: float, shared: pa.Table | None = None
+) -> pa.Table:
     """One row per (model, planted group at least ``min_gap`` below its class): whether one
     of the model's modes of that class is named by the planted value (the most general
-    caption that fails as much names it), else whether one is reported unnamed. An oracle
-    check: only data with planted groups has it."""
+    caption that fails as much names it), else whether one is reported unnamed; and whether
+    the zoo's names checked on the model (``shared_names.parquet``) name it: a name of the
+    planted value that the model fails (``zoo_caption``). An oracle check: only data with
+    planted groups has it."""
     by: dict[tuple[str, str], list[dict]] = {}
     for r in modes.to_pylist():
         by.setdefault((r["scope"], r["class"]), []).append(r)
+    fails: dict[tuple[str, str], list[str]] = {}
+    for r in [] if shared is None else shared.to_pylist():
+        if r["fails"]:
+            fails.setdefault((r["model"], r["class"]), []).append(r["caption"])
     rows = []
     for r in accuracy.to_pylist():
         gap = r["class_accuracy"] - r["accuracy"]
@@ -159,11 +168,13 @@ def named_evaluation(accuracy: pa.Table, modes: pa.Table, min_gap: float) -> pa.
         cls, _, value, neg = parse_group(r["value"])
         m = _mode_for(by.get((r["model"], cls), []), value, neg)
         named = bool(m and m["named"])
+        zoo = [c for c in fails.get((r["model"], cls), []) if caption_names(c, value, neg)]
         rows.append(
             {"model": r["model"], "group": r["value"], "gap": float(gap), "named": named}
             | {"caption": m["caption"] if m else None}
             | {"specific_caption": m["specific_caption"] if m else None}
             | {"caption_names_group": caption_names(m["caption"], value, neg) if named else None}
             | {"undecided": bool(m and not named and m.get("undecided"))}
+            | {"zoo_caption": zoo[0] if zoo else None}
         )
     return pa.Table.from_pylist(rows, schema=NAMED_SCHEMA)

@@ -2,8 +2,8 @@
 manifest, with and without attribute columns in the pool.
 
 For a dataset (``second``: ``configs/world/second.toml`` exported as a manifest; ``shapes``:
-``benchmarks/make_shapes.py``, this project's own design) it runs ``zoo-audit run`` on
-variants of the same manifest:
+``benchmarks/make_shapes.py``, and ``digits``: ``benchmarks/make_digits.py``, this project's
+own designs) it runs ``zoo-audit run`` on variants of the same manifest:
 
 - ``attributes``: the pool carries the attribute columns (retrieval matches on them:
   ``retrieval+attributes``);
@@ -29,6 +29,7 @@ are not oracles. One table, then ``OUT/generators.json``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -40,19 +41,23 @@ from _common import machine_record
 
 DEFAULT_MODELS = "resnet10-w16,mobilenetv3-s050,densenet-g8,convnext-atto-s"
 TARGETS = {"attributes": 0.30, "raw-pool": 0.25}
+#: the planted datasets of this project's own design: their building modules
+DESIGNED = {"shapes": "make_shapes", "digits": "make_digits"}
 
 
 def _args(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--dataset", choices=("second", "shapes"), default="shapes")
+    ap.add_argument("--dataset", choices=("second", *DESIGNED), default="shapes")
     ap.add_argument("--out", required=True)
     ap.add_argument("--variants", default="attributes,raw-pool,no-background")
     ap.add_argument(
         "--models", default=DEFAULT_MODELS, help="demo zoo members (trained on the data)"
     )
-    ap.add_argument("--scale", type=float, default=1.0, help="shapes: fraction of each split")
+    ap.add_argument(
+        "--scale", type=float, default=1.0, help="shapes, digits: fraction of each split"
+    )
     ap.add_argument("--compare", default="", help="generators besides retrieval, e.g. learned")
     return ap.parse_args(argv)
 
@@ -63,12 +68,12 @@ def base_manifest(a) -> tuple[str, str]:
 
     out = os.path.join(a.out, a.dataset)
     path = os.path.join(out, "examples.parquet")
+    if a.dataset in DESIGNED:
+        module = importlib.import_module(DESIGNED[a.dataset])
+        built = path if os.path.exists(path) else module.build(out, a.scale)
+        return built, module.DESIGN.class_column
     if os.path.exists(path):
-        return path, "shape" if a.dataset == "shapes" else "item"
-    if a.dataset == "shapes":
-        from make_shapes import build
-
-        return build(out, a.scale), "shape"
+        return path, "item"
     from audit.data.world import build_world
 
     spec = os.path.join(os.path.dirname(__file__), "..", "configs", "world", "second.toml")
@@ -133,7 +138,9 @@ def _names(view) -> list[dict]:
     modes, acc = view.table("modes.parquet"), view.table("accuracy.parquet")
     if modes is None or acc is None:
         return []
-    return named_evaluation(acc, modes, view.min_gap).to_pylist()
+    return named_evaluation(
+        acc, modes, view.min_gap, view.table("shared_names.parquet")
+    ).to_pylist()
 
 
 def _mean(xs) -> float:
@@ -169,6 +176,10 @@ def naming(view) -> dict:
     lost = [r for r in rows if parse_group(r["group"])[1] not in have]
     out = {"pairs": len(rows), "nameable_pairs": len(kept)}
     out["named_right"] = _mean([bool(r["caption_names_group"]) for r in kept])
+    # by its own modes, or by a name of the zoo's modes that the model fails (shared_names)
+    out["named_right_zoo"] = _mean(
+        [bool(r["caption_names_group"] or r["zoo_caption"]) for r in kept]
+    )
     out["undecided"] = sum(bool(r.get("undecided")) for r in kept)
     both = failing_on_eval(view)
     again = [r for r in kept if (r["model"], r["group"]) in both]
@@ -347,7 +358,7 @@ def _table(results: list[dict]) -> list[str]:
             f"named right {n['named_right']:.0%} of {n['nameable_pairs']} nameable "
             f"({n['named_right_failing_on_eval']:.0%} of the {n['failing_on_eval']} failing on "
             f"the eval split too; {n.get('undecided', 0)} unnamed as too few eval images to "
-            f"tell){lost}"
+            f"tell){lost}; {n['named_right_zoo']:.0%} by its own modes or the zoo's names it fails"
         )
         base = r["gains"].get("control", {}).get("gain", float("nan"))
         for k, g in sorted(r["gains"].items(), key=lambda kv: -kv[1]["gain"]):

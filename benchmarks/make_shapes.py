@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import io
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -49,12 +51,13 @@ PLANTED = [
 VALUES = {"color": list(COLORS), "background": BACKGROUNDS, "size": SIZES}
 
 
-def _textures(size: int = 32) -> dict[str, np.ndarray]:
-    """Each background photograph as float RGB [0, 1], large enough to crop from."""
+def _textures(names: list[str], size: int = 32) -> dict[str, np.ndarray]:
+    """Each background photograph (scikit-image's) as float RGB [0, 1], large enough to crop
+    from."""
     from skimage import data, transform
 
     out = {}
-    for name in BACKGROUNDS:
+    for name in names:
         img = np.asarray(getattr(data, name)(), float)
         img = np.stack([img] * 3, -1) if img.ndim == 2 else img[..., :3]
         out[name] = transform.resize(img / img.max(), (4 * size, 4 * size), anti_aliasing=True)
@@ -102,15 +105,10 @@ def _polygon(shape: str, c: float, r: float) -> list[tuple[float, float]] | None
     return None if pts is None else [(c + r * x, c + r * y) for x, y in pts]
 
 
-def draw(shape: str, color: str, background: str, size: str, rng, textures) -> np.ndarray:
-    """One 32x32 uint8 image: a jittered, rotated shape on a random crop of the photograph."""
+def shape_mask(shape: str, size: str, rng):
+    """A 96x96 greyscale mask of a jittered shape (255 inside)."""
     from PIL import Image, ImageDraw
 
-    tex = textures[background]
-    y, x = rng.integers(0, tex.shape[0] - 32, 2)
-    crop = tex[y : y + 32, x : x + 32]
-    crop = 0.5 * crop + 0.5 * crop.mean((0, 1))  # the photograph at half contrast
-    bg = Image.fromarray((crop * 255).astype(np.uint8))
     canvas = Image.new("L", (96, 96), 0)
     d = ImageDraw.Draw(canvas)
     r = (17 if size == "small" else 30) * rng.uniform(0.9, 1.1)
@@ -121,22 +119,60 @@ def draw(shape: str, color: str, background: str, size: str, rng, textures) -> n
             d.ellipse([c - 0.55 * r, c - 0.55 * r, c + 0.55 * r, c + 0.55 * r], fill=0)
     else:
         d.polygon(_polygon(shape, c, r), fill=255)
-    mask = canvas.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR).resize(
-        (32, 32), Image.BILINEAR
+    return canvas
+
+
+def composite(make_mask, color: tuple, background: str, rng, textures) -> np.ndarray:
+    """One 32x32 uint8 image: the 96x96 mask that ``make_mask()`` draws, rotated a little and
+    tinted ``color``, on a random crop of the ``background`` photograph at half contrast, with
+    pixel noise."""
+    from PIL import Image
+
+    tex = textures[background]
+    y, x = rng.integers(0, tex.shape[0] - 32, 2)
+    crop = tex[y : y + 32, x : x + 32]
+    crop = 0.5 * crop + 0.5 * crop.mean((0, 1))  # the photograph at half contrast
+    bg = (crop * 255).astype(np.uint8).astype(float)
+    m = (
+        make_mask()
+        .rotate(rng.uniform(-15, 15), resample=Image.BILINEAR)
+        .resize((32, 32), Image.BILINEAR)
     )
-    tint = np.asarray(COLORS[color], float) * rng.uniform(0.85, 1.0)
-    m = np.asarray(mask, float)[..., None] / 255
-    img = np.asarray(bg, float) * (1 - m) + tint * m + rng.normal(0, 4, (32, 32, 3))
+    tint = np.asarray(color, float) * rng.uniform(0.85, 1.0)
+    m = np.asarray(m, float)[..., None] / 255
+    img = bg * (1 - m) + tint * m + rng.normal(0, 4, (32, 32, 3))
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _attribute_draw(rng, label: str, split: str) -> dict[str, str]:
+def draw(shape: str, color: str, background: str, size: str, rng, textures) -> np.ndarray:
+    """One 32x32 uint8 image: a jittered, rotated shape on a random crop of the photograph."""
+    return composite(lambda: shape_mask(shape, size, rng), COLORS[color], background, rng, textures)
+
+
+@dataclass(frozen=True)
+class Design:
+    """A planted dataset: its classes (named by ``class_column``), each attribute's values,
+    the planted rules (class, attribute, value, rate in train, decoy class, decoy rate), the
+    attributes the manifest carries, the background photographs and the drawer
+    ``draw(label, attrs, rng, textures) -> uint8 [32, 32, 3]``."""
+
+    classes: list[str]
+    class_column: str
+    values: dict[str, list[str]]
+    planted: list[tuple]
+    carried: tuple[str, ...]
+    backgrounds: list[str]
+    draw: Callable
+    splits: dict[str, int] = field(default_factory=lambda: dict(SPLITS))
+
+
+def _attribute_draw(design: Design, rng, label: str, split: str) -> dict[str, str]:
     """One example's attributes: uniform, except the planted shares in train."""
-    out = {a: str(rng.choice(v)) for a, v in VALUES.items()}
+    out = {a: str(rng.choice(v)) for a, v in design.values.items()}
     if split != "train":
         return out
-    for cls, attr, value, rate, decoy, decoy_rate in PLANTED:
-        others = [v for v in VALUES[attr] if v != value]
+    for cls, attr, value, rate, decoy, decoy_rate in design.planted:
+        others = [v for v in design.values[attr] if v != value]
         if label == cls:
             out[attr] = value if rng.random() < rate else str(rng.choice(others))
         elif label == decoy:
@@ -144,46 +180,53 @@ def _attribute_draw(rng, label: str, split: str) -> dict[str, str]:
     return out
 
 
-def _group(label: str, attrs: dict[str, str]) -> str:
-    hits = [f"{c}:{a}={v}" for c, a, v, *_ in PLANTED if label == c and attrs[a] == v]
+def _group(design: Design, label: str, attrs: dict[str, str]) -> str:
+    hits = [f"{c}:{a}={v}" for c, a, v, *_ in design.planted if label == c and attrs[a] == v]
     return "|".join(hits)
 
 
-def build(out: str, scale: float = 1.0, seed: int = 0) -> str:
-    """Write ``OUT/examples.parquet``; returns its path."""
+def build_design(design: Design, out: str, scale: float = 1.0, seed: int = 0) -> str:
+    """Write ``OUT/examples.parquet`` (example_id, split, label, image PNG bytes, the class
+    column, the carried attributes, ``group``: the planted truth); returns its path."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    textures = _textures()
-    rows = {
-        k: []
-        for k in ("example_id", "split", "label", "image", "shape", "color", "background", "group")
-    }
-    for split, n in SPLITS.items():
+    textures = _textures(design.backgrounds)
+    keys = ("example_id", "split", "label", "image", design.class_column, *design.carried)
+    rows: dict[str, list] = {k: [] for k in (*keys, "group")}
+    for split, n in design.splits.items():
         for i in range(int(n * scale)):
-            label = SHAPES[i % len(SHAPES)]
-            attrs = _attribute_draw(rng, label, split)
+            label = design.classes[i % len(design.classes)]
+            attrs = _attribute_draw(design, rng, label, split)
             buf = io.BytesIO()
-            Image.fromarray(
-                draw(label, attrs["color"], attrs["background"], attrs["size"], rng, textures)
-            ).save(buf, "PNG")
-            for k, v in (
-                ("example_id", f"{split}-{i:05d}"),
-                ("split", split),
-                ("label", SHAPES.index(label)),
-                ("image", buf.getvalue()),
-                ("shape", label),
-                ("color", attrs["color"]),
-                ("background", attrs["background"]),
-                ("group", _group(label, attrs)),
-            ):
+            Image.fromarray(design.draw(label, attrs, rng, textures)).save(buf, "PNG")
+            row = {"example_id": f"{split}-{i:05d}", "split": split, "image": buf.getvalue()}
+            row |= {"label": design.classes.index(label), design.class_column: label}
+            row |= {a: attrs[a] for a in design.carried} | {"group": _group(design, label, attrs)}
+            for k, v in row.items():
                 rows[k].append(v)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "examples.parquet")
     pq.write_table(pa.table(rows), path)
     return path
+
+
+DESIGN = Design(
+    classes=SHAPES,
+    class_column="shape",
+    values=VALUES,
+    planted=PLANTED,
+    carried=("color", "background"),
+    backgrounds=BACKGROUNDS,
+    draw=lambda label, a, rng, tex: draw(label, a["color"], a["background"], a["size"], rng, tex),
+)
+
+
+def build(out: str, scale: float = 1.0, seed: int = 0) -> str:
+    """Write the shapes' ``OUT/examples.parquet``; returns its path."""
+    return build_design(DESIGN, out, scale, seed)
 
 
 def main(argv=None) -> None:

@@ -252,6 +252,35 @@ def test_an_undecided_mode_reads_as_too_few_images_not_as_no_failure():
     assert name_label(None) == ""
 
 
+def test_every_name_is_checked_on_every_model_and_shown(audited):
+    """shared_names.parquet: each name of a mode (any scope) x each model, ``own`` where the
+    model's mode holds it (and then it fails: the same images, the same interval); the shared
+    page lists the names, a model card the ones it fails that its own modes miss."""
+    store, _, lines = audited
+    modes = [r for r in store.read_table("modes.parquet").to_pylist() if r["named"]]
+    assert modes, "the tiny world plants failures: some mode must be named"
+    models = [r["model"] for r in store.read_table("clusters.parquet").to_pylist()]
+    rows = store.read_table("shared_names.parquet").to_pylist()
+    names = {(r["class"], r["caption"]) for r in modes}
+    assert {(r["class"], r["caption"]) for r in rows} == names
+    assert len(rows) == len(names) * len(models)
+    own = {(r["scope"], r["class"], r["caption"]) for r in modes}
+    for r in rows:
+        assert r["own"] == ((r["model"], r["class"], r["caption"]) in own)
+        assert r["fails"] == (r["ci_high"] < r["class_accuracy"])
+        assert r["fails"] or not r["own"]
+    pages = _pages(store.path("report"))
+    assert 'id="names"' in pages["shared.html"]
+    for cls, name in names:
+        assert f"<td>{cls}</td><td>{name}</td>" in pages["shared.html"]
+    for r in rows:
+        card = pages[f"models/{r['model']}.html"]
+        if r["fails"] and not r["own"]:
+            assert 'id="shared-missed"' in card and f"<td>{r['caption']}</td>" in card
+    if any(r["fails"] for r in rows):
+        assert any("\nNamed failures across the zoo (" in line for line in lines)
+
+
 def test_hard_images_are_the_models_errors_more_often_than_easy_ones(audited):
     """A planted answer: the real images at the hard end of a direction are misclassified far
     more often than those at the easy end (the direction separates errors from correct)."""

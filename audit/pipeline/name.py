@@ -118,14 +118,20 @@ class _EvalCheck:
     def covered(self, cls: str, caption: str) -> np.ndarray:
         """The eval rows a caption names: its attribute group where the columns say, else its
         ``k`` nearest images of the class."""
+        return self.where(cls, caption)[0]
+
+    def where(self, cls: str, caption: str) -> tuple[np.ndarray, str]:
+        """``(the eval rows a caption names, how they were chosen)``: see :meth:`covered`."""
         from audit.index import _caption_vectors, _neighbours
 
         c, slots, table = self.classes.index(cls), self.grammar.parse(caption), self.ev.table
         if slots and all(a in table.columns for a in slots):
-            return np.flatnonzero((self.ev.labels == c) & self.grammar.matches(table, slots))
+            rows = np.flatnonzero((self.ev.labels == c) & self.grammar.matches(table, slots))
+            return rows, "attribute group"
         rows = [{"class": cls, "caption": caption}]
         vecs = _caption_vectors([caption], self.emb)
-        return np.asarray(_neighbours(rows, vecs, self.index, self.classes, self.k)[(c, caption)])
+        near = _neighbours(rows, vecs, self.index, self.classes, self.k)[(c, caption)]
+        return np.asarray(near, int), "nearest images"
 
     def beyond(self, row: dict, names: list[str]) -> dict | None:
         """How much the mode's hardest eval images fail once those the earlier ``names`` of its
@@ -184,6 +190,7 @@ class _EvalCheck:
 def name_stage(store: RunStore, inputs, cfg) -> str:
     """Stage: ``modes.parquet`` (``[directions]`` section: ``k`` nearest eval images)."""
     from audit.naming import name_modes
+    from audit.shared_names import shared_names
     from audit.slots import SlotGrammar
 
     caps, dirs = store.read_table("captions.parquet"), store.read_table("directions.parquet")
@@ -201,19 +208,24 @@ def name_stage(store: RunStore, inputs, cfg) -> str:
         min_gap=inputs.config.stats.min_gap,
     )
     store.write_table("modes.parquet", modes)
+    ev = check.ev
+    shared = shared_names(modes, ev.correct, ev.labels, check.classes, check.where)
+    store.write_table("shared_names.parquet", shared)
     if "group" in inputs.data.columns and store.exists("accuracy.parquet"):
         from audit.planted import named_evaluation
 
         acc, min_gap = store.read_table("accuracy.parquet"), inputs.config.stats.min_gap
-        store.write_table("planted_names.parquet", named_evaluation(acc, modes, min_gap))
+        store.write_table("planted_names.parquet", named_evaluation(acc, modes, min_gap, shared))
     rows = modes.to_pylist()
     n_named = sum(r["named"] for r in rows)
     n_general = sum(r["named"] and r["caption"] != r["specific_caption"] for r in rows)
     n_undecided = sum(r["undecided"] for r in rows)
+    beyond = sum(r["fails"] and not r["own"] for r in shared.to_pylist())
     return (
         f"{len(rows)} significant modes: {n_named} named ({n_general} by a more general caption "
         f"than the top one), {len(rows) - n_named} unnamed"
         + (f" ({n_undecided} of them: too few eval images to tell)" if n_undecided else "")
+        + f"; {beyond} (model, name) failures that the model's own modes miss"
     )
 
 

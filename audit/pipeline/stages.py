@@ -126,15 +126,15 @@ STAGES: tuple[Stage, ...] = (
         "audit.pipeline.name:name_stage",
         reads=("[directions]", "[data]", "[stats].min_gap", "data", "sweep", "stats", "embed")
         + ("directions",),
-        writes=("modes.parquet",),
+        writes=("modes.parquet", "shared_names.parquet"),
         section="directions",
         needs=("directions",),
         # v2: a class's later modes named by a subpopulation the earlier ones have not;
         # v3/v4: a later mode with only an earlier name is unnamed when it fails beyond that name
         # v5: ... than the class's images outside that name; v6: a cluster's intervals count
         # its images; an unnamed mode too small to tell is "undecided"; v7: with the images
-        # that would decide it
-        version=7,
+        # that would decide it; v8: every name checked on every model (shared_names.parquet)
+        version=8,
     ),
     Stage(
         "generate",

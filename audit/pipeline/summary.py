@@ -363,6 +363,7 @@ def format_confirmations(view: RunView) -> str:
 def run_summary(view: RunView) -> str:
     """Every part whose tables exist in the run, in stage order."""
     from audit.failures import format_stats
+    from audit.shared_names import format_shared_names
 
     parts = []
     if view.has("accuracy.parquet"):
@@ -377,6 +378,8 @@ def run_summary(view: RunView) -> str:
         )
     if view.has("captions.parquet") and view.has("subpopulations.parquet"):
         parts.append(format_directions(view))
+    if line := format_shared_names(view.table("shared_names.parquet")):
+        parts.append(line)
     if view.has("synthetic_sets.parquet"):
         parts.append(format_sets(view.table("synthetic_sets.parquet")))
     mit = view.table("mitigation.parquet")

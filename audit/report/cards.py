@@ -74,6 +74,14 @@ def _card(ctx: ReportContext, scope: str, mem: list[str], acc: dict, crow, grows
     }
 
 
+def _shared_missed(ctx: ReportContext, model: str) -> list[dict]:
+    """The zoo's names that ``model`` fails and its own modes do not hold, worst first."""
+    t = ctx.view.table("shared_names.parquet")
+    rows = [] if t is None else t.to_pylist()
+    rows = [r for r in rows if r["model"] == model and r["fails"] and not r["own"]]
+    return sorted(rows, key=lambda r: r["accuracy"] - r["class_accuracy"])
+
+
 def write_card(ctx: ReportContext, site: Site, scope: str) -> dict:
     """Write one model's or cluster's page; returns its row for the cards page."""
     mem = ctx.members[scope] if scope.startswith("cluster:") else [scope]
@@ -97,6 +105,7 @@ def write_card(ctx: ReportContext, site: Site, scope: str) -> dict:
         group_rows=grows[: opts.max_rows],
         more_groups=max(0, len(grows) - opts.max_rows),
         has_directions=ctx.modes.dirs is not None,
+        shared_missed=_shared_missed(ctx, scope),
     )
     n, _, top_cv = ctx.mode_summary(scope)
     classes = sorted({m["cls"] for m in ctx.modes.by_scope.get(scope, [])})

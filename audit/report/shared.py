@@ -118,9 +118,26 @@ def write_shared(ctx: ReportContext, site: Site) -> None:
         }
         for s in ctx.scopes
     ]
-    page = shared_figures(ctx, site)
+    page = shared_figures(ctx, site) | {"names": named_across_zoo(view)}
     metric = view.config.stats.similarity
     page.setdefault("metric_label", METRIC_LABELS.get(metric, metric))
     site.render(
         "shared.html", "shared.html", "shared", title="Shared failures", clusters=clusters, **page
     )
+
+
+def named_across_zoo(view) -> list[dict]:
+    """The rows of the "named failures across the zoo" table (``shared_names.parquet``): per
+    name, the models that fail it (worst first, with a link to each card) and those whose
+    own modes hold it."""
+    from audit.shared_names import shared_counts
+
+    rows = []
+    for d in shared_counts(view.table("shared_names.parquet")):
+        fails = [
+            {"model": r["model"], "href": _page(r["model"]), "own": r["own"]}
+            | {k: r[k] for k in ("accuracy", "ci_low", "ci_high", "class_accuracy")}
+            for r in d["fails"]
+        ]
+        rows.append(d | {"fails": fails, "beyond": sum(not f["own"] for f in fails)})
+    return rows
