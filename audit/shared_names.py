@@ -33,8 +33,9 @@ SHARED_NAMES_SCHEMA = pa.schema(
     ]
 )
 
-#: ``covered(class, caption) -> (eval rows the caption names, how they were chosen)``
-Covered = Callable[[str, str], tuple[np.ndarray, str]]
+#: ``covered([(class, caption)]) -> {(class, caption): (the eval rows the caption names, how
+#: they were chosen)}``
+Covered = Callable[[list[tuple[str, str]]], Mapping[tuple[str, str], tuple[np.ndarray, str]]]
 
 
 def names_by_class(modes: pa.Table) -> dict[str, dict[str, list[str]]]:
@@ -63,16 +64,17 @@ def shared_names(
     name stage's, at ``1 - alpha``); the others are tested per (model, class) at
     ``1 - alpha / tests``."""
     rows = []
-    for cls, names in sorted(names_by_class(modes).items()):
-        in_class = labels == classes.index(cls)
-        where = {name: covered(cls, name) for name in names}
+    by_class = names_by_class(modes)
+    where = covered([(cls, name) for cls, names in by_class.items() for name in names])
+    for cls, names in sorted(by_class.items()):
+        in_class = np.flatnonzero(labels == classes.index(cls))
         for model, corr in correct.items():
             own = {name for name, scopes in names.items() if model in scopes}
             tests = len(names) - len(own)
             z = norm.ppf(1 - alpha / (2 * max(tests, 1)))
-            class_acc = float(corr[in_class].mean()) if in_class.any() else float("nan")
+            class_acc = float(corr[in_class].mean()) if len(in_class) else float("nan")
             for name, scopes in names.items():
-                ids, how = where[name]
+                ids, how = where[(cls, name)]
                 hits, n = int(corr[ids].sum()), len(ids)
                 if not n:
                     continue  # no eval image of the class shows it

@@ -33,7 +33,7 @@ def _world():
         ("star", "a cyan star"): np.arange(20),
         ("star", "a star on coffee"): np.arange(20, 40),
     }
-    return labels, (lambda cls, cap: (cover[(cls, cap)], "attribute group"))
+    return labels, (lambda pairs: {p: (cover[p], "attribute group") for p in pairs})
 
 
 def test_a_name_found_in_one_model_is_checked_on_every_model():
@@ -81,7 +81,13 @@ def test_names_a_model_misses_are_tested_together_at_bonferronis_level():
 
     def check(k: int) -> dict:
         modes = _modes([("other", "star", n) for n in names[:k]])
-        t = shared_names(modes, {"m": corr}, labels, CLASSES, lambda c, cap: (cover[cap], "x"))
+        t = shared_names(
+            modes,
+            {"m": corr},
+            labels,
+            CLASSES,
+            lambda pairs: {p: (cover[p[1]], "x") for p in pairs},
+        )
         return next(r for r in t.to_pylist() if r["caption"] == "name 0")
 
     one, ten = check(1), check(10)

@@ -122,16 +122,27 @@ class _EvalCheck:
 
     def where(self, cls: str, caption: str) -> tuple[np.ndarray, str]:
         """``(the eval rows a caption names, how they were chosen)``: see :meth:`covered`."""
+        return self.where_all([(cls, caption)])[(cls, caption)]
+
+    def where_all(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], tuple]:
+        """:meth:`where` of many (class, caption) pairs, their captions embedded at once."""
         from audit.index import _caption_vectors, _neighbours
 
-        c, slots, table = self.classes.index(cls), self.grammar.parse(caption), self.ev.table
-        if slots and all(a in table.columns for a in slots):
-            rows = np.flatnonzero((self.ev.labels == c) & self.grammar.matches(table, slots))
-            return rows, "attribute group"
-        rows = [{"class": cls, "caption": caption}]
-        vecs = _caption_vectors([caption], self.emb)
-        near = _neighbours(rows, vecs, self.index, self.classes, self.k)[(c, caption)]
-        return np.asarray(near, int), "nearest images"
+        table, out, near = self.ev.table, {}, []
+        for cls, caption in pairs:
+            c, slots = self.classes.index(cls), self.grammar.parse(caption)
+            if slots and all(a in table.columns for a in slots):
+                rows = np.flatnonzero((self.ev.labels == c) & self.grammar.matches(table, slots))
+                out[(cls, caption)] = (rows, "attribute group")
+            else:
+                near.append({"class": cls, "caption": caption})
+        if near:
+            vecs = _caption_vectors([r["caption"] for r in near], self.emb)
+            found = _neighbours(near, vecs, self.index, self.classes, self.k)
+            for r in near:
+                ids = found[(self.classes.index(r["class"]), r["caption"])]
+                out[(r["class"], r["caption"])] = (np.asarray(ids, int), "nearest images")
+        return out
 
     def beyond(self, row: dict, names: list[str]) -> dict | None:
         """How much the mode's hardest eval images fail once those the earlier ``names`` of its
@@ -209,7 +220,7 @@ def name_stage(store: RunStore, inputs, cfg) -> str:
     )
     store.write_table("modes.parquet", modes)
     ev = check.ev
-    shared = shared_names(modes, ev.correct, ev.labels, check.classes, check.where)
+    shared = shared_names(modes, ev.correct, ev.labels, check.classes, check.where_all)
     store.write_table("shared_names.parquet", shared)
     if "group" in inputs.data.columns and store.exists("accuracy.parquet"):
         from audit.planted import named_evaluation
