@@ -131,6 +131,7 @@ NAMED_SCHEMA = pa.schema(
         *[("named", pa.bool_()), ("caption", pa.string()), ("specific_caption", pa.string())],
         *[("caption_names_group", pa.bool_()), ("undecided", pa.bool_())],
         ("zoo_caption", pa.string()),
+        ("names_other_group", pa.bool_()),
     ]
 )
 
@@ -151,8 +152,9 @@ def named_evaluation(
     of the model's modes of that class is named by the planted value (the most general
     caption that fails as much names it), else whether one is reported unnamed; and whether
     the zoo's names checked on the model (``shared_names.parquet``) name it: a name of the
-    planted value that the model fails (``zoo_caption``). An oracle check: only data with
-    planted groups has it."""
+    planted value that the model fails (``zoo_caption``); ``names_other_group``: the mode
+    found names another planted group of the class (a failure of its own, rightly named,
+    where this one has no mode). An oracle check: only data with planted groups has it."""
     by: dict[tuple[str, str], list[dict]] = {}
     for r in modes.to_pylist():
         by.setdefault((r["scope"], r["class"]), []).append(r)
@@ -160,6 +162,11 @@ def named_evaluation(
     for r in [] if shared is None else shared.to_pylist():
         if r["fails"]:
             fails.setdefault((r["model"], r["class"]), []).append(r["caption"])
+    planted: dict[str, set[tuple[str, bool]]] = {}  # class -> its planted (value, negated)
+    for r in accuracy.to_pylist():
+        if r["attribute"] == "group" and "|" not in r["value"]:
+            cls, _, value, neg = parse_group(r["value"])
+            planted.setdefault(cls, set()).add((value, neg))
     rows = []
     for r in accuracy.to_pylist():
         gap = r["class_accuracy"] - r["accuracy"]
@@ -168,6 +175,7 @@ def named_evaluation(
         cls, _, value, neg = parse_group(r["value"])
         m = _mode_for(by.get((r["model"], cls), []), value, neg)
         named = bool(m and m["named"])
+        other = planted[cls] - {(value, neg)}
         zoo = [c for c in fails.get((r["model"], cls), []) if caption_names(c, value, neg)]
         rows.append(
             {"model": r["model"], "group": r["value"], "gap": float(gap), "named": named}
@@ -176,5 +184,6 @@ def named_evaluation(
             | {"caption_names_group": caption_names(m["caption"], value, neg) if named else None}
             | {"undecided": bool(m and not named and m.get("undecided"))}
             | {"zoo_caption": zoo[0] if zoo else None}
+            | {"names_other_group": named and any(caption_names(m["caption"], *o) for o in other)}
         )
     return pa.Table.from_pylist(rows, schema=NAMED_SCHEMA)

@@ -186,7 +186,11 @@ def naming(view) -> dict:
     out |= {"failing_on_eval": len(again)}
     out["named_right_failing_on_eval"] = _mean([bool(r["caption_names_group"]) for r in again])
     if lost:
-        out |= {"lost_pairs": len(lost), "lost_unnamed": _mean([not r["named"] for r in lost])}
+        # a pair whose class's mode names another planted group (rightly) has no mode of its
+        # own: neither misnamed nor reported unnamed; counted apart
+        own = [r for r in lost if not r["names_other_group"]]
+        out |= {"lost_pairs": len(lost), "lost_unnamed": _mean([not r["named"] for r in own])}
+        out |= {"lost_other_group": len(lost) - len(own)}
     return out
 
 
@@ -349,7 +353,9 @@ def _table(results: list[dict]) -> list[str]:
     for r in results:
         n = r["naming"]
         lost = (
-            f", {n['lost_unnamed']:.0%} of {n['lost_pairs']} modes of an attribute it lacks unnamed"
+            f", {n['lost_unnamed']:.0%} of {n['lost_pairs'] - n.get('lost_other_group', 0)} modes "
+            f"of an attribute it lacks unnamed ({n.get('lost_other_group', 0)} more whose class's "
+            "mode names another planted group)"
             if "lost_pairs" in n
             else ""
         )

@@ -140,6 +140,19 @@ def test_a_planted_failure_counts_as_named_by_the_mode_that_names_it():
     )
     got = {r["model"]: (r["named"], r["caption_names_group"]) for r in rows.to_pylist()}
     assert got == {"a": (True, True), "b": (False, None)}
+    # planted groups on grass and with dots too (no caption names dots): for the dots, model a
+    # has only modes named by other planted groups; model b has an unnamed mode
+    acc2 = [
+        r | {"value": v}
+        for r in acc
+        for v in ("coat:color=red", "coat:background=grass", "coat:texture=dots")
+    ]
+    rows = named_evaluation(
+        pa.Table.from_pylist(acc2), pa.Table.from_pylist(modes, schema=MODES_SCHEMA), 0.15
+    ).to_pylist()
+    other = {(r["model"], r["group"]): r["names_other_group"] for r in rows}
+    assert other[("a", "coat:texture=dots")] and other[("b", "coat:texture=dots")] is False
+    assert not other[("a", "coat:color=red")] and not other[("a", "coat:background=grass")]
 
 
 def test_two_failures_of_a_class_that_share_a_top_caption_get_a_name_each():
