@@ -19,11 +19,10 @@ columns, ``group``: the planted truth). Planted in train only, other rates than 
 
 from __future__ import annotations
 
-import argparse
 import functools
 
 import numpy as np
-from make_shapes import Design, build_design, composite
+from make_shapes import Design, build_design, cli, composite
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 COLORS = {
@@ -95,14 +94,7 @@ def build(out: str, scale: float = 1.0, seed: int = 0) -> str:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--scale", type=float, default=1.0, help="fraction of each split's size")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-    print(build(a.out, a.scale, a.seed))
+    cli(DESIGN, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -229,15 +229,20 @@ def build(out: str, scale: float = 1.0, seed: int = 0) -> str:
     return build_design(DESIGN, out, scale, seed)
 
 
-def main(argv=None) -> None:
+def cli(design: Design, doc: str, argv=None) -> None:
+    """A design's command line: ``--out DIR [--scale S] [--seed N]``; prints the manifest."""
     ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--out", required=True)
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of each split's size")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    print(build(a.out, a.scale, a.seed))
+    print(build_design(design, a.out, a.scale, a.seed))
+
+
+def main(argv=None) -> None:
+    cli(DESIGN, __doc__, argv)
 
 
 if __name__ == "__main__":

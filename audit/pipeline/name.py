@@ -118,14 +118,11 @@ class _EvalCheck:
     def covered(self, cls: str, caption: str) -> np.ndarray:
         """The eval rows a caption names: its attribute group where the columns say, else its
         ``k`` nearest images of the class."""
-        return self.where(cls, caption)[0]
-
-    def where(self, cls: str, caption: str) -> tuple[np.ndarray, str]:
-        """``(the eval rows a caption names, how they were chosen)``: see :meth:`covered`."""
-        return self.where_all([(cls, caption)])[(cls, caption)]
+        return self.where_all([(cls, caption)])[(cls, caption)][0]
 
     def where_all(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], tuple]:
-        """:meth:`where` of many (class, caption) pairs, their captions embedded at once."""
+        """``{(class, caption): (the eval rows it names, how they were chosen)}`` (see
+        :meth:`covered`), the captions without an attribute group embedded at once."""
         from audit.index import _caption_vectors, _neighbours
 
         table, out, near = self.ev.table, {}, []

@@ -201,10 +201,13 @@ def format_named_planted(names: pa.Table) -> str:
     named = [r for r in rows if r["named"]]
     right = sum(bool(r["caption_names_group"]) for r in named)
     few = sum(bool(r.get("undecided")) for r in rows)
+    zoo = sum(bool(r["caption_names_group"] or r.get("zoo_caption")) for r in rows)
     return (
         f"  the mode's name (the most general caption that fails as much) names the planted value "
         f"for {right} of {len(rows)} pairs ({right / len(rows):.1%}); {len(rows) - len(named)} "
-        "reported unnamed" + (f" ({few} of them: too few eval images to tell)" if few else "")
+        "reported unnamed"
+        + (f" ({few} of them: too few eval images to tell)" if few else "")
+        + f"; with the zoo's names each model fails (shared_names.parquet): {zoo} of {len(rows)}"
     )
 
 
