@@ -38,6 +38,7 @@ import time
 
 import numpy as np
 from _common import machine_record
+from _planted_names import mean_of, names_of, naming
 
 DEFAULT_MODELS = "resnet10-w16,mobilenetv3-s050,densenet-g8,convnext-atto-s"
 TARGETS = {"attributes": 0.30, "raw-pool": 0.25}
@@ -130,70 +131,6 @@ def run(a, manifest: str, class_column: str, variant: str) -> tuple[str, float, 
     return out, time.perf_counter() - t0, rc
 
 
-def _names(view) -> list[dict]:
-    """Per failing (model, planted group): its mode named by the planted value, or unnamed
-    (audit.planted.named_evaluation, from the run's modes and accuracy tables)."""
-    from audit.planted import named_evaluation
-
-    modes, acc = view.table("modes.parquet"), view.table("accuracy.parquet")
-    if modes is None or acc is None:
-        return []
-    return named_evaluation(
-        acc, modes, view.min_gap, view.table("shared_names.parquet")
-    ).to_pylist()
-
-
-def _mean(xs) -> float:
-    xs = [x for x in xs if x is not None and x == x]
-    return float(np.mean(xs)) if xs else float("nan")
-
-
-def failing_on_eval(view) -> set[tuple[str, str]]:
-    """The (model, planted group) pairs whose group is at least ``min_gap`` below its class on
-    the eval split too, where names are checked (failing pairs are found on the fit split; a
-    group a few images made fail there may not fail on held-out images)."""
-    from audit.pipeline.stats import accuracy_tables
-
-    models = view.models
-    acc = accuracy_tables(view.store, view.data.split(view.config.data.eval_split), models)
-    return {
-        (r["model"], r["value"])
-        for r in acc.to_pylist()
-        if r["attribute"] == "group" and r["class_accuracy"] - r["accuracy"] >= view.min_gap
-    }
-
-
-def naming(view) -> dict:
-    """Over the failing pairs whose planted attribute the manifest carries: the share whose
-    name names the planted value (and among them, those failing on the eval split too); over
-    those whose attribute it does not carry (dropped, or never given): the share reported
-    unnamed."""
-    from audit.planted import parse_group
-
-    rows = _names(view)
-    have = set(view.data.columns)
-    kept = [r for r in rows if parse_group(r["group"])[1] in have]
-    lost = [r for r in rows if parse_group(r["group"])[1] not in have]
-    out = {"pairs": len(rows), "nameable_pairs": len(kept)}
-    out["named_right"] = _mean([bool(r["caption_names_group"]) for r in kept])
-    # by its own modes, or by a name of the zoo's modes that the model fails (shared_names)
-    out["named_right_zoo"] = _mean(
-        [bool(r["caption_names_group"] or r["zoo_caption"]) for r in kept]
-    )
-    out["undecided"] = sum(bool(r.get("undecided")) for r in kept)
-    both = failing_on_eval(view)
-    again = [r for r in kept if (r["model"], r["group"]) in both]
-    out |= {"failing_on_eval": len(again)}
-    out["named_right_failing_on_eval"] = _mean([bool(r["caption_names_group"]) for r in again])
-    if lost:
-        # a pair whose class's mode names another planted group (rightly) has no mode of its
-        # own: neither misnamed nor reported unnamed; counted apart
-        own = [r for r in lost if not r["names_other_group"]]
-        out |= {"lost_pairs": len(lost), "lost_unnamed": _mean([not r["named"] for r in own])}
-        out |= {"lost_other_group": len(lost) - len(own)}
-    return out
-
-
 def named_gains(view) -> dict[str, dict[str, float]]:
     """Per synthetic method and generator: the mean gain over the failing pairs whose planted
     attribute the manifest carries (what a caption can name: the issue's target), and over
@@ -204,7 +141,7 @@ def named_gains(view) -> dict[str, dict[str, float]]:
     if t is None:
         return {}
     have = set(view.data.columns)
-    rows = _names(view)
+    rows = names_of(view)
     nameable = {(r["model"], r["group"]) for r in rows if parse_group(r["group"])[1] in have}
     right = {(r["model"], r["group"]) for r in rows if r["caption_names_group"]}
     by: dict[str, dict[str, list]] = {}
@@ -217,7 +154,7 @@ def named_gains(view) -> dict[str, dict[str, float]]:
             d["nameable"].append(r["gain"])
             if key in right:
                 d["named right"].append(r["gain"])
-    return {k: {w: _mean(v) for w, v in d.items()} for k, d in by.items()}
+    return {k: {w: mean_of(v) for w, v in d.items()} for k, d in by.items()}
 
 
 def gains(view) -> dict[str, dict]:
@@ -231,8 +168,8 @@ def gains(view) -> dict[str, dict]:
     return {
         k: {
             "pairs": len(rs),
-            "gain": _mean([r["gain"] for r in rs]),
-            "overall_change": _mean([r["overall_after"] - r["overall_before"] for r in rs]),
+            "gain": mean_of([r["gain"] for r in rs]),
+            "overall_change": mean_of([r["overall_after"] - r["overall_before"] for r in rs]),
         }
         for k, rs in by.items()
     }
@@ -243,7 +180,7 @@ def confirmed(view) -> dict[str, float]:
     conf = view.table("confirmations.parquet")
     if conf is None:
         return {}
-    named = {(r["model"], r["caption"]) for r in _names(view) if r["caption_names_group"]}
+    named = {(r["model"], r["caption"]) for r in names_of(view) if r["caption_names_group"]}
     out = {}
     for gen in dict.fromkeys(conf["generator"].to_pylist()):
         ok = {
@@ -251,7 +188,7 @@ def confirmed(view) -> dict[str, float]:
             for r in conf.to_pylist()
             if r["generator"] == gen
         }
-        out[gen] = _mean([ok[k] for k in named if k in ok])
+        out[gen] = mean_of([ok[k] for k in named if k in ok])
     return out
 
 
@@ -262,7 +199,7 @@ def precision(view) -> dict[str, float]:
     for r in [] if t is None else t.to_pylist():
         if r.get("slot_precision"):
             out.setdefault(r["generator"], []).append(json.loads(r["slot_precision"]).get("all"))
-    return {g: _mean(v) for g, v in out.items()}
+    return {g: mean_of(v) for g, v in out.items()}
 
 
 def quality(view) -> dict[str, dict]:
@@ -313,7 +250,7 @@ def quality(view) -> dict[str, dict]:
             if conf is not None
             else []
         )
-        out[gen] = {"slots_fit": _mean(fit), "zoo_class_accuracy_on_typical": _mean(easy)}
+        out[gen] = {"slots_fit": mean_of(fit), "zoo_class_accuracy_on_typical": mean_of(easy)}
     return out
 
 
@@ -327,7 +264,7 @@ def _probe_accuracy(probes, table, attrs) -> float:
             names = list(vals)
             pred = np.asarray(names)[np.argmax(np.stack([vals[v] for v in names], 1), 1)]
             hits.append(float(np.mean(pred == truth)))
-    return _mean(hits)
+    return mean_of(hits)
 
 
 def measure(run_dir: str, variant: str, seconds: float, rc: int) -> dict:
