@@ -85,3 +85,36 @@ def test_planted_evaluation_counts_only_failing_groups():
         and s["named_share"] == 1.0
         and s["precision_svm"] > s["precision_confidence"]
     )
+
+
+def test_the_designed_planted_datasets_build_plain_manifests(tmp_path, monkeypatch):
+    """benchmarks/make_shapes.py and make_digits.py (bench_generators' test beds): a plain
+    manifest whose class column names the labels, the carried attribute columns only (the
+    hidden one never), 32x32 RGB images, and the planted truth in ``group``."""
+    import io
+    import os
+    import sys
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import make_digits
+    import make_shapes
+
+    for mod in (make_shapes, make_digits):
+        d = mod.DESIGN
+        t = pq.read_table(mod.build(str(tmp_path / d.class_column), scale=0.05)).to_pydict()
+        assert set(t) == {"example_id", "split", "label", "image", d.class_column, "group"} | set(
+            d.carried
+        )
+        assert [d.classes[i] for i in t["label"]] == t[d.class_column]
+        assert set(t["split"]) == set(d.splits)
+        img = Image.open(io.BytesIO(t["image"][0]))
+        assert img.size == (32, 32) and img.mode == "RGB"
+        for g, cls in zip(t["group"], t[d.class_column], strict=True):
+            for one in filter(None, g.split("|")):
+                assert one.startswith(f"{cls}:")  # a group names its own class
+        hidden = set(d.values) - set(d.carried)
+        assert hidden and not hidden & set(t)  # an attribute no caption can name
+    del sys.modules["make_shapes"], sys.modules["make_digits"]
