@@ -48,6 +48,7 @@ MODES_SCHEMA = pa.schema(
         *[("class_accuracy", pa.float64()), ("gap", pa.float64()), ("order", pa.int32())],
         *[("checked_on", pa.string()), ("n_checked", pa.int64()), ("undecided", pa.bool_())],
         ("images_to_decide", pa.int64()),
+        ("easy_caption", pa.string()),
     ]
 )
 
@@ -213,6 +214,31 @@ def name_modes(
             }
         )
     return _ordered(rows)
+
+
+def with_comparisons(modes: pa.Table, captions: pa.Table, grammar: SlotGrammar) -> pa.Table:
+    """``modes`` with ``easy_caption``: the caption a mode's generated images are compared with
+    (confirmation): its first easy caption that shows no named failure of its class (no name
+    of any scope's mode whose slots it holds). The top easy caption of a class with two
+    failures is often the other failure ("a five on moon" as lime fives' comparison: both
+    fail, nothing is confirmed); with none left, the top one."""
+    names: dict[str, list[dict]] = {}
+    for r in modes.to_pylist():
+        if r["named"]:
+            names.setdefault(r["class"], []).append(json.loads(r["slots"] or "{}"))
+    easy: dict[tuple, list[tuple[int, str]]] = {}
+    for r in captions.to_pylist():
+        if r["polarity"] == "easy":
+            easy.setdefault((r["scope"], r["class"], r["mode"]), []).append(
+                (r["rank"], r["caption"])
+            )
+    out = []
+    for r in modes.to_pylist():
+        ranked = [c for _, c in sorted(easy.get((r["scope"], r["class"], r["mode"]), []))]
+        failures = [n for n in names.get(r["class"], []) if n]
+        typical = [c for c in ranked if not refines(grammar.parse(c), failures)]
+        out.append(r | {"easy_caption": (typical or ranked or [None])[0]})
+    return pa.Table.from_pylist(out, schema=MODES_SCHEMA)
 
 
 def worst_first(row: Mapping) -> tuple:

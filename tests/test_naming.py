@@ -207,7 +207,7 @@ def test_two_failures_of_a_class_that_share_a_top_caption_get_a_name_each():
 
 def test_every_named_mode_of_a_class_with_a_name_of_its_own_is_generated():
     """The generate stage asks for each distinct name of a class, not only the first."""
-    from audit.naming import MODES_SCHEMA
+    from audit.naming import MODES_SCHEMA, with_comparisons
     from audit.pipeline.name import named_modes, pairs_of
 
     base = {"specific_caption": "", "slots": "{}", "dropped": "[]", "cv_score": 0.9}
@@ -224,12 +224,58 @@ def test_every_named_mode_of_a_class_with_a_name_of_its_own_is_generated():
         | {"score": 1.0, "rank": 1, "polarity": "easy"}
         for i in range(3)
     ]
-    named = named_modes(
-        pa.Table.from_pylist(modes, schema=MODES_SCHEMA), pa.Table.from_pylist(easy)
-    )
+    table = pa.Table.from_pylist(modes, schema=MODES_SCHEMA)
+    named = named_modes(with_comparisons(table, pa.Table.from_pylist(easy), _grammar()))
     assert pairs_of(named) == {
         ("m", "coat", 0): (caps[0], "easy 0"),
         ("m", "coat", 1): (caps[1], "easy 1"),
+    }
+
+
+def test_a_modes_comparison_caption_shows_no_named_failure_of_its_class():
+    """Red coats and coats on moon both fail (named in two scopes): the red coats' top easy
+    caption is "a coat on moon", the other failure, so confirmation would compare two failing
+    sets; each mode is compared with its first easy caption that holds no name's slots, and a
+    mode whose easy captions all do keeps its top one."""
+    from audit.naming import MODES_SCHEMA, with_comparisons
+
+    red, moon = "a photo of a red coat", "a photo of a coat on moon"
+    base = {"class": "coat", "specific_caption": "", "dropped": "[]", "cv_score": 0.9}
+    base |= {"accuracy_on_nearest": 0.1, "ci_low": 0.0, "ci_high": 0.2, "class_accuracy": 0.8}
+    base |= {"gap": 0.7, "checked_on": "attribute group", "n_checked": 20, "order": 0}
+    modes = [
+        {
+            **base,
+            "scope": "a",
+            "mode": 0,
+            "named": True,
+            "caption": red,
+            "slots": '{"color": "red"}',
+        },
+        {**base, "scope": "b", "mode": 0, "named": True, "caption": moon}
+        | {"slots": '{"background": "moon"}'},
+        {**base, "scope": "c", "mode": 0, "named": False, "caption": None, "slots": "{}"},
+    ]
+    ranked = {
+        "a": [moon, "a photo of a blue coat on grass"],
+        "b": ["a photo of a red coat on grass", "a photo of a coat", "a photo of a blue coat"],
+        "c": ["a photo of a red coat on moon", moon],
+    }
+    easy = [
+        {"scope": sc, "class": "coat", "mode": 0, "caption": c, "source": "data", "score": 1.0}
+        | {"rank": i + 1, "polarity": "easy"}
+        for sc, caps in ranked.items()
+        for i, c in enumerate(caps)
+    ]
+    table = pa.Table.from_pylist(modes, schema=MODES_SCHEMA)
+    got = {
+        r["scope"]: r["easy_caption"]
+        for r in with_comparisons(table, pa.Table.from_pylist(easy), _grammar()).to_pylist()
+    }
+    assert got == {
+        "a": "a photo of a blue coat on grass",
+        "b": "a photo of a coat",
+        "c": "a photo of a red coat on moon",
     }
 
 

@@ -22,22 +22,18 @@ class NamedMode:
     cls: str
     mode: int
     caption: str  # the most general caption that fails as much (what is generated)
-    easy: str | None  # the mode's top easy caption (confirmation's comparison)
+    easy: str | None  # its comparison caption for confirmation (modes.parquet's easy_caption)
 
 
-def named_modes(modes: pa.Table, captions: pa.Table) -> list[NamedMode]:
+def named_modes(modes: pa.Table) -> list[NamedMode]:
     """Per (scope, class), its named modes of distinct names in ``modes.parquet``'s order (the
-    one whose named subpopulation fails most first), each with its top easy caption."""
-    easy = {
-        (r["scope"], r["class"], r["mode"]): r["caption"]
-        for r in captions.to_pylist()
-        if r["polarity"] == "easy" and r["rank"] == 1
-    }
+    one whose named subpopulation fails most first), each with its comparison caption (its
+    first easy caption that shows no named failure of the class: ``easy_caption``)."""
     out: dict[tuple[str, str, str], NamedMode] = {}
     for r in modes.to_pylist():
         key = (r["scope"], r["class"], r["caption"])
         if r["named"] and key not in out:
-            e = easy.get((r["scope"], r["class"], r["mode"]))
+            e = r.get("easy_caption")
             out[key] = NamedMode(r["scope"], r["class"], int(r["mode"]), r["caption"], e)
     return sorted(out.values(), key=lambda m: (m.scope, m.cls, m.mode))
 
@@ -197,7 +193,7 @@ class _EvalCheck:
 
 def name_stage(store: RunStore, inputs, cfg) -> str:
     """Stage: ``modes.parquet`` (``[directions]`` section: ``k`` nearest eval images)."""
-    from audit.naming import name_modes
+    from audit.naming import name_modes, with_comparisons
     from audit.shared_names import shared_names
     from audit.slots import SlotGrammar
 
@@ -215,6 +211,7 @@ def name_stage(store: RunStore, inputs, cfg) -> str:
         lambda key, names: check.beyond(rows[key], names),
         min_gap=inputs.config.stats.min_gap,
     )
+    modes = with_comparisons(modes, caps, grammar)
     store.write_table("modes.parquet", modes)
     ev = check.ev
     shared = shared_names(modes, ev.correct, ev.labels, check.classes, check.where_all)
@@ -241,7 +238,7 @@ def load_named(store: RunStore) -> list[NamedMode]:
     """The run's named modes (empty before the name stage)."""
     if not store.exists("modes.parquet"):
         return []
-    return named_modes(store.read_table("modes.parquet"), store.read_table("captions.parquet"))
+    return named_modes(store.read_table("modes.parquet"))
 
 
 def pairs_of(named: list[NamedMode]) -> dict[tuple[str, str, int], tuple[str, str | None]]:

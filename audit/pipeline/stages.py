@@ -133,8 +133,9 @@ STAGES: tuple[Stage, ...] = (
         # v3/v4: a later mode with only an earlier name is unnamed when it fails beyond that name
         # v5: ... than the class's images outside that name; v6: a cluster's intervals count
         # its images; an unnamed mode too small to tell is "undecided"; v7: with the images
-        # that would decide it; v8: every name checked on every model (shared_names.parquet)
-        version=8,
+        # that would decide it; v8: every name checked on every model (shared_names.parquet);
+        # v9: each mode's comparison caption shows no named failure of its class
+        version=9,
     ),
     Stage(
         "generate",
