@@ -221,7 +221,8 @@ def with_comparisons(modes: pa.Table, captions: pa.Table, grammar: SlotGrammar) 
     (confirmation): its first easy caption that shows no named failure of its class (no name
     of any scope's mode whose slots it holds). The top easy caption of a class with two
     failures is often the other failure ("a five on moon" as lime fives' comparison: both
-    fail, nothing is confirmed); with none left, the top one."""
+    fail, nothing is confirmed); with none left, the class's reference caption ("a photo of a
+    five": its typical images)."""
     names: dict[str, list[dict]] = {}
     for r in modes.to_pylist():
         if r["named"]:
@@ -237,7 +238,9 @@ def with_comparisons(modes: pa.Table, captions: pa.Table, grammar: SlotGrammar) 
         ranked = [c for _, c in sorted(easy.get((r["scope"], r["class"], r["mode"]), []))]
         failures = [n for n in names.get(r["class"], []) if n]
         typical = [c for c in ranked if not refines(grammar.parse(c), failures)]
-        out.append(r | {"easy_caption": (typical or ranked or [None])[0]})
+        if ranked and not typical:  # the class's reference caption: its typical images
+            typical = [grammar.compose(r["class"], {})]
+        out.append(r | {"easy_caption": (typical or [None])[0]})
     return pa.Table.from_pylist(out, schema=MODES_SCHEMA)
 
 
