@@ -62,6 +62,9 @@ def naming(view) -> dict:
     again = [r for r in kept if (r["model"], r["group"]) in both]
     out |= {"failing_on_eval": len(again)}
     out["named_right_failing_on_eval"] = mean_of([bool(r["caption_names_group"]) for r in again])
+    out["named_right_zoo_failing_on_eval"] = mean_of(
+        [bool(r["caption_names_group"] or r["zoo_caption"]) for r in again]
+    )
     if lost:
         # a pair whose class's mode names another planted group (rightly) has no mode of its
         # own: neither misnamed nor reported unnamed; counted apart

@@ -301,7 +301,8 @@ def _table(results: list[dict]) -> list[str]:
             f"named right {n['named_right']:.0%} of {n['nameable_pairs']} nameable "
             f"({n['named_right_failing_on_eval']:.0%} of the {n['failing_on_eval']} failing on "
             f"the eval split too; {n.get('undecided', 0)} unnamed as too few eval images to "
-            f"tell){lost}; {n['named_right_zoo']:.0%} by its own modes or the zoo's names it fails"
+            f"tell){lost}; {n['named_right_zoo']:.0%} by its own modes or the zoo's names it fails "
+            f"({n['named_right_zoo_failing_on_eval']:.0%} of those failing on the eval split)"
         )
         base = r["gains"].get("control", {}).get("gain", float("nan"))
         for k, g in sorted(r["gains"].items(), key=lambda kv: -kv[1]["gain"]):
