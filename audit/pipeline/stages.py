@@ -134,8 +134,9 @@ STAGES: tuple[Stage, ...] = (
         # v5: ... than the class's images outside that name; v6: a cluster's intervals count
         # its images; an unnamed mode too small to tell is "undecided"; v7: with the images
         # that would decide it; v8: every name checked on every model (shared_names.parquet);
-        # v9: each mode's comparison caption shows no named failure of its class
-        version=9,
+        # v9: each mode's comparison caption shows no named failure of its class; v10: or is
+        # the class's reference caption
+        version=10,
     ),
     Stage(
         "generate",
