@@ -305,3 +305,28 @@ def test_beyond_an_earlier_name_compares_with_the_class_outside_that_name():
     assert out["class_accuracy"] == 0.7  # 28 of the 40 coats outside the orange ones
     assert out["ci_high"] < out["class_accuracy"]  # its own failure (against 48% it is not)
     assert out["ci_high"] > correct.mean()
+
+
+def test_a_reference_comparison_caption_is_labelled_with_its_class(tmp_path, monkeypatch):
+    """The classify stage labels every generated prompt by its class; a named mode's comparison
+    caption may be the class's reference caption, which no ranked caption is."""
+    import audit.pipeline.confirm as confirm
+    from audit.naming import MODES_SCHEMA
+    from audit.pipeline.classify import caption_classes
+    from audit.store import RunStore
+
+    store = RunStore(str(tmp_path / "run"))
+    hard = "a photo of a red coat"
+    caps = [{"scope": "m", "class": "coat", "mode": 0, "caption": hard, "source": "data"}]
+    store.write_table(
+        "captions.parquet",
+        pa.Table.from_pylist([caps[0] | {"score": 1.0, "rank": 1, "polarity": "hard"}]),
+    )
+    mode = {"scope": "m", "class": "coat", "mode": 0, "named": True, "caption": hard}
+    mode |= {"specific_caption": hard, "slots": '{"color": "red"}', "dropped": "[]"}
+    mode |= {"cv_score": 0.9, "accuracy_on_nearest": 0.1, "ci_low": 0.0, "ci_high": 0.2}
+    mode |= {"class_accuracy": 0.8, "gap": 0.7, "order": 0, "checked_on": "attribute group"}
+    mode |= {"n_checked": 20, "easy_caption": "a photo of a coat"}
+    store.write_table("modes.parquet", pa.Table.from_pylist([mode], schema=MODES_SCHEMA))
+    monkeypatch.setattr(confirm, "probe_captions", lambda pairs, data: {})
+    assert caption_classes(store, None) == {hard: "coat", "a photo of a coat": "coat"}

@@ -26,15 +26,18 @@ log = logging.getLogger(__name__)
 
 
 def caption_classes(store: RunStore, data) -> dict[str, str]:
-    """``{caption: class name}`` for every caption of the run (ranked, named) and the probe
-    set's counterfactuals (named after the caption they swap a word of)."""
+    """``{caption: class name}`` for every caption of the run (ranked, named, the named modes'
+    comparison captions) and the probe set's counterfactuals (named after the caption they
+    swap a word of)."""
     from audit.pipeline.confirm import probe_captions
     from audit.pipeline.name import load_named, pairs_of
 
     out = {r["caption"]: r["class"] for r in store.read_table("captions.parquet").to_pylist()}
     pairs = pairs_of(load_named(store))
-    for (_, cls, _), (caption, _) in pairs.items():
+    for (_, cls, _), (caption, easy) in pairs.items():
         out.setdefault(caption, cls)
+        if easy:  # a class's reference caption is no ranked caption
+            out.setdefault(easy, cls)
     by_hard = {h: cls for (_, cls, _), (h, _) in pairs.items()}
     for hard, cf in probe_captions(pairs, data).items():
         if hard in by_hard:

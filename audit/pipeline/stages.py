@@ -153,6 +153,7 @@ STAGES: tuple[Stage, ...] = (
         reads=("zoo", "train", "name", "generate"),
         writes=("synthetic_images.parquet",),
         needs=("directions", "generate"),
+        version=2,  # v2: a named mode's comparison caption is labelled with its class
     ),
     Stage(
         "mitigate",
