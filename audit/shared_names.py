@@ -60,9 +60,8 @@ def shared_names(
 ) -> pa.Table:
     """One row per (class, name of some mode of the class, model of ``correct``): the model's
     accuracy on the eval images the name covers (``labels``/``correct``: the eval split's)
-    against its class accuracy. ``own``: the model's modes hold the name (their check is the
-    name stage's, at ``1 - alpha``); the others are tested per (model, class) at
-    ``1 - alpha / tests``."""
+    against its class accuracy. ``own``: the model's modes hold the name (the name stage's
+    95% interval); the others are tested per (model, class) at ``1 - alpha / tests``."""
     rows = []
     by_class = names_by_class(modes)
     where = covered([(cls, name) for cls, names in by_class.items() for name in names])
@@ -78,9 +77,9 @@ def shared_names(
                 hits, n = int(corr[ids].sum()), len(ids)
                 if not n:
                     continue  # no eval image of the class shows it
-                lo, hi = wilson_interval(
-                    np.asarray([hits]), np.asarray([n]), z=1.96 if name in own else z
-                )
+                # its own mode's: the name stage's interval, exactly
+                zs = {} if name in own else {"z": z}
+                lo, hi = wilson_interval(np.asarray([hits]), np.asarray([n]), **zs)
                 rows.append(
                     {"class": cls, "caption": name, "found_in": ", ".join(scopes)}
                     | {"model": model, "own": name in own}
