@@ -331,7 +331,7 @@ def format_confirmations(view: RunView) -> str:
         )
     line = (
         f"Confirmed by generation (the named caption's images fail at least {_pts(view.min_gap)} "
-        f"more than the easy caption's): {'; '.join(parts)}"
+        f"more than a typical caption's of the class): {'; '.join(parts)}"
     )
     cf = [
         r["counterfactual_delta"]
