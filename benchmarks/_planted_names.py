@@ -8,16 +8,10 @@ import numpy as np
 
 
 def names_of(view) -> list[dict]:
-    """Per failing (model, planted group): its mode named by the planted value, or unnamed
-    (audit.planted.named_evaluation, from the run's modes and accuracy tables)."""
-    from audit.planted import named_evaluation
-
-    modes, acc = view.table("modes.parquet"), view.table("accuracy.parquet")
-    if modes is None or acc is None:
-        return []
-    return named_evaluation(
-        acc, modes, view.min_gap, view.table("shared_names.parquet")
-    ).to_pylist()
+    """Per failing (model, planted group): its mode named by the planted value, or unnamed, and
+    the zoo's name of it (the name stage's ``planted_names.parquet``)."""
+    t = view.table("planted_names.parquet")
+    return [] if t is None else t.to_pylist()
 
 
 def mean_of(xs) -> float:

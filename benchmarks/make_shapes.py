@@ -14,7 +14,7 @@ balanced over every attribute):
   (rings are small 80% of the time); ``size`` is left out of the manifest, so no caption can
   name that mode: the audit should report it unnamed.
 
-    python benchmarks/make_shapes.py --out /tmp/shapes [--scale 0.5]
+    python benchmarks/make_shapes.py --out runs/shapes [--scale 0.5]
 """
 
 from __future__ import annotations
